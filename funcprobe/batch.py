@@ -1,0 +1,640 @@
+"""The rollout batch: B prompts × G responses, validated once, never modified.
+
+Spec §0 (``shared/spec/ESTIMATORS.md``) is the contract for :class:`RolloutBatch`:
+
+* ``input_ids``       int64 [B, G, L]  prompt tokens, then response tokens, padded with ``pad_token_id`` on either side
+* ``attention_mask``  bool  [B, G, L]  True on every real token (prompt and response)
+* ``response_mask``   bool  [B, G, L]  True exactly on the response tokens whose log-probability counts
+* ``advantages``      float64 [B, G]   A_{n,g}
+* ``length_norm``     float64 [B]      L_n > 0, the per-prompt normaliser of the policy-gradient loss
+* ``logprobs``        float64 [B, G]   S_{n,g}(θ) cached at sampling time, or None (computed when needed)
+* ``rewards``         float64 [B, G]   for reporting only, or None
+
+Construction validates everything the estimators rely on and raises :class:`ValueError` naming the field, what was
+found and how to fix it. Every method returns a new object; nothing here writes into a tensor it was given. A batch may
+share storage with the tensors it was built from (no defensive copies: batches can be large); funcprobe never writes
+to them, and callers must not either.
+
+Batches normally live on the CPU and are moved to the compute device chunk by chunk:
+:meth:`RolloutBatch.iter_prompt_chunks` (whole prompts, for per-prompt quantities) and
+:meth:`RolloutBatch.iter_sequence_chunks` (the B·G sequences flattened, with all-padding columns trimmed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["FORMAT_VERSION", "RolloutBatch", "SequenceChunk"]
+
+#: Written into every saved batch (safetensors metadata and JSON) and checked on load.
+FORMAT_VERSION = "funcprobe.batch/1"
+
+_FORMAT_KEY = "format"
+_PAD_KEY = "pad_token_id"
+_REQUIRED_TENSORS = ("input_ids", "attention_mask", "response_mask", "advantages", "length_norm")
+_OPTIONAL_TENSORS = ("logprobs", "rewards")
+_MASKS = ("attention_mask", "response_mask")
+_TENSOR_FIELDS = _REQUIRED_TENSORS + _OPTIONAL_TENSORS
+_DICT_KEYS = frozenset((_FORMAT_KEY, _PAD_KEY) + _TENSOR_FIELDS)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation helpers: each raises ValueError("<field>: <what was found>. <how to fix>")
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype is not torch.bool
+
+
+def _first_index(bad: Tensor) -> tuple[int, ...]:
+    """Index of the first True entry of ``bad`` (row-major), as a tuple of ints."""
+    return tuple(int(i) for i in bad.nonzero()[0].tolist())
+
+
+def _require_tensor(name: str, value: Any) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(
+            f"{name}: expected a torch.Tensor, found {type(value).__name__}. "
+            f"Wrap it with torch.tensor(...) or build the batch with RolloutBatch.from_dict."
+        )
+
+
+def _require_shape(name: str, tensor: Tensor, expected: tuple[int, ...], symbols: str, fix: str) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name}: expected shape {symbols} = {expected}, found {tuple(tensor.shape)}. {fix}")
+
+
+def _require_finite(name: str, tensor: Tensor, fix: str) -> None:
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        where = _first_index(bad)
+        raise ValueError(
+            f"{name}: must be finite, found {tensor[where].item()} at index {where} "
+            f"({int(bad.sum())} non-finite entries). {fix}"
+        )
+
+
+def _check_real_dtype(name: str, tensor: Tensor, *, allow_integer: bool) -> None:
+    dtype = tensor.dtype
+    if dtype.is_floating_point or (allow_integer and _is_integer_dtype(dtype)):
+        return
+    allowed = "a floating or integer dtype" if allow_integer else "a floating dtype (stored as float64)"
+    raise ValueError(f"{name}: expected {allowed}, found dtype {dtype}. Convert it with .to(torch.float64).")
+
+
+def _check_mask_values(name: str, mask: Tensor) -> None:
+    if mask.dtype is torch.bool:
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        where = _first_index(bad)
+        raise ValueError(
+            f"{name}: must hold only 0 and 1, found {mask[where].item()} at index {where}. "
+            f"Build masks as bool or 0/1 integer tensors (e.g. (ids != pad_token_id))."
+        )
+
+
+def _as_chunk_size(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise ValueError(f"{name}: must be an integer ≥ 1, found {value!r}. Pass a positive chunk size.")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class SequenceChunk:
+    """A chunk of at most ``seq_chunk`` of a batch's B·G sequences, columns trimmed to where it has real tokens.
+
+    Sequences are numbered row-major, flat index f = n·G + g. All tensors are on the batch's device; the token tensors
+    may share storage with the batch and must not be written to.
+
+    Attributes:
+        flat_index:     int64 [c], consecutive flat indices f of the chunk's sequences.
+        prompt_index:   int64 [c], n = f // G.
+        sample_index:   int64 [c], g = f % G.
+        input_ids:      int64 [c, L'], the rows' columns ``lo:hi`` of the batch's input_ids.
+        attention_mask: bool  [c, L'], same columns.
+        response_mask:  bool  [c, L'], same columns.
+        columns:        (lo, hi): the smallest column range of the batch holding every real token of these rows,
+                        widened to at least 2 columns; L' = hi − lo. Columns outside it are padding in every row, and
+                        with position ids derived from the attention mask, dropping them changes no log-probability.
+    """
+
+    flat_index: Tensor
+    prompt_index: Tensor
+    sample_index: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    columns: tuple[int, int]
+
+    @property
+    def num_sequences(self) -> int:
+        """c, the number of sequences in the chunk."""
+        return int(self.flat_index.shape[0])
+
+    def to(self, device: torch.device | str) -> SequenceChunk:
+        """A new chunk with every tensor on ``device`` (``columns`` unchanged)."""
+        moved = {
+            field.name: getattr(self, field.name).to(device)
+            for field in dataclasses.fields(self)
+            if field.name != "columns"
+        }
+        return SequenceChunk(columns=self.columns, **moved)
+
+    def __repr__(self) -> str:
+        first = int(self.flat_index[0]) if self.num_sequences else None
+        return (
+            f"SequenceChunk(sequences={self.num_sequences}, first_flat_index={first}, columns={self.columns}, "
+            f"device={self.input_ids.device})"
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class RolloutBatch:
+    """B prompts × G responses per prompt, as spec §0 defines them; validated on construction.
+
+    Args:
+        input_ids:      integer [B, G, L], token ids ≥ 0 (stored as int64): prompt then response, padded with
+                        ``pad_token_id`` on the left and/or right.
+        attention_mask: bool or 0/1 integer [B, G, L] (stored as bool): 1 on every real token.
+        response_mask:  bool or 0/1 integer [B, G, L] (stored as bool): 1 on the response tokens whose
+                        log-probability counts. Must lie inside ``attention_mask`` and every response token's previous
+                        column must be a real token (its log-probability is read from the logits there); in particular
+                        column 0 is never a response token.
+        advantages:     real [B, G] (stored as float64), finite.
+        length_norm:    real [B] (stored as float64), finite and > 0.
+        logprobs:       floating [B, G] (stored as float64), finite and ≤ 0, or None.
+        rewards:        real [B, G] (stored as float64), finite, or None.
+        pad_token_id:   int ≥ 0.
+
+    Requires B ≥ 1, G ≥ 2 (the leave-one-out baseline needs it) and L ≥ 2; estimators that need more prompts call
+    :meth:`require_prompts`. All tensors must be on one device. Validation raises ``ValueError`` whose message starts
+    with the offending field's name.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    advantages: Tensor
+    length_norm: Tensor
+    logprobs: Tensor | None = None
+    rewards: Tensor | None = None
+    pad_token_id: int = 0
+
+    # ---------------------------------------------------------------------------------------------------- validation
+
+    def __post_init__(self) -> None:
+        pad = self.pad_token_id
+        if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or int(pad) < 0:
+            raise ValueError(
+                f"pad_token_id: expected an integer ≥ 0, found {pad!r}. Pass the tokenizer's pad_token_id "
+                f"(or its eos_token_id when it has none)."
+            )
+
+        present = {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
+        for name in _REQUIRED_TENSORS:
+            _require_tensor(name, getattr(self, name))
+        for name in _OPTIONAL_TENSORS:
+            if name in present:
+                _require_tensor(name, present[name])
+
+        input_ids = self.input_ids
+        if not _is_integer_dtype(input_ids.dtype):
+            raise ValueError(
+                f"input_ids: expected an integer dtype (stored as int64), found dtype {input_ids.dtype}. "
+                f"Pass token ids, e.g. tokenizer(..., return_tensors='pt')['input_ids']."
+            )
+        for name in _MASKS:
+            dtype = present[name].dtype
+            if dtype is not torch.bool and not _is_integer_dtype(dtype):
+                raise ValueError(
+                    f"{name}: expected a bool or 0/1 integer dtype, found dtype {dtype}. "
+                    f"Convert it with (mask != 0) after checking it holds only 0 and 1."
+                )
+        for name in ("advantages", "length_norm", "rewards"):
+            if name in present:
+                _check_real_dtype(name, present[name], allow_integer=True)
+        if "logprobs" in present:
+            _check_real_dtype("logprobs", present["logprobs"], allow_integer=False)
+
+        if input_ids.dim() != 3:
+            raise ValueError(
+                f"input_ids: expected 3 dimensions [B, G, L], found shape {tuple(input_ids.shape)}. "
+                f"Reshape flat [B*G, L] sequences with .view(B, G, L) (the G responses of a prompt adjacent)."
+            )
+        B, G, L = input_ids.shape
+        if B < 1:
+            raise ValueError(f"input_ids: found B={B} prompts (shape {tuple(input_ids.shape)}). A batch needs B ≥ 1.")
+        if G < 2:
+            raise ValueError(
+                f"input_ids: found G={G} response per prompt (shape {tuple(input_ids.shape)}); the leave-one-out "
+                f"baseline needs G ≥ 2. Sample at least 2 responses per prompt."
+            )
+        if L < 2:
+            raise ValueError(
+                f"input_ids: found L={L} column (shape {tuple(input_ids.shape)}); a sequence needs a prompt token and "
+                f"a response token (L ≥ 2)."
+            )
+        for name in _MASKS:
+            _require_shape(name, present[name], (B, G, L), "[B, G, L]", "It must have the shape of input_ids.")
+        _require_shape("advantages", self.advantages, (B, G), "[B, G]", "Pass one advantage per response.")
+        _require_shape("length_norm", self.length_norm, (B,), "[B]", "Pass one normaliser per prompt.")
+        for name in _OPTIONAL_TENSORS:
+            if name in present:
+                _require_shape(name, present[name], (B, G), "[B, G]", "Pass one value per response, or None.")
+
+        device = input_ids.device
+        for name, tensor in present.items():
+            if tensor.device != device:
+                raise ValueError(
+                    f"{name}: is on device {tensor.device} but input_ids is on {device}; all tensors of a batch must "
+                    f"be on one device. Move it with .to({str(device)!r}) (RolloutBatch.to moves a whole batch)."
+                )
+
+        # Conversions return new tensors (or the same one when nothing changes); nothing given is written to.
+        # detach(): a batch is data; a graph hanging off advantages or logprobs would leak into every estimate.
+        input_ids = input_ids.detach().to(torch.int64)
+        if bool((input_ids < 0).any()):
+            where = _first_index(input_ids < 0)
+            raise ValueError(
+                f"input_ids: token ids must be ≥ 0, found {input_ids[where].item()} at index {where}. "
+                f"Replace placeholder ids (e.g. -100 labels) with pad_token_id={int(pad)}."
+            )
+
+        for name in _MASKS:
+            _check_mask_values(name, present[name])
+        attention_mask = self.attention_mask.detach().to(torch.bool)
+        response_mask = self.response_mask.detach().to(torch.bool)
+        outside = response_mask & ~attention_mask
+        if bool(outside.any()):
+            raise ValueError(
+                f"response_mask: is 1 at index {_first_index(outside)} where attention_mask is 0 "
+                f"({int(outside.sum())} such entries); the response must be made of real tokens. "
+                f"Build it as response_mask & attention_mask, with padding excluded."
+            )
+        at_start = response_mask[..., 0]
+        if bool(at_start.any()):
+            where = _first_index(at_start) + (0,)
+            raise ValueError(
+                f"response_mask: is 1 at position 0 (index {where}); position 0 has no context to be predicted "
+                f"from. Put at least one prompt token before the response and set response_mask there to 0."
+            )
+        # S reads the log-probability of token k from the logits at column k−1, so that column must be a real token;
+        # a pad there (a gap between prompt and response, or a response with no prompt) would give garbage silently.
+        after_pad = response_mask[..., 1:] & ~attention_mask[..., :-1]
+        if bool(after_pad.any()):
+            n, g, k = _first_index(after_pad)
+            raise ValueError(
+                f"response_mask: is 1 at index {(n, g, k + 1)} but the previous column (k={k}) is padding "
+                f"(attention_mask 0); a response token is predicted from the previous position, which must be a real "
+                f"token. Pad only at the ends of a sequence (left or right), never between prompt and response."
+            )
+
+        advantages = self.advantages.detach().to(torch.float64)
+        _require_finite(
+            "advantages", advantages, "Check the advantage computation (e.g. dividing by a zero group std)."
+        )
+        length_norm = self.length_norm.detach().to(torch.float64)
+        _require_finite("length_norm", length_norm, "Use the generation budget max_new_tokens (Dr. GRPO).")
+        if bool((length_norm <= 0).any()):
+            where = _first_index(length_norm <= 0)
+            raise ValueError(
+                f"length_norm: must be > 0, found {length_norm[where].item()} at index {where}. "
+                f"Use the generation budget max_new_tokens (Dr. GRPO) or another positive normaliser."
+            )
+        logprobs = present.get("logprobs")
+        if logprobs is not None:
+            logprobs = logprobs.detach().to(torch.float64)
+            _require_finite("logprobs", logprobs, "Recompute them, or pass logprobs=None to have them computed.")
+            # A sum of log-probabilities is ≤ 0; allow float rounding (a near-certain token can give z_y − lse(z)
+            # of a few ulps above 0) but catch negative log-likelihoods stored by mistake.
+            positive = logprobs > 1e-4
+            if bool(positive.any()):
+                where = _first_index(positive)
+                raise ValueError(
+                    f"logprobs: sequence log-probabilities must be ≤ 0, found {logprobs[where].item()} at index "
+                    f"{where}. These look like negative log-likelihoods: pass S = Σ log π (negate them), or None."
+                )
+        rewards = present.get("rewards")
+        if rewards is not None:
+            rewards = rewards.detach().to(torch.float64)
+            _require_finite("rewards", rewards, "Fix the reward function, or pass rewards=None.")
+
+        for name, value in (
+            ("input_ids", input_ids),
+            ("attention_mask", attention_mask),
+            ("response_mask", response_mask),
+            ("advantages", advantages),
+            ("length_norm", length_norm),
+            ("logprobs", logprobs),
+            ("rewards", rewards),
+            ("pad_token_id", int(pad)),
+        ):
+            object.__setattr__(self, name, value)
+
+    def require_prompts(self, minimum: int, purpose: str) -> None:
+        """Raise ``ValueError`` unless the batch has B ≥ ``minimum`` prompts.
+
+        ``purpose`` names what needs them and why, e.g. ``"δH₁ (a cross-prompt U-statistic)"`` (spec §5: B ≥ 2) or
+        ``"the jackknife standard error"`` (B ≥ 3); it starts the message.
+        """
+        if self.B < minimum:
+            raise ValueError(
+                f"{purpose} needs at least {minimum} prompts (B ≥ {minimum}); this batch has B={self.B}. "
+                f"Sample more prompts."
+            )
+
+    # ---------------------------------------------------------------------------------------------------- shape
+
+    @property
+    def B(self) -> int:
+        """Number of prompts."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def G(self) -> int:
+        """Number of responses per prompt."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def L(self) -> int:
+        """Number of token columns (padded sequence length)."""
+        return int(self.input_ids.shape[2])
+
+    @property
+    def num_sequences(self) -> int:
+        """B·G, the number of sequences."""
+        return self.B * self.G
+
+    @property
+    def device(self) -> torch.device:
+        """The device every tensor of the batch is on."""
+        return self.input_ids.device
+
+    @property
+    def response_lengths(self) -> Tensor:
+        """int64 [B, G]: the number of response tokens of each sequence (T_i of spec §6)."""
+        return self.response_mask.sum(dim=-1, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return (
+            f"RolloutBatch(B={self.B}, G={self.G}, L={self.L}, device={self.device}, "
+            f"logprobs={'cached' if self.logprobs is not None else 'not cached'}, "
+            f"rewards={'present' if self.rewards is not None else 'absent'}, pad_token_id={self.pad_token_id})"
+        )
+
+    # ------------------------------------------------------------------------------------------------ derived batches
+
+    def _tensors(self) -> dict[str, Tensor | None]:
+        return {name: getattr(self, name) for name in _TENSOR_FIELDS}
+
+    def _map_tensors(self, fn) -> RolloutBatch:
+        """A new batch with ``fn`` applied to every present tensor (the leading dim of each is the prompt)."""
+        mapped = {name: (None if t is None else fn(t)) for name, t in self._tensors().items()}
+        return RolloutBatch(pad_token_id=self.pad_token_id, **mapped)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """A new batch with every tensor on ``device``."""
+        return self._map_tensors(lambda t: t.to(device))
+
+    def replace(self, **changes: Any) -> RolloutBatch:
+        """A new batch with some fields replaced (``dataclasses.replace``); the result is validated."""
+        return dataclasses.replace(self, **changes)
+
+    def select_prompts(self, index: Any) -> RolloutBatch:
+        """A new batch of the prompts ``index`` (in that order), with all G responses of each.
+
+        Args:
+            index: 1-D prompt indices in [0, B) (list, range or integer tensor); repeats are allowed (a bootstrap
+                resample), an empty index is not.
+
+        Returns:
+            A batch with B' = len(index) prompts; its tensors are copies.
+        """
+        if isinstance(index, Tensor):
+            if index.dtype is torch.bool:
+                raise ValueError(
+                    "index: found a boolean mask; select_prompts takes prompt indices. "
+                    "Pass mask.nonzero().flatten()."
+                )
+            prompt_index = index.detach().to("cpu")
+        else:
+            try:
+                prompt_index = torch.as_tensor(list(index), dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+                raise ValueError(
+                    f"index: expected a sequence of prompt indices, found {type(index).__name__} ({error}). "
+                    f"Pass a list of ints or an int64 tensor."
+                ) from None
+        if not _is_integer_dtype(prompt_index.dtype) or prompt_index.dim() != 1:
+            raise ValueError(
+                f"index: expected 1-D integer prompt indices, found dtype {prompt_index.dtype} and shape "
+                f"{tuple(prompt_index.shape)}. Pass a list of ints or a 1-D int64 tensor."
+            )
+        if prompt_index.numel() == 0:
+            raise ValueError("index: is empty; a batch needs at least one prompt. Select at least one prompt.")
+        prompt_index = prompt_index.to(torch.int64)
+        bad = (prompt_index < 0) | (prompt_index >= self.B)
+        if bool(bad.any()):
+            position = _first_index(bad)[0]
+            raise ValueError(
+                f"index: prompt index {int(prompt_index[position])} at position {position} is out of range for "
+                f"B={self.B}. Indices must lie in [0, {self.B}) (negative indices are not accepted)."
+            )
+        prompt_index = prompt_index.to(self.device)
+        return self._map_tensors(lambda t: t.index_select(0, prompt_index))
+
+    def iter_prompt_chunks(self, prompt_chunk: int) -> Iterator[tuple[Tensor, RolloutBatch]]:
+        """Split the batch into consecutive runs of at most ``prompt_chunk`` whole prompts.
+
+        Yields:
+            ``(prompt_index, sub_batch)``: prompt_index int64 [b] (b ≤ prompt_chunk, on the batch's device), the
+            prompts' indices in this batch, consecutive and in order; sub_batch the batch of those prompts (its
+            tensors are views of this batch's). Concatenating the sub-batches along dim 0 gives back this batch.
+        """
+        prompt_chunk = _as_chunk_size("prompt_chunk", prompt_chunk)
+
+        def chunks() -> Iterator[tuple[Tensor, RolloutBatch]]:
+            for start in range(0, self.B, prompt_chunk):
+                stop = min(start + prompt_chunk, self.B)
+                prompt_index = torch.arange(start, stop, dtype=torch.int64, device=self.device)
+                yield prompt_index, self._map_tensors(lambda t: t[start:stop])
+
+        return chunks()
+
+    def iter_sequence_chunks(self, seq_chunk: int) -> Iterator[SequenceChunk]:
+        """Split the B·G sequences, flattened row-major (f = n·G + g), into consecutive chunks of ≤ ``seq_chunk``.
+
+        Each chunk's token tensors keep only the columns [lo, hi) spanning its rows' real tokens (at least 2), so a
+        chunk of short left-padded sequences does not pay for columns that are padding in all of its rows.
+
+        Yields:
+            :class:`SequenceChunk` objects covering flat indices 0..B·G−1 once each, in order.
+        """
+        seq_chunk = _as_chunk_size("seq_chunk", seq_chunk)
+        L = self.L
+        flat_ids = self.input_ids.reshape(-1, L)
+        flat_attention = self.attention_mask.reshape(-1, L)
+        flat_response = self.response_mask.reshape(-1, L)
+        # First and last real column of every row, computed once (one device sync instead of one per chunk).
+        has_tokens = flat_attention.any(dim=1)
+        first_real = flat_attention.to(torch.uint8).argmax(dim=1)
+        last_real = (L - 1) - flat_attention.flip(dims=(1,)).to(torch.uint8).argmax(dim=1)
+        has_tokens, first_real, last_real = has_tokens.tolist(), first_real.tolist(), last_real.tolist()
+
+        def chunks() -> Iterator[SequenceChunk]:
+            for start in range(0, self.num_sequences, seq_chunk):
+                stop = min(start + seq_chunk, self.num_sequences)
+                rows = [r for r in range(start, stop) if has_tokens[r]]
+                if rows:
+                    lo = min(first_real[r] for r in rows)
+                    hi = max(last_real[r] for r in rows) + 1
+                else:
+                    lo, hi = 0, 0
+                # A single column cannot hold a prediction (position 0 has no context); keep two.
+                if hi - lo < 2:
+                    hi = min(L, lo + 2)
+                    lo = hi - 2
+                flat_index = torch.arange(start, stop, dtype=torch.int64, device=self.device)
+                yield SequenceChunk(
+                    flat_index=flat_index,
+                    prompt_index=flat_index // self.G,
+                    sample_index=flat_index % self.G,
+                    input_ids=flat_ids[start:stop, lo:hi].contiguous(),
+                    attention_mask=flat_attention[start:stop, lo:hi].contiguous(),
+                    response_mask=flat_response[start:stop, lo:hi].contiguous(),
+                    columns=(lo, hi),
+                )
+
+        return chunks()
+
+    # ---------------------------------------------------------------------------------------------------- persistence
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the batch to a safetensors file (masks as uint8; logprobs/rewards only when present).
+
+        The metadata holds ``format`` = :data:`FORMAT_VERSION` and ``pad_token_id``.
+        """
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, tensor in self._tensors().items():
+            if tensor is None:
+                continue
+            if name in _MASKS:
+                tensor = tensor.to(torch.uint8)
+            # clone(): safetensors refuses tensors sharing storage (e.g. rewards passed as a view of advantages).
+            tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+        save_file(tensors, os.fspath(path), metadata={_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(self.pad_token_id)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> RolloutBatch:
+        """Read a batch written by :meth:`save`, validate it and put it on ``device``."""
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        how = "Save batches with RolloutBatch.save(path)."
+        try:
+            with safe_open(path, framework="pt", device="cpu") as file:
+                metadata = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except SafetensorError as error:
+            raise ValueError(f"{path}: is not a funcprobe batch: not a readable safetensors file ({error}). {how}")
+        found_format = metadata.get(_FORMAT_KEY)
+        if found_format is None:
+            raise ValueError(
+                f"{path}: is not a funcprobe batch: its metadata has no {_FORMAT_KEY!r} entry (metadata "
+                f"{metadata}, tensors {sorted(tensors)}). {how}"
+            )
+        if found_format != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: has format {found_format!r}; this funcprobe reads {FORMAT_VERSION!r}. "
+                f"Use the funcprobe version that wrote it, or re-save the batch."
+            )
+        missing = [name for name in _REQUIRED_TENSORS if name not in tensors]
+        unknown = sorted(set(tensors) - set(_TENSOR_FIELDS))
+        if missing or unknown:
+            raise ValueError(
+                f"{path}: is a damaged funcprobe batch: missing tensors {missing}, unknown tensors {unknown}. {how}"
+            )
+        try:
+            pad_token_id = int(metadata[_PAD_KEY])
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"{path}: is a damaged funcprobe batch: metadata {_PAD_KEY!r} is {metadata.get(_PAD_KEY)!r}, "
+                f"expected an integer. {how}"
+            ) from None
+        return cls(pad_token_id=pad_token_id, **tensors).to(device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: nested lists of ints/floats (masks as 0/1), absent optional fields as None.
+
+        float64 values survive a JSON round trip exactly (Python writes the shortest repr that reads back the same).
+        """
+        out: dict[str, Any] = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: self.pad_token_id}
+        for name, tensor in self._tensors().items():
+            if tensor is not None and name in _MASKS:
+                tensor = tensor.to(torch.uint8)
+            out[name] = None if tensor is None else tensor.detach().to("cpu").tolist()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolloutBatch:
+        """Build a validated batch from a dict shaped like :meth:`to_dict`'s (``format`` may be absent)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"data: expected a mapping like RolloutBatch.to_dict()'s, found {type(data).__name__}.")
+        found_format = data.get(_FORMAT_KEY, FORMAT_VERSION)
+        if found_format != FORMAT_VERSION:
+            raise ValueError(
+                f"{_FORMAT_KEY}: found {found_format!r}; this funcprobe reads {FORMAT_VERSION!r}. "
+                f"Use the funcprobe version that wrote it."
+            )
+        unknown = sorted(set(data) - _DICT_KEYS)
+        if unknown:
+            raise ValueError(f"data: unknown keys {unknown}; expected a subset of {sorted(_DICT_KEYS)}.")
+        missing = [name for name in _REQUIRED_TENSORS if data.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"{missing[0]}: is missing (all missing: {missing}). Every batch needs {list(_REQUIRED_TENSORS)}."
+            )
+        fields: dict[str, Any] = {}
+        for name in _TENSOR_FIELDS:
+            value = data.get(name)
+            if value is None:
+                continue
+            # Token ids and masks keep their parsed integer dtype (validation rejects floats); the rest is float64.
+            dtype = None if name in ("input_ids",) + _MASKS else torch.float64
+            try:
+                fields[name] = torch.as_tensor(value, dtype=dtype)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+                raise ValueError(
+                    f"{name}: could not be read as a rectangular numeric array ({error}). "
+                    f"Every row must have the same length."
+                ) from None
+        return cls(pad_token_id=data.get(_PAD_KEY, 0), **fields)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_dict` as JSON."""
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(self.to_dict(), file, allow_nan=False)
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> RolloutBatch:
+        """Read a batch written by :meth:`save_json` (validated)."""
+        with open(path, encoding="utf-8") as file:
+            try:
+                data = json.load(file)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{os.fspath(path)}: is not a funcprobe batch: not valid JSON ({error}).") from None
+        return cls.from_dict(data)
