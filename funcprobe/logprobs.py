@@ -1,0 +1,175 @@
+"""The chunked vocabulary projection: token log-probabilities and entropies without [g, L, V] tensors.
+
+Spec §1 (`shared/spec/ESTIMATORS.md`): for a response token t_k predicted from the final hidden state h_{k-1},
+
+    log π_θ(t_k | t_<k) = z[t_k] − logsumexp(z),      z = (W h_{k-1} + b) / τ,
+
+where W [V, H] (and the optional bias b [V]) is the frozen LM head and τ the sampling temperature.
+
+The logits of all response positions together would be a [T, V] tensor (T response tokens, V up to 151,936); with
+gradients, autograd would keep it and its log-softmax alive until the backward. Here the projection is applied to
+``token_chunk`` rows at a time, so the largest temporary is [token_chunk, V] in both directions:
+
+* the forward keeps the T log-probabilities and, per row, the score direction
+
+      D_t = ∂ log π(t_k) / ∂ h = (W[t_k] − Σ_v p_v W[v]) / τ = ((onehot(t_k) − p) @ W) / τ,
+
+  contracted from each chunk's softmax while that chunk is in memory ([T, H], the size of the hidden states);
+* the backward (``ChunkedTokenLogprob.backward``) is then grad_h = cotangent · D in plain tensor ops, so it runs
+  under ``torch.func.grad`` / ``torch.func.vjp`` (activation checkpointing does not: its saved-tensor hooks are
+  unsupported there), and a second vjp of the same forward costs no vocabulary work;
+* the forward-mode rule (``ChunkedTokenLogprob.jvp``) is dh · D, so ``torch.func.jvp`` through S works too.
+
+The LM head is frozen: no gradient is returned for W or b (LoRA on the LM head is refused by ``Policy``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChunkedTokenLogprob", "token_logprobs", "token_entropies", "naive_token_logprobs"]
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float,
+                  logsoftmax_dtype: torch.dtype) -> Tensor:
+    """z = (hidden @ weight.T + bias) / τ for one row chunk: [c, H] × [V, H] → [c, V] in ``logsoftmax_dtype``.
+
+    The matmul runs in the model's dtype (the dtype a GPU user computes in); the result is upcast before dividing
+    by τ and before the log-softmax so that the normaliser is taken in at least float32 (spec §1).
+    """
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.to(logsoftmax_dtype)
+    if inv_temperature != 1.0:
+        logits = logits * inv_temperature
+    return logits
+
+
+class ChunkedTokenLogprob(torch.autograd.Function):
+    """log π(target | hidden) for T rows, projected to the vocabulary ``token_chunk`` rows at a time.
+
+    Inputs: hidden [T, H] (differentiable), weight [V, H] and bias [V] | None (frozen), targets int64 [T],
+    inv_temperature = 1/τ, token_chunk ≥ 1, logsoftmax_dtype (float32 or float64).
+    Outputs: log-probabilities float64 [T], and the score directions D [T, H] (non-differentiable) with
+
+        D_t = ∂ log π(t_k | h) / ∂ h = (W[t_k] − Σ_v p_v W[v]) / τ.
+
+    D is formed chunk by chunk in the forward (the chunk's softmax contracted with W) and saved, so the backward is
+    a row scaling, grad_h = cotangent[:, None] · D, with no vocabulary work at all: several vjps of one forward
+    (X and Y of spec §3) pay for the [token_chunk, V] projection once. D has the shape of the hidden states it
+    replaces in the saved tensors, so memory is unchanged: O(token_chunk × V) transient, O(T × H) saved.
+    First-order only: D is saved as a constant, so the rule does not support differentiating the backward again.
+    """
+
+    @staticmethod
+    def forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temperature: float,
+                token_chunk: int, logsoftmax_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        direction_dtype = torch.promote_types(hidden.dtype, logsoftmax_dtype)
+        logprob_pieces, direction_pieces = [], []
+        for start in range(0, hidden.shape[0], token_chunk):
+            stop = start + token_chunk
+            logits = _chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
+            row_targets = targets[start:stop]
+            log_normaliser = torch.logsumexp(logits, dim=1)
+            picked = logits.gather(1, row_targets[:, None]).squeeze(1)
+            logprob_pieces.append((picked - log_normaliser).to(torch.float64))
+            probs = torch.exp(logits - log_normaliser[:, None])
+            expected_row = (probs.to(weight.dtype) @ weight).to(direction_dtype)
+            direction = (weight[row_targets].to(direction_dtype) - expected_row) * inv_temperature
+            direction_pieces.append(direction)
+        return (_concat_rows(logprob_pieces, hidden, torch.float64),
+                _concat_rows(direction_pieces, hidden, direction_dtype, hidden.shape[1]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden = inputs[0]
+        _, direction = output
+        ctx.mark_non_differentiable(direction)
+        ctx.save_for_backward(direction)
+        ctx.save_for_forward(direction)
+        ctx.hidden_dtype = hidden.dtype
+
+    @staticmethod
+    def backward(ctx, grad_logprob: Tensor, grad_direction: Tensor | None):
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            (direction,) = ctx.saved_tensors
+            grad_hidden = (grad_logprob[:, None].to(direction.dtype) * direction).to(ctx.hidden_dtype)
+        return grad_hidden, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, hidden_tangent, *_):
+        # The LM head is frozen by contract (Policy refuses LoRA on it), so weight/bias tangents, which torch.func
+        # may pass as zero tensors, are not part of the rule.
+        (direction,) = ctx.saved_tensors
+        if hidden_tangent is None:
+            logprob_tangent = torch.zeros(direction.shape[0], dtype=torch.float64, device=direction.device)
+        else:
+            logprob_tangent = (hidden_tangent.to(direction.dtype) * direction).sum(1).to(torch.float64)
+        return logprob_tangent, None
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                   temperature: float = 1.0, token_chunk: int = 256,
+                   logsoftmax_dtype: torch.dtype = torch.float32) -> Tensor:
+    """log π(targets[i] | hidden[i]) for each row, float64 [T]; differentiable in ``hidden`` only.
+
+    hidden [T, H] final hidden states (after the model's final norm), weight [V, H], bias [V] or None,
+    targets int64 [T]. Memory O(token_chunk × V) forward and backward.
+    """
+    _check_projection_args(hidden, weight, targets, temperature, token_chunk, logsoftmax_dtype)
+    logprobs, _ = ChunkedTokenLogprob.apply(hidden, weight, bias, targets, 1.0 / temperature, int(token_chunk),
+                                            logsoftmax_dtype)
+    return logprobs
+
+
+@torch.no_grad()
+def token_entropies(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, temperature: float = 1.0,
+                    token_chunk: int = 256, logsoftmax_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Full next-token entropy H(π(· | hidden[i])) = logsumexp(z) − Σ_v p_v z_v for each row, float64 [T].
+
+    Used by the Rao-Blackwell estimator (spec §6). Forward only, in the same row chunks as ``token_logprobs``.
+    """
+    _check_projection_args(hidden, weight, None, temperature, token_chunk, logsoftmax_dtype)
+    pieces = []
+    for start in range(0, hidden.shape[0], token_chunk):
+        stop = start + token_chunk
+        logits = _chunk_logits(hidden[start:stop], weight, bias, 1.0 / temperature, logsoftmax_dtype)
+        log_probs = torch.log_softmax(logits, dim=1)
+        pieces.append(-(log_probs.exp() * log_probs).sum(1).to(torch.float64))
+    return _concat_rows(pieces, hidden, torch.float64)
+
+
+def naive_token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                         temperature: float = 1.0, logsoftmax_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Reference: full log_softmax over the full [T, V] logits, then gather. For tests and benchmarks only."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    log_probs = torch.log_softmax(logits.to(logsoftmax_dtype) / temperature, dim=-1)
+    return log_probs.gather(-1, targets[..., None]).squeeze(-1).to(torch.float64)
+
+
+def _concat_rows(pieces: list[Tensor], like: Tensor, dtype: torch.dtype, *trailing: int) -> Tensor:
+    """Concatenate per-chunk results; an empty list (T = 0 response tokens) gives an empty [0, *trailing]."""
+    if not pieces:
+        return torch.zeros((0, *trailing), dtype=dtype, device=like.device)
+    return torch.cat(pieces)
+
+
+def _check_projection_args(hidden: Tensor, weight: Tensor, targets: Tensor | None, temperature: float,
+                           token_chunk: int, logsoftmax_dtype: torch.dtype) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [T, H] and weight [V, H]; got hidden {tuple(hidden.shape)} and weight "
+                         f"{tuple(weight.shape)}.")
+    if targets is not None and targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [T] = [{hidden.shape[0]}]; got {tuple(targets.shape)}.")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0; got {temperature}.")
+    if int(token_chunk) < 1:
+        raise ValueError(f"token_chunk must be a positive integer; got {token_chunk}.")
+    if logsoftmax_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"logsoftmax_dtype must be torch.float32 or torch.float64; got {logsoftmax_dtype}. "
+                         "Lower precision drowns small entropy changes in rounding.")

@@ -1,0 +1,436 @@
+"""The functional policy: a frozen causal LM whose only free tensors are its LoRA adapters.
+
+Spec §1 (`shared/spec/ESTIMATORS.md`). ``Policy`` holds a PEFT model and never changes its tensors. Every
+computation takes an explicit params dict θ (LoRA tensors only, keyed by their PEFT names) and runs the decoder with
+``torch.func.functional_call``; the LM head is applied separately, ``token_chunk`` response rows at a time
+(``funcprobe.logprobs``), so no [g, L, V] logits tensor is ever built.
+
+Gradients of Σ_i c_i S_i(θ) are taken one sequence chunk at a time with ``torch.func.vjp`` (a G-chunked loss closure
+per chunk), and accumulated on the CPU in float64, so only one chunk's autograd graph is ever alive and no
+parameter-sized buffer stays on the accelerator.
+
+By construction the failures of the seed's OOM runbook cannot happen here: full-model gradients are impossible
+(the guard refuses a policy whose trainable set is not LoRA-only), logits are never held as [G, L, V], and
+accumulators live on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .batch import RolloutBatch, SequenceChunk
+from .logprobs import token_entropies, token_logprobs
+
+__all__ = ["Policy", "load_policy", "ChunkLogprobs", "LORA_NAME_MARKERS", "DEFAULT_MAX_TRAINABLE"]
+
+#: Substrings that mark a PEFT parameter as part of a LoRA adapter (plain LoRA, embedding LoRA, DoRA).
+LORA_NAME_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
+
+#: Default ceiling on the number of trainable (LoRA) scalars: a LoRA r=64 adapter on every linear layer of a 7B model
+#: is ~160M; a count far above that almost always means a full model slipped through.
+DEFAULT_MAX_TRAINABLE = 500_000_000
+
+ParamsDict = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class ChunkLogprobs:
+    """S for one sequence chunk together with its vjp: ``vjp(cotangent [c]) -> grads dict`` (device, param dtype)."""
+
+    chunk: SequenceChunk
+    logprobs: Tensor  # float64 [c], detached
+    vjp: Callable[[Tensor], dict[str, Tensor]]
+
+
+class Policy:
+    """A frozen causal LM with LoRA adapters, evaluated functionally over LoRA-only params dicts.
+
+    Build it with ``Policy.from_peft(peft_model)`` or ``load_policy(base, adapter)``. The module is put in eval mode
+    (dropout off, so closures are deterministic) and is never modified again by funcprobe.
+
+    Attributes:
+        module: the PEFT model.
+        params: the LoRA tensors (detached copies), ``dict[str, Tensor]`` keyed by PEFT parameter names.
+        temperature: τ of spec §0; every log-probability and entropy uses softmax(z / τ).
+        logsoftmax_dtype: float32 (default) or float64, the dtype of the log-softmax (spec §1).
+        seq_chunk, token_chunk: default sequences per decoder forward and response rows per vocabulary chunk.
+    """
+
+    def __init__(self, module: nn.Module, *, temperature: float = 1.0,
+                 logsoftmax_dtype: torch.dtype = torch.float32, seq_chunk: int = 8, token_chunk: int = 512,
+                 max_trainable_params: int = DEFAULT_MAX_TRAINABLE):
+        if not (temperature > 0):
+            raise ValueError(f"temperature must be > 0; got {temperature}.")
+        if logsoftmax_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"logsoftmax_dtype must be torch.float32 or torch.float64; got {logsoftmax_dtype}.")
+        _check_positive("seq_chunk", seq_chunk)
+        _check_positive("token_chunk", token_chunk)
+        self.module = module
+        self.temperature = float(temperature)
+        self.logsoftmax_dtype = logsoftmax_dtype
+        self.seq_chunk = int(seq_chunk)
+        self.token_chunk = int(token_chunk)
+        lora_names = _check_lora_only(module, max_trainable_params)
+        module.eval()
+
+        base = module.get_base_model()
+        decoder = base.get_decoder()
+        self._lm_head = base.get_output_embeddings()
+        module_names = {id(m): name for name, m in module.named_modules()}
+        self._decoder = decoder
+        self._decoder_prefix = module_names[id(decoder)] + "."
+        lm_head_prefix = module_names[id(self._lm_head)] + "."
+        on_head = [n for n in lora_names if n.startswith(lm_head_prefix)]
+        if on_head:
+            raise ValueError(
+                f"LoRA on the LM head is not supported: found {len(on_head)} LoRA tensors under '{lm_head_prefix}' "
+                f"(e.g. {on_head[0]}). funcprobe projects to the vocabulary in frozen chunks. Re-create the "
+                "adapter without 'lm_head' in target_modules.")
+        outside = [n for n in lora_names if not n.startswith(self._decoder_prefix)]
+        if outside:
+            raise ValueError(f"LoRA tensors outside the decoder ('{self._decoder_prefix}…') are not supported: "
+                             f"{outside[:3]}. Target only decoder modules.")
+        named = dict(module.named_parameters())
+        self._param_names = tuple(lora_names)
+        self.params: dict[str, Tensor] = {n: named[n].detach().clone() for n in lora_names}
+        self._param_meta = {n: (t.shape, t.dtype, t.device) for n, t in self.params.items()}
+
+    # ----------------------------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_peft(cls, peft_model: nn.Module, **options) -> "Policy":
+        """Wrap an in-memory ``peft.PeftModel``. Options as for ``Policy(...)``."""
+        return cls(peft_model, **options)
+
+    # ------------------------------------------------------------------------------------------------- properties
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self._param_names
+
+    @property
+    def device(self) -> torch.device:
+        return self._lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._lm_head.weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._lm_head.weight.shape[0])
+
+    @property
+    def num_params(self) -> int:
+        """Number of trainable (LoRA) scalars."""
+        return sum(t.numel() for t in self.params.values())
+
+    def __repr__(self) -> str:
+        return (f"Policy({type(self.module.get_base_model()).__name__}, {len(self._param_names)} LoRA tensors, "
+                f"{self.num_params:,} scalars, τ={self.temperature}, {self.dtype}, {self.device})")
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def check_params(self, params: ParamsDict, what: str = "params") -> None:
+        """Raise ValueError unless ``params`` has exactly this policy's LoRA names, shapes, dtypes and device."""
+        missing = [n for n in self._param_names if n not in params]
+        extra = [n for n in params if n not in self._param_meta]
+        if missing or extra:
+            raise ValueError(f"{what} must hold exactly this policy's {len(self._param_names)} LoRA tensors; "
+                             f"missing {missing[:3]}{'…' if len(missing) > 3 else ''} ({len(missing)}), "
+                             f"extra {extra[:3]}{'…' if len(extra) > 3 else ''} ({len(extra)}). "
+                             "Start from policy.params.")
+        for name, (shape, dtype, device) in self._param_meta.items():
+            tensor = params[name]
+            if tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
+                raise ValueError(f"{what}['{name}'] is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
+                                 f"the policy expects {tuple(shape)} {dtype} on {device}.")
+
+    def _check_batch(self, batch: RolloutBatch) -> None:
+        if not isinstance(batch, RolloutBatch):
+            raise ValueError(f"batch must be a funcprobe.RolloutBatch; got {type(batch).__name__}.")
+        if batch.input_ids.numel() and int(batch.input_ids.max()) >= self.vocab_size:
+            raise ValueError(f"batch.input_ids holds token id {int(batch.input_ids.max())} but the model's "
+                             f"vocabulary has {self.vocab_size} entries. Was the batch made with another tokenizer?")
+        if self.module.training:
+            raise ValueError("the policy's module was put back in training mode (dropout on), which makes "
+                             "log-probabilities random. Call policy.module.eval().")
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _final_hidden(self, params: ParamsDict, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Final hidden states [c, L', H] of the decoder at θ = params, via ``torch.func.functional_call``.
+
+        Position ids come from the attention mask (cumsum − 1), so S is invariant to the side and amount of padding.
+        """
+        mask = attention_mask.to(torch.long)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        decoder_params = {name[len(self._decoder_prefix):]: tensor for name, tensor in params.items()}
+        out = torch.func.functional_call(
+            self._decoder, decoder_params, args=(),
+            kwargs=dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False))
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _response_rows(self, params: ParamsDict, chunk: SequenceChunk) -> tuple[Tensor, Tensor, Tensor]:
+        """(hidden [T, H] predicting each response token, targets [T], row index [T]) for one chunk on device."""
+        device = self.device
+        input_ids = chunk.input_ids.to(device)
+        response_mask = chunk.response_mask.to(device)
+        hidden = self._final_hidden(params, input_ids, chunk.attention_mask.to(device))
+        rows, cols = response_mask.nonzero(as_tuple=True)
+        # Token t_k is predicted from the hidden state at k − 1 (response_mask is never 1 at column 0).
+        return hidden[rows, cols - 1], input_ids[rows, cols], rows
+
+    def _chunk_logprobs(self, params: ParamsDict, chunk: SequenceChunk, token_chunk: int) -> Tensor:
+        """S_i = Σ_k response_mask[i, k] log π_θ(t_k | t_<k) for the chunk's c sequences: float64 [c] (spec §1)."""
+        hidden, targets, rows = self._response_rows(params, chunk)
+        head = self._lm_head
+        per_token = token_logprobs(hidden, head.weight, head.bias, targets, temperature=self.temperature,
+                                   token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
+        zeros = torch.zeros(chunk.input_ids.shape[0], dtype=torch.float64, device=per_token.device)
+        return zeros.index_add(0, rows, per_token)
+
+    def _chunks(self, batch: RolloutBatch, seq_chunk: int | None, progress: bool | None,
+                desc: str) -> Iterator[SequenceChunk]:
+        seq_chunk = self.seq_chunk if seq_chunk is None else seq_chunk
+        _check_positive("seq_chunk", seq_chunk)
+        chunks = batch.iter_sequence_chunks(seq_chunk)
+        total = -(-batch.num_sequences // seq_chunk)
+        return _progress(chunks, total=total, desc=desc, enabled=progress)
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def sequence_logprobs(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
+                          token_chunk: int | None = None, with_grad: bool = False,
+                          progress: bool | None = False) -> Tensor:
+        """S_{n,g}(θ) of spec §1 for every sequence of the batch: float64 [B, G].
+
+        With ``with_grad=False`` (default) the forwards run under ``torch.no_grad`` and the result is on the CPU.
+        With ``with_grad=True`` the result stays on the policy's device and is differentiable in ``params`` (for
+        use inside ``torch.func.grad``); the graph of the whole batch is then alive at once — for gradients of
+        weighted sums over many sequences prefer ``logprob_grads``, which keeps one chunk's graph at a time.
+        """
+        self.check_params(params)
+        self._check_batch(batch)
+        token_chunk = self.token_chunk if token_chunk is None else token_chunk
+        _check_positive("token_chunk", token_chunk)
+        pieces, indices = [], []
+        with torch.set_grad_enabled(with_grad):
+            for chunk in self._chunks(batch, seq_chunk, progress, "log-probs"):
+                values = self._chunk_logprobs(params, chunk, token_chunk)
+                pieces.append(values if with_grad else values.cpu())
+                indices.append(chunk.flat_index)
+        flat = torch.cat(pieces)
+        order = torch.cat(indices).to(flat.device)
+        # Chunks arrive in flat order; the scatter keeps the result correct if an iterator ever reorders them.
+        result = torch.zeros_like(flat).index_add(0, order, flat)
+        return result.reshape(batch.B, batch.G)
+
+    def iter_logprob_vjps(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
+                          token_chunk: int | None = None, progress: bool | None = False) -> Iterator[ChunkLogprobs]:
+        """For each sequence chunk: S(θ) on it and the vjp of θ ↦ S_chunk(θ), built by one forward.
+
+        The vjp may be called once per cotangent (spec §3: X and Y are vjps of the same map with two cotangents).
+        Only the current chunk's graph is alive; it is freed when the caller moves to the next chunk.
+        """
+        self.check_params(params)
+        self._check_batch(batch)
+        token_chunk = self.token_chunk if token_chunk is None else token_chunk
+        _check_positive("token_chunk", token_chunk)
+        params = dict(params)
+        for chunk in self._chunks(batch, seq_chunk, progress, "gradients"):
+            logprobs, vjp_fn = torch.func.vjp(lambda p, c=chunk: self._chunk_logprobs(p, c, token_chunk), params)
+            yield ChunkLogprobs(chunk=chunk, logprobs=logprobs.detach(),
+                                vjp=lambda cotangent, f=vjp_fn: f(cotangent.to(torch.float64))[0])
+
+    def logprob_grads(self, params: ParamsDict, batch: RolloutBatch, weights: Tensor, *,
+                      seq_chunk: int | None = None, token_chunk: int | None = None,
+                      progress: bool | None = False) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """∇_θ Σ_{n,g} c^(j)_{n,g} S_{n,g}(θ) for each weight set j, plus S itself.
+
+        weights: float [B, G] or [J, B, G] (the weights are constants: no gradient flows through them).
+        Returns (S float64 [B, G] on the CPU, [grads_j for j in J]) with each grads_j a dict of float64 CPU tensors
+        shaped like ``params``. One forward and J vjps per sequence chunk; accumulation on the CPU in float64.
+        """
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        single = weights.dim() == 2
+        weights = weights[None] if single else weights
+        if weights.dim() != 3 or tuple(weights.shape[1:]) != (batch.B, batch.G):
+            raise ValueError(f"weights must be [B, G] = [{batch.B}, {batch.G}] or [J, B, G]; "
+                             f"got {tuple(weights.shape)}.")
+        if not torch.isfinite(weights).all():
+            raise ValueError("weights contain NaN or inf; every weight c_{n,g} must be finite.")
+        flat_weights = weights.reshape(weights.shape[0], -1)
+        totals = [{n: torch.zeros(t.shape, dtype=torch.float64) for n, t in params.items()}
+                  for _ in range(weights.shape[0])]
+        logprobs = torch.zeros(batch.num_sequences, dtype=torch.float64)
+        for item in self.iter_logprob_vjps(params, batch, seq_chunk=seq_chunk, token_chunk=token_chunk,
+                                           progress=progress):
+            logprobs[item.chunk.flat_index] = item.logprobs.cpu()
+            for total, chunk_weights in zip(totals, flat_weights):
+                grads = item.vjp(chunk_weights[item.chunk.flat_index].to(self.device))
+                for name, grad in grads.items():
+                    total[name] += grad.to("cpu", torch.float64)
+        return logprobs.reshape(batch.B, batch.G), totals
+
+    @torch.no_grad()
+    def token_entropies(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
+                        token_chunk: int | None = None, progress: bool | None = False) -> Tensor:
+        """Σ_k response_mask[n,g,k] · H(π_θ(· | t_<k)), the summed full next-token entropies: float64 [B, G].
+
+        The Rao-Blackwellised entropy of spec §6, in the same vocabulary chunks as the log-probs.
+        """
+        self.check_params(params)
+        self._check_batch(batch)
+        token_chunk = self.token_chunk if token_chunk is None else token_chunk
+        _check_positive("token_chunk", token_chunk)
+        head = self._lm_head
+        result = torch.zeros(batch.num_sequences, dtype=torch.float64)
+        for chunk in self._chunks(batch, seq_chunk, progress, "entropies"):
+            hidden, _, rows = self._response_rows(params, chunk)
+            per_token = token_entropies(hidden, head.weight, head.bias, temperature=self.temperature,
+                                        token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
+            zeros = torch.zeros(chunk.input_ids.shape[0], dtype=torch.float64, device=per_token.device)
+            result[chunk.flat_index] = zeros.index_add(0, rows, per_token).cpu()
+        return result.reshape(batch.B, batch.G)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_policy(base: str | os.PathLike | nn.Module, adapter: str | os.PathLike | None = None, *,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                local_files_only: bool | None = None, attn_implementation: str | None = None,
+                **options) -> Policy:
+    """Load a base causal LM and a PEFT LoRA adapter directory into a ``Policy``.
+
+    base: a hub id, a local model directory, or an already built ``transformers`` model. adapter: a directory with
+    ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``). If ``adapter`` is None and ``base`` is
+    itself an adapter directory, its ``base_model_name_or_path`` names the base. Offline: pass a local path, or set
+    ``HF_HUB_OFFLINE=1`` / ``local_files_only=True``. Remaining options go to ``Policy(...)``.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if adapter is None and not isinstance(base, nn.Module) and _is_adapter_dir(base):
+        adapter = base
+        base = _adapter_base_name(Path(base))
+    if adapter is None:
+        raise ValueError("load_policy needs a LoRA adapter: funcprobe differentiates LoRA tensors only and refuses "
+                         "a bare base model. Pass adapter='path/to/adapter' (a folder with adapter_config.json).")
+    adapter = Path(adapter)
+    if not _is_adapter_dir(adapter):
+        raise ValueError(f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json there). Pass the "
+                         "folder that holds adapter_config.json and adapter_model.safetensors.")
+    if isinstance(base, nn.Module):
+        model = base
+    else:
+        if local_files_only is None:
+            local_files_only = Path(base).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        kwargs = dict(local_files_only=local_files_only)
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = _from_pretrained(AutoModelForCausalLM, str(base), dtype, kwargs)
+    model = model.to(device=device, dtype=dtype)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    return Policy(peft_model.to(device), **options)
+
+
+def _from_pretrained(auto_class, name: str, dtype: torch.dtype, kwargs: dict) -> nn.Module:
+    """``from_pretrained`` across transformers versions (``dtype=`` since 4.56, ``torch_dtype=`` before)."""
+    try:
+        return auto_class.from_pretrained(name, dtype=dtype, **kwargs)
+    except TypeError:
+        return auto_class.from_pretrained(name, torch_dtype=dtype, **kwargs)
+
+
+def _is_adapter_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
+
+
+def _adapter_base_name(adapter: Path) -> str:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    name = config.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{adapter / 'adapter_config.json'} names no base_model_name_or_path; pass the base "
+                         "model explicitly: load_policy(base, adapter).")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------- the guard
+def _check_lora_only(module: nn.Module, max_trainable_params: int) -> list[str]:
+    """Names of the active adapter's LoRA tensors; raises ValueError unless the policy is LoRA-only.
+
+    Refused: a non-PEFT module, a merged or disabled adapter, several active adapters, any non-LoRA parameter that
+    requires grad (a trainable base, ``modules_to_save``), no LoRA tensors at all, or more LoRA scalars than
+    ``max_trainable_params``.
+    """
+    if not (hasattr(module, "peft_config") and hasattr(module, "get_base_model")):
+        raise ValueError(f"expected a peft.PeftModel with a LoRA adapter; got {type(module).__name__}. Wrap the "
+                         "model with peft.get_peft_model(model, LoraConfig(...)) or load it with "
+                         "funcprobe.load_policy(base, adapter).")
+    adapter = module.active_adapter
+    if not isinstance(adapter, str):
+        raise ValueError(f"several adapters are active ({adapter}); activate exactly one with "
+                         "model.set_adapter(name).")
+    config = module.peft_config[adapter]
+    if getattr(config, "peft_type", None) is not None and str(getattr(config.peft_type, "value", config.peft_type)) \
+            != "LORA":
+        raise ValueError(f"adapter '{adapter}' is {config.peft_type}, not LoRA; funcprobe supports LoRA adapters.")
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(f"adapter '{adapter}' trains full copies of {config.modules_to_save} (modules_to_save): "
+                         "the trainable set is not LoRA-only. Re-create the adapter without modules_to_save.")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, sub in module.named_modules():
+        if not isinstance(sub, BaseTunerLayer):
+            continue
+        if sub.merged:
+            raise ValueError(f"the LoRA weights of '{name}' are merged into the base weights; funcprobe needs them "
+                             "separate. Load the adapter without merge_and_unload()/merge_adapter().")
+        if sub.disable_adapters:
+            raise ValueError(f"the adapters of '{name}' are disabled; enable them (leave the "
+                             "disable_adapter() context) before building the policy.")
+    lora_names, non_lora_trainable = [], []
+    for name, parameter in module.named_parameters():
+        is_lora = any(marker in name for marker in LORA_NAME_MARKERS)
+        if is_lora and f".{adapter}." in name + ".":
+            lora_names.append(name)
+        elif parameter.requires_grad:
+            non_lora_trainable.append((name, parameter.numel()))
+    if non_lora_trainable:
+        count = sum(n for _, n in non_lora_trainable)
+        raise ValueError(
+            f"the trainable set is not LoRA-only: {len(non_lora_trainable)} non-LoRA tensors ({count:,} scalars) "
+            f"require grad, e.g. {[n for n, _ in non_lora_trainable[:3]]}. funcprobe differentiates LoRA tensors "
+            "only (full-model gradients are what ran the seed probe out of memory). Freeze the base "
+            "(p.requires_grad_(False) for non-LoRA parameters), drop modules_to_save, or use "
+            "funcprobe.load_policy(base, adapter).")
+    if not lora_names:
+        raise ValueError(f"no LoRA tensors found for adapter '{adapter}'. Attach a LoRA adapter with "
+                         "peft.get_peft_model or PeftModel.from_pretrained.")
+    total = sum(p.numel() for n, p in module.named_parameters() if n in set(lora_names))
+    if total > max_trainable_params:
+        raise ValueError(f"the LoRA adapter has {total:,} scalars, above max_trainable_params="
+                         f"{max_trainable_params:,}. If this is intended, raise the limit: "
+                         f"Policy(..., max_trainable_params={total}).")
+    return lora_names
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+def _progress(iterable, *, total: int, desc: str, enabled: bool | None):
+    """Wrap in a tqdm bar when enabled (None: only when stderr is a terminal)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models built offline from real transformers configs, and naive references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from funcprobe.testing import tiny_peft_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def naive_sequence_logprobs(peft_model, batch, *, temperature=1.0, logsoftmax_dtype=torch.float32):
+    """S_{n,g} the slow, obvious way (spec §1): one ordinary forward of the whole module over all B·G sequences,
+    full [N, L, V] logits, full log_softmax, gather, masked sum. Differentiable through the module's own
+    parameters; returns float64 [B, G]."""
+    B, G, L = batch.input_ids.shape
+    input_ids = batch.input_ids.reshape(B * G, L)
+    attention_mask = batch.attention_mask.reshape(B * G, L).long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).logits
+    log_probs = torch.log_softmax(logits.to(logsoftmax_dtype) / temperature, dim=-1)
+    token_logprobs = log_probs[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = batch.response_mask.reshape(B * G, L)[:, 1:].to(token_logprobs.dtype)
+    return (token_logprobs * mask).sum(-1).to(torch.float64).reshape(B, G)
+
+
+def module_state(module):
+    """Clones of every parameter and buffer of a module, for purity checks."""
+    return {name: tensor.detach().clone() for name, tensor in
+            list(module.named_parameters()) + list(module.named_buffers())}
+
+
+def assert_same_state(module, before):
+    after = module_state(module)
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), f"{name} changed"
+
+
+@pytest.fixture(scope="session")
+def qwen2_peft_f64():
+    return tiny_peft_model("qwen2", dtype=torch.float64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def qwen2_peft_f32():
+    return tiny_peft_model("qwen2", dtype=torch.float32, seed=4)
