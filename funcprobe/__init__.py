@@ -3,8 +3,13 @@
 The math is fixed in the project's spec (ESTIMATORS.md); every function here is pure over params dicts and batches.
 """
 
+from .adam import AdamState, adamw_update, load_adam_state, update_decomposition
 from .batch import RolloutBatch, SequenceChunk
+from .delta_h1 import DeltaH1Result, delta_h1
 from .policy import Policy, load_policy
+from .update import policy_gradient, rl_update, update_direction
 
-__all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk"]
+__all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState", "adamw_update",
+           "load_adam_state", "update_decomposition", "rl_update", "update_direction", "policy_gradient",
+           "delta_h1", "DeltaH1Result"]
 __version__ = "0.1.0"

@@ -178,9 +178,9 @@ class Policy:
     def _response_rows(self, params: ParamsDict, chunk: SequenceChunk) -> tuple[Tensor, Tensor, Tensor]:
         """(hidden [T, H] predicting each response token, targets [T], row index [T]) for one chunk on device."""
         device = self.device
-        input_ids = chunk.input_ids.to(device)
-        response_mask = chunk.response_mask.to(device)
-        hidden = self._final_hidden(params, input_ids, chunk.attention_mask.to(device))
+        input_ids, attention_mask, response_mask = _left_align(
+            chunk.input_ids.to(device), chunk.attention_mask.to(device), chunk.response_mask.to(device))
+        hidden = self._final_hidden(params, input_ids, attention_mask)
         rows, cols = response_mask.nonzero(as_tuple=True)
         # Token t_k is predicted from the hidden state at k − 1 (response_mask is never 1 at column 0).
         return hidden[rows, cols - 1], input_ids[rows, cols], rows
@@ -296,6 +296,24 @@ class Policy:
             zeros = torch.zeros(chunk.input_ids.shape[0], dtype=torch.float64, device=per_token.device)
             result[chunk.flat_index] = zeros.index_add(0, rows, per_token).cpu()
         return result.reshape(batch.B, batch.G)
+
+
+def _left_align(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Shift every row left so that it starts with its first real token, then drop all-padding trailing columns.
+
+    Position ids come from the attention mask, so S is unchanged; but no query row is then fully masked (a leading
+    pad query attends to nothing), which makes eager attention produce NaN that 0·NaN carries into real rows.
+    """
+    length = input_ids.shape[1]
+    first_real = attention_mask.to(torch.long).argmax(dim=1)
+    columns = torch.arange(length, device=input_ids.device)[None, :] + first_real[:, None]
+    inside = columns < length
+    columns = columns.clamp(max=length - 1)
+    attention = attention_mask.gather(1, columns) & inside
+    aligned = (input_ids.gather(1, columns).masked_fill(~attention, 0), attention,
+               response_mask.gather(1, columns) & inside)
+    width = max(int(attention.any(dim=0).nonzero().max()) + 1, 2) if attention.any() else length
+    return tuple(t[:, :width] for t in aligned)
 
 
 # ---------------------------------------------------------------------------------------------------- loading

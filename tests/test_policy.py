@@ -337,3 +337,17 @@ def test_load_policy_errors_name_the_fix(tmp_path):
         load_policy(base_dir)
     with pytest.raises(ValueError, match="adapter_config.json"):
         load_policy(base_dir, tmp_path / "nowhere")
+
+
+def test_eager_attention_with_left_padding_gives_finite_equal_results():
+    """Rows are left-aligned before the decoder, so no query row is fully masked (eager attention would give NaN
+    there, and 0·NaN would carry it into real rows' gradients)."""
+    batch = random_batch(3, 3, vocab_size=VOCAB, padding_side="left", extra_padding=3, seed=2)
+    results = {}
+    for attention in ("eager", "sdpa"):
+        policy = Policy.from_peft(tiny_peft_model("qwen2", dtype=torch.float64, seed=8,
+                                                  attn_implementation=attention), logsoftmax_dtype=torch.float64)
+        logprobs, (grads,) = policy.logprob_grads(policy.params, batch, torch.ones(3, 3), seq_chunk=9)
+        assert torch.isfinite(logprobs).all() and all(torch.isfinite(g).all() for g in grads.values())
+        results[attention] = logprobs
+    assert relative_error(results["eager"], results["sdpa"]) < 1e-6  # eager softmax runs in float32

@@ -1,0 +1,431 @@
+"""δH₁: the first-order predicted entropy change of one AdamW step, as a cross-prompt U-statistic (spec §2–§5).
+
+For units u = 1..U (single prompts, or M equal blocks of prompts) with unit vectors X_u, Y_u (means over the unit's
+prompts of X_n and Y_n, spec §2–§3), ΣX = Σ_u X_u, ΣY = Σ_u Y_u, and the step's decomposition
+Δθ = η_g P ⊙ Ȳ + Δθ_state (spec §4):
+
+    U_cross    = [ΣX·P·ΣY − Σ_u X_u·P·Y_u] / (U(U−1))
+    grad_term  = −η_g · U_cross,     state_term = −X̄·Δθ_state,     deltaH1 = grad_term + state_term
+    r_u        = [X_u·P·(ΣY − Y_u) + Y_u·P·(ΣX − X_u)] / (2(U−1))
+    ζ̂₁        = (1/(U−1)) Σ_u (r_u − U_cross)²,      se_plugin = sqrt(4 ζ̂₁ / U)
+    U_(−u)     = (U·U_cross − 2 r_u) / (U − 2),       se_jack = sqrt((U−1)/U · Σ_u (U_(−u) − mean)²)
+
+How the vectors are formed (all accumulators on the CPU in float64, nothing parameter-sized left on the device):
+
+* X_u and Y_u are vjps of the same map θ ↦ S with cotangents (S − S̄_loo)/G and A/(G·L) (divided by the number of
+  prompts in the unit). With ``seq_chunk == 1`` one backward per sequence gives ∇S_i itself, which is weighted into
+  both X and Y (X_n = (1/(G−1)) Σ_g (S_g − S̄) ∇S_g, accumulated with a shift for accuracy); with larger chunks, one
+  forward per chunk (chunks never straddle a unit) and one vjp per cotangent.
+* P depends on this batch's v' and hence on Ȳ, which is known only after every unit has been seen: pass 1
+  accumulates ΣX, ΣY (and keeps the unit vectors when they fit the memory budget); pass 2, only when they were not
+  kept, recomputes each unit's vectors to form the per-unit scalars X_u·P·Y_u, X_u·P·ΣY, Y_u·P·ΣX and X_u·Δθ_state.
+  Both modes give the same numbers.
+
+With per-group learning rates (η_g differing between tensors) the gradient term uses X·(η P)·Y, which is what the
+step does; U_cross and the seed convention are then reported with the plain P.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .adam import AdamState, update_decomposition
+from .batch import RolloutBatch
+from .policy import Policy, _progress
+
+__all__ = ["DeltaH1Result", "delta_h1", "unit_partition", "ustatistic_summary"]
+
+ParamsDict = Mapping[str, Tensor]
+
+
+# ------------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class DeltaH1Result:
+    """Every number of spec §5 for one batch, plus how it was computed. JSON-ready through ``to_dict()``.
+
+    Standard errors: ``se_plugin`` and ``se_jack`` are of U_cross; ``se_grad_plugin`` and ``se_grad_jack`` of the
+    gradient term (η_g times those); ``se_deltaH1`` is the jackknife of the whole estimate (each delete-one value
+    combines −η_g U_(−u) with the state term recomputed from X̄_(−u)). ``zeta1_jack`` = U·se_jack²/4, the ζ₁ that the
+    jackknife variance implies (Var U_cross ≈ 4ζ₁/U), for comparison with ``zeta1_plugin``.
+    """
+
+    deltaH1: float
+    grad_term: float
+    state_term: float
+    deltaH1_plugin: float
+    seed_deltaH1: float
+    U_cross: float
+    bars_dot: float
+    diag_sum: float
+    eta_g: float | None
+    lr: float | None
+    clip_coef: float
+    n_units: int
+    units: str
+    row_means: tuple[float, ...]
+    zeta1_plugin: float
+    se_plugin: float
+    zeta1_jack: float
+    se_jack: float
+    se_grad_plugin: float
+    se_grad_jack: float
+    se_deltaH1: float
+    B: int
+    G: int
+    stored_unit_vectors: bool
+    seq_chunk: int
+    token_chunk: int
+    forward_passes: int
+    backward_passes: int
+    sequences_forwarded: int
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str = ""
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field (NaN stays NaN; ``json.dumps`` writes it as NaN)."""
+        data = asdict(self)
+        data["row_means"] = list(self.row_means)
+        return data
+
+    def __str__(self) -> str:
+        rows = [
+            ("deltaH1", self.deltaH1, self.se_deltaH1),
+            ("  grad_term", self.grad_term, self.se_grad_jack),
+            ("  state_term", self.state_term, None),
+            ("deltaH1_plugin", self.deltaH1_plugin, None),
+            ("seed_deltaH1 (−lr·U)", self.seed_deltaH1, None),
+            ("U_cross", self.U_cross, self.se_jack),
+            ("bars_dot X̄·P·Ȳ", self.bars_dot, None),
+            ("diag_sum", self.diag_sum, None),
+        ]
+        lines = [f"δH₁ over {self.n_units} units ({self.units}), B={self.B}, G={self.G}, "
+                 f"η_g={_fmt(self.eta_g)}, lr={_fmt(self.lr)}, clip={self.clip_coef:.3g}",
+                 f"{'quantity':<24}{'value':>14}{'jackknife SE':>16}"]
+        for name, value, se in rows:
+            lines.append(f"{name:<24}{value:>14.6g}{'' if se is None else format(se, '>16.4g')}")
+        lines.append(f"se_plugin(U)={self.se_plugin:.4g}  ζ̂₁ plug-in={self.zeta1_plugin:.4g}  "
+                     f"jackknife={self.zeta1_jack:.4g}")
+        lines.append(f"passes: {self.forward_passes} forward, {self.backward_passes} backward; unit vectors "
+                     f"{'stored' if self.stored_unit_vectors else 'recomputed'}; "
+                     + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "per-group" if value is None else f"{value:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def unit_partition(B: int, units: str | int) -> list[Tensor]:
+    """Prompt indices of each unit: ``"prompt"`` → B single prompts; an int M → M equal consecutive blocks.
+
+    Blocks must be equal (B divisible by M) so that ΣY/U is the batch's Ȳ and ΣX/U its X̄ exactly.
+    """
+    if units == "prompt":
+        return [torch.tensor([n]) for n in range(B)]
+    if isinstance(units, bool) or not isinstance(units, int):
+        raise ValueError(f"units must be 'prompt' or a number of blocks M (int); got {units!r}.")
+    if units < 2 or units > B:
+        raise ValueError(f"units=M must satisfy 2 ≤ M ≤ B = {B} (a U-statistic needs at least 2 units); got {units}.")
+    if B % units:
+        raise ValueError(f"block mode needs equal blocks: B = {B} is not divisible by M = {units}. Choose M among "
+                         f"{[m for m in range(2, B + 1) if B % m == 0]}, or units='prompt'.")
+    size = B // units
+    return [torch.arange(u * size, (u + 1) * size) for u in range(units)]
+
+
+@dataclass(frozen=True)
+class UStatistic:
+    """U_cross of spec §5 with its row means, ζ̂₁, plug-in and jackknife SEs and delete-one values."""
+
+    value: float
+    row_means: Tensor
+    zeta1_plugin: float
+    se_plugin: float
+    leave_one_out: Tensor
+    se_jack: float
+
+
+def ustatistic_summary(total: float, diag: Tensor, x_dot_sum_y: Tensor, y_dot_sum_x: Tensor) -> UStatistic:
+    """The cross-unit U-statistic from per-unit bilinear forms (spec §5), float64.
+
+    total = ΣX·P·ΣY; diag[u] = X_u·P·Y_u; x_dot_sum_y[u] = X_u·P·ΣY; y_dot_sum_x[u] = Y_u·P·ΣX (all [U]).
+    """
+    U = diag.numel()
+    value = (total - float(diag.sum())) / (U * (U - 1))
+    row_means = (x_dot_sum_y - diag + y_dot_sum_x - diag) / (2 * (U - 1))
+    zeta1 = float(((row_means - value) ** 2).sum()) / (U - 1)
+    se_plugin = math.sqrt(4 * zeta1 / U)
+    if U >= 3:
+        leave_one_out = (U * value - 2 * row_means) / (U - 2)
+        se_jack = _jackknife(leave_one_out)
+    else:
+        warnings.warn("jackknife standard errors need at least 3 units; reporting NaN. Use more prompts.",
+                      RuntimeWarning, stacklevel=3)
+        leave_one_out = torch.full((U,), math.nan, dtype=torch.float64)
+        se_jack = math.nan
+    return UStatistic(value, row_means, zeta1, se_plugin, leave_one_out, se_jack)
+
+
+def _jackknife(values: Tensor) -> float:
+    """sqrt((U−1)/U · Σ_u (v_u − mean v)²)."""
+    U = values.numel()
+    return math.sqrt((U - 1) / U * float(((values - values.mean()) ** 2).sum()))
+
+
+# ----------------------------------------------------------------------------------------------- vector algebra
+def _zeros_like(params: ParamsDict) -> dict[str, Tensor]:
+    return {name: torch.zeros(tensor.shape, dtype=torch.float64) for name, tensor in params.items()}
+
+
+def _add_(total: dict[str, Tensor], grads: Mapping[str, Tensor], scale: float = 1.0) -> None:
+    for name, grad in grads.items():
+        total[name].add_(grad.to("cpu", torch.float64), alpha=scale)
+
+
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    return float(sum(torch.dot(a[name].reshape(-1), b[name].reshape(-1)) for name in a))
+
+
+def _weighted(weight: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {name: weight[name] * vector[name] for name in vector}
+
+
+def _cpu64(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {name: tensor.detach().to("cpu", torch.float64) for name, tensor in tensors.items()}
+
+
+# -------------------------------------------------------------------------------------------- per-unit vectors
+@dataclass
+class _Counts:
+    forward_passes: int = 0
+    backward_passes: int = 0
+    sequences_forwarded: int = 0
+
+
+def unit_vectors(policy: Policy, params: ParamsDict, unit_batch: RolloutBatch, *, seq_chunk: int,
+                 token_chunk: int, counts: _Counts | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(X_u, Y_u) for the unit made of ``unit_batch``'s m prompts: means over them of X_n and Y_n (spec §2–§3).
+
+    X_n = (1/G) Σ_g (S_g − S̄_{−g}) ∇S_g,  Y_n = (1/G) Σ_g (A_g / L_n) ∇S_g. float64 CPU dicts shaped like params.
+    """
+    counts = _Counts() if counts is None else counts
+    m, G = unit_batch.B, unit_batch.G
+    y_weights = unit_batch.advantages / (G * unit_batch.length_norm[:, None] * m)
+    x_total, y_total = _zeros_like(params), _zeros_like(params)
+    if seq_chunk == 1:
+        for n in range(m):
+            _per_sequence_prompt(policy, params, unit_batch.select_prompts([n]), y_weights[n], 1.0 / m,
+                                 token_chunk, counts, x_total, y_total)
+        return x_total, y_total
+    prompts_per_chunk = seq_chunk // G
+    if prompts_per_chunk >= 1:
+        for prompt_index, chunk_batch in unit_batch.iter_prompt_chunks(prompts_per_chunk):
+            for item in policy.iter_logprob_vjps(params, chunk_batch, seq_chunk=chunk_batch.num_sequences,
+                                                 token_chunk=token_chunk):
+                counts.forward_passes += 1
+                counts.sequences_forwarded += chunk_batch.num_sequences
+                logprobs = item.logprobs.cpu().reshape(chunk_batch.B, G)
+                x_cotangent = _leave_one_out_centred(logprobs) / (G * m)
+                _add_(x_total, item.vjp(x_cotangent.reshape(-1).to(policy.device)))
+                _add_(y_total, item.vjp(y_weights[prompt_index].reshape(-1).to(policy.device)))
+                counts.backward_passes += 2
+        return x_total, y_total
+    # seq_chunk < G: a prompt's sequences span several chunks, so its S̄_{−g} comes from a no-grad forward first.
+    for n in range(m):
+        prompt_batch = unit_batch.select_prompts([n])
+        logprobs = policy.sequence_logprobs(params, prompt_batch, seq_chunk=seq_chunk, token_chunk=token_chunk)
+        counts.forward_passes += -(-G // seq_chunk)
+        counts.sequences_forwarded += G
+        x_cotangent = (_leave_one_out_centred(logprobs) / (G * m)).reshape(-1)
+        for item in policy.iter_logprob_vjps(params, prompt_batch, seq_chunk=seq_chunk, token_chunk=token_chunk):
+            counts.forward_passes += 1
+            counts.sequences_forwarded += item.chunk.num_sequences
+            index = item.chunk.flat_index.cpu()
+            _add_(x_total, item.vjp(x_cotangent[index].to(policy.device)))
+            _add_(y_total, item.vjp(y_weights[n, index].to(policy.device)))
+            counts.backward_passes += 2
+    return x_total, y_total
+
+
+def _per_sequence_prompt(policy: Policy, params: ParamsDict, prompt_batch: RolloutBatch, y_weights: Tensor,
+                         unit_scale: float, token_chunk: int, counts: _Counts, x_total: dict[str, Tensor],
+                         y_total: dict[str, Tensor]) -> None:
+    """Add one prompt's X_n·unit_scale and Y_n (pre-scaled weights) with one backward per sequence.
+
+    X_n = (1/(G−1)) Σ_g (S_g − S̄) ∇S_g, since S_g − S̄_{−g} = G (S_g − S̄)/(G−1). S̄ is known only after the last
+    sequence, so Σ_g (S_g − S_ref) ∇S_g and Σ_g ∇S_g are accumulated (S_ref = S of the first sequence, a shift that
+    keeps the float64 sums free of the cancellation that |S| ≫ |S − S̄| would cause) and combined at the end.
+    """
+    G = prompt_batch.G
+    shifted_sum, grad_sum = _zeros_like(params), _zeros_like(params)
+    logprobs, reference = [], None
+    for item in policy.iter_logprob_vjps(params, prompt_batch, seq_chunk=1, token_chunk=token_chunk):
+        counts.forward_passes += 1
+        counts.sequences_forwarded += 1
+        value = float(item.logprobs[0])
+        reference = value if reference is None else reference
+        logprobs.append(value)
+        grad = _cpu64(item.vjp(torch.ones(1, dtype=torch.float64, device=policy.device)))
+        counts.backward_passes += 1
+        _add_(shifted_sum, grad, value - reference)
+        _add_(grad_sum, grad)
+        _add_(y_total, grad, float(y_weights[int(item.chunk.sample_index[0])]))
+    mean_shift = sum(logprobs) / G - reference
+    for name in x_total:
+        x_total[name].add_((shifted_sum[name] - mean_shift * grad_sum[name]) * (unit_scale / (G - 1)))
+
+
+def _leave_one_out_centred(logprobs: Tensor) -> Tensor:
+    """S_{n,g} − S̄_{n,−g} for float64 [k, G]."""
+    G = logprobs.shape[1]
+    leave_one_out_mean = (logprobs.sum(1, keepdim=True) - logprobs) / (G - 1)
+    return logprobs - leave_one_out_mean
+
+
+# ------------------------------------------------------------------------------------------------------ δH₁
+def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: AdamState,
+             units: str | int = "prompt", lr: float | None = None, max_grad_norm: float | None = None,
+             seq_chunk: int | None = None, token_chunk: int | None = None,
+             store_unit_vectors: str | bool = "auto", memory_budget_bytes: int | None = None,
+             progress: bool | None = False) -> DeltaH1Result:
+    """δH₁ of spec §5 for one AdamW step on ``batch`` from θ = ``params`` with optimizer state ``adam``.
+
+    units: "prompt" (exact mode, U = B) or M (block mode, M equal blocks of consecutive prompts).
+    lr, max_grad_norm: as for ``adamw_update`` (lr overrides the state's learning rate).
+    seq_chunk: sequences per forward (1: one backward per sequence serves X and Y; default the policy's).
+    store_unit_vectors: keep the 2U unit vectors (float64, CPU) between the passes — "auto" does when they fit in
+    ``memory_budget_bytes`` (default: a quarter of the available RAM) — or recompute them in a second pass.
+    Pure: params, batch, policy and state are untouched.
+    """
+    started = time.perf_counter()
+    policy.check_params(params)
+    batch.require_prompts(2, "δH₁ (a cross-prompt U-statistic)")
+    seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
+    token_chunk = policy.token_chunk if token_chunk is None else token_chunk
+    for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    missing = [name for name in params if name not in adam.exp_avg]
+    if missing or len(adam.exp_avg) != len(params):
+        raise ValueError(f"the optimizer state does not match the params: it lacks {missing[:3]} and holds "
+                         f"{len(adam.exp_avg)} tensors for {len(params)} params. Load the state saved with this "
+                         "adapter (load_adam_state(path, policy.params)).")
+    partition = unit_partition(batch.B, units)
+    U = len(partition)
+    store = _decide_store(store_unit_vectors, U, params, memory_budget_bytes)
+    counts = _Counts()
+    if policy.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(policy.device)
+    timings = {}
+
+    def vectors_of(unit):
+        return unit_vectors(policy, params, batch.select_prompts(partition[unit]), seq_chunk=seq_chunk,
+                            token_chunk=token_chunk, counts=counts)
+
+    # Pass 1: ΣX, ΣY (and the unit vectors when kept).
+    sum_x, sum_y, kept = _zeros_like(params), _zeros_like(params), []
+    for unit in _progress(range(U), total=U, desc="δH₁ pass 1", enabled=progress):
+        x_unit, y_unit = vectors_of(unit)
+        _add_(sum_x, x_unit)
+        _add_(sum_y, y_unit)
+        if store:
+            kept.append((x_unit, y_unit))
+    timings["pass1_s"] = time.perf_counter() - started
+
+    # The step: Ȳ = ΣY/U (equal units), P at this batch's v', η_g, Δθ_state.
+    ybar = {name: value / U for name, value in sum_y.items()}
+    decomposition = update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=max_grad_norm)
+    preconditioner = _cpu64(decomposition.preconditioner)
+    eta_preconditioner = _cpu64(decomposition.eta_preconditioner())
+    delta_state = _cpu64(decomposition.delta_state)
+    weights = {"plain": preconditioner, "eta": eta_preconditioner}
+    weighted_sum_x = {key: _weighted(w, sum_x) for key, w in weights.items()}
+    weighted_sum_y = {key: _weighted(w, sum_y) for key, w in weights.items()}
+
+    # Pass 2: per-unit scalars, from the kept vectors or recomputed ones.
+    phase = time.perf_counter()
+    scalars = {key: torch.zeros(3, U, dtype=torch.float64) for key in weights}
+    state_dots = torch.zeros(U, dtype=torch.float64)
+    source = kept if store else (vectors_of(unit) for unit in range(U))
+    for unit, (x_unit, y_unit) in enumerate(_progress(source, total=U, desc="δH₁ pass 2",
+                                                       enabled=progress and not store)):
+        for key, weight in weights.items():
+            scalars[key][0, unit] = _dot(x_unit, _weighted(weight, y_unit))
+            scalars[key][1, unit] = _dot(x_unit, weighted_sum_y[key])
+            scalars[key][2, unit] = _dot(y_unit, weighted_sum_x[key])
+        state_dots[unit] = _dot(x_unit, delta_state)
+    timings["pass2_s"] = time.perf_counter() - phase
+
+    plain = ustatistic_summary(_dot(sum_x, weighted_sum_y["plain"]), *scalars["plain"])
+    scaled = ustatistic_summary(_dot(sum_x, weighted_sum_y["eta"]), *scalars["eta"])
+    grad_term = -scaled.value
+    state_term = -float(state_dots.sum()) / U
+    delta = grad_term + state_term
+    state_leave_one_out = -(state_dots.sum() - state_dots) / (U - 1)
+    delta_leave_one_out = -scaled.leave_one_out + state_leave_one_out
+    se_delta = _jackknife(delta_leave_one_out) if U >= 3 else math.nan
+    bars_dot = _dot(sum_x, weighted_sum_y["plain"]) / U ** 2
+    plugin_grad = -_dot(sum_x, weighted_sum_y["eta"]) / U ** 2
+    eta_g, lr_used = _uniform_or_none(decomposition, "eta_g"), _uniform_or_none(decomposition, "lr")
+    se_scale = abs(eta_g) if eta_g is not None else math.nan
+    peak, peak_kind = _peak_memory(policy.device)
+    timings["total_s"] = time.perf_counter() - started
+    return DeltaH1Result(
+        deltaH1=delta, grad_term=grad_term, state_term=state_term, deltaH1_plugin=plugin_grad + state_term,
+        seed_deltaH1=-(lr_used if lr_used is not None else math.nan) * plain.value, U_cross=plain.value,
+        bars_dot=bars_dot, diag_sum=float(scalars["plain"][0].sum()), eta_g=eta_g, lr=lr_used,
+        clip_coef=decomposition.clip_coef, n_units=U, units="prompt" if units == "prompt" else f"blocks:{units}",
+        row_means=tuple(float(r) for r in plain.row_means), zeta1_plugin=plain.zeta1_plugin,
+        se_plugin=plain.se_plugin, zeta1_jack=U * plain.se_jack ** 2 / 4, se_jack=plain.se_jack,
+        se_grad_plugin=se_scale * plain.se_plugin, se_grad_jack=se_scale * plain.se_jack, se_deltaH1=se_delta,
+        B=batch.B, G=batch.G, stored_unit_vectors=store, seq_chunk=seq_chunk, token_chunk=token_chunk,
+        forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
+        sequences_forwarded=counts.sequences_forwarded, timings=timings, peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind)
+
+
+def _uniform_or_none(decomposition, attribute: str) -> float | None:
+    try:
+        return float(getattr(decomposition, attribute))
+    except ValueError:
+        return None
+
+
+def _decide_store(store_unit_vectors: str | bool, U: int, params: ParamsDict, budget: int | None) -> bool:
+    if store_unit_vectors in (True, False):
+        return bool(store_unit_vectors)
+    if store_unit_vectors != "auto":
+        raise ValueError(f"store_unit_vectors must be 'auto', True or False; got {store_unit_vectors!r}.")
+    needed = 2 * U * sum(t.numel() for t in params.values()) * 8
+    if budget is None:
+        budget = _available_memory_bytes() // 4
+    return needed <= budget
+
+
+def _available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _peak_memory(device: torch.device) -> tuple[int | None, str]:
+    """Peak accelerator memory since the call began (CUDA), else the process's peak RSS so far (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"

@@ -1,0 +1,59 @@
+"""The RL step on a batch: the policy gradient Ȳ of spec §3 and the pure AdamW update of spec §4 applied to it.
+
+ℒ(θ) = −(1/B) Σ_n (1/G) Σ_g (A_{n,g} / L_n) S_{n,g}(θ),   ∇ℒ = −Ȳ,   Ȳ = ∇_θ Σ_{n,g} c_{n,g} S_{n,g}(θ),
+c_{n,g} = A_{n,g} / (B · G · L_n).
+
+Ȳ is taken one sequence chunk at a time by ``Policy.logprob_grads`` (G-chunked ``torch.func.vjp`` closures,
+accumulated on the CPU in float64); the step is ``adamw_update``, which returns new dicts. There is no
+``optimizer.step()`` and nothing to undo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .adam import AdamState, UpdateDecomposition, adamw_update, update_decomposition
+from .batch import RolloutBatch
+from .policy import Policy
+
+__all__ = ["objective_weights", "policy_gradient", "rl_update", "update_direction"]
+
+
+def objective_weights(batch: RolloutBatch) -> Tensor:
+    """c_{n,g} = A_{n,g} / (B · G · L_n), float64 [B, G]: Ȳ = ∇ Σ c·S (spec §3)."""
+    return batch.advantages / (batch.B * batch.G * batch.length_norm[:, None])
+
+
+def policy_gradient(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Policy,
+                    seq_chunk: int | None = None, token_chunk: int | None = None,
+                    progress: bool | None = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """(S float64 [B, G], Ȳ) with Ȳ = (1/B) Σ_n Y_n the negative gradient of the batch's RL loss (float64, CPU)."""
+    logprobs, (ybar,) = policy.logprob_grads(params, batch, objective_weights(batch), seq_chunk=seq_chunk,
+                                             token_chunk=token_chunk, progress=progress)
+    return logprobs, ybar
+
+
+def rl_update(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Policy, adam: AdamState,
+              lr: float | None = None, max_grad_norm: float | None = None, seq_chunk: int | None = None,
+              token_chunk: int | None = None, progress: bool | None = False) -> tuple[dict[str, Tensor], AdamState]:
+    """One AdamW step on the batch's RL loss: (θ⁺, state after the step). Pure: inputs are untouched.
+
+    Equals what ``loss.backward(); clip_grad_norm_(…, max_grad_norm); optimizer.step()`` would do to the LoRA
+    tensors of a module in eval mode, computed without touching the module.
+    """
+    _, ybar = policy_gradient(params, batch, policy=policy, seq_chunk=seq_chunk, token_chunk=token_chunk,
+                              progress=progress)
+    loss_grad = {name: -value for name, value in ybar.items()}
+    return adamw_update(params, loss_grad, adam, lr=lr, max_grad_norm=max_grad_norm)
+
+
+def update_direction(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Policy, adam: AdamState,
+                     lr: float | None = None, max_grad_norm: float | None = None, seq_chunk: int | None = None,
+                     token_chunk: int | None = None, progress: bool | None = False) -> UpdateDecomposition:
+    """The decomposition θ⁺ − θ = η_g · P ⊙ Ȳ + Δθ_state of this batch's step (spec §4), as δH₁ uses it."""
+    _, ybar = policy_gradient(params, batch, policy=policy, seq_chunk=seq_chunk, token_chunk=token_chunk,
+                              progress=progress)
+    return update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=max_grad_norm)
