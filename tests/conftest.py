@@ -10,7 +10,9 @@ import torch
 from funcprobe.testing import tiny_peft_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests run tiny models: one thread avoids the thread-pool overhead that dominates tiny ops (and contention when
+# the 2 cores are shared).
+torch.set_num_threads(1)
 
 
 def naive_sequence_logprobs(peft_model, batch, *, temperature=1.0, logsoftmax_dtype=torch.float32):

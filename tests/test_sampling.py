@@ -1,0 +1,229 @@
+"""sample_batch: exact sampling from π_θ with a functional KV-cached decoder (spec §0)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from funcprobe import Policy
+from funcprobe.rewards import answer_match
+from funcprobe.sampling import SampledBatch, compute_advantages, prompt_generator, sample_batch
+from funcprobe.testing import char_tokenizer, tiny_peft_model
+
+from conftest import assert_same_state, module_state
+
+TOKENIZER = char_tokenizer()
+VOCAB = len(TOKENIZER)  # 80
+PROMPTS = ["1+1=", "22*3=?", "7", "(5-2)*4="]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Decoding is many tiny forwards; on a shared 2-core machine a second intra-op thread only adds contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lengths_reward(prompts, responses, meta):
+    return [[float(len(text)) for text in group] for group in responses]
+
+
+def draw(policy, params=None, prompts=PROMPTS, **options):
+    options = {"G": 3, "reward_fn": lengths_reward, "max_new_tokens": 8, "seed": 0, "tokenizer": TOKENIZER,
+               **options}
+    return sample_batch(policy, policy.params if params is None else params, prompts, **options)
+
+
+@pytest.fixture(scope="module")
+def policy32():
+    return Policy.from_peft(tiny_peft_model("qwen2", vocab_size=VOCAB, seed=7), temperature=0.8)
+
+
+def assert_same_batch(a: SampledBatch, b: SampledBatch, *, exact_logprobs: bool = True):
+    for name in ("input_ids", "attention_mask", "response_mask", "advantages", "length_norm", "rewards"):
+        assert torch.equal(getattr(a.batch, name), getattr(b.batch, name)), name
+    if exact_logprobs:
+        assert torch.equal(a.batch.logprobs, b.batch.logprobs)
+    else:
+        torch.testing.assert_close(a.batch.logprobs, b.batch.logprobs, rtol=1e-6, atol=2e-5)
+    assert a.responses == b.responses and a.prompts == b.prompts and a.eos_count == b.eos_count
+
+
+# -------------------------------------------------------------------------------------- S recorded while sampling
+@pytest.mark.parametrize("arch,dtype,tolerance", [("qwen2", torch.float32, 2e-5), ("llama", torch.float32, 2e-5),
+                                                  ("qwen2", torch.float64, 1e-9)])
+def test_recorded_logprobs_equal_teacher_forced(arch, dtype, tolerance):
+    policy = Policy.from_peft(tiny_peft_model(arch, vocab_size=VOCAB, dtype=dtype, seed=2), temperature=0.7,
+                              logsoftmax_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    sampled = draw(policy, max_new_tokens=10, prompt_chunk=3)
+    batch = sampled.batch
+    assert batch.device.type == "cpu" and batch.logprobs.dtype == torch.float64
+    teacher_forced = policy.sequence_logprobs(policy.params, batch)
+    assert float((batch.logprobs - teacher_forced).abs().max()) < tolerance
+    # The KV cache changes nothing but the cost.
+    recomputed = draw(policy, max_new_tokens=10, prompt_chunk=3, kv_cache=False)
+    assert torch.equal(recomputed.batch.input_ids, batch.input_ids)
+    assert float((recomputed.batch.logprobs - teacher_forced).abs().max()) < tolerance
+    assert sampled.timings["kv_cache"] == 1.0 and recomputed.timings["kv_cache"] == 0.0
+
+
+def test_functional_params_are_used_and_module_untouched(policy32):
+    before, params_before = module_state(policy32.module), {n: t.clone() for n, t in policy32.params.items()}
+    generator = torch.Generator().manual_seed(0)
+    shifted = {name: tensor + 0.5 * torch.randn(tensor.shape, generator=generator)
+               for name, tensor in policy32.params.items()}
+    base = draw(policy32)
+    moved = draw(policy32, shifted)
+    assert not torch.equal(base.batch.input_ids, moved.batch.input_ids)
+    # S recorded at θ' is S(θ') of the tokens drawn, not S(θ).
+    at_shifted = policy32.sequence_logprobs(shifted, moved.batch)
+    assert float((moved.batch.logprobs - at_shifted).abs().max()) < 2e-5
+    assert float((moved.batch.logprobs - policy32.sequence_logprobs(policy32.params, moved.batch)).abs().max()) > 1e-2
+    assert_same_state(policy32.module, before)
+    assert all(torch.equal(policy32.params[n], t) for n, t in params_before.items())
+    assert not policy32.module.training
+
+
+# ---------------------------------------------------------------------------------------------- reproducibility
+def test_seed_reproducible_and_independent_of_prompt_chunk(policy32):
+    rng_before = torch.get_rng_state()
+    first = draw(policy32, prompt_chunk=8)
+    assert torch.equal(torch.get_rng_state(), rng_before), "the global RNG must not be used"
+    assert_same_batch(first, draw(policy32, prompt_chunk=8))
+    # Another chunking pads prompts differently (float rounding only): same tokens, S equal to rounding.
+    assert_same_batch(first, draw(policy32, prompt_chunk=1), exact_logprobs=False)
+    assert_same_batch(first, draw(policy32, prompt_chunk=3), exact_logprobs=False)
+    other = draw(policy32, seed=1)
+    assert not torch.equal(other.batch.input_ids, first.batch.input_ids)
+
+
+def test_token_id_prompts_and_sharding(policy32):
+    full = draw(policy32)
+    ids = [TOKENIZER(text)["input_ids"] for text in PROMPTS]
+    assert_same_batch(full, draw(policy32, prompts=ids))
+    # A shard sampled with its global offset reproduces its rows of the full batch.
+    shard = draw(policy32, prompts=PROMPTS[2:], first_prompt_index=2)
+    assert shard.responses == full.responses[2:]
+    torch.testing.assert_close(shard.batch.logprobs, full.batch.logprobs[2:], rtol=1e-6, atol=2e-5)
+    assert isinstance(prompt_generator(0, 2), torch.Generator)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("option", [{"top_p": 0.9}, {"top_k": 5}])
+def test_truncated_sampling_refused_with_reason(policy32, option):
+    with pytest.raises(ValueError, match="does not draw from π_θ.*bias every estimator"):
+        draw(policy32, **option)
+
+
+def test_temperature_must_be_the_policys(policy32):
+    with pytest.raises(ValueError, match="Build the policy with that temperature"):
+        draw(policy32, temperature=1.0)
+    draw(policy32, temperature=0.8, max_new_tokens=1)  # the policy's τ is accepted
+
+
+def test_bad_arguments_refused(policy32):
+    with pytest.raises(ValueError, match="G must be"):
+        draw(policy32, G=1)
+    with pytest.raises(ValueError, match="length_norm"):
+        draw(policy32, length_norm="tokens")
+    with pytest.raises(ValueError, match="advantage"):
+        draw(policy32, advantage="rloo")
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        draw(policy32, prompts=[[5, VOCAB]])
+    with pytest.raises(ValueError, match="missing"):
+        draw(policy32, params={})
+
+
+# ---------------------------------------------------------------------------------------------- EOS
+def test_eos_ends_responses_and_later_tokens_are_padding():
+    # A 6-token vocabulary: EOS (id 2) is drawn about one step in six, so some responses end and some run out.
+    policy = Policy.from_peft(tiny_peft_model("qwen2", vocab_size=6, seed=3))
+    prompts = [[4, 5, 4], [5], [1, 4]]
+    sampled = draw(policy, prompts=prompts, G=6, max_new_tokens=6, prompt_chunk=2)
+    batch = sampled.batch
+    P = max(map(len, prompts))
+    eos_seen = 0
+    for n in range(batch.B):
+        for g in range(batch.G):
+            response = batch.response_mask[n, g]
+            assert not response[:P].any()
+            length = int(response.sum())
+            assert response[P:P + length].all() and not response[P + length:].any()  # contiguous from column P
+            tokens = batch.input_ids[n, g, P:P + length].tolist()
+            ended = 2 in tokens
+            if ended:
+                assert tokens.index(2) == length - 1  # EOS is the last response token, counted in the mask
+                eos_seen += 1
+            else:
+                assert length == 6  # ran out of budget
+            assert not batch.attention_mask[n, g, P + length:].any()
+            assert (batch.input_ids[n, g, P + length:] == TOKENIZER.pad_token_id).all()
+            kept = tokens[:-1] if ended else tokens
+            assert sampled.responses[n][g] == TOKENIZER.decode(kept, skip_special_tokens=True)
+    assert sampled.eos_count == eos_seen and 0 < eos_seen < batch.B * batch.G
+    assert sampled.truncated_count == batch.B * batch.G - eos_seen
+    # Dropping ended rows from the KV cache changes nothing.
+    recomputed = draw(policy, prompts=prompts, G=6, max_new_tokens=6, prompt_chunk=2, kv_cache=False)
+    assert torch.equal(recomputed.batch.input_ids, batch.input_ids)
+    assert float((policy.sequence_logprobs(policy.params, batch) - batch.logprobs).abs().max()) < 2e-5
+
+
+# ---------------------------------------------------------------------------------------------- distribution
+def test_one_token_frequencies_match_softmax():
+    peft_model = tiny_peft_model("qwen2", vocab_size=8, seed=5)
+    with torch.no_grad():
+        peft_model.get_base_model().lm_head.weight.mul_(5.0)  # spread the next-token distribution
+    policy = Policy.from_peft(peft_model, temperature=0.7)
+    prompts, N = [[4, 5], [6]], 2000
+    sampled = draw(policy, prompts=prompts, G=N, max_new_tokens=1, prompt_chunk=2)
+    batch = sampled.batch
+    for n, prompt in enumerate(prompts):
+        with torch.no_grad():
+            logits = peft_model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        probs = torch.softmax(logits.double() / 0.7, dim=0)
+        assert float(probs.max()) < 0.9  # a non-trivial distribution
+        tokens = batch.input_ids[n, :, -1]
+        frequencies = torch.bincount(tokens, minlength=8).double() / N
+        sd = (probs * (1 - probs) / N).sqrt()
+        assert ((frequencies - probs).abs() <= 4 * sd + 1e-12).all(), (frequencies, probs)
+        torch.testing.assert_close(batch.logprobs[n], probs.log()[tokens], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- rewards, advantages
+def test_rewards_advantages_and_length_norm(policy32):
+    sampled = draw(policy32, max_new_tokens=6)
+    batch = sampled.batch
+    expected = torch.tensor([[float(len(t)) for t in group] for group in sampled.responses], dtype=torch.float64)
+    assert torch.equal(batch.rewards, expected)
+    torch.testing.assert_close(batch.advantages, expected - expected.mean(1, keepdim=True))
+    assert torch.equal(batch.length_norm, torch.full((len(PROMPTS),), 6.0, dtype=torch.float64))
+    scaled = draw(policy32, max_new_tokens=6, advantage="grpo_std", length_norm=2.5)
+    centred = expected - expected.mean(1, keepdim=True)
+    torch.testing.assert_close(scaled.batch.advantages, centred / (expected.std(1, keepdim=True) + 1e-6))
+    assert torch.equal(scaled.batch.length_norm, torch.full((len(PROMPTS),), 2.5, dtype=torch.float64))
+    flat = compute_advantages(torch.ones(2, 3), "grpo_std")
+    assert torch.equal(flat, torch.zeros(2, 3, dtype=torch.float64))
+    assert set(sampled.timings) >= {"prefill_s", "decode_s", "reward_s", "total_s", "tokens_per_s"}
+
+
+def test_reward_function_output_validated(policy32):
+    def wrong_shape(prompts, responses, meta):
+        return [[0.0] * 2 for _ in responses]
+
+    def not_finite(prompts, responses, meta):
+        return torch.full((len(responses), len(responses[0])), math.nan)
+
+    with pytest.raises(ValueError, match="wrong_shape.*shape"):
+        draw(policy32, reward_fn=wrong_shape, max_new_tokens=1)
+    with pytest.raises(ValueError, match="not_finite.*non-finite"):
+        draw(policy32, reward_fn=not_finite, max_new_tokens=1)
+    # Built-ins by name, with meta passed through.
+    sampled = draw(policy32, reward_fn="answer", meta={"answers": ["2", "66", "7", "12"]}, max_new_tokens=2)
+    assert torch.equal(sampled.batch.rewards,
+                       torch.tensor(answer_match(sampled.prompts, sampled.responses, {"answers": ["2", "66", "7",
+                                                                                                  "12"]}),
+                                    dtype=torch.float64))
