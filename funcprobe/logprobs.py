@@ -70,13 +70,17 @@ class ChunkedTokenLogprob(torch.autograd.Function):
         logprob_pieces, direction_pieces = [], []
         for start in range(0, hidden.shape[0], token_chunk):
             stop = start + token_chunk
-            logits = _chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
             row_targets = targets[start:stop]
-            log_normaliser = torch.logsumexp(logits, dim=1)
+            # One [c, V] block alive at a time: the softmax is formed in place in the logits' storage.
+            logits = _chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
             picked = logits.gather(1, row_targets[:, None]).squeeze(1)
-            logprob_pieces.append((picked - log_normaliser).to(torch.float64))
-            probs = torch.exp(logits - log_normaliser[:, None])
+            maxima = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(maxima).exp_()
+            totals = probs.sum(dim=1, keepdim=True)
+            logprob_pieces.append((picked - (maxima + totals.log()).squeeze(1)).to(torch.float64))
+            probs.div_(totals)
             expected_row = (probs.to(weight.dtype) @ weight).to(direction_dtype)
+            del logits, probs
             direction = (weight[row_targets].to(direction_dtype) - expected_row) * inv_temperature
             direction_pieces.append(direction)
         return (_concat_rows(logprob_pieces, hidden, torch.float64),
@@ -120,9 +124,26 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
     targets int64 [T]. Memory O(token_chunk × V) forward and backward.
     """
     _check_projection_args(hidden, weight, targets, temperature, token_chunk, logsoftmax_dtype)
+    if not torch.is_grad_enabled():
+        # No gradient will be asked for: skip the score directions (a second [c, V] × [V, H] product per chunk).
+        return _logprobs_without_directions(hidden, weight, bias, targets, 1.0 / temperature, int(token_chunk),
+                                            logsoftmax_dtype)
     logprobs, _ = ChunkedTokenLogprob.apply(hidden, weight, bias, targets, 1.0 / temperature, int(token_chunk),
                                             logsoftmax_dtype)
     return logprobs
+
+
+def _logprobs_without_directions(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                                 inv_temperature: float, token_chunk: int, logsoftmax_dtype: torch.dtype) -> Tensor:
+    """z[y] − logsumexp(z) per row, chunk by chunk, for the no-grad path: float64 [T]."""
+    pieces = []
+    for start in range(0, hidden.shape[0], token_chunk):
+        stop = start + token_chunk
+        logits = _chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
+        picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
+        pieces.append((picked - torch.logsumexp(logits, dim=1)).to(torch.float64))
+        del logits
+    return _concat_rows(pieces, hidden, torch.float64)
 
 
 @torch.no_grad()
@@ -136,9 +157,14 @@ def token_entropies(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, temp
     pieces = []
     for start in range(0, hidden.shape[0], token_chunk):
         stop = start + token_chunk
-        logits = _chunk_logits(hidden[start:stop], weight, bias, 1.0 / temperature, logsoftmax_dtype)
-        log_probs = torch.log_softmax(logits, dim=1)
-        pieces.append(-(log_probs.exp() * log_probs).sum(1).to(torch.float64))
+        # In place: H = log Σ e^{z−m} − Σ e^{z−m}(z−m) / Σ e^{z−m}, with two [c, V] blocks alive.
+        shifted = _chunk_logits(hidden[start:stop], weight, bias, 1.0 / temperature, logsoftmax_dtype)
+        shifted.sub_(shifted.amax(dim=1, keepdim=True))
+        unnormalised = shifted.exp()
+        totals = unnormalised.sum(dim=1)
+        weighted = unnormalised.mul_(shifted).sum(dim=1)
+        del shifted, unnormalised
+        pieces.append((totals.log() - weighted / totals).to(torch.float64))
     return _concat_rows(pieces, hidden, torch.float64)
 
 

@@ -234,7 +234,8 @@ class Policy:
         """For each sequence chunk: S(θ) on it and the vjp of θ ↦ S_chunk(θ), built by one forward.
 
         The vjp may be called once per cotangent (spec §3: X and Y are vjps of the same map with two cotangents).
-        Only the current chunk's graph is alive; it is freed when the caller moves to the next chunk.
+        Only the current chunk's graph is alive: an item's vjp is released when the next chunk is requested (calling
+        it afterwards raises), so a loop variable holding the previous item does not keep its graph alive.
         """
         self.check_params(params)
         self._check_batch(batch)
@@ -243,8 +244,14 @@ class Policy:
         params = dict(params)
         for chunk in self._chunks(batch, seq_chunk, progress, "gradients"):
             logprobs, vjp_fn = torch.func.vjp(lambda p, c=chunk: self._chunk_logprobs(p, c, token_chunk), params)
+            # The item reaches the graph only through this box, which is emptied when the consumer asks for the
+            # next chunk: the graph is freed before the next forward even if the consumer still holds the item.
+            holder = [vjp_fn]
+            del vjp_fn
             yield ChunkLogprobs(chunk=chunk, logprobs=logprobs.detach(),
-                                vjp=lambda cotangent, f=vjp_fn: f(cotangent.to(torch.float64))[0])
+                                vjp=lambda cotangent, box=holder: _call_vjp(box, cotangent))
+            holder.clear()
+            del logprobs
 
     def logprob_grads(self, params: ParamsDict, batch: RolloutBatch, weights: Tensor, *,
                       seq_chunk: int | None = None, token_chunk: int | None = None,
@@ -439,6 +446,13 @@ def _check_lora_only(module: nn.Module, max_trainable_params: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _call_vjp(box: list, cotangent: Tensor) -> dict[str, Tensor]:
+    if not box:
+        raise RuntimeError("this chunk's vjp was released when the next chunk was requested; call it inside the "
+                           "loop body.")
+    return box[0](cotangent.to(torch.float64))[0]
+
+
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")

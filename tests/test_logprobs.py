@@ -89,3 +89,11 @@ def test_shape_mismatch_is_refused():
         token_logprobs(hidden, weight, bias_vector, targets[:-1])
     with pytest.raises(ValueError, match=r"\[V, H\]"):
         token_logprobs(hidden, weight[:, :-1], bias_vector, targets)
+
+
+def test_no_grad_path_equals_the_autograd_path():
+    hidden, weight, bias_vector, targets = problem(T=11)
+    options = dict(temperature=0.9, token_chunk=4, logsoftmax_dtype=torch.float64)
+    with torch.no_grad():
+        fast = token_logprobs(hidden, weight, bias_vector, targets, **options)
+    assert torch.allclose(fast, token_logprobs(hidden, weight, bias_vector, targets, **options), rtol=0, atol=1e-13)

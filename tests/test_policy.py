@@ -351,3 +351,14 @@ def test_eager_attention_with_left_padding_gives_finite_equal_results():
         assert torch.isfinite(logprobs).all() and all(torch.isfinite(g).all() for g in grads.values())
         results[attention] = logprobs
     assert relative_error(results["eager"], results["sdpa"]) < 1e-6  # eager softmax runs in float32
+
+
+def test_a_chunk_vjp_is_released_when_the_next_chunk_is_requested(qwen2_peft_f32, batch):
+    """Only one chunk's graph is alive: holding an old item does not keep its graph (its vjp then refuses)."""
+    policy = Policy.from_peft(qwen2_peft_f32)
+    iterator = policy.iter_logprob_vjps(policy.params, batch, seq_chunk=4)
+    first = next(iterator)
+    first.vjp(torch.ones(first.chunk.num_sequences))
+    next(iterator)
+    with pytest.raises(RuntimeError, match="released"):
+        first.vjp(torch.ones(first.chunk.num_sequences))
