@@ -1,0 +1,30 @@
+"""The command line: the demo runs end to end and writes JSON whose numbers are the library's."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from funcprobe.cli import main
+
+
+def test_demo_quick_writes_consistent_json(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-plot", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "δH₁" in printed and "ΔH" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    delta, snis, sweep = results["delta_h1"], results["snis"], results["lr_sweep"]
+    assert math.isclose(delta["deltaH1"], delta["grad_term"] + delta["state_term"], rel_tol=1e-12)
+    assert delta["n_units"] == results["config"]["B"] and delta["backward_passes"] > 0
+    at_lr = [row for row in sweep["rows"] if math.isclose(row["eta"], results["config"]["lr"])]
+    # float32 model: θ + 1·Δθ and rl_update's θ⁺ differ in rounding, so ΔĤ agrees to ~1e-5, not bit for bit
+    assert at_lr and math.isclose(at_lr[0]["deltaH"], snis["deltaH"], rel_tol=1e-3)
+    assert math.isclose(at_lr[0]["predicted"], delta["deltaH1"], rel_tol=1e-12)
+    assert results["versions"]["torch"]
+
+
+def test_module_entry_point_reports_bad_arguments():
+    completed = subprocess.run([sys.executable, "-m", "funcprobe", "nonsense"], capture_output=True, text=True)
+    assert completed.returncode == 2 and "invalid choice" in completed.stderr
