@@ -570,6 +570,16 @@ def _step_scalars(h: AdamHyper, t: int, lr: float | None) -> tuple[float, int, f
     return lr_, t1, bc1, bc2, lr_ / bc1
 
 
+def _moments(state: AdamState, name: str, param: Tensor, grad: Tensor, bc2: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(m', v', denom) for one tensor, in θ's dtype and torch's operation order:
+    m' = m.lerp(g, 1 − β1), v' = v·β2 + (1 − β2) g², denom = sqrt(v') / sqrt(bc2) + ε."""
+    h = state.hyper[name]
+    exp_avg = state.exp_avg[name].to(dtype=param.dtype, device=param.device).lerp(grad, 1 - h.beta1)
+    exp_avg_sq = state.exp_avg_sq[name].to(dtype=param.dtype, device=param.device).mul(h.beta2).addcmul(
+        grad, grad, value=1 - h.beta2)
+    return exp_avg, exp_avg_sq, (exp_avg_sq.sqrt() / bc2 ** 0.5).add(h.eps)
+
+
 def adamw_update(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamState, *,
                  lr: float | None = None, max_grad_norm: float | None = None) -> tuple[dict[str, Tensor], AdamState]:
     """One AdamW step as a pure function (spec §4): returns (θ⁺, new state); inputs are untouched.
@@ -601,10 +611,7 @@ def adamw_update(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], stat
         param = p
         if h.weight_decay != 0:
             param = param.mul(1 - lr_ * h.weight_decay)
-        exp_avg = state.exp_avg[n].to(dtype=p.dtype, device=p.device).lerp(g, 1 - h.beta1)
-        exp_avg_sq = state.exp_avg_sq[n].to(dtype=p.dtype, device=p.device).mul(h.beta2).addcmul(
-            g, g, value=1 - h.beta2)
-        denom = (exp_avg_sq.sqrt() / bc2 ** 0.5).add(h.eps)
+        exp_avg, exp_avg_sq, denom = _moments(state, n, p, g, bc2)
         new_params[n] = param.addcdiv(exp_avg, denom, value=-step_size)
         m_new[n], v_new[n], steps[n] = exp_avg, exp_avg_sq, t1
         hyper[n] = h if lr is None else replace(h, lr=lr_)
@@ -726,10 +733,7 @@ def update_decomposition(params: Mapping[str, Tensor], ybar: Mapping[str, Tensor
         g = g_all[n]
         lr_, t1, bc1, bc2, step_size = _step_scalars(h, state.step[n], lr)
         m = state.exp_avg[n].to(dtype=p.dtype, device=p.device)
-        exp_avg = m.lerp(g, 1 - h.beta1)
-        exp_avg_sq = state.exp_avg_sq[n].to(dtype=p.dtype, device=p.device).mul(h.beta2).addcmul(
-            g, g, value=1 - h.beta2)
-        denom = (exp_avg_sq.sqrt() / bc2 ** 0.5).add(h.eps)
+        exp_avg, exp_avg_sq, denom = _moments(state, n, p, g, bc2)
         Pn = denom.reciprocal()
         ds = (m * Pn).mul(-step_size * h.beta1)
         if h.weight_decay != 0:
