@@ -44,9 +44,9 @@ class DemoConfig:
     lora_r: int = 8
     warm_steps: int = 4
     warm_prompts: int = 8
-    B: int = 16
+    B: int = 32
     G: int = 8
-    max_new_tokens: int = 12
+    max_new_tokens: int = 16
     lr: float = 2e-3
     eta_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     seed: int = 0
