@@ -1,0 +1,470 @@
+"""Load a training checkpoint (LoRA adapter + AdamW state) into a ``Policy`` and an ``AdamState`` in one call.
+
+``load_checkpoint(path)`` recognises three layouts:
+
+* ``"hf_trainer"`` — an HF Trainer ``checkpoint-N/`` folder: ``adapter_config.json`` and
+  ``adapter_model.safetensors`` (or ``.bin``) directly in it, ``optimizer.pt``, ``trainer_state.json``; the
+  Trainer's ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin`` … may be there and are ignored. A run folder
+  holding ``checkpoint-N/`` subfolders is accepted too: the highest N is used (and logged, with a warning when
+  there are several) — also when the run folder itself holds the final adapter of ``trainer.save_model()`` but no
+  optimizer state (pass ``optimizer=`` to use that adapter instead).
+* ``"adapter_in_model_dir"`` — a folder with the PEFT adapter in ``model/`` and ``optimizer.pt`` (plus an optional
+  ``optimizer_param_names.json`` naming the optimizer's parameters) beside it.
+* ``"bare_adapter"`` — an adapter folder alone; the optimizer state is given separately with ``optimizer=PATH``.
+
+The base model is ``adapter_config.json``'s ``base_model_name_or_path`` (a hub id or a local path; a relative path is
+tried against the adapter folder first, then the working directory), unless ``base=`` overrides it.
+
+The hyper-parameters (lr, betas, eps, weight decay) come from the optimizer's parameter groups (``AdamState.hyper``).
+About the learning rate: a scheduler (HF Trainer's default linear/cosine schedule) rewrites each group's ``lr`` after
+every ``optimizer.step()``, so the ``lr`` stored in a checkpoint's ``optimizer.pt`` is already the learning rate of
+the NEXT step — the step funcprobe predicts — not the one of the step that produced the checkpoint. That is what
+``AdamState`` holds; override it with ``checkpoint.adam.with_lr(lr)`` if needed. ``scheduler.pt`` is not read.
+
+Every problem is a ``ValueError`` (``FileNotFoundError`` for a missing path) whose message names the file and what to
+pass (an unreadable ``trainer_state.json`` is only logged: it is metadata). Cheap checks (paths, base model location, optimizer file readable and matching the adapter's tensor count and
+shapes) run before the base model is loaded, so a mismatch does not cost a large model load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adam import AdamState, load_adam_state
+from .policy import LORA_NAME_MARKERS, Policy, _from_pretrained, load_policy
+
+__all__ = ["Checkpoint", "load_checkpoint", "LAYOUTS"]
+
+log = logging.getLogger(__name__)
+
+#: The layouts ``load_checkpoint`` recognises (``Checkpoint.layout``).
+LAYOUTS = ("hf_trainer", "adapter_in_model_dir", "bare_adapter")
+
+_ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+#: HF Trainer writes optimizer.pt; accelerate's save_state writes optimizer.bin (the same torch.save'd state dict).
+_OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+_TRAINER_STATE = "trainer_state.json"
+_PROMPTS_FILE = "prompts.jsonl"
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded training checkpoint.
+
+    Attributes:
+        policy: the base model with the checkpoint's LoRA adapter (``policy.params`` are the adapter's tensors).
+        adam: the AdamW state of those tensors; its lr is the lr of the next step (see the module docstring).
+        path: the folder given to ``load_checkpoint``.
+        layout: "hf_trainer", "adapter_in_model_dir" or "bare_adapter".
+        adapter_dir: the folder the adapter was read from (for a run folder: the chosen ``checkpoint-N``).
+        optimizer_path: the optimizer state file read.
+        base: the base model id or path actually used.
+        step: ``trainer_state.json``'s ``global_step``, or None when there is no trainer state.
+        prompts_path: a ``prompts.jsonl`` in the checkpoint folder or its parent (the training prompts), or None.
+        tokenizer: the tokenizer found in the adapter folder, the checkpoint folder or the base model, or None.
+        trainer_state: the parsed ``trainer_state.json``, or None.
+    """
+
+    policy: Policy
+    adam: AdamState
+    path: Path
+    layout: str
+    adapter_dir: Path
+    optimizer_path: Path
+    base: str
+    step: int | None
+    prompts_path: Path | None
+    tokenizer: Any | None
+    trainer_state: dict | None
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """``policy.params``: the LoRA tensors θ at the checkpoint."""
+        return self.policy.params
+
+    def __repr__(self) -> str:
+        step = "" if self.step is None else f", step={self.step}"
+        return (f"Checkpoint({str(self.path)!r}, layout={self.layout!r}{step}, base={self.base!r}, "
+                f"{self.policy!r})")
+
+
+def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Module | None = None,
+                    optimizer: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
+                    device: str | torch.device = "cpu", local_files_only: bool | None = None,
+                    **policy_options) -> Checkpoint:
+    """Load a checkpoint folder: base model + LoRA adapter as a ``Policy``, and the optimizer's ``AdamState``.
+
+    Args:
+        path: an HF Trainer ``checkpoint-N/`` folder, a run folder holding ``checkpoint-N/`` subfolders (the highest N
+            is used), a folder with the adapter in ``model/`` and ``optimizer.pt`` beside it, or an adapter folder
+            (then pass ``optimizer=``).
+        base: the base model (hub id, local folder or a built ``transformers`` model), overriding the adapter
+            config's ``base_model_name_or_path``.
+        optimizer: the optimizer state file (or a folder holding ``optimizer.pt``), overriding the layout's default.
+            An ``optimizer_param_names.json`` next to it names the optimizer's parameters (see ``load_adam_state``).
+        dtype, device: of the policy (the optimizer state is cast to each parameter's dtype and device, as
+            ``Optimizer.load_state_dict`` does). ``dtype`` may be a name such as "bfloat16".
+        local_files_only: do not reach the hub for the base model or tokenizer (default: True for a local base, or
+            when ``HF_HUB_OFFLINE=1``).
+        policy_options: ``attn_implementation`` for the base model, and ``Policy`` options (temperature,
+            logsoftmax_dtype, seq_chunk, token_chunk, …).
+
+    Returns:
+        A frozen :class:`Checkpoint`.
+
+    Raises:
+        FileNotFoundError: the folder, or the optimizer file, does not exist.
+        ValueError: no adapter found; the base model cannot be found; the optimizer file is corrupt or holds the
+            state of other tensors than the adapter's — each message names the file and what to pass.
+    """
+    dtype = _parse_dtype(dtype)
+    given = Path(path)
+    if not given.exists():
+        raise FileNotFoundError(f"checkpoint folder '{given}' does not exist; pass the folder of a training "
+                                "checkpoint (e.g. runs/x/checkpoint-200) or an adapter folder.")
+    if not given.is_dir():
+        raise ValueError(f"'{given}' is a file, not a checkpoint folder; pass the folder that holds "
+                         f"{_ADAPTER_CONFIG} (and optimizer.pt), or an adapter folder with optimizer=PATH.")
+
+    folder, layout, adapter_dir = _find_adapter(given, optimizer is not None)
+    optimizer_path = _find_optimizer(folder, layout, adapter_dir, optimizer)
+    _check_adapter_weights(adapter_dir)
+
+    base_ref, base_label = _resolve_base(base, adapter_dir)
+    if local_files_only is None:
+        local_files_only = isinstance(base_ref, Path) or _offline()
+    if isinstance(base_ref, str):
+        _check_hub_base(base_ref, base_label, local_files_only)
+
+    _precheck_optimizer(optimizer_path, adapter_dir)
+
+    attn_implementation = policy_options.pop("attn_implementation", None)
+    if isinstance(base_ref, nn.Module):
+        model = base_ref
+        base_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    else:
+        base_name = str(base_ref)
+        kwargs: dict[str, Any] = dict(local_files_only=local_files_only)
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = _from_pretrained(AutoModelForCausalLM, base_name, dtype, kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"could not load the base model '{base_name}' ({base_label}): {_first_line(error)}. "
+                             "Pass base=PATH (a local model folder or a hub id you can download).") from None
+    try:
+        policy = load_policy(model, adapter_dir, dtype=dtype, device=device, **policy_options)
+    except RuntimeError as error:  # PEFT's load_state_dict: size mismatch between the adapter and the base
+        raise ValueError(f"could not attach the adapter in '{adapter_dir}' to the base model '{base_name}': "
+                         f"{_first_line(error)}. Is this the base the adapter was trained on? If not, pass "
+                         "base=PATH.") from None
+
+    try:
+        adam = load_adam_state(optimizer_path, policy.params)
+    except ValueError as error:
+        message = str(error)
+        if str(optimizer_path) not in message:
+            message = f"{optimizer_path}: {message}"
+        raise ValueError(f"{message} (checkpoint '{folder}'; pass optimizer=PATH with the optimizer state saved "
+                         "together with this adapter)") from None
+
+    trainer_state = _read_trainer_state(folder, adapter_dir)
+    step = trainer_state.get("global_step") if trainer_state else None
+    step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+    tokenizer = _load_tokenizer(adapter_dir, folder, base_ref, local_files_only)
+    prompts_path = _find_prompts(folder)
+    return Checkpoint(policy=policy, adam=adam, path=given, layout=layout, adapter_dir=adapter_dir,
+                      optimizer_path=optimizer_path, base=base_name, step=step, prompts_path=prompts_path,
+                      tokenizer=tokenizer, trainer_state=trainer_state)
+
+
+# ------------------------------------------------------------------------------------------------------- layout
+def _is_adapter(folder: Path) -> bool:
+    return (folder / _ADAPTER_CONFIG).is_file()
+
+
+def _has_optimizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _OPTIMIZER_FILES)
+
+
+def _checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-N`` subfolders of ``folder`` as (N, path), ascending in N (numeric: 10 after 9)."""
+    found = []
+    for child in folder.iterdir():
+        match = _CHECKPOINT_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _find_adapter(given: Path, optimizer_given: bool) -> tuple[Path, str, Path]:
+    """(checkpoint folder, layout, adapter folder) for the folder given."""
+    checkpoints = _checkpoint_dirs(given)
+    if _is_adapter(given) and not (checkpoints and not optimizer_given and not _has_optimizer(given)):
+        layout = "hf_trainer" if _has_optimizer(given) or (given / _TRAINER_STATE).is_file() else "bare_adapter"
+        return given, layout, given
+    if _is_adapter(given / "model"):
+        return given, "adapter_in_model_dir", given / "model"
+    if checkpoints:
+        _, chosen = checkpoints[-1]
+        if _is_adapter(given):
+            # An HF Trainer output_dir: trainer.save_model() put the final adapter here without optimizer state.
+            log.warning("'%s' holds an adapter but no optimizer.pt; using its latest checkpoint, %s, which has both. "
+                        "Pass optimizer=PATH to use the adapter in '%s' itself.", given, chosen.name, given)
+        elif len(checkpoints) > 1:
+            log.warning("'%s' holds %d checkpoints (%s and %s); using the latest, %s. Pass a checkpoint-N folder "
+                        "to choose another.", given, len(checkpoints), ", ".join(p.name for _, p in checkpoints[:-1]),
+                        chosen.name, chosen.name)
+        else:
+            log.info("using %s, the only checkpoint in '%s'", chosen.name, given)
+        if not _is_adapter(chosen):
+            raise ValueError(f"the latest checkpoint '{chosen}' holds no {_ADAPTER_CONFIG} (an incomplete save?); "
+                             "pass an earlier checkpoint-N folder explicitly.")
+        layout = "hf_trainer" if _has_optimizer(chosen) or (chosen / _TRAINER_STATE).is_file() else "bare_adapter"
+        return chosen, layout, chosen
+    raise ValueError(
+        f"no LoRA adapter found in '{given}': looked for {given / _ADAPTER_CONFIG} (an HF Trainer checkpoint-N "
+        f"folder or a bare adapter), {given / 'model' / _ADAPTER_CONFIG} (adapter in model/ with optimizer.pt "
+        f"beside it) and checkpoint-N/ subfolders (a run folder). Pass the folder that holds {_ADAPTER_CONFIG}.")
+
+
+def _find_optimizer(folder: Path, layout: str, adapter_dir: Path, optimizer) -> Path:
+    if optimizer is not None:
+        given = Path(optimizer)
+        if given.is_dir():
+            files = [given / name for name in _OPTIMIZER_FILES if (given / name).is_file()]
+            if not files:
+                raise FileNotFoundError(f"optimizer='{given}' is a folder without optimizer.pt; pass the optimizer "
+                                        "state file itself (optimizer=PATH/optimizer.pt).")
+            return files[0]
+        if not given.is_file():
+            raise FileNotFoundError(f"optimizer file '{given}' does not exist; pass optimizer=PATH to the "
+                                    "optimizer.pt saved with this adapter.")
+        return given
+    for name in _OPTIMIZER_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    where = f"'{folder}'" if layout != "adapter_in_model_dir" else f"'{folder}' (beside model/)"
+    raise FileNotFoundError(f"no optimizer.pt in {where}: found the adapter in '{adapter_dir}' but no AdamW state. "
+                            "Pass optimizer=PATH (the optimizer.pt saved with this adapter, e.g. by HF Trainer's "
+                            "save_only_model=False).")
+
+
+def _check_adapter_weights(adapter_dir: Path) -> None:
+    if not any((adapter_dir / name).is_file() for name in _ADAPTER_WEIGHTS):
+        raise ValueError(f"'{adapter_dir}' has {_ADAPTER_CONFIG} but no adapter weights (looked for "
+                         f"{' and '.join(_ADAPTER_WEIGHTS)}); the checkpoint is incomplete. Pass a complete "
+                         "checkpoint folder.")
+
+
+# --------------------------------------------------------------------------------------------------------- base
+def _looks_like_path(name: str) -> bool:
+    """True unless ``name`` has the form of a hub id (``name`` or ``org/name``)."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name:
+        return True
+    return re.fullmatch(r"[\w][\w.\-]*(/[\w][\w.\-]*)?", name) is None
+
+
+def _resolve_base(base, adapter_dir: Path) -> tuple[Path | str | nn.Module, str]:
+    """(a local Path, a hub id, or a module; a label saying where it came from)."""
+    if isinstance(base, nn.Module):
+        return base, "base="
+    if base is not None:
+        name, label = os.fspath(base), f"base={os.fspath(base)!r}"
+    else:
+        config_path = adapter_dir / _ADAPTER_CONFIG
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{config_path} is not valid JSON ({_first_line(error)}); fix it or pass a complete "
+                             "adapter folder.") from None
+        name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if not name:
+            raise ValueError(f"{config_path} names no base_model_name_or_path; pass base=PATH (the base model the "
+                             "adapter was trained on).")
+        label = f"base_model_name_or_path in {config_path}"
+    expanded = os.path.expanduser(name)
+    candidates = [Path(expanded)] if os.path.isabs(expanded) else [adapter_dir / expanded, Path(expanded)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve(), label
+    if _looks_like_path(name):
+        looked = " or ".join(f"'{c}'" for c in candidates)
+        raise ValueError(f"the base model '{name}' ({label}) was not found: no folder {looked}. Pass base=PATH "
+                         "(the local folder of the base model the adapter was trained on).")
+    return name, label
+
+
+def _offline() -> bool:
+    truthy = ("1", "true", "yes", "on")
+    if any(os.environ.get(k, "").strip().lower() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # noqa: BLE001 - a missing/old huggingface_hub just means "not known to be offline"
+        return False
+
+
+def _check_hub_base(name: str, label: str, local_files_only: bool) -> None:
+    """Offline and the hub id is not in the local cache: say so before trying to load."""
+    if not local_files_only:
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - an invalid id etc.: let from_pretrained report it
+        return
+    if not isinstance(cached, str):
+        raise ValueError(f"the base model '{name}' ({label}) is not in the local Hugging Face cache and loading is "
+                         "offline (local_files_only / HF_HUB_OFFLINE=1). Pass base=PATH (a local model folder), or "
+                         "download it first.")
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+def _adapter_lora_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """Names (as saved) and shapes of the LoRA tensors in adapter_model.safetensors; None without safetensors."""
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        shapes = {}
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if any(marker.rstrip(".") in key for marker in LORA_NAME_MARKERS):
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        return shapes
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"could not read '{file}' ({_first_line(error)}); the adapter file is corrupt. Pass a "
+                         "complete checkpoint folder.") from None
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only) memory-mapped when possible (cheap: tensor data is not read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be mmapped: read it plainly
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _precheck_optimizer(optimizer_path: Path, adapter_dir: Path) -> None:
+    """Before the base model is loaded: the optimizer file loads, and its state matches the adapter's tensors.
+
+    The count and the multiset of shapes are compared (order-independent, so never stricter than
+    ``load_adam_state``, which later checks names and per-tensor shapes).
+    """
+    try:
+        state_dict = _torch_load(optimizer_path)
+    except Exception as error:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
+        raise ValueError(f"could not load '{optimizer_path}' with torch.load(weights_only=True): the file is corrupt "
+                         f"or not an optimizer state dict ({type(error).__name__}: {_first_sentence(error)}). Pass "
+                         "optimizer=PATH to the optimizer.pt written by optimizer.state_dict() / HF Trainer.") from None
+    if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+            and isinstance(state_dict.get("param_groups"), (list, tuple))):
+        found = list(state_dict)[:8] if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"'{optimizer_path}' is not a torch optimizer state dict (expected keys 'state' and "
+                         f"'param_groups', found {found}). Pass optimizer=PATH to the optimizer.pt of this run.")
+    lora = _adapter_lora_shapes(adapter_dir)
+    if not lora:
+        return
+    groups = state_dict["param_groups"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+        return  # malformed groups: load_adam_state reports them precisely
+    count = sum(len(g["params"]) for g in groups)
+    if count != len(lora):
+        raise ValueError(f"'{optimizer_path}' holds optimizer state for {count} parameters but the adapter in "
+                         f"'{adapter_dir}' has {len(lora)} LoRA tensors: the optimizer state belongs to other "
+                         "tensors. Pass optimizer=PATH to the optimizer.pt saved with this adapter.")
+    state_shapes = Counter()
+    for entry in state_dict["state"].values():
+        exp_avg = entry.get("exp_avg") if isinstance(entry, dict) else None
+        if isinstance(exp_avg, torch.Tensor):
+            state_shapes[tuple(exp_avg.shape)] += 1
+    if sum(state_shapes.values()) != len(lora):
+        return  # some parameters without state (never stepped), or a non-Adam state: leave it to load_adam_state
+    missing = Counter(lora.values()) - state_shapes
+    if missing:
+        shape = next(iter(missing))
+        name = next(n for n, s in lora.items() if s == shape)
+        unexpected = next(iter(state_shapes - Counter(lora.values())), None)
+        raise ValueError(f"'{optimizer_path}' holds optimizer state for other tensors than the adapter in "
+                         f"'{adapter_dir}': the adapter's '{name}' has shape {shape} but no exp_avg in the optimizer "
+                         f"has that shape (the optimizer has e.g. {unexpected}; another adapter rank or target "
+                         "modules?). Pass optimizer=PATH to the optimizer.pt saved with this adapter.")
+
+
+# ----------------------------------------------------------------------------------------------- side files
+def _read_trainer_state(folder: Path, adapter_dir: Path) -> dict | None:
+    for candidate in dict.fromkeys([folder / _TRAINER_STATE, adapter_dir / _TRAINER_STATE]):
+        if candidate.is_file():
+            try:
+                state = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                log.warning("ignoring '%s': not valid JSON (%s)", candidate, _first_line(error))
+                return None
+            return state if isinstance(state, dict) else None
+    return None
+
+
+def _find_prompts(folder: Path) -> Path | None:
+    for candidate in (folder / _PROMPTS_FILE, folder.parent / _PROMPTS_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_tokenizer(adapter_dir: Path, folder: Path, base_ref, local_files_only: bool) -> Any | None:
+    from transformers import AutoTokenizer
+
+    candidates: list[tuple[str, bool]] = []
+    for directory in dict.fromkeys([adapter_dir, folder]):
+        if any((directory / name).is_file() for name in _TOKENIZER_FILES):
+            candidates.append((str(directory), True))
+    if isinstance(base_ref, Path):
+        if any((base_ref / name).is_file() for name in _TOKENIZER_FILES):
+            candidates.append((str(base_ref), True))
+    elif isinstance(base_ref, str):
+        candidates.append((base_ref, local_files_only))
+    for name, local in candidates:
+        try:
+            return AutoTokenizer.from_pretrained(name, local_files_only=local)
+        except Exception as error:  # noqa: BLE001 - a tokenizer is optional: try the next place
+            log.info("no tokenizer from '%s' (%s)", name, _first_line(error))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise ValueError(f"dtype must be a torch.dtype or a name like 'float32' / 'bfloat16'; got {dtype!r}.")
+
+
+def _first_sentence(error: BaseException, limit: int = 160) -> str:
+    text = _first_line(error)
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return sentence if len(sentence) <= limit else sentence[:limit - 1] + "…"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
