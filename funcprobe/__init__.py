@@ -5,14 +5,16 @@ The math is fixed in the project's spec (ESTIMATORS.md); every function here is 
 
 from .adam import AdamState, adamw_update, load_adam_state, update_decomposition
 from .batch import RolloutBatch, SequenceChunk
+from .checkpoints import Checkpoint, load_checkpoint
 from .delta_h1 import DeltaH1Result, delta_h1
 from .policy import Policy, load_policy
 from .probe import Probe
+from .sampling import SampledBatch, sample_batch
 from .snis import EntropyResult, LRSweepResult, SNISResult, entropy, lr_sweep, snis_delta_h
 from .update import policy_gradient, rl_update, update_direction
 
 __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState", "adamw_update",
            "load_adam_state", "update_decomposition", "rl_update", "update_direction", "policy_gradient",
            "delta_h1", "DeltaH1Result", "snis_delta_h", "SNISResult", "entropy", "EntropyResult", "lr_sweep",
-           "LRSweepResult", "Probe"]
+           "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint", "sample_batch", "SampledBatch"]
 __version__ = "0.1.0"
