@@ -1,14 +1,34 @@
-"""The ``funcprobe`` command. The only module that knows about argv, output files and progress-bar enablement."""
+"""The ``funcprobe`` command. The only module that knows about argv, output files and progress-bar enablement.
+
+    funcprobe demo [--quick]                      the whole probe on a built-in tiny Qwen2 policy
+    funcprobe probe CHECKPOINT [options]          δH₁ and ΔH of the next AdamW step of a LoRA training checkpoint
+
+Bad inputs (a missing checkpoint, a corrupt optimizer.pt, a bad prompts line, …) end with one line on stderr and exit
+status 2; argparse's own usage errors also exit 2. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import math
 import os
+import random
 import sys
+import time
+import warnings
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "select_prompts", "parse_etas", "parse_units"]
+
+log = logging.getLogger("funcprobe.cli")
+
+#: Errors that mean "bad input" (one line on stderr, exit status 2); anything else keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
+
+DTYPES = ("float32", "bfloat16", "float64")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,23 +42,330 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_probe_parser(commands)
     return parser
+
+
+def _add_probe_parser(commands) -> None:
+    probe = commands.add_parser(
+        "probe", help="δH₁ and ΔH of the next AdamW step of a LoRA checkpoint",
+        description="Load a LoRA training checkpoint (policy + AdamW state), sample B prompts × G responses from it, "
+                    "and report the predicted (δH₁) and realised (ΔH) entropy change of the AdamW step on that batch.")
+    probe.add_argument("checkpoint", help="an HF Trainer checkpoint-N/ folder, a run folder holding checkpoint-N/ "
+                       "(the latest is taken), a folder with model/ + optimizer.pt, or a bare adapter (with "
+                       "--optimizer)")
+    data = probe.add_argument_group("batch")
+    data.add_argument("--prompts", help="JSONL of {\"prompt\": ..., \"answer\": ...} lines (default: the "
+                      "checkpoint's prompts.jsonl, in its folder or the folder above)")
+    data.add_argument("-B", "--prompts-per-batch", dest="B", type=int, default=16,
+                      help="prompts in the batch (default %(default)s)")
+    data.add_argument("-G", "--group-size", dest="G", type=int, default=8,
+                      help="responses per prompt (default %(default)s)")
+    data.add_argument("--max-new-tokens", type=int, default=100, help="generation budget (default %(default)s)")
+    data.add_argument("--reward", default="answer", help="built-in reward: 'answer' (last number equals the "
+                      "answer) or 'tag' (<answer>…</answer> format) (default %(default)s)")
+    data.add_argument("--seed", type=int, default=0, help="seeds the prompt choice and the sampling "
+                      "(default %(default)s)")
+    data.add_argument("--replace", action="store_true", help="draw the B prompts with replacement (needed when B "
+                      "exceeds the number of prompts)")
+    data.add_argument("--temperature", type=float, default=None, help="sampling temperature τ; the policy's "
+                      "log-probabilities and entropies use the same τ (default 1)")
+    data.add_argument("--top-p", type=float, default=1.0, help="must stay 1: truncated sampling is refused "
+                      "(spec §0)")
+    step = probe.add_argument_group("step")
+    step.add_argument("--lr", type=float, default=None, help="learning rate of the step (default: the optimizer "
+                      "state's)")
+    step.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm as the trainer "
+                      "did (HF Trainer's default is 1.0; default here: no clipping)")
+    step.add_argument("--units", default="prompt", help="δH₁ units: 'prompt' (U = B) or an integer M (M blocks of "
+                      "prompts) (default %(default)s)")
+    step.add_argument("--eta-sweep", default=None, metavar="ETA,ETA,...",
+                      help="also estimate ΔH(η) at these learning rates, e.g. 1e-6,3e-6,1e-5")
+    compute = probe.add_argument_group("compute")
+    compute.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N) (default %(default)s)")
+    compute.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default %(default)s)")
+    compute.add_argument("--seq-chunk", type=int, default=None, help="sequences per forward (default 8)")
+    compute.add_argument("--token-chunk", type=int, default=None, help="response rows per vocabulary chunk "
+                         "(default 512)")
+    compute.add_argument("--base", default=None, help="base model (hub id or folder) when the checkpoint does not "
+                         "name a usable one")
+    compute.add_argument("--optimizer", default=None, help="the optimizer.pt, when it is not in the checkpoint "
+                         "folder")
+    output = probe.add_argument_group("output")
+    output.add_argument("--out", default=None, help="write the results as JSON here")
+    output.add_argument("--plot", default=None, help="write the learning-rate sweep's plot here (needs "
+                        "--eta-sweep and matplotlib)")
+    output.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a "
+                        "terminal)")
+    output.add_argument("-v", "--verbose", action="store_true", help="log each stage, and print the full δH₁ "
+                        "and ΔH tables")
+
+
+# ------------------------------------------------------------------------------------------------ argument checks
+def parse_etas(text: str) -> list[float]:
+    """``"1e-6,3e-6,1e-5"`` → [1e-6, 3e-6, 1e-5]; ValueError unless every entry is a finite number > 0."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if not parts or any(not part for part in parts):
+        raise ValueError(f"--eta-sweep must be a comma-separated list of learning rates like 1e-6,3e-6,1e-5; "
+                         f"got {text!r}.")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"--eta-sweep: {part!r} is not a number; pass learning rates like "
+                             "1e-6,3e-6,1e-5.") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--eta-sweep: every learning rate must be finite and > 0; got {part!r}.")
+        values.append(value)
+    return values
+
+
+def parse_units(text: str) -> str | int:
+    """``"prompt"`` or an integer M ≥ 2 (the number of prompt blocks)."""
+    if text == "prompt":
+        return "prompt"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--units must be 'prompt' or an integer number of blocks M ≥ 2; got {text!r}.") from None
+    if value < 2:
+        raise ValueError(f"--units M must be ≥ 2 (δH₁ is a cross-unit U-statistic); got {value}.")
+    return value
+
+
+def select_prompts(pool_size: int, B: int, *, seed: int, replace: bool = False) -> list[int]:
+    """Indices of the B prompts to probe, reproducible from ``seed``.
+
+    Without ``replace``: the first B indices of ``range(pool_size)`` after ``random.Random(seed).shuffle`` (B must
+    not exceed ``pool_size``). With ``replace``: ``random.Random(seed).choices(range(pool_size), k=B)``.
+    """
+    rng = random.Random(seed)
+    if replace:
+        return rng.choices(range(pool_size), k=B)
+    if B > pool_size:
+        raise ValueError(f"-B {B} asks for more prompts than the {pool_size} available; pass --replace to draw "
+                         "prompts with replacement, or lower -B.")
+    order = list(range(pool_size))
+    rng.shuffle(order)
+    return order[:B]
+
+
+def _check_probe_args(args: argparse.Namespace) -> None:
+    """Cheap checks before anything is loaded."""
+    from .sampling import _TRUNCATION_REASON
+
+    if args.top_p < 1.0:
+        raise ValueError(f"--top-p {args.top_p} is refused: {_TRUNCATION_REASON}. Leave --top-p at 1.")
+    if not args.top_p == 1.0:
+        raise ValueError(f"--top-p must be 1 (no truncation); got {args.top_p}.")
+    if args.B < 2:
+        raise ValueError(f"-B must be ≥ 2 (δH₁ is a cross-prompt U-statistic); got {args.B}.")
+    if args.G < 2:
+        raise ValueError(f"-G must be ≥ 2 (the leave-one-out baseline needs two responses); got {args.G}.")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be ≥ 1; got {args.max_new_tokens}.")
+    for flag, value in (("--seq-chunk", args.seq_chunk), ("--token-chunk", args.token_chunk)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be ≥ 1; got {value}.")
+    for flag, value in (("--lr", args.lr), ("--max-grad-norm", args.max_grad_norm),
+                        ("--temperature", args.temperature)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be finite and > 0; got {value}.")
+    args.etas = parse_etas(args.eta_sweep) if args.eta_sweep is not None else None
+    args.units_value = parse_units(args.units)
+    if args.plot is not None and args.etas is None:
+        raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "
+                         "1e-6,3e-6,1e-5.")
+    from .rewards import REWARDS
+
+    if args.reward not in REWARDS:
+        raise ValueError(f"--reward must be one of {sorted(REWARDS)}; got {args.reward!r}.")
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist.")
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N; got {args.device!r}.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N; got {args.device!r}.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device. Install a "
+                         "CUDA build of torch first (see the README), or use --device cpu.")
+
+
+# ------------------------------------------------------------------------------------------------------ the probe
+def _choose_prompts(path, args: argparse.Namespace) -> dict:
+    """Read the prompts file and pick the batch's B prompts (``select_prompts``) with their answers."""
+    from .rewards import load_prompts_jsonl
+
+    pool, answers = load_prompts_jsonl(path)
+    try:
+        indices = select_prompts(len(pool), args.B, seed=args.seed, replace=args.replace)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return {"path": path, "pool": pool, "indices": indices, "prompts": [pool[i] for i in indices],
+            "answers": [answers[i] for i in indices]}
+
+
+def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print) -> dict:
+    """The ``probe`` command: load, sample, δH₁, step, ΔH, sweep; print the report; write JSON and the plot."""
+    import torch
+
+    from .checkpoints import load_checkpoint
+    from .delta_h1 import delta_h1
+    from .report import format_report, peak_memory, reset_peak_memory, summary, versions, write_json
+    from .sampling import sample_batch
+    from .snis import lr_sweep, plot_lr_sweep, snis_delta_h
+    from .update import rl_update
+
+    _check_probe_args(args)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    reset_peak_memory(args.device)
+
+    def timed(phase, fn):
+        log.info("%s …", phase)
+        start = time.perf_counter()
+        value = fn()
+        timings[phase] = time.perf_counter() - start
+        return value
+
+    # The prompts first when given, so that a bad file or -B fails before the model is loaded.
+    chosen = _choose_prompts(args.prompts, args) if args.prompts is not None else None
+    policy_options = {name: value for name, value in (("seq_chunk", args.seq_chunk),
+                                                      ("token_chunk", args.token_chunk),
+                                                      ("temperature", args.temperature)) if value is not None}
+    with _library_bars(enabled=sys.stderr.isatty() if progress is None else progress):
+        checkpoint = timed("load", lambda: load_checkpoint(args.checkpoint, base=args.base, optimizer=args.optimizer,
+                                                           dtype=getattr(torch, args.dtype),
+                                                           device=args.device, **policy_options))
+    policy, adam = checkpoint.policy, checkpoint.adam
+    params = policy.params
+    echo(f"checkpoint: {checkpoint.adapter_dir} (layout {checkpoint.layout}, step {checkpoint.step}, base "
+         f"{checkpoint.base})")
+    echo(f"policy: {policy}")
+    if chosen is None:
+        if checkpoint.prompts_path is None:
+            raise ValueError(f"no prompts: pass --prompts FILE.jsonl (there is no prompts.jsonl in "
+                             f"{checkpoint.adapter_dir} or the folder above).")
+        chosen = _choose_prompts(checkpoint.prompts_path, args)
+    prompts_path, pool, indices = chosen["path"], chosen["pool"], chosen["indices"]
+    prompts, meta = chosen["prompts"], {"answers": chosen["answers"]}
+    if checkpoint.tokenizer is None:
+        raise ValueError(f"the checkpoint {checkpoint.adapter_dir} has no tokenizer (tokenizer.json / "
+                         "tokenizer_config.json in the checkpoint or its base); save the tokenizer with the "
+                         "checkpoint.")
+
+    sampled = timed("sample", lambda: sample_batch(
+        policy, params, prompts, G=args.G, reward_fn=args.reward, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, tokenizer=checkpoint.tokenizer, top_p=args.top_p, meta=meta, progress=progress))
+    batch = sampled.batch
+    echo(f"batch: B={batch.B} prompts × G={batch.G} responses from {prompts_path}; mean reward "
+         f"{float(batch.rewards.mean()):.4g}; {sampled.eos_count}/{batch.num_sequences} ended with EOS")
+
+    chunks = dict(seq_chunk=args.seq_chunk, token_chunk=args.token_chunk, progress=progress)
+    step = dict(lr=args.lr, max_grad_norm=args.max_grad_norm)
+    prediction = timed("delta_h1", lambda: delta_h1(params, batch, policy=policy, adam=adam, units=args.units_value,
+                                                   **step, **chunks))
+    new_params, _ = timed("update", lambda: rl_update(params, batch, policy=policy, adam=adam, **step, **chunks))
+    realised = timed("snis", lambda: snis_delta_h(params, new_params, policy=policy, batch=batch, **chunks))
+    sweep = None
+    if args.etas is not None:
+        sweep = timed("lr_sweep", lambda: lr_sweep(params, batch, policy=policy, adam=adam, etas=args.etas,
+                                                   delta_h1_fn=lambda p, b: prediction, **step, **chunks))
+    echo("\n" + format_report(prediction, realised, sweep, details=args.verbose))
+    timings["total"] = time.perf_counter() - started
+
+    config = {name: value for name, value in vars(args).items() if name not in ("etas", "units_value")}
+    config.update(etas=args.etas, units_parsed=args.units_value)
+    results = {
+        "command": "probe",
+        "config": config,
+        "versions": versions(),
+        "seed": args.seed,
+        "checkpoint": {"path": checkpoint.path, "layout": checkpoint.layout, "step": checkpoint.step,
+                       "base": checkpoint.base, "adapter_dir": checkpoint.adapter_dir,
+                       "optimizer_path": checkpoint.optimizer_path, "prompts_path": checkpoint.prompts_path},
+        "policy": {"num_params": policy.num_params, "dtype": policy.dtype, "device": policy.device,
+                   "temperature": policy.temperature, "adam_steps": sorted(set(adam.step.values()))},
+        "batch": {"prompts_file": prompts_path, "pool_size": len(pool), "prompt_indices": indices,
+                  "prompts": sampled.prompts, "answers": meta["answers"], "responses": sampled.responses,
+                  "rewards": batch.rewards, "mean_reward": float(batch.rewards.mean()),
+                  "eos_count": sampled.eos_count, "truncated_count": sampled.truncated_count,
+                  "timings": sampled.timings},
+        "summary": summary(prediction, realised),
+        "delta_h1": prediction.to_dict(),
+        "snis": realised.to_dict(),
+        "lr_sweep": None if sweep is None else sweep.to_dict(),
+        "timings": timings,
+        "peak_memory": peak_memory(args.device),
+    }
+    if args.out is not None:
+        echo(f"\nwrote {write_json(args.out, results)}")
+    if args.plot is not None:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        echo(f"wrote {plot_lr_sweep(sweep, str(args.plot))}")
+    return results
+
+
+@contextlib.contextmanager
+def _library_bars(enabled: bool):
+    """transformers' and huggingface_hub's own progress bars (weight loading, downloads) on or off, restored after."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    transformers_was_on = hf_logging.is_progress_bar_enabled()
+    hub_was_on = not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_was_on:
+            hf_logging.enable_progress_bar()
+        if hub_was_on:
+            hub_utils.enable_progress_bars()
+
+
+# ----------------------------------------------------------------------------------------------------- entry point
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     progress = False if args.quiet else None  # None: bars only when stderr is a terminal
     try:
-        if args.command == "demo":
-            from .demo import DemoConfig, run_demo
+        with warnings.catch_warnings():
+            # A transformers deprecation that PEFT triggers on every model load; nothing a user can act on.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            if args.command == "demo":
+                from .demo import DemoConfig, run_demo
 
-            config = DemoConfig.quick() if args.quick else DemoConfig()
-            run_demo(dataclasses.replace(config, seed=args.seed), out_dir=args.out, plot=not args.no_plot,
-                     progress=progress)
+                config = DemoConfig.quick() if args.quick else DemoConfig()
+                run_demo(dataclasses.replace(config, seed=args.seed), out_dir=args.out, plot=not args.no_plot,
+                         progress=progress)
+            elif args.command == "probe":
+                run_probe(args, progress=progress)
         return 0
-    except (ValueError, FileNotFoundError) as error:
-        print(f"funcprobe: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"funcprobe {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,6 @@ Everything runs on the CPU in about a minute; ``quick=True`` shrinks it for CI.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import random
 import time
@@ -24,6 +23,7 @@ import torch
 from .adam import AdamState
 from .delta_h1 import delta_h1
 from .policy import Policy
+from .report import format_report, summary, versions, write_json
 from .rewards import answer_match
 from .sampling import sample_batch
 from .snis import lr_sweep, plot_lr_sweep, snis_delta_h
@@ -109,15 +109,14 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
     etas = [factor * config.lr for factor in config.eta_factors]
     sweep = lr_sweep(params, batch, policy=policy, adam=adam, etas=etas,
                      delta_h1_fn=lambda p, b: prediction, progress=progress)
-    echo("\n" + str(prediction) + "\n\n" + str(realised) + "\n\n" + str(sweep))
+    echo("\n" + format_report(prediction, realised, sweep, details=True))
 
     results = {"config": config.__dict__ | {"eta_factors": list(config.eta_factors)},
-               "versions": _versions(), "delta_h1": prediction.to_dict(), "snis": realised.to_dict(),
-               "lr_sweep": sweep.to_dict(), "wall_s": time.perf_counter() - started}
+               "versions": versions(), "summary": summary(prediction, realised), "delta_h1": prediction.to_dict(),
+               "snis": realised.to_dict(), "lr_sweep": sweep.to_dict(), "wall_s": time.perf_counter() - started}
     if out_dir is not None:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        write_json(out_dir / "results.json", results)
         echo(f"\nwrote {out_dir / 'results.json'}")
         if plot:
             try:
@@ -127,11 +126,3 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
     echo(f"demo finished in {time.perf_counter() - started:.1f} s")
     return results
 
-
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    from . import __version__
-    return {"funcprobe": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}

@@ -1,0 +1,167 @@
+"""``funcprobe probe``: the command's JSON holds the library's numbers, and bad inputs end with one line and exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from funcprobe.checkpoints import load_checkpoint
+from funcprobe.cli import main, select_prompts
+from funcprobe.delta_h1 import delta_h1
+from funcprobe.rewards import load_prompts_jsonl
+from funcprobe.sampling import sample_batch
+from funcprobe.snis import snis_delta_h
+from funcprobe.update import rl_update
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SMALL = ["-B", "4", "-G", "4", "--max-new-tokens", "6", "--quiet"]
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny training run: OUT/base, OUT/checkpoint-1, OUT/checkpoint-2, OUT/prompts.jsonl (8 prompts)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    _example("train_tiny_checkpoint").main(["--out", str(out), "--quick"], echo=lambda *args: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(run_dir) -> Path:
+    return max(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _fails(capsys, argv: list[str], *expected: str) -> str:
+    """Run the command in-process; it must exit 2 with one line on stderr holding every ``expected`` fragment."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("funcprobe probe: error: ") and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_probe_json_matches_the_library(checkpoint_dir, tmp_path, capsys):
+    out, plot = tmp_path / "results.json", tmp_path / "sweep.png"
+    etas = [1e-3, 2.5e-3, 1e-2]
+    argv = ["probe", str(checkpoint_dir), *SMALL, "--eta-sweep", ",".join(map(str, etas)), "--out", str(out),
+            "--plot", str(plot)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "δH₁ predicted" in printed and "ΔH realised" in printed and "ΔH(η) sweep" in printed
+    assert plot.is_file() and plot.stat().st_size > 0
+    results = json.loads(out.read_text())
+
+    # The library, step by step, with the same seed and the same prompt selection (a seeded shuffle).
+    checkpoint = load_checkpoint(checkpoint_dir)
+    policy, adam, params = checkpoint.policy, checkpoint.adam, checkpoint.policy.params
+    pool, answers = load_prompts_jsonl(checkpoint.prompts_path)
+    order = list(range(len(pool)))
+    random.Random(0).shuffle(order)
+    chosen = order[:4]
+    sampled = sample_batch(policy, params, [pool[i] for i in chosen], G=4, reward_fn="answer", max_new_tokens=6,
+                           seed=0, tokenizer=checkpoint.tokenizer, meta={"answers": [answers[i] for i in chosen]})
+    prediction = delta_h1(params, sampled.batch, policy=policy, adam=adam)
+    new_params, _ = rl_update(params, sampled.batch, policy=policy, adam=adam)
+    realised = snis_delta_h(params, new_params, policy=policy, batch=sampled.batch)
+
+    assert results["batch"]["prompt_indices"] == chosen
+    assert results["batch"]["responses"] == sampled.responses
+    assert math.isclose(results["delta_h1"]["deltaH1"], prediction.deltaH1, rel_tol=1e-12, abs_tol=1e-300)
+    assert math.isclose(results["delta_h1"]["se_deltaH1"], prediction.se_deltaH1, rel_tol=1e-12)
+    assert math.isclose(results["snis"]["deltaH"], realised.deltaH, rel_tol=1e-12, abs_tol=1e-300)
+    assert math.isclose(results["summary"]["deltaH"], realised.deltaH, rel_tol=1e-12, abs_tol=1e-300)
+    assert results["delta_h1"]["B"] == 4 and results["snis"]["G"] == 4
+
+    sweep = results["lr_sweep"]
+    assert [row["eta"] for row in sweep["rows"]] == etas
+    for row in sweep["rows"]:
+        assert math.isclose(row["predicted"], row["eta"] / sweep["lr"] * prediction.deltaH1, rel_tol=1e-9)
+
+    assert results["seed"] == 0 and results["config"]["B"] == 4 and results["config"]["eta_sweep"]
+    assert set(results["versions"]) >= {"funcprobe", "torch", "transformers", "peft", "python"}
+    assert results["checkpoint"]["layout"] == "hf_trainer"
+    assert results["checkpoint"]["step"] == checkpoint.step
+    assert results["checkpoint"]["path"] == str(checkpoint_dir)
+    assert results["checkpoint"]["base"] == checkpoint.base
+    assert {"load", "sample", "delta_h1", "update", "snis", "lr_sweep", "total"} <= set(results["timings"])
+    assert results["peak_memory"]["bytes"] > 0
+
+
+def test_probe_finds_the_run_folders_prompts(run_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["probe", str(run_dir), "-B", "3", "-G", "2", "--max-new-tokens", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert Path(results["batch"]["prompts_file"]) == run_dir / "prompts.jsonl"
+    pool, _ = load_prompts_jsonl(run_dir / "prompts.jsonl")
+    assert all(prompt in pool for prompt in results["batch"]["prompts"])
+    assert results["config"]["prompts"] is None and results["lr_sweep"] is None
+
+
+def test_missing_checkpoint_subprocess(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "funcprobe", "probe", str(tmp_path / "missing_dir")],
+                               capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+    assert "does not exist" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_corrupt_optimizer(checkpoint_dir, tmp_path, capsys):
+    broken = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpoint_dir, broken)
+    (broken / "optimizer.pt").write_bytes(b"not a torch file")
+    _fails(capsys, ["probe", str(broken), *SMALL], "optimizer.pt", "corrupt")
+
+
+def test_prompts_file_with_a_bad_line(checkpoint_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "answer": 4\n')
+    _fails(capsys, ["probe", str(checkpoint_dir), "--prompts", str(prompts), *SMALL], "line 3", "invalid JSON")
+
+
+def test_more_prompts_than_the_pool(checkpoint_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": i + 1}) + "\n" for i in range(3)))
+    _fails(capsys, ["probe", str(checkpoint_dir), "--prompts", str(prompts), *SMALL], "-B 4", "3", "--replace")
+
+
+def test_top_p_is_refused(checkpoint_dir, capsys):
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--top-p", "0.9"], "--top-p 0.9", "π_θ", "spec §0")
+
+
+@pytest.mark.parametrize("sweep, message", [("1e-3,abc", "'abc' is not a number"), ("1e-3,-1e-3", "> 0"),
+                                            ("1e-3,,1e-2", "comma-separated")])
+def test_bad_eta_sweep(checkpoint_dir, capsys, sweep, message):
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--eta-sweep", sweep], "--eta-sweep", message)
+
+
+def test_no_prompts_anywhere(tmp_path, checkpoint_dir, capsys):
+    alone = tmp_path / "alone" / "checkpoint-2"
+    shutil.copytree(checkpoint_dir, alone)
+    _fails(capsys, ["probe", str(alone), *SMALL], "no prompts", "--prompts")
+
+
+def test_select_prompts():
+    assert sorted(select_prompts(5, 5, seed=1)) == list(range(5))
+    assert select_prompts(8, 3, seed=7) == select_prompts(8, 3, seed=7)
+    drawn = select_prompts(2, 6, seed=0, replace=True)
+    assert len(drawn) == 6 and set(drawn) <= {0, 1}
+    with pytest.raises(ValueError, match="--replace"):
+        select_prompts(2, 3, seed=0)

@@ -1,0 +1,78 @@
+"""The examples run end to end (in-process, at their --quick sizes) on a checkpoint of a tiny training run."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from funcprobe import DeltaH1Result, LRSweepResult, SNISResult
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_run")
+    run = _example("train_tiny_checkpoint").main(["--out", str(out), "--quick"], echo=lambda *args: None)
+    assert (out / "prompts.jsonl").is_file()
+    return Path(run["checkpoints"][-1])
+
+
+def _check_probe(results) -> None:
+    prediction, realised = results["delta_h1"], results["snis"]
+    assert isinstance(prediction, DeltaH1Result) and isinstance(realised, SNISResult)
+    assert math.isfinite(prediction.deltaH1) and math.isfinite(realised.deltaH)
+    assert math.isclose(prediction.deltaH1, prediction.grad_term + prediction.state_term, rel_tol=1e-12)
+    assert prediction.B == realised.B == 4 and prediction.G == realised.G == 4
+
+
+def test_probe_checkpoint(checkpoint_dir, capsys):
+    results = _example("probe_checkpoint").main([str(checkpoint_dir), "--quick"])
+    _check_probe(results)
+    printed = capsys.readouterr().out
+    assert "δH₁" in printed and "ΔH realised" in printed
+
+
+def test_lr_sweep(checkpoint_dir, tmp_path, capsys):
+    plot = tmp_path / "sweep.png"
+    results = _example("lr_sweep").main([str(checkpoint_dir), "--out", str(plot), "--quick"])
+    sweep = results["lr_sweep"]
+    assert isinstance(sweep, LRSweepResult) and len(sweep.rows) == 3 and sweep.prediction == "deltaH1"
+    assert [row.factor for row in sweep.rows] == pytest.approx([0.5, 1.0, 2.0])
+    assert plot.is_file() and plot.stat().st_size > 0
+    assert "ΔH(η) sweep" in capsys.readouterr().out
+
+
+def test_custom_reward_on_a_checkpoint(checkpoint_dir, capsys):
+    example = _example("custom_reward")
+    results = example.main([str(checkpoint_dir), "--quick"])
+    _check_probe(results)
+    rewards = results["batch"].rewards
+    assert rewards.shape == (4, 4) and bool((rewards > 0).all())  # 1/(1 + length) is always positive
+    assert "short answers" in capsys.readouterr().out
+
+
+def test_custom_reward_function_prefers_short_answers():
+    reward = _example("custom_reward").short_answer_reward
+    values = reward(["1+1=", "2+2="], [["2", "22", "the answer"], ["4", "", "5"]], {"answers": ["2", "4"]})
+    assert values.shape == (2, 3)
+    assert values[0, 0] > values[0, 1] > values[0, 2]          # right and short beats wrong, wrong and short first
+    assert values[1, 0] > values[1, 1] > 0 and values[1, 2] == pytest.approx(0.5)
+    assert torch.equal(reward(["x"], [["ab"]], {}), torch.tensor([[1 / 3]], dtype=torch.float64))
+
+
+def test_custom_reward_on_the_demo_policy(capsys):
+    results = _example("custom_reward").main(["--quick"])
+    _check_probe(results)
+    assert "demo's tiny policy" in capsys.readouterr().out
