@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +54,25 @@ def qwen2_peft_f64():
 @pytest.fixture(scope="session")
 def qwen2_peft_f32():
     return tiny_peft_model("qwen2", dtype=torch.float32, seed=4)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """Import examples/NAME.py as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One quick training run by examples/train_tiny_checkpoint.py (OUT/base, OUT/checkpoint-1, OUT/checkpoint-2,
+    OUT/prompts.jsonl), shared by the checkpoint, CLI and example tests; main()'s result dict."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    result = load_example("train_tiny_checkpoint").main(["--out", str(out), "--quick", "--seed", "3"],
+                                                        echo=lambda *args: None)
+    assert [Path(p).name for p in result["checkpoints"]] == ["checkpoint-1", "checkpoint-2"]
+    return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import re
@@ -17,26 +16,15 @@ from funcprobe import AdamState, rl_update
 from funcprobe.checkpoints import Checkpoint, _checkpoint_dirs, load_checkpoint
 from funcprobe.testing import random_batch
 
-from conftest import naive_sequence_logprobs
+from conftest import load_example, naive_sequence_logprobs
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_checkpoint.py"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def _import_example():
-    spec = importlib.util.spec_from_file_location("train_tiny_checkpoint", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One quick training run (2 steps, a checkpoint after each), shared by every test here."""
-    out = tmp_path_factory.mktemp("run")
-    result = _import_example().main(["--out", str(out), "--quick", "--seed", "3"], echo=lambda *a: None)
-    assert [p.name for p in result["checkpoints"]] == ["checkpoint-1", "checkpoint-2"]
-    return result
+def run(tiny_run):
+    """The shared quick training run (2 steps, a checkpoint after each); tests copy before they modify."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +104,7 @@ def test_policy_params_and_logprobs_match_the_trained_module(run, loaded):
 
 def test_loaded_state_predicts_the_next_real_optimizer_step(run, loaded):
     """rl_update from the checkpoint equals the training loop's own next AdamW step (at the scheduler's next lr)."""
-    example = _import_example()
+    example = load_example("train_tiny_checkpoint")
     module = copy.deepcopy(run["peft_model"])
     groups, names = example.hf_param_groups(module, weight_decay=0.01)
     optimizer = torch.optim.AdamW(groups, lr=1.0)

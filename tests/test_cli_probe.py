@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -21,23 +20,15 @@ from funcprobe.sampling import sample_batch
 from funcprobe.snis import snis_delta_h
 from funcprobe.update import rl_update
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL = ["-B", "4", "-G", "4", "--max-new-tokens", "6", "--quiet"]
 
 
-def _example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A tiny training run: OUT/base, OUT/checkpoint-1, OUT/checkpoint-2, OUT/prompts.jsonl (8 prompts)."""
-    out = tmp_path_factory.mktemp("tiny_run")
-    _example("train_tiny_checkpoint").main(["--out", str(out), "--quick"], echo=lambda *args: None)
-    return out
+def run_dir(tiny_run) -> Path:
+    """The shared tiny training run: OUT/base, OUT/checkpoint-1, OUT/checkpoint-2, OUT/prompts.jsonl."""
+    return Path(tiny_run["out"])
 
 
 @pytest.fixture(scope="module")

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_example
+
 from funcprobe import DeltaH1Result, LRSweepResult, SNISResult
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_run")
-    run = _example("train_tiny_checkpoint").main(["--out", str(out), "--quick"], echo=lambda *args: None)
-    assert (out / "prompts.jsonl").is_file()
-    return Path(run["checkpoints"][-1])
+def checkpoint_dir(tiny_run) -> Path:
+    assert (Path(tiny_run["out"]) / "prompts.jsonl").is_file()
+    return Path(tiny_run["checkpoints"][-1])
 
 
 def _check_probe(results) -> None:
@@ -38,7 +31,7 @@ def _check_probe(results) -> None:
 
 
 def test_probe_checkpoint(checkpoint_dir, capsys):
-    results = _example("probe_checkpoint").main([str(checkpoint_dir), "--quick"])
+    results = load_example("probe_checkpoint").main([str(checkpoint_dir), "--quick"])
     _check_probe(results)
     printed = capsys.readouterr().out
     assert "δH₁" in printed and "ΔH realised" in printed
@@ -46,7 +39,7 @@ def test_probe_checkpoint(checkpoint_dir, capsys):
 
 def test_lr_sweep(checkpoint_dir, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
-    results = _example("lr_sweep").main([str(checkpoint_dir), "--out", str(plot), "--quick"])
+    results = load_example("lr_sweep").main([str(checkpoint_dir), "--out", str(plot), "--quick"])
     sweep = results["lr_sweep"]
     assert isinstance(sweep, LRSweepResult) and len(sweep.rows) == 3 and sweep.prediction == "deltaH1"
     assert [row.factor for row in sweep.rows] == pytest.approx([0.5, 1.0, 2.0])
@@ -55,7 +48,7 @@ def test_lr_sweep(checkpoint_dir, tmp_path, capsys):
 
 
 def test_custom_reward_on_a_checkpoint(checkpoint_dir, capsys):
-    example = _example("custom_reward")
+    example = load_example("custom_reward")
     results = example.main([str(checkpoint_dir), "--quick"])
     _check_probe(results)
     rewards = results["batch"].rewards
@@ -64,7 +57,7 @@ def test_custom_reward_on_a_checkpoint(checkpoint_dir, capsys):
 
 
 def test_custom_reward_function_prefers_short_answers():
-    reward = _example("custom_reward").short_answer_reward
+    reward = load_example("custom_reward").short_answer_reward
     values = reward(["1+1=", "2+2="], [["2", "22", "the answer"], ["4", "", "5"]], {"answers": ["2", "4"]})
     assert values.shape == (2, 3)
     assert values[0, 0] > values[0, 1] > values[0, 2]          # right and short beats wrong, wrong and short first
@@ -73,6 +66,6 @@ def test_custom_reward_function_prefers_short_answers():
 
 
 def test_custom_reward_on_the_demo_policy(capsys):
-    results = _example("custom_reward").main(["--quick"])
+    results = load_example("custom_reward").main(["--quick"])
     _check_probe(results)
     assert "demo's tiny policy" in capsys.readouterr().out
