@@ -99,6 +99,8 @@ def _add_probe_parser(commands) -> None:
                         "terminal)")
     output.add_argument("-v", "--verbose", action="store_true", help="log each stage, and print the full δH₁ "
                         "and ΔH tables")
+    output.add_argument("--dist-timeout", type=float, default=300.0, help="under torchrun: seconds a collective "
+                        "may wait before the run fails (a rank that died or hangs) (default %(default)s)")
 
 
 # ------------------------------------------------------------------------------------------------ argument checks
@@ -212,9 +214,18 @@ def _choose_prompts(path, args: argparse.Namespace) -> dict:
             "answers": [answers[i] for i in indices]}
 
 
-def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print) -> dict:
-    """The ``probe`` command: load, sample, δH₁, step, ΔH, sweep; print the report; write JSON and the plot."""
+def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, world=None) -> dict:
+    """The ``probe`` command: load, sample, δH₁, step, ΔH, sweep; print the report; write JSON and the plot.
+
+    Under torchrun (``world`` from ``funcprobe.distributed.init_from_env``): every rank loads the checkpoint, samples
+    its contiguous shard of the B prompts (``first_prompt_index`` = the shard's start, so the global batch does not
+    depend on the number of ranks), the shards are gathered so that every rank holds the whole batch, and δH₁, the
+    step, ΔH and the sweep are computed sharded (issue 6). Only rank 0 prints and writes the JSON and the plot, at
+    the very end (the JSON atomically).
+    """
     import torch
+
+    from .distributed import COMM, SINGLE, gather_sampled
 
     from .checkpoints import load_checkpoint
     from .delta_h1 import delta_h1
@@ -224,6 +235,9 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print) ->
     from .update import rl_update
 
     _check_probe_args(args)
+    world = SINGLE if world is None else world
+    if not world.is_main:
+        echo, progress = (lambda *a, **k: None), False
     started = time.perf_counter()
     timings: dict[str, float] = {}
     reset_peak_memory(args.device)
@@ -261,9 +275,17 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print) ->
                          "tokenizer_config.json in the checkpoint or its base); save the tokenizer with the "
                          "checkpoint.")
 
-    sampled = timed("sample", lambda: sample_batch(
-        policy, params, prompts, G=args.G, reward_fn=args.reward, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, tokenizer=checkpoint.tokenizer, top_p=args.top_p, meta=meta, progress=progress))
+    shard = world.shard(len(prompts))
+
+    def sample_shard():
+        if not len(shard):
+            return None
+        return sample_batch(policy, params, prompts[shard.start:shard.stop], G=args.G, reward_fn=args.reward,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, tokenizer=checkpoint.tokenizer,
+                            top_p=args.top_p, meta={"answers": meta["answers"][shard.start:shard.stop]},
+                            first_prompt_index=shard.start, progress=progress)
+
+    sampled = timed("sample", lambda: gather_sampled(world, sample_shard()))
     batch = sampled.batch
     echo(f"batch: B={batch.B} prompts × G={batch.G} responses from {prompts_path}; mean reward "
          f"{float(batch.rewards.mean()):.4g}; {sampled.eos_count}/{batch.num_sequences} ended with EOS")
@@ -271,13 +293,16 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print) ->
     chunks = dict(seq_chunk=args.seq_chunk, token_chunk=args.token_chunk, progress=progress)
     step = dict(lr=args.lr, max_grad_norm=args.max_grad_norm)
     prediction = timed("delta_h1", lambda: delta_h1(params, batch, policy=policy, adam=adam, units=args.units_value,
-                                                   **step, **chunks))
-    new_params, _ = timed("update", lambda: rl_update(params, batch, policy=policy, adam=adam, **step, **chunks))
-    realised = timed("snis", lambda: snis_delta_h(params, new_params, policy=policy, batch=batch, **chunks))
+                                                   world=world, **step, **chunks))
+    new_params, _ = timed("update", lambda: rl_update(params, batch, policy=policy, adam=adam, world=world, **step,
+                                                      **chunks))
+    realised = timed("snis", lambda: snis_delta_h(params, new_params, policy=policy, batch=batch, world=world,
+                                                  **chunks))
     sweep = None
     if args.etas is not None:
         sweep = timed("lr_sweep", lambda: lr_sweep(params, batch, policy=policy, adam=adam, etas=args.etas,
-                                                   delta_h1_fn=lambda p, b: prediction, **step, **chunks))
+                                                   delta_h1_fn=lambda p, b: prediction, world=world, **step,
+                                                   **chunks))
     echo("\n" + format_report(prediction, realised, sweep, details=args.verbose))
     timings["total"] = time.perf_counter() - started
 
@@ -304,7 +329,12 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print) ->
         "lr_sweep": None if sweep is None else sweep.to_dict(),
         "timings": timings,
         "peak_memory": peak_memory(args.device),
+        "distributed": {"world_size": world.size, "backend": world.backend, "rank": world.rank,
+                        "per_rank_note": "timings, peak memory and δH₁'s pass counts are rank 0's own",
+                        "comm_rank0": COMM.snapshot()},
     }
+    if not world.is_main:
+        return results
     if args.out is not None:
         echo(f"\nwrote {write_json(args.out, results)}")
     if args.plot is not None:
@@ -350,6 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     progress = False if args.quiet else None  # None: bars only when stderr is a terminal
+    world = None
+    if args.command == "probe" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import init_from_env
+
+        world = init_from_env(timeout_s=args.dist_timeout, device=args.device)
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        if not world.is_main:
+            logging.getLogger().setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             # A transformers deprecation that PEFT triggers on every model load; nothing a user can act on.
@@ -362,11 +401,44 @@ def main(argv: list[str] | None = None) -> int:
                 run_demo(dataclasses.replace(config, seed=args.seed), out_dir=args.out, plot=not args.no_plot,
                          progress=progress)
             elif args.command == "probe":
-                run_probe(args, progress=progress)
+                run_probe(args, progress=progress, world=world)
         return 0
     except USER_ERRORS as error:
-        print(f"funcprobe {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        _record(world, error)
+        print(f"funcprobe {args.command}: error: {_rank(world)}{_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if world is None:
+            raise
+        from .distributed import DistributedError
+
+        _record(world, error)
+        if isinstance(error, DistributedError):
+            print(f"funcprobe {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            print(f"funcprobe {args.command}: error: {_rank(world)}{type(error).__name__}: {_one_line(error)}",
+                  file=sys.stderr)
+        return 1
+    finally:
+        if world is not None:
+            from .distributed import shutdown
+
+            shutdown(world)
+
+
+def _rank(world) -> str:
+    return "" if world is None or not world.distributed else f"rank {world.rank}/{world.size}: "
+
+
+def _record(world, error: BaseException) -> None:
+    if world is not None and world.distributed:
+        from .distributed import DistributedError, record_failure
+
+        if not isinstance(error, DistributedError):  # only the rank where it started names itself
+            record_failure(world, error)
 
 
 if __name__ == "__main__":

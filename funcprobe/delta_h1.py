@@ -297,7 +297,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
              units: str | int = "prompt", lr: float | None = None, max_grad_norm: float | None = None,
              seq_chunk: int | None = None, token_chunk: int | None = None,
              store_unit_vectors: str | bool = "auto", memory_budget_bytes: int | None = None,
-             progress: bool | None = False) -> DeltaH1Result:
+             progress: bool | None = False, world=None) -> DeltaH1Result:
     """δH₁ of spec §5 for one AdamW step on ``batch`` from θ = ``params`` with optimizer state ``adam``.
 
     units: "prompt" (exact mode, U = B) or M (block mode, M equal blocks of consecutive prompts).
@@ -306,7 +306,18 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     store_unit_vectors: keep the 2U unit vectors (float64, CPU) between the passes — "auto" does when they fit in
     ``memory_budget_bytes`` (default: a quarter of the available RAM) — or recompute them in a second pass.
     Pure: params, batch, policy and state are untouched.
+
+    world: a ``funcprobe.distributed.World`` (issue 6). Every rank passes the whole batch and computes only its
+    contiguous shard of units (``shard_prompts(U, rank, size)``; a block never straddles ranks); ΣX, ΣY are
+    all-reduced in float64, P, η_g and Δθ_state come from the global Ȳ (identical on every rank), and the 7 per-unit
+    scalars are computed locally against the global sums and all-gathered (U·7 float64 — no unit vector is sent).
+    Every estimate field then equals the single-process one up to float64 rounding of the sums; ``timings``,
+    ``peak_memory_*`` and the pass counts (``forward_passes``, ``backward_passes``, ``sequences_forwarded``) are this
+    rank's own. ``store_unit_vectors="auto"`` budgets for this rank's units.
     """
+    from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
+
+    world = SINGLE if world is None else world
     started = time.perf_counter()
     policy.check_params(params)
     batch.require_prompts(2, "δH₁ (a cross-prompt U-statistic)")
@@ -322,7 +333,9 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
                          "adapter (load_adam_state(path, policy.params)).")
     partition = unit_partition(batch.B, units)
     U = len(partition)
-    store = _decide_store(store_unit_vectors, U, params, memory_budget_bytes)
+    unit_counts = shard_counts(U, world.size)
+    my_units = world.shard(U)
+    store = _decide_store(store_unit_vectors, len(my_units), params, memory_budget_bytes)
     counts = _Counts()
     if policy.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(policy.device)
@@ -334,12 +347,14 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
 
     # Pass 1: ΣX, ΣY (and the unit vectors when kept).
     sum_x, sum_y, kept = _zeros_like(params), _zeros_like(params), []
-    for unit in _progress(range(U), total=U, desc="δH₁ pass 1", enabled=progress):
+    for unit in _progress(my_units, total=len(my_units), desc="δH₁ pass 1", enabled=progress):
         x_unit, y_unit = vectors_of(unit)
         _add_(sum_x, x_unit)
         _add_(sum_y, y_unit)
         if store:
             kept.append((x_unit, y_unit))
+    all_reduce_sum_(world, {**{("x", n): t for n, t in sum_x.items()}, **{("y", n): t for n, t in sum_y.items()}},
+                    "δH₁ all_reduce of ΣX, ΣY")
     timings["pass1_s"] = time.perf_counter() - started
 
     # The step: Ȳ = ΣY/U (equal units), P at this batch's v', η_g, Δθ_state.
@@ -354,16 +369,22 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
 
     # Pass 2: per-unit scalars, from the kept vectors or recomputed ones.
     phase = time.perf_counter()
-    scalars = {key: torch.zeros(3, U, dtype=torch.float64) for key in weights}
-    state_dots = torch.zeros(U, dtype=torch.float64)
-    source = kept if store else (vectors_of(unit) for unit in range(U))
-    for unit, (x_unit, y_unit) in enumerate(_progress(source, total=U, desc="δH₁ pass 2",
+    local = len(my_units)
+    scalars = {key: torch.zeros(3, local, dtype=torch.float64) for key in weights}
+    state_dots = torch.zeros(local, dtype=torch.float64)
+    source = kept if store else (vectors_of(unit) for unit in my_units)
+    for unit, (x_unit, y_unit) in enumerate(_progress(source, total=local, desc="δH₁ pass 2",
                                                        enabled=progress and not store)):
         for key, weight in weights.items():
             scalars[key][0, unit] = _dot(x_unit, _weighted(weight, y_unit))
             scalars[key][1, unit] = _dot(x_unit, weighted_sum_y[key])
             scalars[key][2, unit] = _dot(y_unit, weighted_sum_x[key])
         state_dots[unit] = _dot(x_unit, delta_state)
+    if world.distributed:  # the 7 per-unit scalars of every rank, in global unit order: [U, 7]
+        rows = torch.cat([scalars["plain"].T, scalars["eta"].T, state_dots[:, None]], dim=1)
+        rows = gather_rows(world, rows, unit_counts, "δH₁ all_gather of the per-unit scalars")
+        scalars = {"plain": rows[:, 0:3].T.contiguous(), "eta": rows[:, 3:6].T.contiguous()}
+        state_dots = rows[:, 6].contiguous()
     timings["pass2_s"] = time.perf_counter() - phase
 
     plain = ustatistic_summary(_dot(sum_x, weighted_sum_y["plain"]), *scalars["plain"])

@@ -195,23 +195,33 @@ class Policy:
         return zeros.index_add(0, rows, per_token)
 
     def _chunks(self, batch: RolloutBatch, seq_chunk: int | None, progress: bool | None,
-                desc: str) -> Iterator[SequenceChunk]:
+                desc: str, shard: tuple[int, int] | None = None) -> Iterator[SequenceChunk]:
         seq_chunk = self.seq_chunk if seq_chunk is None else seq_chunk
         _check_positive("seq_chunk", seq_chunk)
         chunks = batch.iter_sequence_chunks(seq_chunk)
         total = -(-batch.num_sequences // seq_chunk)
+        if shard is not None:  # a contiguous range of the batch's own chunks (issue 6): same chunks, same numbers
+            import itertools
+
+            from .distributed import shard_prompts
+
+            mine = shard_prompts(total, *shard)
+            chunks, total = itertools.islice(chunks, mine.start, mine.stop), len(mine)
         return _progress(chunks, total=total, desc=desc, enabled=progress)
 
     # ------------------------------------------------------------------------------------------------ public API
     def sequence_logprobs(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
                           token_chunk: int | None = None, with_grad: bool = False,
-                          progress: bool | None = False) -> Tensor:
+                          progress: bool | None = False, shard: tuple[int, int] | None = None) -> Tensor:
         """S_{n,g}(θ) of spec §1 for every sequence of the batch: float64 [B, G].
 
         With ``with_grad=False`` (default) the forwards run under ``torch.no_grad`` and the result is on the CPU.
         With ``with_grad=True`` the result stays on the policy's device and is differentiable in ``params`` (for
         use inside ``torch.func.grad``); the graph of the whole batch is then alive at once — for gradients of
         weighted sums over many sequences prefer ``logprob_grads``, which keeps one chunk's graph at a time.
+
+        ``shard=(rank, world)``: only that rank's contiguous range of the batch's sequence chunks (the others are 0);
+        the chunks are those of the whole batch, so a sum over ranks reproduces the single-process values exactly.
         """
         self.check_params(params)
         self._check_batch(batch)
@@ -219,14 +229,16 @@ class Policy:
         _check_positive("token_chunk", token_chunk)
         pieces, indices = [], []
         with torch.set_grad_enabled(with_grad):
-            for chunk in self._chunks(batch, seq_chunk, progress, "log-probs"):
+            for chunk in self._chunks(batch, seq_chunk, progress, "log-probs", shard):
                 values = self._chunk_logprobs(params, chunk, token_chunk)
                 pieces.append(values if with_grad else values.cpu())
                 indices.append(chunk.flat_index)
+        if not pieces:
+            return torch.zeros((batch.B, batch.G), dtype=torch.float64)
         flat = torch.cat(pieces)
         order = torch.cat(indices).to(flat.device)
-        # Chunks arrive in flat order; the scatter keeps the result correct if an iterator ever reorders them.
-        result = torch.zeros_like(flat).index_add(0, order, flat)
+        # A scatter by flat index: correct in any chunk order, and zero for sequences outside this rank's shard.
+        result = torch.zeros(batch.num_sequences, dtype=flat.dtype, device=flat.device).index_add(0, order, flat)
         return result.reshape(batch.B, batch.G)
 
     def iter_logprob_vjps(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
@@ -285,10 +297,12 @@ class Policy:
 
     @torch.no_grad()
     def token_entropies(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
-                        token_chunk: int | None = None, progress: bool | None = False) -> Tensor:
+                        token_chunk: int | None = None, progress: bool | None = False,
+                        shard: tuple[int, int] | None = None) -> Tensor:
         """Σ_k response_mask[n,g,k] · H(π_θ(· | t_<k)), the summed full next-token entropies: float64 [B, G].
 
-        The Rao-Blackwellised entropy of spec §6, in the same vocabulary chunks as the log-probs.
+        The Rao-Blackwellised entropy of spec §6, in the same vocabulary chunks as the log-probs. ``shard`` as for
+        :meth:`sequence_logprobs` (the other ranks' sequences are 0).
         """
         self.check_params(params)
         self._check_batch(batch)
@@ -296,7 +310,7 @@ class Policy:
         _check_positive("token_chunk", token_chunk)
         head = self._lm_head
         result = torch.zeros(batch.num_sequences, dtype=torch.float64)
-        for chunk in self._chunks(batch, seq_chunk, progress, "entropies"):
+        for chunk in self._chunks(batch, seq_chunk, progress, "entropies", shard):
             hidden, _, rows = self._response_rows(params, chunk)
             per_token = token_entropies(hidden, head.weight, head.bias, temperature=self.temperature,
                                         token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)

@@ -544,23 +544,32 @@ def _require_policy(policy: Any, batch: RolloutBatch, fn: str, needs: str) -> No
 def _snis(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: RolloutBatch, normalize: str,
           per_token: bool, estimator: str, clip: float | None, seq_chunk: int | None, token_chunk: int | None,
           progress: bool | None, S: Tensor | None = None, E: Tensor | None = None,
-          clock: _Clock | None = None) -> SNISResult:
-    """snis_delta_h after validation; S (and, for RB, E) at θ may be given (an lr sweep computes them once)."""
+          clock: _Clock | None = None, world=None) -> SNISResult:
+    """snis_delta_h after validation; S (and, for RB, E) at θ may be given (an lr sweep computes them once).
+
+    With a distributed ``world`` each rank forwards only its range of sequence chunks and the [B, G] matrices (S,
+    S⁺, and the entropies) are combined over ranks, so the estimate below runs on identical inputs on every rank.
+    """
     clock = _Clock() if clock is None else clock
     started = time.perf_counter()
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
+    sharded = _sharded_pass(world, batch)
     if S is None:
         if batch.logprobs is not None:
             S = batch.logprobs.to("cpu", torch.float64)
         else:
-            S = clock.run("logprobs_before", lambda: policy.sequence_logprobs(params, batch, **chunks))
-    S_plus = clock.run("logprobs_after", lambda: policy.sequence_logprobs(update, batch, **chunks))
+            S = clock.run("logprobs_before",
+                          lambda: sharded(lambda **k: policy.sequence_logprobs(params, batch, **chunks, **k)))
+    S_plus = clock.run("logprobs_after",
+                       lambda: sharded(lambda **k: policy.sequence_logprobs(update, batch, **chunks, **k)))
     values_before = values_after = None
     if estimator == "rao_blackwell":
         if E is None:
-            E = clock.run("entropies_before", lambda: policy.token_entropies(params, batch, **chunks))
+            E = clock.run("entropies_before",
+                          lambda: sharded(lambda **k: policy.token_entropies(params, batch, **chunks, **k)))
         values_before = E
-        values_after = clock.run("entropies_after", lambda: policy.token_entropies(update, batch, **chunks))
+        values_after = clock.run("entropies_after",
+                                 lambda: sharded(lambda **k: policy.token_entropies(update, batch, **chunks, **k)))
     start = time.perf_counter()
     estimate = importance_weighted_delta_h(
         S, S_plus, normalize=normalize, per_token=per_token,
@@ -592,10 +601,26 @@ def _snis(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: Roll
         forward_passes=clock.forward_passes, timings=timings)
 
 
+def _sharded_pass(world, batch: RolloutBatch) -> Callable[[Callable[..., Tensor]], Tensor]:
+    """run(fn) with fn(shard=...) → [B, G]: the whole batch in one process; distributed, each rank forwards its
+    contiguous range of the batch's own sequence chunks (``shard=(rank, world)``: the same chunks, hence the same
+    float64 values, as one process) and the disjoint [B, G] pieces are summed over ranks (x + 0 is exact)."""
+    if world is None or not world.distributed:
+        return lambda fn: fn()
+    from .distributed import all_reduce_sum_
+
+    def run(fn: Callable[..., Tensor]) -> Tensor:
+        local = fn(shard=(world.rank, world.size)).to("cpu", torch.float64).contiguous()
+        all_reduce_sum_(world, {"values": local}, "ΔH all_reduce of per-sequence values")
+        return local
+
+    return run
+
+
 def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | None = None,
                  batch: RolloutBatch, normalize: str = "prompt", per_token: bool = False,
                  estimator: str = "sequence", clip: float | None = None, seq_chunk: int | None = None,
-                 token_chunk: int | None = None, progress: bool | None = False) -> SNISResult:
+                 token_chunk: int | None = None, progress: bool | None = False, world=None) -> SNISResult:
     """ΔĤ = Ĥ(θ⁺) − Ĥ(θ) by importance sampling on a batch drawn from π_θ (spec §6).
 
     Args:
@@ -612,6 +637,13 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | Non
     Forward passes only (no gradients): S(θ⁺) (1), S(θ) if not cached (1), and for Rao-Blackwell the entropies at
     θ and θ⁺ (2). Nothing is modified.
 
+    world: a ``funcprobe.distributed.World`` (issue 6): every rank passes the whole batch and forwards a contiguous
+    range of its sequence chunks (sharded by sequence index, so that each chunk — and therefore each S and S⁺ — is
+    exactly the one a single process computes: a per-prompt shard would re-chunk the sequences and change S in
+    the last bits, which the cancellation in log w = S⁺ − S and in ΔĤ = Ĥ⁺ − Ĥ amplifies to ~1e-11 relative). The
+    [B, G] per-sequence values (B·G float64 per pass) are summed over ranks with disjoint supports, which is exact;
+    every field then equals the single-process result (``timings`` are this rank's).
+
     Raises ValueError (naming the problem and the fix) for: a bad option, an update (or params) whose names, shapes
     or dtypes differ from the policy's, a missing policy, and NaN/inf log-weights (naming the sequences).
     """
@@ -621,7 +653,8 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | Non
     policy.check_params(params, "params")
     policy.check_params(update, "update")
     return _snis(params, update, policy=policy, batch=batch, normalize=normalize, per_token=per_token,
-                 estimator=estimator, clip=clip, seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
+                 estimator=estimator, clip=clip, seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress,
+                 world=world)
 
 
 def entropy(params: ParamsDict, batch: RolloutBatch, *, policy: Policy | None = None, estimator: str = "sequence",
@@ -804,7 +837,7 @@ def lr_sweep(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
              delta_h1_fn: Callable[[ParamsDict, RolloutBatch], Any] | None = None, normalize: str = "prompt",
              per_token: bool = False, estimator: str = "sequence", clip: float | None = None,
              seq_chunk: int | None = None, token_chunk: int | None = None,
-             progress: bool | None = False) -> LRSweepResult:
+             progress: bool | None = False, world=None) -> LRSweepResult:
     """ΔĤ(η) for the step's direction at several learning rates η, with the first-order prediction beside it.
 
     One ``update_direction`` on ``update_batch`` (default: the evaluation ``batch``) gives Δθ at the step's learning
@@ -824,6 +857,9 @@ def lr_sweep(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
       E[X̄·Δθ | Δθ] = −∇H·Δθ: there are no same-prompt products X_n·P·Y_n to remove and no U-statistic correction is
       needed. Its SE is sd_n(−X_n·Δθ)/sqrt(B) over the evaluation prompts, conditional on Δθ (as ΔĤ's is). It
       costs one forward and about B vjps over the evaluation batch. ``delta_h1_fn`` is not used then.
+
+    world: a ``funcprobe.distributed.World`` (issue 6): the step's gradient and every ΔĤ(η) are computed sharded
+    (see ``snis_delta_h``); the separate-update-batch plug-in prediction is not distributed (refused).
     """
     clip = _check_options(normalize, estimator, per_token, clip)
     _check_batch(batch, "lr_sweep")
@@ -836,9 +872,13 @@ def lr_sweep(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     clock = _Clock()
     started = time.perf_counter()
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
+    distributed = world is not None and world.distributed
+    if distributed and not same_batch:
+        raise ValueError("lr_sweep with a separate update_batch (the plug-in prediction) is not distributed; run it "
+                         "in one process, or sweep on the same batch.")
     decomposition = clock.run("update_direction", lambda: update_direction(
         params, batch if same_batch else update_batch, policy=policy, adam=adam, lr=lr,
-        max_grad_norm=max_grad_norm, **chunks))
+        max_grad_norm=max_grad_norm, world=world, **chunks))
     try:
         lr_ref = decomposition.lr
     except ValueError as error:
@@ -848,9 +888,10 @@ def lr_sweep(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         raise ValueError(f"lr_sweep: the step's learning rate is {lr_ref}; η/lr is undefined. Pass lr > 0.")
     delta = decomposition.delta_theta()
 
+    sharded = _sharded_pass(world, batch)
     S = batch.logprobs.to("cpu", torch.float64) if batch.logprobs is not None else \
-        clock.run("logprobs_before", lambda: policy.sequence_logprobs(params, batch, **chunks))
-    E = clock.run("entropies_before", lambda: policy.token_entropies(params, batch, **chunks)) \
+        clock.run("logprobs_before", lambda: sharded(lambda **k: policy.sequence_logprobs(params, batch, **chunks, **k)))
+    E = clock.run("entropies_before", lambda: sharded(lambda **k: policy.token_entropies(params, batch, **chunks, **k))) \
         if estimator == "rao_blackwell" else None
 
     prediction, h1, h1_se, h1_plugin = "none", None, None, None
@@ -879,7 +920,7 @@ def lr_sweep(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         factor = eta / lr_ref
         update = scaled_update(params, delta, factor)
         result = _snis(params, update, policy=policy, batch=batch, normalize=normalize, per_token=per_token,
-                       estimator=estimator, clip=clip, S=S, E=E, **chunks)
+                       estimator=estimator, clip=clip, S=S, E=E, world=world, **chunks)
         for phase, seconds in result.timings.items():
             if phase != "total":
                 clock.timings[phase] = clock.timings.get(phase, 0.0) + seconds

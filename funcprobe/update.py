@@ -29,31 +29,53 @@ def objective_weights(batch: RolloutBatch) -> Tensor:
 
 def policy_gradient(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Policy,
                     seq_chunk: int | None = None, token_chunk: int | None = None,
-                    progress: bool | None = False) -> tuple[Tensor, dict[str, Tensor]]:
-    """(S float64 [B, G], Ȳ) with Ȳ = (1/B) Σ_n Y_n the negative gradient of the batch's RL loss (float64, CPU)."""
-    logprobs, (ybar,) = policy.logprob_grads(params, batch, objective_weights(batch), seq_chunk=seq_chunk,
-                                             token_chunk=token_chunk, progress=progress)
+                    progress: bool | None = False, world=None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(S float64 [B, G], Ȳ) with Ȳ = (1/B) Σ_n Y_n the negative gradient of the batch's RL loss (float64, CPU).
+
+    With a distributed ``world`` (issue 6) every rank passes the whole batch, differentiates its shard of prompts
+    with the global weights, and Ȳ is all-reduced (one LoRA-sized float64 vector); S is all-gathered.
+    """
+    if world is None or not world.distributed:
+        logprobs, (ybar,) = policy.logprob_grads(params, batch, objective_weights(batch), seq_chunk=seq_chunk,
+                                                 token_chunk=token_chunk, progress=progress)
+        return logprobs, ybar
+    from .distributed import all_reduce_sum_, gather_rows, shard_counts
+
+    mine = list(world.shard(batch.B))
+    weights = objective_weights(batch)
+    if mine:
+        logprobs, (ybar,) = policy.logprob_grads(params, batch.select_prompts(mine), weights[mine],
+                                                 seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
+        ybar = {name: value.to("cpu", torch.float64) for name, value in ybar.items()}
+        logprobs = logprobs.to("cpu", torch.float64)
+    else:
+        ybar = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in params.items()}
+        logprobs = torch.zeros((0, batch.G), dtype=torch.float64)
+    all_reduce_sum_(world, ybar, "all_reduce of the RL gradient")
+    logprobs = gather_rows(world, logprobs, shard_counts(batch.B, world.size), "all_gather of S")
     return logprobs, ybar
 
 
 def rl_update(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Policy, adam: AdamState,
               lr: float | None = None, max_grad_norm: float | None = None, seq_chunk: int | None = None,
-              token_chunk: int | None = None, progress: bool | None = False) -> tuple[dict[str, Tensor], AdamState]:
+              token_chunk: int | None = None, progress: bool | None = False,
+              world=None) -> tuple[dict[str, Tensor], AdamState]:
     """One AdamW step on the batch's RL loss: (θ⁺, state after the step). Pure: inputs are untouched.
 
     Equals what ``loss.backward(); clip_grad_norm_(…, max_grad_norm); optimizer.step()`` would do to the LoRA
     tensors of a module in eval mode, computed without touching the module.
     """
     _, ybar = policy_gradient(params, batch, policy=policy, seq_chunk=seq_chunk, token_chunk=token_chunk,
-                              progress=progress)
+                              progress=progress, world=world)
     loss_grad = {name: -value for name, value in ybar.items()}
     return adamw_update(params, loss_grad, adam, lr=lr, max_grad_norm=max_grad_norm)
 
 
 def update_direction(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Policy, adam: AdamState,
                      lr: float | None = None, max_grad_norm: float | None = None, seq_chunk: int | None = None,
-                     token_chunk: int | None = None, progress: bool | None = False) -> UpdateDecomposition:
+                     token_chunk: int | None = None, progress: bool | None = False,
+                     world=None) -> UpdateDecomposition:
     """The decomposition θ⁺ − θ = η_g · P ⊙ Ȳ + Δθ_state of this batch's step (spec §4), as δH₁ uses it."""
     _, ybar = policy_gradient(params, batch, policy=policy, seq_chunk=seq_chunk, token_chunk=token_chunk,
-                              progress=progress)
+                              progress=progress, world=world)
     return update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=max_grad_norm)
