@@ -7,6 +7,7 @@ from .adam import AdamState, adamw_update, load_adam_state, update_decomposition
 from .batch import RolloutBatch, SequenceChunk
 from .checkpoints import Checkpoint, load_checkpoint
 from .delta_h1 import DeltaH1Result, delta_h1
+from .memory import MemoryPlan, plan_memory
 from .policy import Policy, load_policy
 from .probe import Probe
 from .sampling import SampledBatch, sample_batch
@@ -16,5 +17,6 @@ from .update import policy_gradient, rl_update, update_direction
 __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState", "adamw_update",
            "load_adam_state", "update_decomposition", "rl_update", "update_direction", "policy_gradient",
            "delta_h1", "DeltaH1Result", "snis_delta_h", "SNISResult", "entropy", "EntropyResult", "lr_sweep",
-           "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint", "sample_batch", "SampledBatch"]
+           "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint", "sample_batch", "SampledBatch",
+           "plan_memory", "MemoryPlan"]
 __version__ = "0.1.0"

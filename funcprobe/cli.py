@@ -87,6 +87,10 @@ def _add_probe_parser(commands) -> None:
     compute.add_argument("--seq-chunk", type=int, default=None, help="sequences per forward (default 8)")
     compute.add_argument("--token-chunk", type=int, default=None, help="response rows per vocabulary chunk "
                          "(default 512)")
+    compute.add_argument("--memory-budget", default=None, metavar="SIZE",
+                         help="memory the probe may use, e.g. 40GB, 16GiB, 512MB (device memory on CUDA, process "
+                         "memory above the imports on the CPU): chunk sizes and the store mode are planned to fit it, "
+                         "or the run is refused before sampling; explicit --seq-chunk/--token-chunk win")
     compute.add_argument("--base", default=None, help="base model (hub id or folder) when the checkpoint does not "
                          "name a usable one")
     compute.add_argument("--optimizer", default=None, help="the optimizer.pt, when it is not in the checkpoint "
@@ -175,6 +179,13 @@ def _check_probe_args(args: argparse.Namespace) -> None:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be finite and > 0; got {value}.")
     args.etas = parse_etas(args.eta_sweep) if args.eta_sweep is not None else None
+    from .memory import parse_memory_size
+
+    try:
+        args.memory_budget_bytes = (parse_memory_size(args.memory_budget) if args.memory_budget is not None
+                                    else None)
+    except ValueError as error:
+        raise ValueError(f"--memory-budget: {error}") from None
     args.units_value = parse_units(args.units)
     if args.plot is not None and args.etas is None:
         raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "
@@ -275,6 +286,21 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
                          "tokenizer_config.json in the checkpoint or its base); save the tokenizer with the "
                          "checkpoint.")
 
+    memory_plan, store, prompt_chunk = None, "auto", 8
+    seq_chunk, token_chunk = args.seq_chunk, args.token_chunk
+    if args.memory_budget_bytes is not None:
+        from .memory import plan_for_policy
+
+        prompt_len = max(len(checkpoint.tokenizer(text)["input_ids"]) for text in prompts)
+        plan = plan_for_policy(policy, (args.B, args.G, max(prompt_len, 1), args.max_new_tokens),
+                               budget_bytes=args.memory_budget_bytes, units=args.units_value)
+        memory_plan, store, prompt_chunk = plan.to_dict(), plan.store_unit_vectors, plan.prompt_chunk
+        seq_chunk = plan.seq_chunk if seq_chunk is None else seq_chunk
+        token_chunk = plan.token_chunk if token_chunk is None else token_chunk
+        echo(f"memory plan: seq_chunk={seq_chunk}, token_chunk={token_chunk}, prompt_chunk="
+             f"{prompt_chunk}, unit vectors {'stored' if store else 'recomputed'}; predicted peak "
+             f"{plan.peak_bytes / 2 ** 30:.2f} GiB ({plan.peak_phase}) of {plan.budget_bytes / 2 ** 30:.2f} GiB")
+
     shard = world.shard(len(prompts))
 
     def sample_shard():
@@ -283,17 +309,17 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         return sample_batch(policy, params, prompts[shard.start:shard.stop], G=args.G, reward_fn=args.reward,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, tokenizer=checkpoint.tokenizer,
                             top_p=args.top_p, meta={"answers": meta["answers"][shard.start:shard.stop]},
-                            first_prompt_index=shard.start, progress=progress)
+                            first_prompt_index=shard.start, prompt_chunk=prompt_chunk, progress=progress)
 
     sampled = timed("sample", lambda: gather_sampled(world, sample_shard()))
     batch = sampled.batch
     echo(f"batch: B={batch.B} prompts × G={batch.G} responses from {prompts_path}; mean reward "
          f"{float(batch.rewards.mean()):.4g}; {sampled.eos_count}/{batch.num_sequences} ended with EOS")
 
-    chunks = dict(seq_chunk=args.seq_chunk, token_chunk=args.token_chunk, progress=progress)
+    chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
     step = dict(lr=args.lr, max_grad_norm=args.max_grad_norm)
     prediction = timed("delta_h1", lambda: delta_h1(params, batch, policy=policy, adam=adam, units=args.units_value,
-                                                   world=world, **step, **chunks))
+                                                   store_unit_vectors=store, world=world, **step, **chunks))
     new_params, _ = timed("update", lambda: rl_update(params, batch, policy=policy, adam=adam, world=world, **step,
                                                       **chunks))
     realised = timed("snis", lambda: snis_delta_h(params, new_params, policy=policy, batch=batch, world=world,
@@ -306,7 +332,8 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     echo("\n" + format_report(prediction, realised, sweep, details=args.verbose))
     timings["total"] = time.perf_counter() - started
 
-    config = {name: value for name, value in vars(args).items() if name not in ("etas", "units_value")}
+    config = {name: value for name, value in vars(args).items()
+              if name not in ("etas", "units_value", "memory_budget_bytes")}
     config.update(etas=args.etas, units_parsed=args.units_value)
     results = {
         "command": "probe",
@@ -329,6 +356,7 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         "lr_sweep": None if sweep is None else sweep.to_dict(),
         "timings": timings,
         "peak_memory": peak_memory(args.device),
+        "memory_plan": memory_plan,
         "distributed": {"world_size": world.size, "backend": world.backend, "rank": world.rank,
                         "per_rank_note": "timings, peak memory and δH₁'s pass counts are rank 0's own",
                         "comm_rank0": COMM.snapshot()},

@@ -28,7 +28,6 @@ step does; U_cross and the seed convention are then reported with the plain P.
 from __future__ import annotations
 
 import math
-import resource
 import time
 import warnings
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from .adam import AdamState, update_decomposition
 from .batch import RolloutBatch
+from .memory import PeakTracker, parse_memory_size, plan_for_policy
 from .policy import Policy, _progress
 
 __all__ = ["DeltaH1Result", "delta_h1", "unit_partition", "ustatistic_summary"]
@@ -89,11 +89,14 @@ class DeltaH1Result:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     peak_memory_kind: str = ""
+    chunk_peak_bytes: tuple[int, ...] = ()
+    memory_plan: dict | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (NaN stays NaN; ``json.dumps`` writes it as NaN)."""
         data = asdict(self)
         data["row_means"] = list(self.row_means)
+        data["chunk_peak_bytes"] = list(self.chunk_peak_bytes)
         return data
 
     def __str__(self) -> str:
@@ -297,7 +300,8 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
              units: str | int = "prompt", lr: float | None = None, max_grad_norm: float | None = None,
              seq_chunk: int | None = None, token_chunk: int | None = None,
              store_unit_vectors: str | bool = "auto", memory_budget_bytes: int | None = None,
-             progress: bool | None = False, world=None) -> DeltaH1Result:
+             memory_budget: int | str | None = None, progress: bool | None = False,
+             world=None) -> DeltaH1Result:
     """δH₁ of spec §5 for one AdamW step on ``batch`` from θ = ``params`` with optimizer state ``adam``.
 
     units: "prompt" (exact mode, U = B) or M (block mode, M equal blocks of consecutive prompts).
@@ -305,6 +309,14 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     seq_chunk: sequences per forward (1: one backward per sequence serves X and Y; default the policy's).
     store_unit_vectors: keep the 2U unit vectors (float64, CPU) between the passes — "auto" does when they fit in
     ``memory_budget_bytes`` (default: a quarter of the available RAM) — or recompute them in a second pass.
+    memory_budget: bytes, or a size like "2GB" / "16GiB" (``parse_memory_size``). When given, the chunk sizes left
+    at None and ``store_unit_vectors="auto"`` are taken from ``plan_for_policy`` for this batch's shape (B, G, the
+    longest prompt, the longest response); a budget that even the smallest setting exceeds raises the planner's
+    ValueError before any work is done. The plan is returned as ``memory_plan``.
+    Memory: ``chunk_peak_bytes`` holds the peak (``PeakTracker``: CUDA ``max_memory_allocated``, or the process's
+    VmHWM on the CPU) of each unit's vectors in pass 1, then in pass 2 when they are recomputed;
+    ``peak_memory_bytes`` is their maximum together with the peak of the rest of the call (the step, pass 2 on
+    stored vectors), ``peak_memory_kind`` the tracker's kind.
     Pure: params, batch, policy and state are untouched.
 
     world: a ``funcprobe.distributed.World`` (issue 6). Every rank passes the whole batch and computes only its
@@ -312,8 +324,8 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     all-reduced in float64, P, η_g and Δθ_state come from the global Ȳ (identical on every rank), and the 7 per-unit
     scalars are computed locally against the global sums and all-gathered (U·7 float64 — no unit vector is sent).
     Every estimate field then equals the single-process one up to float64 rounding of the sums; ``timings``,
-    ``peak_memory_*`` and the pass counts (``forward_passes``, ``backward_passes``, ``sequences_forwarded``) are this
-    rank's own. ``store_unit_vectors="auto"`` budgets for this rank's units.
+    ``peak_memory_*``, ``chunk_peak_bytes`` and the pass counts (``forward_passes``, ``backward_passes``,
+    ``sequences_forwarded``) are this rank's own. ``store_unit_vectors="auto"`` budgets for this rank's units.
     """
     from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
 
@@ -321,6 +333,16 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     started = time.perf_counter()
     policy.check_params(params)
     batch.require_prompts(2, "δH₁ (a cross-prompt U-statistic)")
+    partition = unit_partition(batch.B, units)
+    memory_plan = None
+    if memory_budget is not None:
+        plan = plan_for_policy(policy, _batch_shape(batch), budget_bytes=parse_memory_size(memory_budget),
+                               units=units)
+        memory_plan = plan.to_dict()
+        seq_chunk = plan.seq_chunk if seq_chunk is None else seq_chunk
+        token_chunk = plan.token_chunk if token_chunk is None else token_chunk
+        if store_unit_vectors == "auto":
+            store_unit_vectors = plan.store_unit_vectors
     seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
     token_chunk = policy.token_chunk if token_chunk is None else token_chunk
     for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
@@ -331,14 +353,14 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         raise ValueError(f"the optimizer state does not match the params: it lacks {missing[:3]} and holds "
                          f"{len(adam.exp_avg)} tensors for {len(params)} params. Load the state saved with this "
                          "adapter (load_adam_state(path, policy.params)).")
-    partition = unit_partition(batch.B, units)
     U = len(partition)
     unit_counts = shard_counts(U, world.size)
     my_units = world.shard(U)
     store = _decide_store(store_unit_vectors, len(my_units), params, memory_budget_bytes)
     counts = _Counts()
-    if policy.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(policy.device)
+    tracker = PeakTracker(policy.device)
+    tracker.reset()
+    laps: list[int] = []  # peak memory of each unit's vectors (pass 1, then pass 2 when recomputed)
     timings = {}
 
     def vectors_of(unit):
@@ -351,6 +373,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         x_unit, y_unit = vectors_of(unit)
         _add_(sum_x, x_unit)
         _add_(sum_y, y_unit)
+        laps.append(tracker.lap())
         if store:
             kept.append((x_unit, y_unit))
     all_reduce_sum_(world, {**{("x", n): t for n, t in sum_x.items()}, **{("y", n): t for n, t in sum_y.items()}},
@@ -372,7 +395,14 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     local = len(my_units)
     scalars = {key: torch.zeros(3, local, dtype=torch.float64) for key in weights}
     state_dots = torch.zeros(local, dtype=torch.float64)
-    source = kept if store else (vectors_of(unit) for unit in my_units)
+
+    def recomputed():
+        for unit in my_units:
+            vectors = vectors_of(unit)
+            laps.append(tracker.lap())
+            yield vectors
+
+    source = kept if store else recomputed()
     for unit, (x_unit, y_unit) in enumerate(_progress(source, total=local, desc="δH₁ pass 2",
                                                        enabled=progress and not store)):
         for key, weight in weights.items():
@@ -399,7 +429,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     plugin_grad = -_dot(sum_x, weighted_sum_y["eta"]) / U ** 2
     eta_g, lr_used = _uniform_or_none(decomposition, "eta_g"), _uniform_or_none(decomposition, "lr")
     se_scale = abs(eta_g) if eta_g is not None else math.nan
-    peak, peak_kind = _peak_memory(policy.device)
+    peak = max(laps + [tracker.read()])
     timings["total_s"] = time.perf_counter() - started
     return DeltaH1Result(
         deltaH1=delta, grad_term=grad_term, state_term=state_term, deltaH1_plugin=plugin_grad + state_term,
@@ -412,7 +442,14 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         B=batch.B, G=batch.G, stored_unit_vectors=store, seq_chunk=seq_chunk, token_chunk=token_chunk,
         forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
         sequences_forwarded=counts.sequences_forwarded, timings=timings, peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind)
+        peak_memory_kind=tracker.kind, chunk_peak_bytes=tuple(laps), memory_plan=memory_plan)
+
+
+def _batch_shape(batch: RolloutBatch) -> tuple[int, int, int, int]:
+    """(B, G, longest prompt, longest response) from the batch's masks, for the memory planner."""
+    response = batch.response_mask.to(torch.bool)
+    prompt = batch.attention_mask.to(torch.bool) & ~response
+    return (batch.B, batch.G, max(1, int(prompt.sum(-1).max())), max(1, int(response.sum(-1).max())))
 
 
 def _uniform_or_none(decomposition, attribute: str) -> float | None:
@@ -444,9 +481,3 @@ def _available_memory_bytes() -> int:
         pass
     return 4 << 30
 
-
-def _peak_memory(device: torch.device) -> tuple[int | None, str]:
-    """Peak accelerator memory since the call began (CUDA), else the process's peak RSS so far (CPU)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"

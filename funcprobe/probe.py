@@ -39,6 +39,7 @@ class Probe:
     seq_chunk: int | None = None
     token_chunk: int | None = None
     store_unit_vectors: str | bool = "auto"
+    memory_budget: int | str | None = None
     progress: bool | None = False
 
     def with_batch(self, batch: RolloutBatch) -> "Probe":
@@ -58,7 +59,7 @@ class Probe:
         """δH₁ of one AdamW step on the batch (spec §5); ``options`` override the bound ones."""
         settings = dict(units=self.units, lr=self.lr, max_grad_norm=self.max_grad_norm, seq_chunk=self.seq_chunk,
                         token_chunk=self.token_chunk, store_unit_vectors=self.store_unit_vectors,
-                        progress=self.progress)
+                        memory_budget=self.memory_budget, progress=self.progress)
         settings.update(options)
         return delta_h1(params, self._batch(batch), policy=self.policy, adam=self.adam, **settings)
 

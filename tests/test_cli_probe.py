@@ -156,3 +156,42 @@ def test_select_prompts():
     assert len(drawn) == 6 and set(drawn) <= {0, 1}
     with pytest.raises(ValueError, match="--replace"):
         select_prompts(2, 3, seed=0)
+
+
+def test_memory_budget_plans_the_chunks(checkpoint_dir, tmp_path, capsys):
+    out = tmp_path / "planned.json"
+    assert main(["probe", str(checkpoint_dir), *SMALL, "--memory-budget", "8GB", "--out", str(out)]) == 0
+    assert "memory plan: seq_chunk=" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    plan = results["memory_plan"]
+    assert plan["budget_bytes"] == 8 * 10 ** 9 and plan["fits"] and plan["batch_shape"][:2] == [4, 4]
+    assert plan["batch_shape"][3] == 6
+    delta = results["delta_h1"]
+    assert (delta["seq_chunk"], delta["token_chunk"], delta["stored_unit_vectors"]) == (
+        plan["seq_chunk"], plan["token_chunk"], plan["store_unit_vectors"])
+    assert results["config"]["memory_budget"] == "8GB" and results["config"]["seq_chunk"] is None
+    assert delta["chunk_peak_bytes"] and delta["peak_memory_bytes"] >= max(delta["chunk_peak_bytes"])
+
+
+def test_explicit_chunks_win_over_the_memory_budget(checkpoint_dir, tmp_path, capsys):
+    out = tmp_path / "explicit.json"
+    assert main(["probe", str(checkpoint_dir), *SMALL, "--memory-budget", "8GB", "--seq-chunk", "1",
+                 "--token-chunk", "32", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert (results["delta_h1"]["seq_chunk"], results["delta_h1"]["token_chunk"]) == (1, 32)
+    assert results["memory_plan"] is not None
+
+
+def test_memory_budget_too_small(checkpoint_dir, capsys):
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--memory-budget", "1KB"], "above the budget")
+
+
+def test_bad_memory_budget(checkpoint_dir, capsys):
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--memory-budget", "lots"], "--memory-budget")
+
+
+def test_no_memory_plan_without_a_budget(checkpoint_dir, tmp_path, capsys):
+    out = tmp_path / "plain.json"
+    assert main(["probe", str(checkpoint_dir), "-B", "3", "-G", "2", "--max-new-tokens", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["memory_plan"] is None
