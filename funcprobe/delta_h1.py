@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .adam import AdamState, update_decomposition
 from .batch import RolloutBatch
-from .memory import PeakTracker, parse_memory_size, plan_for_policy
+from .memory import PeakTracker, available_memory_bytes, parse_memory_size, plan_for_policy
 from .policy import Policy, _progress
 
 __all__ = ["DeltaH1Result", "delta_h1", "unit_partition", "ustatistic_summary"]
@@ -466,18 +466,5 @@ def _decide_store(store_unit_vectors: str | bool, U: int, params: ParamsDict, bu
         raise ValueError(f"store_unit_vectors must be 'auto', True or False; got {store_unit_vectors!r}.")
     needed = 2 * U * sum(t.numel() for t in params.values()) * 8
     if budget is None:
-        budget = _available_memory_bytes() // 4
+        budget = available_memory_bytes() // 4
     return needed <= budget
-
-
-def _available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-

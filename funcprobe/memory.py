@@ -346,7 +346,8 @@ def _gb(value: int) -> str:
     return f"{value / GIB:.2f} GiB" if value >= 2 ** 28 else f"{value / 2 ** 20:.1f} MiB"
 
 
-def _available_memory_bytes() -> int:
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -363,7 +364,7 @@ def default_budget_bytes(device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    return int(CPU_SAFE_SHARE * _available_memory_bytes())
+    return int(CPU_SAFE_SHARE * available_memory_bytes())
 
 
 def _seq_chunk_candidates(G: int, prompts_per_unit: int) -> list[int]:
@@ -398,7 +399,7 @@ def plan_memory(model_config, lora_config, batch_shape, *, dtype: torch.dtype = 
     if budget_bytes is None:
         budget_bytes = default_budget_bytes(device)
     if host_budget_bytes is None:
-        host_budget_bytes = int(CPU_SAFE_SHARE * _available_memory_bytes()) if cuda else budget_bytes
+        host_budget_bytes = int(CPU_SAFE_SHARE * available_memory_bytes()) if cuda else budget_bytes
     if units == "prompt":
         U, prompts_per_unit = B, 1
     else:
