@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from funcprobe import AdamState, Policy  # noqa: E402
+from funcprobe import Policy  # noqa: E402
 from funcprobe.delta_h1 import delta_h1  # noqa: E402
 from funcprobe.distributed import (COMM, gather_sampled, init_from_env, record_failure, shutdown)  # noqa: E402
 from funcprobe.sampling import sample_batch  # noqa: E402
@@ -28,22 +28,12 @@ from funcprobe.snis import snis_delta_h  # noqa: E402
 from funcprobe.testing import char_tokenizer, random_batch, tiny_peft_model  # noqa: E402
 from funcprobe.update import rl_update  # noqa: E402
 
+from conftest import warm_state  # noqa: E402  (this script runs from tests/, so conftest is importable)
+
 VOCAB = 64
 PROMPTS = ["1+1=", "2*3=", "7-", "hello", "9", "ab"]
 
 
-def warm_state(params, lr=0.01, weight_decay=0.1, step=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    names = list(params)
-    optimizer_like = {
-        "state": {i: {"step": torch.tensor(float(step)),
-                      "exp_avg": 1e-3 * torch.randn(params[n].shape, generator=generator, dtype=torch.float64),
-                      "exp_avg_sq": 1e-6 * torch.rand(params[n].shape, generator=generator, dtype=torch.float64)}
-                  for i, n in enumerate(names)},
-        "param_groups": [{"params": list(range(len(names))), "lr": lr, "betas": (0.9, 0.999), "eps": 1e-8,
-                          "weight_decay": weight_decay, "amsgrad": False, "maximize": False}],
-    }
-    return AdamState.from_torch(optimizer_like, names, params)
 
 
 def compute(world) -> dict:

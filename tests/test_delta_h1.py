@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from funcprobe import AdamState, Policy, delta_h1, rl_update, update_direction
 from funcprobe.testing import random_batch, tiny_peft_model
 
-from conftest import naive_sequence_logprobs
+from conftest import naive_sequence_logprobs, warm_state
 
 VOCAB = 64
 HYPOTHESIS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -36,21 +36,6 @@ def batch():
     return random_batch(6, 3, vocab_size=VOCAB, prompt_len=(2, 4), response_len=(1, 5), seed=5)
 
 
-def warm_state(params, *, lr=0.01, weight_decay=0.1, step=4, seed=0):
-    """An AdamW state as if a few steps had been taken (non-zero m and v), float64."""
-    generator = torch.Generator().manual_seed(seed)
-    state = AdamState.zeros(params, lr=lr, weight_decay=weight_decay)
-    names = list(params)
-    optimizer_like = {
-        "state": {i: {"step": torch.tensor(float(step)),
-                      "exp_avg": 1e-3 * torch.randn(params[n].shape, generator=generator, dtype=torch.float64),
-                      "exp_avg_sq": 1e-6 * torch.rand(params[n].shape, generator=generator, dtype=torch.float64)}
-                  for i, n in enumerate(names)},
-        "param_groups": [{"params": list(range(len(names))), "lr": lr, "betas": (0.9, 0.999), "eps": 1e-8,
-                          "weight_decay": weight_decay, "amsgrad": False, "maximize": False}],
-    }
-    del state
-    return AdamState.from_torch(optimizer_like, names, params)
 
 
 # -------------------------------------------------------------------------------------------- naive reference
