@@ -9,6 +9,10 @@ Spec §0 (``shared/spec/ESTIMATORS.md``) is the contract for :class:`RolloutBatc
 * ``length_norm``     float64 [B]      L_n > 0, the per-prompt normaliser of the policy-gradient loss
 * ``logprobs``        float64 [B, G]   S_{n,g}(θ) cached at sampling time, or None (computed when needed)
 * ``rewards``         float64 [B, G]   for reporting only, or None
+* ``prompt_index``    int64 [B]        which prompt of the pool each row is, or None (for drawing an independent
+                                       evaluation batch from the same pool, spec §6)
+* ``temperature``     float > 0        the τ the responses were drawn at; every log-probability of this batch uses
+                                       it, and a policy with another τ refuses the batch
 
 Construction validates everything the estimators rely on and raises :class:`ValueError` naming the field, what was
 found and how to fix it. Every method returns a new object; nothing here writes into a tensor it was given. A batch may
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 from collections.abc import Iterator, Mapping
@@ -35,15 +40,20 @@ from torch import Tensor
 __all__ = ["FORMAT_VERSION", "RolloutBatch", "SequenceChunk"]
 
 #: Written into every saved batch (safetensors metadata and JSON) and checked on load.
-FORMAT_VERSION = "funcprobe.batch/1"
+FORMAT_VERSION = "funcprobe.batch/2"
+#: The format before the sampling temperature was recorded: read only when the caller states τ (``temperature=``).
+_FORMAT_V1 = "funcprobe.batch/1"
 
 _FORMAT_KEY = "format"
 _PAD_KEY = "pad_token_id"
 _REQUIRED_TENSORS = ("input_ids", "attention_mask", "response_mask", "advantages", "length_norm")
 _OPTIONAL_TENSORS = ("logprobs", "rewards")
+#: Optional per-prompt integer tensors [B].
+_OPTIONAL_INDEX = ("prompt_index",)
+_TEMPERATURE_KEY = "temperature"
 _MASKS = ("attention_mask", "response_mask")
-_TENSOR_FIELDS = _REQUIRED_TENSORS + _OPTIONAL_TENSORS
-_DICT_KEYS = frozenset((_FORMAT_KEY, _PAD_KEY) + _TENSOR_FIELDS)
+_TENSOR_FIELDS = _REQUIRED_TENSORS + _OPTIONAL_TENSORS + _OPTIONAL_INDEX
+_DICT_KEYS = frozenset((_FORMAT_KEY, _PAD_KEY, _TEMPERATURE_KEY) + _TENSOR_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -100,6 +110,29 @@ def _check_mask_values(name: str, mask: Tensor) -> None:
             f"{name}: must hold only 0 and 1, found {mask[where].item()} at index {where}. "
             f"Build masks as bool or 0/1 integer tensors (e.g. (ids != pad_token_id))."
         )
+
+
+def _recorded_temperature(recorded: Any, found_format: str, stated: float | None, where: str) -> float:
+    """The τ a saved batch was drawn at: its recorded value, checked against ``stated`` when both exist; for the
+    older format (no τ recorded) ``stated`` is required."""
+    if recorded is None:
+        if stated is None:
+            raise ValueError(
+                f"{where}: records no sampling temperature (format {found_format!r}, written before τ was recorded). "
+                f"The estimators must use the τ the responses were drawn at: pass it, e.g. "
+                f"RolloutBatch.load(path, temperature=1.0), or re-save the batch with this funcprobe."
+            )
+        return float(stated)
+    try:
+        value = float(recorded)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: its temperature {recorded!r} is not a number. Re-save the batch.") from None
+    if stated is not None and float(stated) != value:
+        raise ValueError(
+            f"{where}: was drawn at temperature τ={value:g}, but temperature={stated!r} was passed. Leave it out to "
+            f"use the recorded τ."
+        )
+    return value
 
 
 def _as_chunk_size(name: str, value: Any) -> int:
@@ -177,6 +210,10 @@ class RolloutBatch:
         logprobs:       floating [B, G] (stored as float64), finite and ≤ 0, or None.
         rewards:        real [B, G] (stored as float64), finite, or None.
         pad_token_id:   int ≥ 0.
+        prompt_index:   integer [B] (stored as int64), ≥ 0: the position of each row's prompt in the prompt pool it
+                        was drawn from, or None. Lets an evaluation batch be drawn from the same pool (spec §6).
+        temperature:    float > 0 (default 1): the τ the responses were drawn at (spec §0). Every log-probability
+                        and entropy of the batch is taken at this τ; a ``Policy`` with another τ refuses the batch.
 
     Requires B ≥ 1, G ≥ 2 (the leave-one-out baseline needs it) and L ≥ 2; estimators that need more prompts call
     :meth:`require_prompts`. All tensors must be on one device. Validation raises ``ValueError`` whose message starts
@@ -191,6 +228,8 @@ class RolloutBatch:
     logprobs: Tensor | None = None
     rewards: Tensor | None = None
     pad_token_id: int = 0
+    prompt_index: Tensor | None = None
+    temperature: float = 1.0
 
     # ---------------------------------------------------------------------------------------------------- validation
 
@@ -202,10 +241,20 @@ class RolloutBatch:
                 f"(or its eos_token_id when it has none)."
             )
 
+        temperature = self.temperature
+        if isinstance(temperature, Tensor):
+            temperature = temperature.item()
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+                or not (math.isfinite(float(temperature)) and float(temperature) > 0):
+            raise ValueError(
+                f"temperature: expected a finite number > 0 (the τ the responses were drawn at), found "
+                f"{self.temperature!r}. Pass the sampler's temperature (1.0 for plain sampling)."
+            )
+
         present = {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
         for name in _REQUIRED_TENSORS:
             _require_tensor(name, getattr(self, name))
-        for name in _OPTIONAL_TENSORS:
+        for name in _OPTIONAL_TENSORS + _OPTIONAL_INDEX:
             if name in present:
                 _require_tensor(name, present[name])
 
@@ -330,6 +379,19 @@ class RolloutBatch:
         if rewards is not None:
             rewards = rewards.detach().to(torch.float64)
             _require_finite("rewards", rewards, "Fix the reward function, or pass rewards=None.")
+        prompt_index = present.get("prompt_index")
+        if prompt_index is not None:
+            if not _is_integer_dtype(prompt_index.dtype):
+                raise ValueError(
+                    f"prompt_index: expected integer pool indices, found dtype {prompt_index.dtype}. Pass the "
+                    f"positions of the prompts in their pool as an int64 tensor, or None."
+                )
+            _require_shape("prompt_index", prompt_index, (B,), "[B]", "Pass one pool index per prompt, or None.")
+            prompt_index = prompt_index.detach().to(torch.int64)
+            if bool((prompt_index < 0).any()):
+                where = _first_index(prompt_index < 0)
+                raise ValueError(f"prompt_index: pool indices must be ≥ 0, found {prompt_index[where].item()} at "
+                                 f"index {where}. Pass positions in the prompt pool, or None.")
 
         for name, value in (
             ("input_ids", input_ids),
@@ -339,7 +401,9 @@ class RolloutBatch:
             ("length_norm", length_norm),
             ("logprobs", logprobs),
             ("rewards", rewards),
+            ("prompt_index", prompt_index),
             ("pad_token_id", int(pad)),
+            ("temperature", float(temperature)),
         ):
             object.__setattr__(self, name, value)
 
@@ -391,7 +455,8 @@ class RolloutBatch:
         return (
             f"RolloutBatch(B={self.B}, G={self.G}, L={self.L}, device={self.device}, "
             f"logprobs={'cached' if self.logprobs is not None else 'not cached'}, "
-            f"rewards={'present' if self.rewards is not None else 'absent'}, pad_token_id={self.pad_token_id})"
+            f"rewards={'present' if self.rewards is not None else 'absent'}, τ={self.temperature:g}, "
+            f"pad_token_id={self.pad_token_id})"
         )
 
     # ------------------------------------------------------------------------------------------------ derived batches
@@ -402,7 +467,7 @@ class RolloutBatch:
     def _map_tensors(self, fn) -> RolloutBatch:
         """A new batch with ``fn`` applied to every present tensor (the leading dim of each is the prompt)."""
         mapped = {name: (None if t is None else fn(t)) for name, t in self._tensors().items()}
-        return RolloutBatch(pad_token_id=self.pad_token_id, **mapped)
+        return RolloutBatch(pad_token_id=self.pad_token_id, temperature=self.temperature, **mapped)
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """A new batch with every tensor on ``device``."""
@@ -524,7 +589,8 @@ class RolloutBatch:
     def save(self, path: str | os.PathLike) -> None:
         """Write the batch to a safetensors file (masks as uint8; logprobs/rewards only when present).
 
-        The metadata holds ``format`` = :data:`FORMAT_VERSION` and ``pad_token_id``.
+        The metadata holds ``format`` = :data:`FORMAT_VERSION`, ``pad_token_id`` and ``temperature`` (written with
+        ``repr``, so it reads back exactly).
         """
         from safetensors.torch import save_file
 
@@ -536,11 +602,18 @@ class RolloutBatch:
                 tensor = tensor.to(torch.uint8)
             # clone(): safetensors refuses tensors sharing storage (e.g. rewards passed as a view of advantages).
             tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-        save_file(tensors, os.fspath(path), metadata={_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(self.pad_token_id)})
+        save_file(tensors, os.fspath(path), metadata={_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(self.pad_token_id),
+                                                       _TEMPERATURE_KEY: repr(self.temperature)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> RolloutBatch:
-        """Read a batch written by :meth:`save`, validate it and put it on ``device``."""
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", *,
+             temperature: float | None = None) -> RolloutBatch:
+        """Read a batch written by :meth:`save`, validate it and put it on ``device``.
+
+        ``temperature``: needed only for files of the older format ``funcprobe.batch/1``, which did not record the τ
+        the responses were drawn at (the estimators must not guess it); for current files it must match the recorded
+        τ if given.
+        """
         from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
@@ -557,7 +630,7 @@ class RolloutBatch:
                 f"{path}: is not a funcprobe batch: its metadata has no {_FORMAT_KEY!r} entry (metadata "
                 f"{metadata}, tensors {sorted(tensors)}). {how}"
             )
-        if found_format != FORMAT_VERSION:
+        if found_format not in (FORMAT_VERSION, _FORMAT_V1):
             raise ValueError(
                 f"{path}: has format {found_format!r}; this funcprobe reads {FORMAT_VERSION!r}. "
                 f"Use the funcprobe version that wrote it, or re-save the batch."
@@ -568,6 +641,10 @@ class RolloutBatch:
             raise ValueError(
                 f"{path}: is a damaged funcprobe batch: missing tensors {missing}, unknown tensors {unknown}. {how}"
             )
+        if found_format == FORMAT_VERSION and _TEMPERATURE_KEY not in metadata:
+            raise ValueError(f"{path}: is a damaged funcprobe batch: its metadata has no {_TEMPERATURE_KEY!r} "
+                             f"(the τ the responses were drawn at). {how}")
+        recorded = _recorded_temperature(metadata.get(_TEMPERATURE_KEY), found_format, temperature, path)
         try:
             pad_token_id = int(metadata[_PAD_KEY])
         except (KeyError, ValueError):
@@ -575,14 +652,15 @@ class RolloutBatch:
                 f"{path}: is a damaged funcprobe batch: metadata {_PAD_KEY!r} is {metadata.get(_PAD_KEY)!r}, "
                 f"expected an integer. {how}"
             ) from None
-        return cls(pad_token_id=pad_token_id, **tensors).to(device)
+        return cls(pad_token_id=pad_token_id, temperature=recorded, **tensors).to(device)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: nested lists of ints/floats (masks as 0/1), absent optional fields as None.
 
         float64 values survive a JSON round trip exactly (Python writes the shortest repr that reads back the same).
         """
-        out: dict[str, Any] = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: self.pad_token_id}
+        out: dict[str, Any] = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: self.pad_token_id,
+                               _TEMPERATURE_KEY: self.temperature}
         for name, tensor in self._tensors().items():
             if tensor is not None and name in _MASKS:
                 tensor = tensor.to(torch.uint8)
@@ -590,16 +668,24 @@ class RolloutBatch:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RolloutBatch:
-        """Build a validated batch from a dict shaped like :meth:`to_dict`'s (``format`` may be absent)."""
+    def from_dict(cls, data: Mapping[str, Any], *, temperature: float | None = None) -> RolloutBatch:
+        """Build a validated batch from a dict shaped like :meth:`to_dict`'s (``format`` may be absent).
+
+        The τ is the dict's ``temperature`` (default 1 when the dict has no ``format`` either: a hand-made dict);
+        ``temperature`` is needed for dicts of the older format ``funcprobe.batch/1``, as for :meth:`load`.
+        """
         if not isinstance(data, Mapping):
             raise ValueError(f"data: expected a mapping like RolloutBatch.to_dict()'s, found {type(data).__name__}.")
         found_format = data.get(_FORMAT_KEY, FORMAT_VERSION)
-        if found_format != FORMAT_VERSION:
+        if found_format not in (FORMAT_VERSION, _FORMAT_V1):
             raise ValueError(
                 f"{_FORMAT_KEY}: found {found_format!r}; this funcprobe reads {FORMAT_VERSION!r}. "
                 f"Use the funcprobe version that wrote it."
             )
+        stated = data.get(_TEMPERATURE_KEY)
+        if stated is None and _FORMAT_KEY not in data:
+            stated = 1.0 if temperature is None else temperature
+        recorded = _recorded_temperature(stated, found_format, temperature, "data")
         unknown = sorted(set(data) - _DICT_KEYS)
         if unknown:
             raise ValueError(f"data: unknown keys {unknown}; expected a subset of {sorted(_DICT_KEYS)}.")
@@ -613,8 +699,9 @@ class RolloutBatch:
             value = data.get(name)
             if value is None:
                 continue
-            # Token ids and masks keep their parsed integer dtype (validation rejects floats); the rest is float64.
-            dtype = None if name in ("input_ids",) + _MASKS else torch.float64
+            # Token ids, masks and pool indices keep their parsed integer dtype (validation rejects floats); the rest
+            # is float64.
+            dtype = None if name in ("input_ids",) + _MASKS + _OPTIONAL_INDEX else torch.float64
             try:
                 fields[name] = torch.as_tensor(value, dtype=dtype)
             except (TypeError, ValueError, RuntimeError, OverflowError) as error:
@@ -622,7 +709,7 @@ class RolloutBatch:
                     f"{name}: could not be read as a rectangular numeric array ({error}). "
                     f"Every row must have the same length."
                 ) from None
-        return cls(pad_token_id=data.get(_PAD_KEY, 0), **fields)
+        return cls(pad_token_id=data.get(_PAD_KEY, 0), temperature=recorded, **fields)
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_dict` as JSON."""

@@ -132,6 +132,13 @@ def _assert_same_batch(a: RolloutBatch, b: RolloutBatch) -> None:
 # validation: one case per violation; the message must start with the field's name and say what was found
 
 
+def _put(name, value):
+    def mutate(kw):
+        kw[name] = value
+
+    return mutate
+
+
 def _set(name, value_fn):
     def mutate(kw):
         kw[name] = value_fn(kw[name])
@@ -278,6 +285,14 @@ VALIDATION_CASES = {
     "pad_token_id_negative": (_set("pad_token_id", lambda v: -1), r"^pad_token_id: expected an integer ≥ 0, found -1"),
     "pad_token_id_float": (_set("pad_token_id", lambda v: 1.5), r"^pad_token_id: expected an integer ≥ 0, found 1\.5"),
     "pad_token_id_bool": (_set("pad_token_id", lambda v: True), r"^pad_token_id: expected an integer ≥ 0, found True"),
+    "temperature_zero": (_put("temperature", 0.0), r"^temperature: expected a finite number > 0"),
+    "temperature_inf": (_put("temperature", float("inf")), r"^temperature: expected a finite number > 0"),
+    "temperature_str": (_put("temperature", "1"), r"^temperature: expected a finite number > 0"),
+    "prompt_index_float": (_put("prompt_index", torch.zeros(3)), r"^prompt_index: expected integer pool"),
+    "prompt_index_shape": (_put("prompt_index", torch.zeros(3, dtype=torch.int64)),
+                           r"^prompt_index: expected shape \[B\]"),
+    "prompt_index_negative": (_put("prompt_index", torch.tensor([0, -1])),
+                              r"^prompt_index: pool indices must be ≥ 0, found -1"),
 }
 
 
@@ -442,6 +457,47 @@ def test_json_round_trip(tmp_path, with_optionals):
     _assert_same_batch(RolloutBatch.load_json(tmp_path / "batch.json"), batch)
 
 
+@pytest.mark.parametrize("save", ["safetensors", "json"])
+def test_temperature_and_prompt_index_round_trip(tmp_path, save):
+    """τ and the pool indices survive both formats exactly, and select_prompts carries them."""
+    kwargs = _make_batch_inputs(3, 2, 7, seed=5)
+    batch = RolloutBatch(**kwargs, temperature=0.7, prompt_index=torch.tensor([4, 0, 4]))
+    if save == "json":
+        batch.save_json(tmp_path / "b.json")
+        loaded = RolloutBatch.load_json(tmp_path / "b.json")
+    else:
+        batch.save(tmp_path / "b.safetensors")
+        loaded = RolloutBatch.load(tmp_path / "b.safetensors")
+    _assert_same_batch(loaded, batch)
+    assert loaded.temperature == 0.7 and loaded.prompt_index.dtype == torch.int64
+    picked = batch.select_prompts([2, 1])
+    assert picked.temperature == 0.7 and picked.prompt_index.tolist() == [4, 0]
+    assert "τ=0.7" in repr(batch)
+
+
+def test_old_format_needs_the_temperature_stated(tmp_path):
+    """A funcprobe.batch/1 file recorded no τ: loading it without temperature= is refused (never guessed)."""
+    from safetensors.torch import save_file
+
+    batch = RolloutBatch(**_make_batch_inputs(2, 2, 6, seed=2))
+    tensors = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.to(torch.uint8),
+               "response_mask": batch.response_mask.to(torch.uint8), "advantages": batch.advantages,
+               "length_norm": batch.length_norm}
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata={"format": "funcprobe.batch/1", "pad_token_id": "0"})
+    with pytest.raises(ValueError, match=r"records no sampling temperature.*temperature=1\.0"):
+        RolloutBatch.load(path)
+    assert RolloutBatch.load(path, temperature=0.6).temperature == 0.6
+    current = tmp_path / "new.safetensors"
+    batch.replace(temperature=0.6).save(current)
+    with pytest.raises(ValueError, match=r"drawn at temperature τ=0\.6, but temperature=1\.0 was passed"):
+        RolloutBatch.load(current, temperature=1.0)
+    old_dict = {**batch.to_dict(), "format": "funcprobe.batch/1"}
+    del old_dict["temperature"]
+    with pytest.raises(ValueError, match="records no sampling temperature"):
+        RolloutBatch.from_dict(old_dict)
+
+
 def test_load_rejects_a_safetensors_file_that_is_not_a_batch(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(path))
@@ -471,7 +527,7 @@ def test_load_rejects_other_format_versions_and_damaged_files(tmp_path):
         RolloutBatch.load(newer)
     damaged = tmp_path / "damaged.safetensors"
     del tensors["advantages"]
-    save_file(tensors, str(damaged), metadata={"format": FORMAT_VERSION, "pad_token_id": "0"})
+    save_file(tensors, str(damaged), metadata={"format": FORMAT_VERSION, "pad_token_id": "0", "temperature": "1.0"})
     with pytest.raises(ValueError, match=r"damaged funcprobe batch: missing tensors \['advantages'\]"):
         RolloutBatch.load(damaged)
 
@@ -486,7 +542,7 @@ def test_load_validates_contents(tmp_path):
         "length_norm": -batch.length_norm,
     }
     path = tmp_path / "bad.safetensors"
-    save_file(tensors, str(path), metadata={"format": FORMAT_VERSION, "pad_token_id": "0"})
+    save_file(tensors, str(path), metadata={"format": FORMAT_VERSION, "pad_token_id": "0", "temperature": "1.0"})
     with pytest.raises(ValueError, match=r"^length_norm: must be > 0"):
         RolloutBatch.load(path)
 
