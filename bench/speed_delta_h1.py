@@ -363,10 +363,10 @@ def benchmark(key: str, config: dict, batch_shape: dict, repeats: int, warmup: b
 def float64_truth(policy: Policy, batch, adam: AdamState, log):
     """funcprobe's δH₁ on a float64 copy of the model (RMSNorm in float64 too, float64 log-softmax): the yardstick
     that shows how far each float32 method is from the exact value. Untimed."""
-    from funcprobe.testing import _make_norms_exact
+    from funcprobe.precision import exact_float64
 
     model = copy.deepcopy(policy.module).double()
-    _make_norms_exact(model)
+    exact_float64(model)
     policy64 = Policy.from_peft(model, logsoftmax_dtype=torch.float64)
     start = time.perf_counter()
     result = delta_h1(policy64.params, batch, policy=policy64, adam=adam.to(dtype=torch.float64), units="prompt",

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .adam import AdamState, load_adam_state
-from .policy import LORA_NAME_MARKERS, Policy, _from_pretrained, load_policy
+from .policy import LORA_NAME_MARKERS, Policy, load_base_model, load_policy
 
 __all__ = ["Checkpoint", "load_checkpoint", "LAYOUTS"]
 
@@ -157,13 +157,9 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
         base_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     else:
         base_name = str(base_ref)
-        kwargs: dict[str, Any] = dict(local_files_only=local_files_only)
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        from transformers import AutoModelForCausalLM
-
         try:
-            model = _from_pretrained(AutoModelForCausalLM, base_name, dtype, kwargs)
+            model = load_base_model(base_name, dtype=dtype, local_files_only=local_files_only,
+                                    attn_implementation=attn_implementation)
         except (OSError, ValueError) as error:
             raise ValueError(f"could not load the base model '{base_name}' ({base_label}): {_first_line(error)}. "
                              "Pass base=PATH (a local model folder or a hub id you can download).") from None

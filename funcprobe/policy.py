@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .batch import RolloutBatch, SequenceChunk
 from .logprobs import token_entropies, token_logprobs
 
-__all__ = ["Policy", "load_policy", "ChunkLogprobs", "LORA_NAME_MARKERS", "DEFAULT_MAX_TRAINABLE"]
+__all__ = ["Policy", "load_policy", "load_base_model", "ChunkLogprobs", "LORA_NAME_MARKERS", "DEFAULT_MAX_TRAINABLE"]
 
 #: Substrings that mark a PEFT parameter as part of a LoRA adapter (plain LoRA, embedding LoRA, DoRA).
 LORA_NAME_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
@@ -59,23 +59,25 @@ class Policy:
     Attributes:
         module: the PEFT model.
         params: the LoRA tensors (detached copies), ``dict[str, Tensor]`` keyed by PEFT parameter names.
-        temperature: τ of spec §0; every log-probability and entropy uses softmax(z / τ).
-        logsoftmax_dtype: float32 (default) or float64, the dtype of the log-softmax (spec §1).
+        temperature: τ of spec §0; every log-probability and entropy uses softmax(z / τ). A batch drawn at another τ
+            (``RolloutBatch.temperature``) is refused.
+        logsoftmax_dtype: float32 or float64, the dtype of the log-softmax (spec §1). Default (None): the wider of
+            float32 and the model's dtype, so a float64 model is not rounded to float32 at the vocabulary projection.
         seq_chunk, token_chunk: default sequences per decoder forward and response rows per vocabulary chunk.
     """
 
     def __init__(self, module: nn.Module, *, temperature: float = 1.0,
-                 logsoftmax_dtype: torch.dtype = torch.float32, seq_chunk: int = 8, token_chunk: int = 512,
+                 logsoftmax_dtype: torch.dtype | None = None, seq_chunk: int = 8, token_chunk: int = 512,
                  max_trainable_params: int = DEFAULT_MAX_TRAINABLE):
         if not (temperature > 0):
             raise ValueError(f"temperature must be > 0; got {temperature}.")
-        if logsoftmax_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"logsoftmax_dtype must be torch.float32 or torch.float64; got {logsoftmax_dtype}.")
+        if logsoftmax_dtype is not None and logsoftmax_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"logsoftmax_dtype must be torch.float32 or torch.float64; got {logsoftmax_dtype}. "
+                             "Lower precision drowns small entropy changes in rounding.")
         _check_positive("seq_chunk", seq_chunk)
         _check_positive("token_chunk", token_chunk)
         self.module = module
         self.temperature = float(temperature)
-        self.logsoftmax_dtype = logsoftmax_dtype
         self.seq_chunk = int(seq_chunk)
         self.token_chunk = int(token_chunk)
         lora_names = _check_lora_only(module, max_trainable_params)
@@ -84,6 +86,9 @@ class Policy:
         base = module.get_base_model()
         decoder = base.get_decoder()
         self._lm_head = base.get_output_embeddings()
+        if logsoftmax_dtype is None:
+            logsoftmax_dtype = torch.promote_types(torch.float32, self._lm_head.weight.dtype)
+        self.logsoftmax_dtype = logsoftmax_dtype
         module_names = {id(m): name for name, m in module.named_modules()}
         self._decoder = decoder
         self._decoder_prefix = module_names[id(decoder)] + "."
@@ -157,6 +162,12 @@ class Policy:
         if batch.input_ids.numel() and int(batch.input_ids.max()) >= self.vocab_size:
             raise ValueError(f"batch.input_ids holds token id {int(batch.input_ids.max())} but the model's "
                              f"vocabulary has {self.vocab_size} entries. Was the batch made with another tokenizer?")
+        if batch.temperature != self.temperature:
+            raise ValueError(f"the batch was drawn at temperature τ={batch.temperature:g} but this policy computes "
+                             f"log-probabilities and entropies at τ={self.temperature:g}; every estimate must use the "
+                             f"τ the responses were drawn at (spec §0). Build the policy with temperature="
+                             f"{batch.temperature:g} (funcprobe probe --temperature {batch.temperature:g}), or draw "
+                             f"the batch at τ={self.temperature:g}.")
         if self.module.training:
             raise ValueError("the policy's module was put back in training mode (dropout on), which makes "
                              "log-probabilities random. Call policy.module.eval().")
@@ -347,10 +358,11 @@ def load_policy(base: str | os.PathLike | nn.Module, adapter: str | os.PathLike 
     base: a hub id, a local model directory, or an already built ``transformers`` model. adapter: a directory with
     ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``). If ``adapter`` is None and ``base`` is
     itself an adapter directory, its ``base_model_name_or_path`` names the base. Offline: pass a local path, or set
-    ``HF_HUB_OFFLINE=1`` / ``local_files_only=True``. Remaining options go to ``Policy(...)``.
+    ``HF_HUB_OFFLINE=1`` / ``local_files_only=True``. Remaining options go to ``Policy(...)``. With
+    ``dtype=torch.float64`` a model loaded here computes its norms and eager softmax in float64 too
+    (``funcprobe.precision.exact_float64``).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     if adapter is None and not isinstance(base, nn.Module) and _is_adapter_dir(base):
         adapter = base
@@ -367,15 +379,30 @@ def load_policy(base: str | os.PathLike | nn.Module, adapter: str | os.PathLike 
     else:
         if local_files_only is None:
             local_files_only = Path(base).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
-        kwargs = dict(local_files_only=local_files_only)
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        model = _from_pretrained(AutoModelForCausalLM, str(base), dtype, kwargs)
+        model = load_base_model(str(base), dtype=dtype, local_files_only=local_files_only,
+                                attn_implementation=attn_implementation)
     model = model.to(device=device, dtype=dtype)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     return Policy(peft_model.to(device), **options)
+
+
+def load_base_model(name: str, *, dtype: torch.dtype, local_files_only: bool,
+                    attn_implementation: str | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(name)`` in ``dtype``; a float64 model computes its norms and eager
+    softmax in float64 too (transformers rounds them through float32 even there; ``funcprobe.precision``)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = dict(local_files_only=local_files_only)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = _from_pretrained(AutoModelForCausalLM, name, dtype, kwargs)
+    if dtype == torch.float64:
+        from .precision import exact_float64
+
+        exact_float64(model.to(dtype=dtype))
+    return model
 
 
 def _from_pretrained(auto_class, name: str, dtype: torch.dtype, kwargs: dict) -> nn.Module:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .batch import RolloutBatch
+from .precision import exact_float64
 
 __all__ = ["tiny_config", "tiny_causal_lm", "tiny_peft_model", "tiny_policy", "char_tokenizer", "random_batch",
            "DEFAULT_TARGET_MODULES"]
@@ -48,29 +49,9 @@ def tiny_causal_lm(arch: str = "qwen2", *, seed: int = 0, dtype: torch.dtype = t
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     model = model.to(dtype).eval()
-    if dtype == torch.float64:
-        _make_norms_exact(model)
-    return model
-
-
-def _rms_norm_in_input_dtype(self, hidden_states):
-    """RMSNorm computed in the input's dtype: weight · x / sqrt(mean(x²) + ε)."""
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-def _make_norms_exact(model: nn.Module) -> None:
-    """Let a float64 model's RMSNorms run in float64.
-
-    transformers' Qwen2/Llama RMSNorm casts its input to float32 whatever the model's dtype, so a float64 model
-    still rounds at float32 there, and its backward is then only linear in the cotangent to ~1e-7 relative
-    (vjp(c·v) ≠ c·vjp(v)). Float64 reference tests (1e-10) need the whole model in float64.
-    """
-    import types
-
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+    # A float64 model computes in float64 throughout (transformers rounds RMSNorm and the eager softmax through
+    # float32 even there; funcprobe.precision): float64 reference tests (1e-10) need the whole model exact.
+    return exact_float64(model)
 
 
 def tiny_peft_model(arch: str = "qwen2", *, r: int = 4, lora_alpha: int = 8,

@@ -44,12 +44,28 @@ def test_sequence_logprobs_match_naive_full_log_softmax(arch, temperature, dtype
     peft_model = tiny_peft_model(arch, dtype=dtype, seed=5)
     policy = Policy.from_peft(peft_model, temperature=temperature,
                               logsoftmax_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    batch = batch.replace(temperature=temperature)
     ours = policy.sequence_logprobs(policy.params, batch, seq_chunk=5, token_chunk=3)
     with torch.no_grad():
         naive = naive_sequence_logprobs(peft_model, batch, temperature=temperature,
                                         logsoftmax_dtype=policy.logsoftmax_dtype)
     assert ours.dtype == torch.float64 and ours.shape == (batch.B, batch.G)
     assert relative_error(ours, naive) < tolerance
+
+
+def test_log_softmax_dtype_follows_a_wider_model(qwen2_peft_f64, qwen2_peft_f32):
+    """Default: float32 for float32/bfloat16 models, float64 for a float64 model (no float32 rounding left)."""
+    assert Policy.from_peft(qwen2_peft_f64).logsoftmax_dtype == torch.float64
+    assert Policy.from_peft(qwen2_peft_f32).logsoftmax_dtype == torch.float32
+    bf16 = tiny_peft_model("qwen2", dtype=torch.bfloat16, seed=4)
+    assert Policy.from_peft(bf16).logsoftmax_dtype == torch.float32
+    assert Policy.from_peft(qwen2_peft_f64, logsoftmax_dtype=torch.float32).logsoftmax_dtype == torch.float32
+
+
+def test_a_batch_drawn_at_another_temperature_is_refused(qwen2_peft_f64, batch):
+    policy = Policy.from_peft(qwen2_peft_f64, temperature=0.7)
+    with pytest.raises(ValueError, match=r"drawn at temperature τ=1 but this policy .* τ=0\.7.*temperature=1"):
+        policy.sequence_logprobs(policy.params, batch)
 
 
 def test_float64_log_softmax_option_on_a_float32_model(qwen2_peft_f32, batch):
@@ -127,6 +143,7 @@ def max_grad_error(grads, reference):
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
 def test_grads_match_naive_autograd(qwen2_peft_f64, batch, temperature):
     policy = Policy.from_peft(qwen2_peft_f64, logsoftmax_dtype=torch.float64, temperature=temperature)
+    batch = batch.replace(temperature=temperature)
     weights = torch.randn(batch.B, batch.G, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     reference = naive_weighted_grad(qwen2_peft_f64, policy.params, batch, weights, temperature=temperature,
                                     logsoftmax_dtype=torch.float64)
@@ -170,6 +187,7 @@ def test_grads_with_embedding_lora_match_naive(batch):
 
 def test_token_entropies_match_full_softmax(qwen2_peft_f64, batch):
     policy = Policy.from_peft(qwen2_peft_f64, logsoftmax_dtype=torch.float64, temperature=0.9)
+    batch = batch.replace(temperature=0.9)
     ours = policy.token_entropies(policy.params, batch, seq_chunk=5, token_chunk=3)
     B, G, L = batch.input_ids.shape
     attention_mask = batch.attention_mask.reshape(B * G, L).long()
