@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["World", "CommCounter", "COMM", "DistributedError", "init_from_env", "shard_prompts", "shard_counts",
-           "all_reduce_sum_", "gather_rows", "gather_scalars", "record_failure", "barrier", "shutdown"]
+           "all_reduce_sum_", "gather_rows", "gather_scalars", "all_gather_objects", "record_failure", "barrier",
+           "shutdown"]
 
 FAILURE_KEY = "funcprobe/failed_rank"
 DEFAULT_TIMEOUT_S = 300.0
@@ -263,57 +264,15 @@ def gather_scalars(world: World, values: Tensor, counts: Sequence[int], what: st
     return gather_rows(world, values.reshape(-1).to(torch.float64), counts, what)
 
 
-# ------------------------------------------------------------------------------------------------------ sampling
-def merge_batches(batches: Sequence) -> "RolloutBatch":
-    """Concatenate sampled shards (sample_batch's layout: prompt right-aligned at column P_s, response from P_s)
-    into the single-process layout: P = max P_s, every shard left-padded by P − P_s and right-padded to P + max T."""
-    from .batch import RolloutBatch
-
-    starts = []
-    for batch in batches:
-        columns = batch.response_mask.reshape(-1, batch.L).any(dim=0).nonzero()
-        starts.append(int(columns[0]) if len(columns) else batch.L)
-    P = max(starts)
-    T = max(batch.L - start for batch, start in zip(batches, starts))
-    pad = batches[0].pad_token_id
-    pieces = {"input_ids": [], "attention_mask": [], "response_mask": []}
-    for batch, start in zip(batches, starts):
-        left, right = P - start, T - (batch.L - start)
-        for name, fill in (("input_ids", pad), ("attention_mask", False), ("response_mask", False)):
-            t = getattr(batch, name)
-            out = torch.full((batch.B, batch.G, P + T), fill, dtype=t.dtype)
-            out[:, :, left:left + batch.L] = t
-            pieces[name].append(out)
-        del right
-
-    def cat(name):
-        values = [getattr(b, name) for b in batches]
-        return None if any(v is None for v in values) else torch.cat(values)
-
-    return RolloutBatch(input_ids=torch.cat(pieces["input_ids"]), attention_mask=torch.cat(pieces["attention_mask"]),
-                        response_mask=torch.cat(pieces["response_mask"]), advantages=cat("advantages"),
-                        length_norm=cat("length_norm"), logprobs=cat("logprobs"), rewards=cat("rewards"),
-                        pad_token_id=pad)
-
-
-def gather_sampled(world: World, sampled):
-    """This rank's ``SampledBatch`` (its shard, sampled with ``first_prompt_index`` = the shard's start) → the global
-    ``SampledBatch`` on every rank, in prompt order (tokens are all-gathered as pickled objects; counted)."""
+def all_gather_objects(world: World, obj, what: str = "all_gather_object") -> list:
+    """Every rank's picklable ``obj`` in rank order, ``None`` entries dropped (pickled size counted)."""
     if not world.distributed:
-        return sampled
+        return [] if obj is None else [obj]
     import pickle
 
     import torch.distributed as dist
 
-    from .sampling import SampledBatch
-
-    mine = (sampled.batch.to("cpu"), sampled.prompts, sampled.responses, sampled.eos_count, sampled.timings) \
-        if sampled is not None else None
-    COMM.add("all_gather_object", len(pickle.dumps(mine)))
+    COMM.add("all_gather_object", len(pickle.dumps(obj)))
     pieces: list = [None] * world.size
-    _collective(world, "all_gather of the sampled shards", lambda: dist.all_gather_object(pieces, mine))
-    pieces = [p for p in pieces if p is not None]
-    timings = {key: max(p[4].get(key, 0.0) for p in pieces) for key in pieces[0][4]}
-    return SampledBatch(batch=merge_batches([p[0] for p in pieces]), prompts=[t for p in pieces for t in p[1]],
-                        responses=[r for p in pieces for r in p[2]], eos_count=sum(p[3] for p in pieces),
-                        timings=timings)
+    _collective(world, what, lambda: dist.all_gather_object(pieces, obj))
+    return [p for p in pieces if p is not None]

@@ -1,30 +1,39 @@
 """Sampling a rollout batch from π_θ, functionally: θ is a params dict, the module is never touched.
 
-Spec §0 (``shared/spec/ESTIMATORS.md``). :func:`sample_batch` draws G responses for each of B prompts from
-π_θ(t_k | t_<k) = softmax(z_k / τ)[t_k] with θ = ``params`` (LoRA tensors only) and the policy's τ, scores them with a
-reward function, and returns a validated :class:`~funcprobe.batch.RolloutBatch` on the CPU with S_{n,g}(θ) cached.
+Spec §0 and §6 (``shared/spec/ESTIMATORS.md``). :func:`sample_batch` draws G responses for each of B prompts from
+π_θ(t_k | t_<k) = softmax(z_k / τ)[t_k] with θ = ``params`` and the policy's τ, scores them with a reward function,
+and returns a validated :class:`~funcprobe.batch.RolloutBatch` on the CPU. :func:`draw_responses` is the token-level
+part (no tokenizer, no reward); :func:`redraw` repeats a draw at other parameters with the same random numbers —
+the common random numbers of spec §6.
 
 How it runs:
 
 * The decoder is evaluated with ``torch.func.functional_call(policy._decoder, params, ...)`` under
-  ``torch.no_grad()`` — the same call, LM head and chunked vocabulary projection that ``Policy.sequence_logprobs``
-  uses — so the recorded S matches teacher-forced S to float rounding, and the module's tensors are never written.
-* KV cache: the first call returns a transformers ``DynamicCache`` (``use_cache=True``), which later calls pass back
-  (``cache=`` in transformers ≥ 5, ``past_key_values=`` before); one new token per row per step, with the attention
-  mask grown by one column and position ids continuing from the mask (as ``Policy`` derives them). The cache only
-  holds activations computed inside ``functional_call``, so it works unchanged with a params dict. Each prompt is
-  prefilled once and its cache repeated G times (``Cache.batch_repeat_interleave``); rows that hit EOS are dropped
-  from the cache (``Cache.batch_select_indices``). ``kv_cache=False`` recomputes the whole prefix at every step
-  (slower, same result); it is also used, with a warning, if the model returns no cache.
+  ``torch.no_grad()`` — the same call, LM head and logits (``_chunk_logits``) that ``Policy.sequence_logprobs`` uses
+  — so the module's tensors are never written. The log-probabilities recorded while sampling (``batch.logprobs``)
+  are a *check* only: the estimators recompute S on their one teacher-forced path (spec §6).
+* Mask-safe layout: no forward ever sees a leading pad. Prompts decoded together are *right*-padded (every row starts
+  with a real token at column 0; the gap after a short prompt is masked, and position ids come from the mask), so no
+  query row is fully masked — with left padding, eager attention gives NaN on such rows (in float64 it did), and
+  0·NaN then reaches the real rows through the attention values. The teacher-forced path left-aligns its rows the same
+  way (``Policy``).
+* KV cache: the prompts are prefilled once (``use_cache=True`` into a ``DynamicCache`` passed in), and each prompt's
+  cache is repeated G times (``Cache.batch_repeat_interleave``); one new token per row per step; rows that stop are
+  dropped from the cache (``Cache.batch_select_indices``). ``kv_cache=False`` recomputes the whole prefix at every
+  step (slower, the same tokens); it is also used, with a warning, if the model returns no cache.
 * Sampling is exact, with no truncation: the next token is found by inverting the CDF of softmax(z/τ) (float64
   cumulative sum) at a uniform draw. ``top_p < 1`` or ``top_k > 0`` is refused (a truncated sampler does not draw
   from π_θ and would silently bias every estimator).
-* Randomness: prompt n (its index within the call, plus ``first_prompt_index``) has its own ``torch.Generator``
-  seeded from (seed, n) (:func:`prompt_generator`); at every decoding step it draws G uniforms, one per response,
-  whether or not the response has already ended. The batch therefore does not depend on ``prompt_chunk`` or on which
-  prompts share a forward, and shards of a prompt list sampled by different processes (with ``first_prompt_index``
-  set to each shard's offset) reproduce the single-process batch. The global RNG is never used.
-* Responses stop at EOS (included in the response and in ``response_mask``) or after ``max_new_tokens`` tokens.
+* Randomness: prompt row n has its own ``torch.Generator`` seeded from (seed, ``first_prompt_index`` + n)
+  (:func:`prompt_generator`); at every decoding step it draws G uniforms u[k, g], one per response, whether or not the
+  response has already stopped. The draw of response g at position k is therefore a fixed function of the prompt,
+  the tokens before it and u[k, g]: the batch does not depend on ``prompt_chunk``, on which prompts share a forward,
+  or on the number of processes sampling shards of the prompt list; and :func:`redraw` at θ⁺ draws y⁺ with exactly
+  the uniforms that drew y at θ (common random numbers). The global RNG is never used.
+* Stop tokens: a response ends at the first stop token (included in the response and in ``response_mask``) or after
+  ``max_new_tokens`` tokens. The stop set is the union of the tokenizer's ``eos_token_id``, every id in the model's
+  ``generation_config.eos_token_id`` (an int or a list: chat models list their turn-end ids there) and any
+  ``stop_token_ids`` given (:func:`collect_stop_ids`).
 
 Batch layout: ``input_ids[n, g]`` = [pad … pad, prompt, response, pad … pad], the prompt right-aligned at column
 P = the longest prompt, the response starting at column P.
@@ -32,6 +41,7 @@ P = the longest prompt, the response starting at column P.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -50,7 +60,9 @@ from .logprobs import _chunk_logits
 from .policy import Policy, _progress
 from .rewards import REWARDS, RewardFn, check_rewards
 
-__all__ = ["SampledBatch", "sample_batch", "compute_advantages", "prompt_generator", "ADVANTAGES", "GRPO_STD_EPS"]
+__all__ = ["SampledBatch", "DrawSpec", "Responses", "sample_batch", "draw_responses", "redraw", "collect_stop_ids",
+           "compute_advantages", "prompt_generator", "merge_batches", "gather_sampled", "ADVANTAGES",
+           "GRPO_STD_EPS"]
 
 #: Advantage schemes: "grpo" A = R − mean_g R (Dr. GRPO); "grpo_std" A = (R − mean_g R) / (std_g R + GRPO_STD_EPS).
 ADVANTAGES = ("grpo", "grpo_std")
@@ -62,17 +74,89 @@ _TRUNCATION_REASON = ("a truncated sampler (top-p / top-k) does not draw from π
                       "(S, X, Y, δH₁ and the importance weights of ΔH all assume t ∼ π_θ; spec §0)")
 
 
+# ------------------------------------------------------------------------------------------------------ the draw
+@dataclass(frozen=True)
+class DrawSpec:
+    """Everything that fixes a draw of responses except θ: with it, :func:`redraw` repeats the draw at other params
+    with the same uniforms (spec §6, common random numbers).
+
+    Attributes:
+        prompt_ids: the B prompts' token ids (unpadded).
+        G: responses per prompt. max_new_tokens: the generation budget.
+        seed, first_prompt_index: prompt row n draws from ``prompt_generator(seed, first_prompt_index + n)``.
+        stop_token_ids: the ids that end a response (may be empty: fixed-length responses).
+        pad_token_id: the id written at padding positions.
+        temperature: τ of the draw (the policy's).
+        prompt_index: each row's position in the prompt pool it was chosen from (recorded in the batch), or None.
+    """
+
+    prompt_ids: tuple[tuple[int, ...], ...]
+    G: int
+    max_new_tokens: int
+    seed: int
+    first_prompt_index: int
+    stop_token_ids: tuple[int, ...]
+    pad_token_id: int
+    temperature: float
+    prompt_index: tuple[int, ...] | None = None
+
+    @property
+    def B(self) -> int:
+        return len(self.prompt_ids)
+
+    def shard(self, rows: range) -> "DrawSpec":
+        """The draw of prompt rows ``rows`` only (contiguous): the same streams, so the same responses."""
+        return dataclasses.replace(
+            self, prompt_ids=self.prompt_ids[rows.start:rows.stop],
+            first_prompt_index=self.first_prompt_index + rows.start,
+            prompt_index=None if self.prompt_index is None else self.prompt_index[rows.start:rows.stop])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"G": self.G, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+                "first_prompt_index": self.first_prompt_index, "stop_token_ids": list(self.stop_token_ids),
+                "pad_token_id": self.pad_token_id, "temperature": self.temperature,
+                "prompt_index": None if self.prompt_index is None else list(self.prompt_index),
+                "prompt_lengths": [len(row) for row in self.prompt_ids]}
+
+
+@dataclass(frozen=True, eq=False)
+class Responses:
+    """The result of :func:`draw_responses`: a batch with zero advantages (rewards are the caller's business).
+
+    Attributes:
+        batch: RolloutBatch (CPU) with ``logprobs`` = S recorded while sampling, ``temperature`` and
+            ``prompt_index`` from the spec, ``advantages`` 0 and ``length_norm`` = max_new_tokens.
+        hit_stop: bool [B, G], whether the response ended with a stop token.
+        spec: the :class:`DrawSpec` it was drawn with.
+        timings: ``prefill_s``, ``decode_s``, ``forward_calls``, ``kv_cache``.
+    """
+
+    batch: RolloutBatch
+    hit_stop: Tensor
+    spec: DrawSpec
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def response_tokens(self) -> list[list[list[int]]]:
+        """``[n][g]``: the response's token ids, without the final stop token."""
+        batch, P = self.batch, _response_start(self.batch)
+        lengths = batch.response_lengths
+        return [[batch.input_ids[n, g, P:P + int(lengths[n, g]) - int(self.hit_stop[n, g])].tolist()
+                 for g in range(batch.G)] for n in range(batch.B)]
+
+
 @dataclass(frozen=True, eq=False)
 class SampledBatch:
     """The result of :func:`sample_batch`.
 
     Attributes:
-        batch: the RolloutBatch (CPU) with ``logprobs`` = S(θ) recorded while sampling and ``rewards``.
+        batch: the RolloutBatch (CPU) with ``logprobs`` = S(θ) recorded while sampling (a check only, spec §6),
+            ``rewards``, advantages, ``temperature`` and ``prompt_index``.
         prompts: the B prompt texts (decoded from the ids when token ids were given).
-        responses: ``responses[n][g]``, the decoded response text (EOS, padding and special tokens removed).
-        eos_count: how many of the B·G responses ended with EOS (the others hit ``max_new_tokens``).
+        responses: ``responses[n][g]``, the decoded response text (stop token, padding and special tokens removed).
+        eos_count: how many of the B·G responses ended with a stop token (the others hit ``max_new_tokens``).
         timings: seconds and counts: ``prefill_s``, ``decode_s``, ``reward_s``, ``total_s``, ``generated_tokens``,
             ``tokens_per_s`` (generated tokens over prefill + decode time), ``forward_calls``.
+        spec: the :class:`DrawSpec` of the draw (for :func:`redraw`), or None.
     """
 
     batch: RolloutBatch
@@ -80,15 +164,16 @@ class SampledBatch:
     responses: list[list[str]]
     eos_count: int
     timings: dict[str, float] = field(default_factory=dict)
+    spec: DrawSpec | None = None
 
     @property
     def truncated_count(self) -> int:
-        """How many responses were cut at ``max_new_tokens`` without EOS."""
+        """How many responses were cut at ``max_new_tokens`` without a stop token."""
         return self.batch.num_sequences - self.eos_count
 
 
 def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
-    """The CPU generator of prompt ``prompt_index`` under ``seed``: seeded by a hash of the pair (independent
+    """The CPU generator of prompt row ``prompt_index`` under ``seed``: seeded by a hash of the pair (independent
     streams for nearby seeds and indices)."""
     digest = hashlib.blake2b(f"funcprobe.sample_batch:{int(seed)}:{int(prompt_index)}".encode(),
                              digest_size=8).digest()
@@ -155,16 +240,23 @@ def _prompt_ids(prompts: Any, tokenizer: Any, vocab_size: int) -> tuple[list[lis
         texts = list(prompts)
         ids = [list(map(int, tokenizer(text)["input_ids"])) for text in texts]
     elif all(isinstance(p, (Sequence, Tensor)) and not isinstance(p, str) for p in prompts):
-        ids = []
-        for index, prompt in enumerate(prompts):
-            row = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
-            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in row):
-                raise ValueError(f"prompts[{index}] must be a list of integer token ids; got {row[:8]}.")
-            ids.append([int(t) for t in row])
+        ids = [_token_row(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)]
         texts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     else:
         raise ValueError("prompts must be all strings or all token-id lists; got a mix "
                          f"({sorted({type(p).__name__ for p in prompts})}).")
+    _check_prompt_ids(ids, vocab_size)
+    return ids, texts
+
+
+def _token_row(prompt: Any, what: str) -> list[int]:
+    row = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in row):
+        raise ValueError(f"{what} must be a list of integer token ids; got {row[:8]}.")
+    return [int(t) for t in row]
+
+
+def _check_prompt_ids(ids: Sequence[Sequence[int]], vocab_size: int) -> None:
     for index, row in enumerate(ids):
         if not row:
             raise ValueError(f"prompts[{index}] tokenises to no tokens; every prompt needs at least one token "
@@ -173,19 +265,32 @@ def _prompt_ids(prompts: Any, tokenizer: Any, vocab_size: int) -> tuple[list[lis
         if bad:
             raise ValueError(f"prompts[{index}] holds token id {bad[0]} outside the model's vocabulary "
                              f"[0, {vocab_size}). Was it tokenised with another tokenizer?")
-    return ids, texts
 
 
-def _eos_ids(eos_token_id: Any, tokenizer: Any) -> list[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; pass eos_token_id=... (an id or a list of ids) so that "
-                         "responses can stop.")
-    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
-    if not ids or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"eos_token_id must be an integer or a non-empty list of integers; got {eos_token_id!r}.")
-    return [int(i) for i in ids]
+def _ids(value: Any, what: str) -> list[int]:
+    """An int or a sequence of ints (None: none) as a list."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, numbers.Integral) else list(value)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in values):
+        raise ValueError(f"{what} must be a token id or a list of token ids (integers ≥ 0); got {value!r}.")
+    return [int(i) for i in values]
+
+
+def collect_stop_ids(tokenizer: Any = None, policy: Policy | None = None, extra: Any = None) -> tuple[int, ...]:
+    """The ids that end a response: the union of the tokenizer's ``eos_token_id``, every id of the model's
+    ``generation_config.eos_token_id`` (an int or a list — chat checkpoints list their turn-end ids there, and
+    ``generate`` stops at each of them) and ``extra`` (an id or a list), sorted. Raises ValueError when the union is
+    empty: responses could never stop; pass ``extra``."""
+    stops = set(_ids(getattr(tokenizer, "eos_token_id", None), "the tokenizer's eos_token_id"))
+    if policy is not None:
+        config = getattr(policy.module.get_base_model(), "generation_config", None)
+        stops.update(_ids(getattr(config, "eos_token_id", None), "generation_config.eos_token_id"))
+    stops.update(_ids(extra, "stop_token_ids"))
+    if not stops:
+        raise ValueError("no stop token: the tokenizer has no eos_token_id and the model's generation_config names "
+                         "none; pass stop_token_ids=... (funcprobe probe --stop-token ID) so that responses can end.")
+    return tuple(sorted(stops))
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -214,6 +319,7 @@ class _Decoder:
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *, cache: Any = None,
                  use_cache: bool) -> tuple[Tensor, Any]:
+        """(final hidden states [rows, columns, H], the cache or None)."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=use_cache)
         if cache is not None:
@@ -226,16 +332,17 @@ class _Decoder:
             new_cache = getattr(out, "cache", None)
             if new_cache is None:
                 new_cache = getattr(out, "past_key_values", None)
-        return hidden[:, -1], new_cache
+        return hidden, new_cache
 
 
-def _left_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _right_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Prompts packed to the left (every row starts with a real token), padded on the right: ids and mask [b, P]."""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -258,8 +365,8 @@ def _draw(policy: Policy, hidden: Tensor, uniforms: Tensor) -> tuple[Tensor, Ten
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError(
                 "non-finite logits while sampling: the model produced NaN/inf hidden states at θ = params (a "
-                "diverged update, or an attention implementation that gives NaN on left-padded prompts: try "
-                "prompt_chunk=1, which needs no padding).")
+                "diverged update, e.g. too large a learning rate, or NaN in the params). Check "
+                "all(torch.isfinite(t).all() for t in params.values()).")
         log_normaliser = torch.logsumexp(logits, dim=1)
         cdf = torch.exp(logits - log_normaliser[:, None]).to(torch.float64).cumsum(dim=1)
         targets = uniforms[start:stop].to(cdf.device) * cdf[:, -1]
@@ -275,18 +382,19 @@ def _draw(policy: Policy, hidden: Tensor, uniforms: Tensor) -> tuple[Tensor, Ten
 class _ChunkResult:
     tokens: Tensor     # int64 [R, T] on the CPU, pad after the end
     lengths: Tensor    # int64 [R]
-    hit_eos: Tensor    # bool [R]
+    hit_stop: Tensor   # bool [R]
     logprobs: Tensor   # float64 [R]
 
 
-def _sample_chunk(policy: Policy, decoder: _Decoder, prompt_ids: list[list[int]], generators: list[torch.Generator],
-                  G: int, max_new_tokens: int, eos_ids: Tensor, pad_id: int, kv_cache: bool,
-                  timings: dict[str, float]) -> tuple[_ChunkResult, bool]:
+def _sample_chunk(policy: Policy, decoder: _Decoder, prompt_ids: Sequence[Sequence[int]],
+                  generators: list[torch.Generator], G: int, max_new_tokens: int, stop_ids: Tensor, pad_id: int,
+                  kv_cache: bool, timings: dict[str, float]) -> tuple[_ChunkResult, bool]:
     """Sample G responses for each prompt of the chunk; rows are prompt-major (row = i·G + g)."""
     device = policy.device
     rows = len(prompt_ids) * G
     t0 = time.perf_counter()
-    ids, mask = _left_padded(prompt_ids, pad_id, device)
+    ids, mask = _right_padded(prompt_ids, pad_id, device)
+    last = mask.sum(dim=1) - 1  # each prompt's last real column: its hidden state predicts the first token
     cache = None
     if kv_cache:
         # Prefill each distinct prompt once, then repeat its cache for its G responses.
@@ -297,28 +405,31 @@ def _sample_chunk(policy: Policy, decoder: _Decoder, prompt_ids: list[list[int]]
             kv_cache = False
         elif hasattr(cache, "batch_repeat_interleave"):
             cache.batch_repeat_interleave(G)
-            hidden = hidden.repeat_interleave(G, dim=0)
+            hidden = hidden[torch.arange(len(prompt_ids), device=device), last].repeat_interleave(G, dim=0)
         else:
             cache = None
     ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
-    if not kv_cache:
-        hidden, _ = decoder(ids, mask, _positions(mask), use_cache=False)
-    elif cache is None:  # a cache that cannot be repeated: prefill every row
-        hidden, cache = decoder(ids, mask, _positions(mask), cache=decoder.new_cache(), use_cache=True)
-    # Ended rows leave the forward (their cache rows dropped) unless the cache cannot drop rows; then they ride
-    # along on padding with a 0 attention-mask column.
+    last = last.repeat_interleave(G, dim=0)
+    if not kv_cache or cache is None:
+        # No cache, or one that cannot be repeated: a forward over every row.
+        hidden, cache = decoder(ids, mask, _positions(mask), cache=decoder.new_cache() if kv_cache else None,
+                                use_cache=kv_cache)
+        hidden = hidden[torch.arange(rows, device=device), last]
+    # Stopped rows leave the forward (their cache rows dropped) unless the cache cannot drop rows; then they ride
+    # along on padding with a 0 attention-mask column (a trailing pad attends to the real tokens before it).
     droppable = not kv_cache or hasattr(cache, "batch_select_indices")
     t1 = time.perf_counter()
 
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
     lengths = torch.zeros(rows, dtype=torch.long)
-    hit_eos = torch.zeros(rows, dtype=torch.bool)
+    hit_stop = torch.zeros(rows, dtype=torch.bool)
     logprobs = torch.zeros(rows, dtype=torch.float64)
     active = torch.arange(rows)                # forward row i is output row active[i]
     alive = torch.ones(rows, dtype=torch.bool)  # forward rows still generating
     steps = 0
     for step in range(max_new_tokens):
-        # Every prompt draws G uniforms per step, used or not: its stream does not depend on the other prompts.
+        # Every prompt draws G uniforms per step, used or not: its stream does not depend on the other prompts,
+        # and the uniform of (draw g, position k) is the same at any θ (common random numbers).
         uniforms = torch.cat([torch.rand(G, generator=g, dtype=torch.float64) for g in generators])
         chosen, step_logprobs = _draw(policy, hidden, uniforms[active])
         chosen_cpu, step_cpu = chosen.cpu(), step_logprobs.cpu()
@@ -326,8 +437,8 @@ def _sample_chunk(policy: Policy, decoder: _Decoder, prompt_ids: list[list[int]]
         tokens[out_rows, step] = chosen_cpu[alive]
         logprobs[out_rows] += step_cpu[alive]
         lengths[out_rows] += 1
-        ended = alive & torch.isin(chosen_cpu, eos_ids)
-        hit_eos[active[ended]] = True
+        ended = alive & torch.isin(chosen_cpu, stop_ids)
+        hit_stop[active[ended]] = True
         alive = alive & ~ended
         steps = step + 1
         if step == max_new_tokens - 1 or not bool(alive.any()):
@@ -350,10 +461,112 @@ def _sample_chunk(policy: Policy, decoder: _Decoder, prompt_ids: list[list[int]]
         else:
             ids = torch.cat([ids, next_tokens], dim=1)
             hidden, _ = decoder(ids, mask, _positions(mask), use_cache=False)
+        hidden = hidden[:, -1]
     t2 = time.perf_counter()
     timings["prefill_s"] += t1 - t0
     timings["decode_s"] += t2 - t1
-    return _ChunkResult(tokens[:, :steps], lengths, hit_eos, logprobs), kv_cache
+    return _ChunkResult(tokens[:, :steps], lengths, hit_stop, logprobs), kv_cache
+
+
+def _assemble(spec: DrawSpec, results: Sequence[_ChunkResult]) -> tuple[RolloutBatch, Tensor]:
+    """[B, G, P + T] with the prompts right-aligned at column P and the responses from P; (batch, hit_stop)."""
+    B, G, pad_id = spec.B, spec.G, spec.pad_token_id
+    P = max(len(row) for row in spec.prompt_ids)
+    lengths = torch.cat([r.lengths for r in results]).reshape(B, G)
+    T = int(lengths.max())
+    input_ids = torch.full((B, G, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
+    response_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
+    for n, row in enumerate(spec.prompt_ids):
+        input_ids[n, :, P - len(row):P] = torch.tensor(row, dtype=torch.long)
+        attention_mask[n, :, P - len(row):P] = True
+    flat_tokens = torch.full((B * G, T), pad_id, dtype=torch.long)
+    offset = 0
+    for r in results:
+        width = min(r.tokens.shape[1], T)
+        flat_tokens[offset:offset + r.tokens.shape[0], :width] = r.tokens[:, :width]
+        offset += r.tokens.shape[0]
+    response_tokens = flat_tokens.reshape(B, G, T)
+    in_response = torch.arange(T)[None, None, :] < lengths[:, :, None]
+    input_ids[:, :, P:] = torch.where(in_response, response_tokens, torch.full_like(response_tokens, pad_id))
+    attention_mask[:, :, P:] = in_response
+    response_mask[:, :, P:] = in_response
+    batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                         advantages=torch.zeros(B, G, dtype=torch.float64),
+                         length_norm=torch.full((B,), float(spec.max_new_tokens), dtype=torch.float64),
+                         logprobs=torch.cat([r.logprobs for r in results]).reshape(B, G), pad_token_id=pad_id,
+                         temperature=spec.temperature,
+                         prompt_index=None if spec.prompt_index is None else torch.tensor(spec.prompt_index))
+    return batch, torch.cat([r.hit_stop for r in results]).reshape(B, G)
+
+
+def _response_start(batch: RolloutBatch) -> int:
+    """The column P where the responses start in the sampler's layout (the first column with a response token)."""
+    columns = batch.response_mask.reshape(-1, batch.L).any(dim=0).nonzero()
+    return int(columns[0]) if len(columns) else batch.L
+
+
+def draw_responses(policy: Policy, params: Mapping[str, Tensor], spec: DrawSpec, *, prompt_chunk: int = 8,
+                   kv_cache: bool = True, progress: bool | None = False) -> Responses:
+    """Draw G responses for each prompt of ``spec`` from π_θ (θ = ``params``): the token-level sampler.
+
+    Args:
+        policy: the functional policy (its τ must be ``spec.temperature``); its module is never modified.
+        params: θ, checked with ``policy.check_params``.
+        spec: the prompts' token ids, G, budget, seed and stream offset, stop and pad ids (:class:`DrawSpec`).
+        prompt_chunk: prompts decoded together (prompt_chunk·G rows per forward); does not change the draw.
+        kv_cache: decode with a KV cache (default) or recompute the prefix at every step (same tokens).
+        progress: a progress bar over prompt chunks (None: only when stderr is a terminal).
+
+    Returns a :class:`Responses` whose batch has zero advantages and ``length_norm`` = max_new_tokens.
+    Raises ValueError for a bad spec or params, FloatingPointError for non-finite logits.
+    """
+    policy.check_params(params)
+    if policy.module.training:
+        raise ValueError("the policy's module is in training mode (dropout on), so sampling would not draw from "
+                         "π_θ. Call policy.module.eval().")
+    if spec.temperature != policy.temperature:
+        raise ValueError(f"the draw is at τ={spec.temperature:g} but the policy samples at τ={policy.temperature:g}; "
+                         "build the policy with the draw's temperature.")
+    _check_int("G", spec.G, 2)
+    _check_int("max_new_tokens", spec.max_new_tokens, 1)
+    prompt_chunk = _check_int("prompt_chunk", prompt_chunk, 1)
+    _check_prompt_ids(spec.prompt_ids, policy.vocab_size)
+    stops = torch.tensor(spec.stop_token_ids, dtype=torch.long)
+    timings = {"prefill_s": 0.0, "decode_s": 0.0}
+    decoder = _Decoder(policy, params)
+    results: list[_ChunkResult] = []
+    starts = range(0, spec.B, prompt_chunk)
+    with torch.no_grad():
+        for start in _progress(starts, total=len(starts), desc="sampling", enabled=progress):
+            stop = min(start + prompt_chunk, spec.B)
+            generators = [prompt_generator(spec.seed, spec.first_prompt_index + n) for n in range(start, stop)]
+            result, kv_cache = _sample_chunk(policy, decoder, spec.prompt_ids[start:stop], generators, spec.G,
+                                             spec.max_new_tokens, stops, spec.pad_token_id, kv_cache, timings)
+            results.append(result)
+    batch, hit_stop = _assemble(spec, results)
+    timings["forward_calls"] = float(decoder.calls)
+    timings["kv_cache"] = float(kv_cache)
+    return Responses(batch=batch, hit_stop=hit_stop, spec=spec, timings=timings)
+
+
+def redraw(policy: Policy, params: Mapping[str, Tensor], spec: DrawSpec, *, world=None, prompt_chunk: int = 8,
+           kv_cache: bool = True, progress: bool | None = False) -> Responses:
+    """The draw of ``spec`` repeated at θ = ``params`` with the same uniforms: common random numbers (spec §6).
+
+    Response g of prompt n takes the token at position k from the same uniform u[k, g] as the original draw, by
+    inverse CDF of π_θ(· | its own prefix): at θ = the original params it reproduces the original batch exactly; at
+    θ⁺ the responses differ only where the step moved the CDF across a uniform.
+
+    world: a ``funcprobe.distributed.World``: each rank redraws its contiguous shard of the prompts (the same
+    streams), and the shards are gathered so that every rank holds the whole batch.
+    """
+    if world is None or not world.distributed:
+        return draw_responses(policy, params, spec, prompt_chunk=prompt_chunk, kv_cache=kv_cache, progress=progress)
+    rows = world.shard(spec.B)
+    mine = draw_responses(policy, params, spec.shard(rows), prompt_chunk=prompt_chunk, kv_cache=kv_cache,
+                          progress=progress) if len(rows) else None
+    return _gather_responses(world, mine, spec)
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -361,8 +574,8 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
                  G: int, reward_fn: RewardFn | str, max_new_tokens: int, seed: int, tokenizer: Any,
                  temperature: float | None = None, length_norm: str | float = "max_new_tokens",
                  advantage: str = "grpo", top_p: float = 1.0, top_k: int = 0, prompt_chunk: int = 8,
-                 meta: Mapping[str, Any] | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 first_prompt_index: int = 0, kv_cache: bool = True,
+                 meta: Mapping[str, Any] | None = None, stop_token_ids: int | Sequence[int] | None = None,
+                 first_prompt_index: int = 0, prompt_index: Sequence[int] | None = None, kv_cache: bool = True,
                  progress: bool | None = False) -> SampledBatch:
     """Sample G responses per prompt from π_θ (θ = ``params``), score them, and build the rollout batch.
 
@@ -374,8 +587,8 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
         G: responses per prompt (≥ 2, for the leave-one-out baseline).
         reward_fn: ``reward_fn(prompts, responses, meta) -> float [B, G]`` (see ``funcprobe.rewards``), or a name in
             ``funcprobe.rewards.REWARDS`` ("answer", "tag").
-        max_new_tokens: the generation budget; a response without EOS is cut there.
-        seed: the sampling seed; prompt n draws from ``prompt_generator(seed, first_prompt_index + n)``.
+        max_new_tokens: the generation budget; a response without a stop token is cut there.
+        seed: the sampling seed; prompt row n draws from ``prompt_generator(seed, first_prompt_index + n)``.
         tokenizer: decodes responses (and prompt ids); gives EOS and pad ids.
         temperature: must be None or equal ``policy.temperature`` (refused otherwise).
         length_norm: "max_new_tokens" (Dr. GRPO: L_n = max_new_tokens) or a positive number, used for every prompt.
@@ -383,20 +596,22 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
         top_p, top_k: must stay 1.0 and 0 (truncated sampling is refused, spec §0).
         prompt_chunk: prompts decoded together (prompt_chunk·G rows per forward); does not change the batch.
         meta: passed to the reward function (``{}`` when None), e.g. ``{"answers": [...]}``.
-        eos_token_id: stop token id(s); default the tokenizer's ``eos_token_id``.
-        first_prompt_index: the global index of ``prompts[0]``, for sharding a prompt list across processes.
+        stop_token_ids: more ids that end a response, added to the tokenizer's EOS and the model's
+            ``generation_config.eos_token_id`` (:func:`collect_stop_ids`).
+        first_prompt_index: the global row of ``prompts[0]``, for sharding a prompt list across processes.
+        prompt_index: the position of each prompt in its pool (recorded in ``batch.prompt_index``), or None.
         kv_cache: decode with a KV cache (default) or recompute the prefix at every step.
         progress: a progress bar over prompt chunks (None: only when stderr is a terminal).
 
     Returns:
-        SampledBatch: the batch (CPU; logprobs = S(θ) in float64, rewards, advantages, length_norm), the prompt and
-        response texts, the number of responses that ended with EOS, and timings.
+        SampledBatch: the batch (CPU; logprobs = S(θ) recorded while sampling, a check only; rewards, advantages,
+        length_norm, temperature, prompt_index), the prompt and response texts, the number of responses that
+        ended with a stop token, timings, and the :class:`DrawSpec` (for :func:`redraw`).
     """
     started = time.perf_counter()
     _check_sampler(policy, temperature, top_p, top_k)
     G = _check_int("G", G, 2)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-    prompt_chunk = _check_int("prompt_chunk", prompt_chunk, 1)
     first_prompt_index = _check_int("first_prompt_index", first_prompt_index, 0)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer; got {seed!r}.")
@@ -414,74 +629,97 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
     if tokenizer is None:
         raise ValueError("sample_batch needs the tokenizer (to tokenise prompts and decode responses).")
     policy.check_params(params)
-    if policy.module.training:
-        raise ValueError("the policy's module is in training mode (dropout on), so sampling would not draw from "
-                         "π_θ. Call policy.module.eval().")
     prompt_ids, prompt_texts = _prompt_ids(prompts, tokenizer, policy.vocab_size)
     B = len(prompt_ids)
+    if prompt_index is not None:
+        prompt_index = tuple(_ids(prompt_index, "prompt_index"))
+        if len(prompt_index) != B:
+            raise ValueError(f"prompt_index has {len(prompt_index)} entries for {B} prompts; pass one pool index per "
+                             "prompt.")
     norms = _length_norms(length_norm, max_new_tokens, B)
-    eos_list = _eos_ids(eos_token_id, tokenizer)
-    eos_ids = torch.tensor(eos_list, dtype=torch.long)
+    stops = collect_stop_ids(tokenizer, policy, stop_token_ids)
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = eos_list[0] if pad_id is None else int(pad_id)
+    pad_id = stops[0] if pad_id is None else int(pad_id)
+    spec = DrawSpec(prompt_ids=tuple(tuple(row) for row in prompt_ids), G=G, max_new_tokens=max_new_tokens,
+                    seed=int(seed), first_prompt_index=first_prompt_index, stop_token_ids=stops, pad_token_id=pad_id,
+                    temperature=policy.temperature, prompt_index=prompt_index)
+    drawn = draw_responses(policy, params, spec, prompt_chunk=prompt_chunk, kv_cache=kv_cache, progress=progress)
+    responses = [[tokenizer.decode(tokens, skip_special_tokens=True) for tokens in group]
+                 for group in drawn.response_tokens()]
 
-    timings = {"prefill_s": 0.0, "decode_s": 0.0}
-    decoder = _Decoder(policy, params)
-    results: list[_ChunkResult] = []
-    starts = range(0, B, prompt_chunk)
-    with torch.no_grad():
-        for start in _progress(starts, total=len(starts), desc="sampling", enabled=progress):
-            stop = min(start + prompt_chunk, B)
-            generators = [prompt_generator(seed, first_prompt_index + n) for n in range(start, stop)]
-            result, kv_cache = _sample_chunk(policy, decoder, prompt_ids[start:stop], generators, G, max_new_tokens,
-                                             eos_ids, pad_id, kv_cache, timings)
-            results.append(result)
-
-    # Assemble [B, G, P + T]: prompts right-aligned at column P, responses from column P.
-    P = max(len(row) for row in prompt_ids)
-    lengths = torch.cat([r.lengths for r in results]).reshape(B, G)
-    T = int(lengths.max())
-    input_ids = torch.full((B, G, P + T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
-    response_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
-    for n, row in enumerate(prompt_ids):
-        input_ids[n, :, P - len(row):P] = torch.tensor(row, dtype=torch.long)
-        attention_mask[n, :, P - len(row):P] = True
-    flat_tokens = torch.full((B * G, T), pad_id, dtype=torch.long)
-    offset = 0
-    for r in results:
-        width = min(r.tokens.shape[1], T)
-        flat_tokens[offset:offset + r.tokens.shape[0], :width] = r.tokens[:, :width]
-        offset += r.tokens.shape[0]
-    response_tokens = flat_tokens.reshape(B, G, T)
-    in_response = torch.arange(T)[None, None, :] < lengths[:, :, None]
-    input_ids[:, :, P:] = torch.where(in_response, response_tokens, torch.full_like(response_tokens, pad_id))
-    attention_mask[:, :, P:] = in_response
-    response_mask[:, :, P:] = in_response
-    logprobs = torch.cat([r.logprobs for r in results]).reshape(B, G)
-    hit_eos = torch.cat([r.hit_eos for r in results]).reshape(B, G)
-
-    responses = []
-    for n in range(B):
-        group = []
-        for g in range(G):
-            count = int(lengths[n, g]) - int(hit_eos[n, g])
-            group.append(tokenizer.decode(response_tokens[n, g, :count].tolist(), skip_special_tokens=True))
-        responses.append(group)
-
+    timings = {"prefill_s": drawn.timings["prefill_s"], "decode_s": drawn.timings["decode_s"]}
     reward_started = time.perf_counter()
     raw = reward_fn(list(prompt_texts), [list(group) for group in responses], {} if meta is None else meta)
     rewards = check_rewards(raw, B, G, reward_fn)
     timings["reward_s"] = time.perf_counter() - reward_started
-    advantages = compute_advantages(rewards, advantage)
-    batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                         advantages=advantages, length_norm=norms, logprobs=logprobs, rewards=rewards,
-                         pad_token_id=pad_id)
-    generated = int(lengths.sum())
+    batch = drawn.batch.replace(advantages=compute_advantages(rewards, advantage), length_norm=norms, rewards=rewards)
+    generated = int(batch.response_lengths.sum())
     timings["total_s"] = time.perf_counter() - started
     timings["generated_tokens"] = float(generated)
     timings["tokens_per_s"] = generated / max(timings["prefill_s"] + timings["decode_s"], 1e-12)
-    timings["forward_calls"] = float(decoder.calls)
-    timings["kv_cache"] = float(kv_cache)
+    timings["forward_calls"] = drawn.timings["forward_calls"]
+    timings["kv_cache"] = drawn.timings["kv_cache"]
     return SampledBatch(batch=batch, prompts=list(prompt_texts), responses=responses,
-                        eos_count=int(hit_eos.sum()), timings=timings)
+                        eos_count=int(drawn.hit_stop.sum()), timings=timings, spec=spec)
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def merge_batches(batches: Sequence[RolloutBatch]) -> RolloutBatch:
+    """Concatenate sampled shards (the sampler's layout: prompt right-aligned at column P_s, response from P_s) into
+    the single-process layout: P = max P_s, every shard left-padded by P − P_s and right-padded to P + max T."""
+    starts = [_response_start(batch) for batch in batches]
+    P = max(starts)
+    T = max(batch.L - start for batch, start in zip(batches, starts))
+    pad = batches[0].pad_token_id
+    pieces = {"input_ids": [], "attention_mask": [], "response_mask": []}
+    for batch, start in zip(batches, starts):
+        left = P - start
+        for name, fill in (("input_ids", pad), ("attention_mask", False), ("response_mask", False)):
+            t = getattr(batch, name)
+            out = torch.full((batch.B, batch.G, P + T), fill, dtype=t.dtype)
+            out[:, :, left:left + batch.L] = t
+            pieces[name].append(out)
+
+    def cat(name):
+        values = [getattr(b, name) for b in batches]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return RolloutBatch(input_ids=torch.cat(pieces["input_ids"]), attention_mask=torch.cat(pieces["attention_mask"]),
+                        response_mask=torch.cat(pieces["response_mask"]), advantages=cat("advantages"),
+                        length_norm=cat("length_norm"), logprobs=cat("logprobs"), rewards=cat("rewards"),
+                        prompt_index=cat("prompt_index"), pad_token_id=pad, temperature=batches[0].temperature)
+
+
+def _gather_responses(world, mine: Responses | None, spec: DrawSpec) -> Responses:
+    payload = None if mine is None else (mine.batch.to("cpu"), mine.hit_stop, mine.timings)
+    from .distributed import all_gather_objects
+
+    pieces = all_gather_objects(world, payload, "all_gather of the redrawn shards")
+    timings = {key: max(p[2].get(key, 0.0) for p in pieces) for key in pieces[0][2]}
+    return Responses(batch=merge_batches([p[0] for p in pieces]), hit_stop=torch.cat([p[1] for p in pieces]),
+                     spec=spec, timings=timings)
+
+
+def gather_sampled(world, sampled: SampledBatch | None) -> SampledBatch:
+    """This rank's ``SampledBatch`` (its shard, sampled with ``first_prompt_index`` = the shard's start) → the global
+    ``SampledBatch`` on every rank, in prompt order (tokens are all-gathered as pickled objects; counted). The
+    merged draw spec covers every prompt (stream offset of the first shard), so :func:`redraw` of it reproduces the
+    global batch."""
+    if world is None or not world.distributed:
+        return sampled
+    mine = None if sampled is None else (sampled.batch.to("cpu"), sampled.prompts, sampled.responses,
+                                         sampled.eos_count, sampled.timings, sampled.spec)
+    from .distributed import all_gather_objects
+
+    pieces = all_gather_objects(world, mine, "all_gather of the sampled shards")
+    timings = {key: max(p[4].get(key, 0.0) for p in pieces) for key in pieces[0][4]}
+    specs = [p[5] for p in pieces]
+    spec = None
+    if all(s is not None for s in specs):
+        indices = [s.prompt_index for s in specs]
+        spec = dataclasses.replace(
+            specs[0], prompt_ids=tuple(row for s in specs for row in s.prompt_ids),
+            prompt_index=None if any(i is None for i in indices) else tuple(i for part in indices for i in part))
+    return SampledBatch(batch=merge_batches([p[0] for p in pieces]), prompts=[t for p in pieces for t in p[1]],
+                        responses=[r for p in pieces for r in p[2]], eos_count=sum(p[3] for p in pieces),
+                        timings=timings, spec=spec)

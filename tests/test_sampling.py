@@ -227,3 +227,75 @@ def test_reward_function_output_validated(policy32):
                        torch.tensor(answer_match(sampled.prompts, sampled.responses, {"answers": ["2", "66", "7",
                                                                                                   "12"]}),
                                     dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------- mask-safe layout
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_prompts_of_different_lengths_decode_together_with_eager_attention(dtype, tolerance, kv_cache):
+    """No forward sees a leading pad: with left-padded prompts, eager attention in float64 gave NaN on the fully
+    masked pad rows, which reached the real rows ("non-finite logits while sampling")."""
+    policy = Policy.from_peft(tiny_peft_model("llama", vocab_size=VOCAB, dtype=dtype, seed=2,
+                                              attn_implementation="eager"))
+    sampled = draw(policy, prompts=["1+1=", "22*3=?", "7"], max_new_tokens=6, prompt_chunk=3, kv_cache=kv_cache)
+    teacher_forced = policy.sequence_logprobs(policy.params, sampled.batch)
+    assert float((sampled.batch.logprobs - teacher_forced).abs().max()) < tolerance
+    # The same draw one prompt at a time (no padding at all): the same tokens.
+    alone = draw(policy, prompts=["1+1=", "22*3=?", "7"], max_new_tokens=6, prompt_chunk=1, kv_cache=kv_cache)
+    assert torch.equal(alone.batch.input_ids, sampled.batch.input_ids)
+
+
+# ---------------------------------------------------------------------------------------------- stop tokens
+def test_stop_ids_are_the_union_of_tokenizer_generation_config_and_extra():
+    from funcprobe.sampling import collect_stop_ids
+
+    model = tiny_peft_model("qwen2", vocab_size=6, seed=3)
+    model.get_base_model().generation_config.eos_token_id = [2, 5]
+    policy = Policy.from_peft(model)
+    assert collect_stop_ids(TOKENIZER, policy) == (2, 5)
+    assert collect_stop_ids(TOKENIZER, policy, extra=[4, 5]) == (2, 4, 5)
+    assert collect_stop_ids(TOKENIZER, None, extra=3) == (2, 3)
+    with pytest.raises(ValueError, match="no stop token.*--stop-token"):
+        collect_stop_ids(None, None)
+    # Responses end at the first of any stop id, which is kept as their last token.
+    prompts = [[4, 1], [1], [3, 4]]
+    sampled = draw(policy, prompts=prompts, G=8, max_new_tokens=8)
+    batch, P = sampled.batch, 2
+    ended = {2: 0, 5: 0}
+    for n in range(batch.B):
+        for g in range(batch.G):
+            length = int(batch.response_mask[n, g].sum())
+            tokens = batch.input_ids[n, g, P:P + length].tolist()
+            stops = [i for i, t in enumerate(tokens) if t in (2, 5)]
+            if stops:
+                assert stops == [length - 1]
+                ended[tokens[-1]] += 1
+            else:
+                assert length == 8
+    assert ended[2] > 0 and ended[5] > 0 and sampled.eos_count == ended[2] + ended[5]
+    assert sampled.spec.stop_token_ids == (2, 5)
+    more = draw(policy, prompts=prompts, G=8, max_new_tokens=8, stop_token_ids=[4])
+    assert more.spec.stop_token_ids == (2, 4, 5)
+    assert int(more.batch.response_lengths.sum()) < int(sampled.batch.response_lengths.sum())
+
+
+# ---------------------------------------------------------------------------------------------- common random numbers
+def test_redraw_reproduces_the_draw_and_shares_its_uniforms(policy32):
+    """redraw at θ gives the batch back bit for bit; at θ⁺ near θ most responses are unchanged, and where one
+    changes, it first differs at a position whose token the step moved across the shared uniform."""
+    from funcprobe.sampling import redraw
+
+    sampled = draw(policy32, prompts=PROMPTS, G=4, max_new_tokens=8, prompt_index=[7, 3, 3, 0])
+    again = redraw(policy32, policy32.params, sampled.spec)
+    for name in ("input_ids", "attention_mask", "response_mask", "logprobs", "prompt_index"):
+        assert torch.equal(getattr(again.batch, name), getattr(sampled.batch, name)), name
+    assert again.batch.temperature == sampled.batch.temperature == 0.8
+    assert sampled.batch.prompt_index.tolist() == [7, 3, 3, 0]
+    generator = torch.Generator().manual_seed(1)
+    for scale, low, high in ((1e-4, 0.9, 1.0), (0.3, 0.0, 0.9)):
+        moved = {n: t + scale * torch.randn(t.shape, generator=generator) for n, t in policy32.params.items()}
+        other = redraw(policy32, moved, sampled.spec)
+        same = (other.batch.input_ids == sampled.batch.input_ids).all(dim=-1).double().mean()
+        assert low <= float(same) <= high, (scale, float(same))
+    with pytest.raises(ValueError, match="prompt_index has 2 entries for 4 prompts"):
+        draw(policy32, prompt_index=[0, 1])
