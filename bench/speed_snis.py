@@ -1,4 +1,4 @@
-"""Wall time of ΔĤ by importance sampling (``funcprobe.snis.snis_delta_h``) against the floor and the seed's way.
+"""Wall time of ΔĤ by importance sampling (``funcprobe.realised.snis_delta_h``) against the floor and the seed's way.
 
     python bench/speed_snis.py                 # full: Qwen2 hidden 256, 2 layers, vocabulary 32,000 (≈ 1–2 min, 2 cores)
     python bench/speed_snis.py --vocab 32000 151936   # also at Qwen2.5's vocabulary
@@ -13,10 +13,11 @@ Methods, all in one process on the same model and batch, each run ``--repeats`` 
 untimed warm-up of every method):
 
 * ``floor``: ``policy.sequence_logprobs(θ⁺, batch)`` — the cheapest forward that yields S(θ⁺) with funcprobe's
-  chunked projection. snis_delta_h with S(θ) cached needs exactly this one pass; the target is ≤ 1.15× of it.
-* ``snis_delta_h (S(θ) cached)``: the estimator as a user runs it on a batch with recorded log-probs (sequence
-  estimator, per-prompt normalisation): the pass above + weights, ESS, PSIS k̂, result object.
-* ``snis_delta_h (S(θ) not cached)``: two passes.
+  chunked projection. snis_delta_h with S(θ) already computed (``before=``, as the learning-rate sweep passes it:
+  S(θ) once for every η) needs exactly this one pass; the target is ≤ 1.15× of it.
+* ``snis_delta_h (S(θ) given: before=)``: that estimator (−S integrand, per-prompt normalisation): the pass
+  above + weights, ESS, PSIS k̂, the recorded-S check, result object.
+* ``snis_delta_h``: S(θ) and S(θ⁺), both on the one teacher-forced path (spec §6): two passes.
 * ``HF forward, full logits``: ``peft_model(input_ids, attention_mask, position_ids).logits`` under ``no_grad`` — the
   [B·G, L, V] logits of a plain forward (does not yet yield S); for reference.
 * ``HF forward + full log_softmax → S``: the same plus a full-vocabulary ``log_softmax``, gather and masked sum.
@@ -113,7 +114,7 @@ def run(vocab: int, *, quick: bool, repeats: int) -> dict:
 
     from funcprobe.adam import AdamState
     from funcprobe.policy import Policy
-    from funcprobe.snis import importance_weighted_delta_h, snis_delta_h
+    from funcprobe.realised import importance_weighted_delta_h, snis_delta_h, values_before
     from funcprobe.testing import random_batch, tiny_peft_model
     from funcprobe.update import policy_gradient, rl_update
 
@@ -126,6 +127,7 @@ def run(vocab: int, *, quick: bool, repeats: int) -> dict:
                          response_len=(shape["response"], shape["response"]), seed=0)
     logprobs_before = policy.sequence_logprobs(params, batch)
     cached = batch.replace(logprobs=logprobs_before)
+    before = values_before(params, cached, policy=policy, logprobs=True, entropies=False, chunks={})
     adam = AdamState.zeros(params, lr=LR)
     update, _ = rl_update(params, batch, policy=policy, adam=adam)
     _, ybar = policy_gradient(params, batch, policy=policy)
@@ -158,8 +160,9 @@ def run(vocab: int, *, quick: bool, repeats: int) -> dict:
 
     methods = [
         ("floor: sequence_logprobs(θ⁺)", 1, lambda: policy.sequence_logprobs(update, batch)),
-        ("snis_delta_h (S(θ) cached)", 1, lambda: snis_delta_h(params, update, policy=policy, batch=cached)),
-        ("snis_delta_h (S(θ) not cached)", 2, lambda: snis_delta_h(params, update, policy=policy, batch=batch)),
+        ("snis_delta_h (S(θ) given: before=)", 1,
+         lambda: snis_delta_h(params, update, policy=policy, batch=cached, before=before, estimator="sequence")),
+        ("snis_delta_h", 2, lambda: snis_delta_h(params, update, policy=policy, batch=cached, estimator="sequence")),
         ("HF forward, full logits", 1, lambda: _no_grad(lambda: _hf_logprobs(module, batch, full_logprobs=False))),
         ("HF forward + full log_softmax → S", 1,
          lambda: _no_grad(lambda: _hf_logprobs(module, batch, full_logprobs=True))),
@@ -178,7 +181,7 @@ def run(vocab: int, *, quick: bool, repeats: int) -> dict:
         row["ratio_to_floor"] = row["median_s"] / floor
 
     # Correctness guard.
-    ours = snis_delta_h(params, update, policy=policy, batch=cached)
+    ours = snis_delta_h(params, update, policy=policy, batch=cached, before=before, estimator="sequence")
     theirs = seed_step()
     S_after = policy.sequence_logprobs(update, batch)
     err_before = float(((seed_out["before"] - logprobs_before).abs() / logprobs_before.abs()).max())
@@ -236,9 +239,9 @@ def main(argv=None) -> int:
         ratio = result["snis_over_floor"]
         verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
         guard = result["guard"]
-        print(f"\nsnis_delta_h (cached) / floor = {ratio:.3f} (target ≤ {TARGET_RATIO}): {verdict}")
-        print(f"seed stateful step / snis_delta_h (cached) = {result['seed_over_snis']:.2f}×; "
-              f"/ snis_delta_h (not cached, same 2 passes) = {result['seed_over_snis_uncached']:.2f}×")
+        print(f"\nsnis_delta_h (S(θ) given) / floor = {ratio:.3f} (target ≤ {TARGET_RATIO}): {verdict}")
+        print(f"seed stateful step / snis_delta_h (S(θ) given) = {result['seed_over_snis']:.2f}×; "
+              f"/ snis_delta_h (the same 2 passes) = {result['seed_over_snis_uncached']:.2f}×")
         print(f"S agree with the seed's (rel. err. before {guard['rel_err_S_before']:.1e}, after "
               f"{guard['rel_err_S_after']:.1e}, tol {S_RTOL}): {'PASS' if guard['agree'] else 'FAIL'}; "
               f"ΔĤ funcprobe {guard['deltaH_funcprobe']:.6g}, seed {guard['deltaH_seed']:.6g}")

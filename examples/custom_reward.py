@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from funcprobe import AdamState, Policy, Probe, rl_update
+from funcprobe import Probe
 from funcprobe.report import summary_table
 from funcprobe.rewards import last_number, parse_number
 from funcprobe.sampling import sample_batch
@@ -37,26 +37,16 @@ def short_answer_reward(prompts, responses, meta):
 
 
 def demo_policy(quick: bool, seed: int = 0):
-    """(policy, params, adam, tokenizer, prompts, answers): the demo's tiny policy after a few warm-up RL steps."""
-    from funcprobe.demo import DemoConfig, arithmetic_prompts
-    from funcprobe.testing import char_tokenizer, tiny_peft_model
+    """(policy, params, adam, tokenizer, prompts, answers): the demo's tiny policy after a few warm-up RL steps
+    towards short answers (``funcprobe.demo.warmed_policy`` with this example's reward)."""
+    import dataclasses
 
-    config = DemoConfig.quick() if quick else DemoConfig()
-    tokenizer = char_tokenizer()
-    model = tiny_peft_model("qwen2", vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-                            num_layers=config.num_layers, r=config.lora_r, lora_alpha=2 * config.lora_r,
-                            init_lora_weights=True, seed=seed)
-    policy = Policy.from_peft(model)
-    params = policy.params
-    adam = AdamState.zeros(params, lr=config.lr, weight_decay=0.0)
-    for step in range(config.warm_steps):
-        prompts, answers = arithmetic_prompts(config.warm_prompts, seed=1000 + step)
-        warm = sample_batch(policy, params, prompts, G=config.G, reward_fn=short_answer_reward,
-                            max_new_tokens=config.max_new_tokens, seed=step, tokenizer=tokenizer,
-                            meta={"answers": answers})
-        params, adam = rl_update(params, warm.batch, policy=policy, adam=adam)
-    prompts, answers = arithmetic_prompts(config.B, seed=seed)
-    return policy, params, adam, tokenizer, prompts, answers
+    from funcprobe.demo import DemoConfig, arithmetic_prompts, warmed_policy
+
+    config = dataclasses.replace(DemoConfig.quick() if quick else DemoConfig(), seed=seed)
+    warmed = warmed_policy(config, reward_fn=short_answer_reward, progress=False, echo=lambda *args: None)
+    prompts, answers = arithmetic_prompts(2 * config.B, seed=seed)  # an update and an evaluation batch's worth
+    return warmed.policy, warmed.params, warmed.adam, warmed.tokenizer, prompts, answers
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,22 +70,25 @@ def main(argv: list[str] | None = None) -> dict:
         params = policy.params
         prompts, answers = load_prompts_jsonl(args.prompts or checkpoint.prompts_path)
         print(f"loaded {checkpoint.path} ({checkpoint.layout}, step {checkpoint.step}): {policy}")
-    prompts, answers = prompts[:B], answers[:B]
 
-    sampled = sample_batch(policy, params, prompts, G=G, reward_fn=short_answer_reward,
-                           max_new_tokens=max_new_tokens, seed=args.seed, tokenizer=tokenizer,
-                           meta={"answers": answers})
+    def draw(texts, gold, seed):
+        return sample_batch(policy, params, texts, G=G, reward_fn=short_answer_reward,
+                            max_new_tokens=max_new_tokens, seed=seed, tokenizer=tokenizer, meta={"answers": gold})
+
+    sampled = draw(prompts[:B], answers[:B], args.seed)
     batch = sampled.batch
     print(f"mean reward {float(batch.rewards.mean()):.4f}; e.g. {sampled.prompts[0]!r} → "
           f"{sampled.responses[0][:2]} with rewards {[round(r, 3) for r in batch.rewards[0, :2].tolist()]}")
 
     probe = Probe(policy, adam, batch=batch)
     prediction = probe.delta_h1(params)
-    new_params, _ = probe.update(params)
-    realised = probe.snis_delta_h(params, new_params)
+    new_params, _ = probe.update(params, prediction)
+    # The realised change on an evaluation batch: other prompts of the pool, another seed.
+    evaluation = draw(prompts[B:2 * B] or prompts[:B], answers[B:2 * B] or answers[:B], args.seed + 1)
+    realised = probe.realised(params, new_params, evaluation)
     print()
     print(summary_table(prediction, realised, title="entropy change of a step towards short answers"))
-    return {"delta_h1": prediction, "snis": realised, "batch": batch}
+    return {"delta_h1": prediction, "realised": realised, "batch": batch}
 
 
 if __name__ == "__main__":

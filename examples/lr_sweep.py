@@ -1,22 +1,24 @@
-"""Learning-rate sweep on a checkpoint: ΔĤ(η) by importance sampling beside the prediction (η/lr)·δH₁, plotted.
+"""Learning-rate sweep on a checkpoint: the realised ΔĤ(η) on an evaluation batch beside (η/lr)·δH₁, plotted.
 
     python examples/lr_sweep.py runs/tiny/checkpoint-4 --out sweep.png [--quick]
 
-The step's direction Δθ is computed once at the optimizer's learning rate lr; θ(η) = θ + (η/lr)·Δθ (every term of
-the AdamW step is proportional to lr), and each ΔĤ(η) reweights the same batch. Where the two curves part, the
-first-order prediction stops describing the step; where the importance weights degenerate, the points are hollow.
+δH₁ and the step's direction Δθ come from the update batch, once, at the optimizer's learning rate lr;
+θ(η) = θ + (η/lr)·Δθ (every term of the AdamW step is proportional to lr). Each ΔĤ(η) is measured on an evaluation
+batch drawn independently of the update batch, by common random numbers and by importance sampling. Where the curves
+part, the first-order prediction stops describing the step; where the importance weights degenerate, the SNIS points
+are hollow (common random numbers need no weights).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import random
 
 from funcprobe import delta_h1, lr_sweep
 from funcprobe.checkpoints import load_checkpoint
+from funcprobe.report import plot_lr_sweep
 from funcprobe.rewards import load_prompts_jsonl
 from funcprobe.sampling import sample_batch
-from funcprobe.snis import plot_lr_sweep
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,18 +38,23 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = load_checkpoint(args.checkpoint)
     policy, adam = checkpoint.policy, checkpoint.adam
     params = policy.params
-    prompts, answers = load_prompts_jsonl(args.prompts or checkpoint.prompts_path)
-    sampled = sample_batch(policy, params, prompts[:B], G=G, reward_fn="answer", max_new_tokens=max_new_tokens,
-                           seed=args.seed, tokenizer=checkpoint.tokenizer, meta={"answers": answers[:B]})
-    batch = sampled.batch
+    pool, answers = load_prompts_jsonl(args.prompts or checkpoint.prompts_path)
+
+    def draw(indices, seed):
+        return sample_batch(policy, params, [pool[i] for i in indices], G=G, reward_fn="answer",
+                            max_new_tokens=max_new_tokens, seed=seed, tokenizer=checkpoint.tokenizer,
+                            meta={"answers": [answers[i] for i in indices]}, prompt_index=indices)
+
+    update = draw(list(range(min(B, len(pool)))), args.seed)
+    evaluation = draw(random.Random(args.seed + 1).choices(range(len(pool)), k=B), args.seed + 1)
 
     # The step's learning rate: --lr, else the optimizer's (one shared by every tensor, as lr_sweep requires).
     lr = args.lr if args.lr is not None else next(iter(adam.hyper.values())).lr
     if not lr > 0:
         raise SystemExit(f"the optimizer state's learning rate is {lr} (a finished schedule?); pass --lr")
-    etas = [factor * lr for factor in factors]
-    sweep = lr_sweep(params, batch, policy=policy, adam=adam, etas=etas, lr=lr,
-                     delta_h1_fn=functools.partial(delta_h1, policy=policy, adam=adam, lr=lr))
+    prediction = delta_h1(params, update.batch, policy=policy, adam=adam, lr=lr)
+    sweep = lr_sweep(params, evaluation, policy=policy, step=prediction.step, etas=[f * lr for f in factors],
+                     prediction=prediction, method="both")
     print(sweep)
     print(f"wrote {plot_lr_sweep(sweep, args.out)}")
     return {"lr_sweep": sweep, "plot": args.out}

@@ -2,14 +2,19 @@
 
     python examples/probe_checkpoint.py runs/tiny/checkpoint-4 [--prompts prompts.jsonl] [--quick]
 
-What ``funcprobe probe`` does, written out: load the checkpoint (policy + AdamW state + tokenizer), sample B prompts
-× G responses from the policy, bind a ``Probe`` and call ``delta_h1`` (the prediction), ``update`` (the same AdamW
-step as a pure function → θ⁺) and ``snis_delta_h`` (the realised change, by importance sampling).
+What ``funcprobe probe`` does, written out: load the checkpoint (policy + AdamW state + tokenizer), sample an update
+batch U of B prompts × G responses from the policy, bind a ``Probe`` and call ``delta_h1`` (the prediction) and
+``update`` (the same AdamW step as a pure function → θ⁺); then draw an evaluation batch E — other prompts, another
+seed — and measure the realised change on it with ``realised`` (common random numbers and importance sampling). The
+realised change is never measured on U: its samples built the step, and their importance weights would carry the
+same-sample bias that δH₁ removes.
 """
 
 from __future__ import annotations
 
 import argparse
+
+import random
 
 from funcprobe import Probe
 from funcprobe.checkpoints import load_checkpoint
@@ -37,26 +42,37 @@ def main(argv: list[str] | None = None) -> dict:
     prompts_path = args.prompts or checkpoint.prompts_path
     if prompts_path is None:
         raise SystemExit("no prompts: pass --prompts FILE.jsonl")
-    prompts, answers = load_prompts_jsonl(prompts_path)
-    prompts, answers = prompts[:B], answers[:B]
-    sampled = sample_batch(policy, params, prompts, G=G, reward_fn="answer", max_new_tokens=max_new_tokens,
-                           seed=args.seed, tokenizer=checkpoint.tokenizer, meta={"answers": answers})
-    print(f"sampled B={sampled.batch.B} × G={sampled.batch.G}; e.g. {sampled.prompts[0]!r} → "
+    pool, pool_answers = load_prompts_jsonl(prompts_path)
+
+    def draw(indices, seed):
+        return sample_batch(policy, params, [pool[i] for i in indices], G=G, reward_fn="answer",
+                            max_new_tokens=max_new_tokens, seed=seed, tokenizer=checkpoint.tokenizer,
+                            meta={"answers": [pool_answers[i] for i in indices]}, prompt_index=indices)
+
+    update_prompts = list(range(min(B, len(pool))))
+    sampled = draw(update_prompts, args.seed)
+    print(f"update batch: B={sampled.batch.B} × G={sampled.batch.G}; e.g. {sampled.prompts[0]!r} → "
           f"{sampled.responses[0][:2]}")
 
-    # 3. The probe: prediction, the step, and the realised change on the same batch.
+    # 3. The probe: the prediction and the step, both from the update batch.
     probe = Probe(policy, adam, batch=sampled.batch)
     prediction = probe.delta_h1(params)
-    new_params, _ = probe.update(params)
-    realised = probe.snis_delta_h(params, new_params)
+    new_params, _ = probe.update(params, prediction)          # θ⁺ from δH₁'s own Ȳ: no second gradient pass
+
+    # 4. The realised change on an evaluation batch drawn independently: prompts drawn from the pool with
+    #    replacement, responses with another seed.
+    eval_prompts = random.Random(args.seed + 1).choices(range(len(pool)), k=B)
+    evaluation = draw(eval_prompts, args.seed + 1)
+    realised = probe.realised(params, new_params, evaluation, method="both")
 
     print()
     print(prediction)
-    print()
-    print(realised)
+    for result in realised.values():
+        print()
+        print(result)
     print()
     print(summary_table(prediction, realised))
-    return {"delta_h1": prediction, "snis": realised, "batch": sampled.batch}
+    return {"delta_h1": prediction, "realised": realised, "batch": sampled.batch, "eval_batch": evaluation.batch}
 
 
 if __name__ == "__main__":

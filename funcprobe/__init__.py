@@ -10,13 +10,14 @@ from .delta_h1 import DeltaH1Result, delta_h1
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, load_policy
 from .probe import Probe
-from .sampling import SampledBatch, sample_batch
-from .snis import EntropyResult, LRSweepResult, SNISResult, entropy, lr_sweep, snis_delta_h
-from .update import policy_gradient, rl_update, update_direction
+from .realised import CRNResult, EntropyResult, SNISResult, crn_delta_h, entropy, snis_delta_h
+from .sampling import DrawSpec, SampledBatch, draw_responses, redraw, sample_batch
+from .sweep import LRSweepResult, lr_sweep
+from .update import apply_step, policy_gradient, rl_update, update_direction
 
 __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState", "adamw_update",
-           "load_adam_state", "update_decomposition", "rl_update", "update_direction", "policy_gradient",
-           "delta_h1", "DeltaH1Result", "snis_delta_h", "SNISResult", "entropy", "EntropyResult", "lr_sweep",
-           "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint", "sample_batch", "SampledBatch",
-           "plan_memory", "MemoryPlan"]
+           "load_adam_state", "update_decomposition", "rl_update", "update_direction", "apply_step",
+           "policy_gradient", "delta_h1", "DeltaH1Result", "snis_delta_h", "SNISResult", "crn_delta_h", "CRNResult",
+           "entropy", "EntropyResult", "lr_sweep", "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint",
+           "sample_batch", "SampledBatch", "draw_responses", "redraw", "DrawSpec", "plan_memory", "MemoryPlan"]
 __version__ = "0.1.0"

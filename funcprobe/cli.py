@@ -21,7 +21,9 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "select_prompts", "parse_etas", "parse_units"]
+from .formatting import fmt
+
+__all__ = ["main", "select_prompts", "draw_eval_prompts", "derive_seed", "parse_etas", "parse_units"]
 
 log = logging.getLogger("funcprobe.cli")
 
@@ -49,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 def _add_probe_parser(commands) -> None:
     probe = commands.add_parser(
         "probe", help="δH₁ and ΔH of the next AdamW step of a LoRA checkpoint",
-        description="Load a LoRA training checkpoint (policy + AdamW state), sample B prompts × G responses from it, "
-                    "and report the predicted (δH₁) and realised (ΔH) entropy change of the AdamW step on that batch.")
+        description="Load a LoRA training checkpoint (policy + AdamW state), sample an update batch of B prompts × G "
+                    "responses from it, and report the predicted (δH₁) entropy change of the AdamW step on that batch "
+                    "beside the realised change (ΔH), measured on an evaluation batch drawn independently of it.")
     probe.add_argument("checkpoint", help="an HF Trainer checkpoint-N/ folder, a run folder holding checkpoint-N/ "
                        "(the latest is taken), a folder with model/ + optimizer.pt, or a bare adapter (with "
                        "--optimizer)")
@@ -72,6 +75,26 @@ def _add_probe_parser(commands) -> None:
                       "log-probabilities and entropies use the same τ (default 1)")
     data.add_argument("--top-p", type=float, default=1.0, help="must stay 1: truncated sampling is refused "
                       "(spec §0)")
+    data.add_argument("--stop-token", type=int, action="append", default=None, metavar="ID",
+                      help="another token id that ends a response (repeatable); always added: the tokenizer's EOS and "
+                      "the model's generation_config eos ids")
+    evaluation = probe.add_argument_group("realised change (on an evaluation batch drawn independently of the "
+                                          "update batch)")
+    evaluation.add_argument("--eval-B", dest="eval_B", type=int, default=None,
+                            help="prompts in the evaluation batch, drawn from the pool with replacement, "
+                            "independently of the update batch's (default: -B)")
+    evaluation.add_argument("--eval-G", dest="eval_G", type=int, default=None,
+                            help="responses per evaluation prompt (default: -G)")
+    evaluation.add_argument("--eval-seed", type=int, default=None,
+                            help="seeds the evaluation prompts and responses (default: derived from --seed; must "
+                            "differ from --seed)")
+    evaluation.add_argument("--realised", choices=("snis", "crn", "both"), default="snis",
+                            help="estimator of the realised change: importance sampling with the Rao-Blackwell "
+                            "integrand (snis), common random numbers (crn), or both; the README says why snis is the "
+                            "default and when to use crn (default %(default)s)")
+    evaluation.add_argument("--in-sample", action="store_true",
+                            help="also report importance sampling on the update batch itself: a biased diagnostic "
+                            "(it carries the same-sample term δH₁ removes), labelled as such")
     step = probe.add_argument_group("step")
     step.add_argument("--lr", type=float, default=None, help="learning rate of the step (default: the optimizer "
                       "state's)")
@@ -84,6 +107,9 @@ def _add_probe_parser(commands) -> None:
     compute = probe.add_argument_group("compute")
     compute.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N) (default %(default)s)")
     compute.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default %(default)s)")
+    compute.add_argument("--logsoftmax-dtype", default=None, choices=("float32", "float64"),
+                         help="dtype of the log-softmax over the vocabulary (default: float32, or float64 for a "
+                         "float64 model)")
     compute.add_argument("--seq-chunk", type=int, default=None, help="sequences per forward (default 8)")
     compute.add_argument("--token-chunk", type=int, default=None, help="response rows per vocabulary chunk "
                          "(default 512)")
@@ -157,6 +183,23 @@ def select_prompts(pool_size: int, B: int, *, seed: int, replace: bool = False) 
     return order[:B]
 
 
+def derive_seed(seed: int, purpose: str) -> int:
+    """A seed for ``purpose`` derived from ``seed`` by hashing (independent of it, reproducible from it)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"funcprobe.{purpose}:{int(seed)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2 ** 31 - 1)
+
+
+def draw_eval_prompts(pool_size: int, B: int, *, seed: int) -> list[int]:
+    """Indices of the evaluation batch's B prompts: ``random.Random(seed).choices(range(pool_size), k=B)`` — i.i.d.
+    uniform draws from the pool, with replacement (spec §6: independent of the update batch's prompts, and the i.i.d.
+    draws the SE over prompts assumes)."""
+    if pool_size < 1:
+        raise ValueError("the prompt pool is empty.")
+    return random.Random(seed).choices(range(pool_size), k=B)
+
+
 def _check_probe_args(args: argparse.Namespace) -> None:
     """Cheap checks before anything is loaded."""
     from .sampling import _TRUNCATION_REASON
@@ -171,6 +214,20 @@ def _check_probe_args(args: argparse.Namespace) -> None:
         raise ValueError(f"-G must be ≥ 2 (the leave-one-out baseline needs two responses); got {args.G}.")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1; got {args.max_new_tokens}.")
+    args.eval_B = args.B if args.eval_B is None else args.eval_B
+    args.eval_G = args.G if args.eval_G is None else args.eval_G
+    if args.eval_B < 2:
+        raise ValueError(f"--eval-B must be ≥ 2 (the SE of ΔH is over evaluation prompts); got {args.eval_B}.")
+    if args.eval_G < 2:
+        raise ValueError(f"--eval-G must be ≥ 2; got {args.eval_G}.")
+    if args.eval_seed is None:
+        args.eval_seed = derive_seed(args.seed, "evaluation")
+    elif args.eval_seed == args.seed:
+        raise ValueError(f"--eval-seed {args.eval_seed} equals --seed: the evaluation batch would repeat the update "
+                         "batch's random draws. Choose another --eval-seed, or leave it out (it is derived from --seed).")
+    for flag, value in (("--stop-token", args.stop_token or []),):
+        if any(v < 0 for v in value):
+            raise ValueError(f"{flag} takes token ids ≥ 0; got {value}.")
     for flag, value in (("--seq-chunk", args.seq_chunk), ("--token-chunk", args.token_chunk)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be ≥ 1; got {value}.")
@@ -213,7 +270,8 @@ def _check_probe_args(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------------ the probe
 def _choose_prompts(path, args: argparse.Namespace) -> dict:
-    """Read the prompts file and pick the batch's B prompts (``select_prompts``) with their answers."""
+    """Read the prompts file; pick the update batch's B prompts (``select_prompts``, seeded by --seed) and the
+    evaluation batch's prompts (``draw_eval_prompts``, seeded by --eval-seed), with their answers."""
     from .rewards import load_prompts_jsonl
 
     pool, answers = load_prompts_jsonl(path)
@@ -221,29 +279,66 @@ def _choose_prompts(path, args: argparse.Namespace) -> dict:
         indices = select_prompts(len(pool), args.B, seed=args.seed, replace=args.replace)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    return {"path": path, "pool": pool, "indices": indices, "prompts": [pool[i] for i in indices],
-            "answers": [answers[i] for i in indices]}
+    eval_indices = draw_eval_prompts(len(pool), args.eval_B, seed=args.eval_seed)
+    return {"path": path, "pool": pool, "answers": answers, "indices": indices, "eval_indices": eval_indices}
+
+
+def _check_learning_rate(adam, args: argparse.Namespace, where) -> None:
+    """Before any sampling: a zero next-step learning rate (the end of a decaying schedule) makes the step zero."""
+    rates = sorted({h.lr for h in adam.hyper.values()})
+    if args.lr is None and all(rate == 0 for rate in rates):
+        raise ValueError(f"the learning rate of the next step stored in {where} is 0 (the end of a decaying "
+                         "schedule?): that step is zero, so δH₁ = ΔH = 0 and there is nothing to measure. Pass --lr to "
+                         "probe the step at another learning rate, e.g. --lr 1e-5.")
+    if args.etas is not None and args.lr is None and len(rates) > 1:
+        raise ValueError(f"the optimizer's parameter groups have different learning rates {rates}; the sweep scales "
+                         "one learning rate. Pass --lr to use one for every group, or drop --eta-sweep.")
+
+
+def _sample(world, policy, params, prompts, answers, indices, *, seed, G, args, tokenizer, prompt_chunk, progress):
+    """Sample prompts[indices] (this rank's contiguous shard, gathered on every rank)."""
+    from .sampling import gather_sampled, sample_batch
+
+    shard = world.shard(len(indices))
+    mine = None
+    if len(shard):
+        rows = indices[shard.start:shard.stop]
+        mine = sample_batch(policy, params, [prompts[i] for i in rows], G=G, reward_fn=args.reward,
+                            max_new_tokens=args.max_new_tokens, seed=seed, tokenizer=tokenizer, top_p=args.top_p,
+                            meta={"answers": [answers[i] for i in rows]}, stop_token_ids=args.stop_token,
+                            first_prompt_index=shard.start, prompt_index=rows, prompt_chunk=prompt_chunk,
+                            progress=progress)
+    return gather_sampled(world, mine)
+
+
+def _batch_section(sampled, chosen: dict, indices: list[int], seed: int) -> dict:
+    batch = sampled.batch
+    return {"prompts_file": chosen["path"], "pool_size": len(chosen["pool"]), "prompt_indices": indices,
+            "seed": seed, "prompts": sampled.prompts, "answers": [chosen["answers"][i] for i in indices],
+            "responses": sampled.responses, "rewards": batch.rewards, "mean_reward": float(batch.rewards.mean()),
+            "eos_count": sampled.eos_count, "truncated_count": sampled.truncated_count,
+            "stop_token_ids": list(sampled.spec.stop_token_ids), "timings": sampled.timings}
 
 
 def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, world=None) -> dict:
-    """The ``probe`` command: load, sample, δH₁, step, ΔH, sweep; print the report; write JSON and the plot.
+    """The ``probe`` command: load, sample U and E, δH₁ on U, the step, ΔH on E, the sweep on E; print the report;
+    write JSON and the plot.
 
     Under torchrun (``world`` from ``funcprobe.distributed.init_from_env``): every rank loads the checkpoint, samples
-    its contiguous shard of the B prompts (``first_prompt_index`` = the shard's start, so the global batch does not
-    depend on the number of ranks), the shards are gathered so that every rank holds the whole batch, and δH₁, the
-    step, ΔH and the sweep are computed sharded (issue 6). Only rank 0 prints and writes the JSON and the plot, at
-    the very end (the JSON atomically).
+    its contiguous shard of each batch's prompts (``first_prompt_index`` = the shard's start, so the batches do not
+    depend on the number of ranks), the shards are gathered so that every rank holds both batches, and δH₁, ΔH and
+    the sweep are computed sharded (issue 6). Only rank 0 prints and writes the JSON and the plot, at the very end
+    (the JSON atomically).
     """
     import torch
 
-    from .distributed import COMM, SINGLE, gather_sampled
-
     from .checkpoints import load_checkpoint
     from .delta_h1 import delta_h1
-    from .report import format_report, peak_memory, reset_peak_memory, summary, versions, write_json
-    from .sampling import sample_batch
-    from .snis import lr_sweep, plot_lr_sweep, snis_delta_h
-    from .update import rl_update
+    from .distributed import COMM, SINGLE
+    from .report import format_report, peak_memory, plot_lr_sweep, reset_peak_memory, summary, versions, write_json
+    from .realised import crn_delta_h, snis_delta_h
+    from .sweep import lr_sweep
+    from .update import apply_step
 
     _check_probe_args(args)
     world = SINGLE if world is None else world
@@ -265,12 +360,15 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     policy_options = {name: value for name, value in (("seq_chunk", args.seq_chunk),
                                                       ("token_chunk", args.token_chunk),
                                                       ("temperature", args.temperature)) if value is not None}
+    if args.logsoftmax_dtype is not None:
+        policy_options["logsoftmax_dtype"] = getattr(torch, args.logsoftmax_dtype)
     with _library_bars(enabled=sys.stderr.isatty() if progress is None else progress):
         checkpoint = timed("load", lambda: load_checkpoint(args.checkpoint, base=args.base, optimizer=args.optimizer,
                                                            dtype=getattr(torch, args.dtype),
                                                            device=args.device, **policy_options))
     policy, adam = checkpoint.policy, checkpoint.adam
     params = policy.params
+    _check_learning_rate(adam, args, checkpoint.optimizer_path)
     echo(f"checkpoint: {checkpoint.adapter_dir} (layout {checkpoint.layout}, step {checkpoint.step}, base "
          f"{checkpoint.base})")
     echo(f"policy: {policy}")
@@ -279,19 +377,19 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
             raise ValueError(f"no prompts: pass --prompts FILE.jsonl (there is no prompts.jsonl in "
                              f"{checkpoint.adapter_dir} or the folder above).")
         chosen = _choose_prompts(checkpoint.prompts_path, args)
-    prompts_path, pool, indices = chosen["path"], chosen["pool"], chosen["indices"]
-    prompts, meta = chosen["prompts"], {"answers": chosen["answers"]}
     if checkpoint.tokenizer is None:
         raise ValueError(f"the checkpoint {checkpoint.adapter_dir} has no tokenizer (tokenizer.json / "
                          "tokenizer_config.json in the checkpoint or its base); save the tokenizer with the "
                          "checkpoint.")
+    pool, answers = chosen["pool"], chosen["answers"]
 
     memory_plan, store, prompt_chunk = None, "auto", 8
     seq_chunk, token_chunk = args.seq_chunk, args.token_chunk
     if args.memory_budget_bytes is not None:
         from .memory import plan_for_policy
 
-        prompt_len = max(len(checkpoint.tokenizer(text)["input_ids"]) for text in prompts)
+        prompt_len = max(len(checkpoint.tokenizer(pool[i])["input_ids"])
+                         for i in chosen["indices"] + chosen["eval_indices"])
         plan = plan_for_policy(policy, (args.B, args.G, max(prompt_len, 1), args.max_new_tokens),
                                budget_bytes=args.memory_budget_bytes, units=args.units_value)
         memory_plan, store, prompt_chunk = plan.to_dict(), plan.store_unit_vectors, plan.prompt_chunk
@@ -301,35 +399,42 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
              f"{prompt_chunk}, unit vectors {'stored' if store else 'recomputed'}; predicted peak "
              f"{plan.peak_bytes / 2 ** 30:.2f} GiB ({plan.peak_phase}) of {plan.budget_bytes / 2 ** 30:.2f} GiB")
 
-    shard = world.shard(len(prompts))
-
-    def sample_shard():
-        if not len(shard):
-            return None
-        return sample_batch(policy, params, prompts[shard.start:shard.stop], G=args.G, reward_fn=args.reward,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, tokenizer=checkpoint.tokenizer,
-                            top_p=args.top_p, meta={"answers": meta["answers"][shard.start:shard.stop]},
-                            first_prompt_index=shard.start, prompt_chunk=prompt_chunk, progress=progress)
-
-    sampled = timed("sample", lambda: gather_sampled(world, sample_shard()))
+    sampling = dict(args=args, tokenizer=checkpoint.tokenizer, prompt_chunk=prompt_chunk, progress=progress)
+    sampled = timed("sample", lambda: _sample(world, policy, params, pool, answers, chosen["indices"],
+                                              seed=args.seed, G=args.G, **sampling))
     batch = sampled.batch
-    echo(f"batch: B={batch.B} prompts × G={batch.G} responses from {prompts_path}; mean reward "
-         f"{float(batch.rewards.mean()):.4g}; {sampled.eos_count}/{batch.num_sequences} ended with EOS")
+    echo(f"update batch: B={batch.B} prompts × G={batch.G} responses from {chosen['path']}; mean reward "
+         f"{fmt(float(batch.rewards.mean()), '.4g')}; {sampled.eos_count}/{batch.num_sequences} ended with a stop "
+         "token")
+    evaluation = timed("sample_eval", lambda: _sample(world, policy, params, pool, answers, chosen["eval_indices"],
+                                                      seed=args.eval_seed, G=args.eval_G, **sampling))
+    echo(f"evaluation batch: B={evaluation.batch.B} prompts × G={evaluation.batch.G} responses, drawn independently "
+         f"(seed {args.eval_seed})")
 
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
     step = dict(lr=args.lr, max_grad_norm=args.max_grad_norm)
     prediction = timed("delta_h1", lambda: delta_h1(params, batch, policy=policy, adam=adam, units=args.units_value,
                                                    store_unit_vectors=store, world=world, **step, **chunks))
-    new_params, _ = timed("update", lambda: rl_update(params, batch, policy=policy, adam=adam, world=world, **step,
-                                                      **chunks))
-    realised = timed("snis", lambda: snis_delta_h(params, new_params, policy=policy, batch=batch, world=world,
-                                                  **chunks))
+    # The step from δH₁'s own Ȳ: no second gradient pass over the update batch.
+    new_params, _ = timed("update", lambda: apply_step(params, adam, prediction.step, **step))
+    realised = {}
+    if args.realised in ("crn", "both"):
+        realised["crn"] = timed("realised_crn", lambda: crn_delta_h(params, new_params, policy=policy,
+                                                                    sample=evaluation, prompt_chunk=prompt_chunk,
+                                                                    world=world, **chunks))
+    if args.realised in ("snis", "both"):
+        realised["snis"] = timed("realised_snis", lambda: snis_delta_h(params, new_params, policy=policy,
+                                                                       batch=evaluation.batch, world=world, **chunks))
+    in_sample = None
+    if args.in_sample:
+        in_sample = timed("in_sample", lambda: snis_delta_h(params, new_params, policy=policy, batch=batch,
+                                                            in_sample=True, world=world, **chunks))
     sweep = None
     if args.etas is not None:
-        sweep = timed("lr_sweep", lambda: lr_sweep(params, batch, policy=policy, adam=adam, etas=args.etas,
-                                                   delta_h1_fn=lambda p, b: prediction, world=world, **step,
-                                                   **chunks))
-    echo("\n" + format_report(prediction, realised, sweep, details=args.verbose))
+        sweep = timed("lr_sweep", lambda: lr_sweep(params, evaluation, policy=policy, step=prediction.step,
+                                                   etas=args.etas, prediction=prediction, method=args.realised,
+                                                   prompt_chunk=prompt_chunk, world=world, **chunks))
+    echo("\n" + format_report(prediction, realised, sweep, in_sample=in_sample, details=args.verbose))
     timings["total"] = time.perf_counter() - started
 
     config = {name: value for name, value in vars(args).items()
@@ -340,19 +445,20 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         "config": config,
         "versions": versions(),
         "seed": args.seed,
+        "eval_seed": args.eval_seed,
         "checkpoint": {"path": checkpoint.path, "layout": checkpoint.layout, "step": checkpoint.step,
                        "base": checkpoint.base, "adapter_dir": checkpoint.adapter_dir,
                        "optimizer_path": checkpoint.optimizer_path, "prompts_path": checkpoint.prompts_path},
         "policy": {"num_params": policy.num_params, "dtype": policy.dtype, "device": policy.device,
-                   "temperature": policy.temperature, "adam_steps": sorted(set(adam.step.values()))},
-        "batch": {"prompts_file": prompts_path, "pool_size": len(pool), "prompt_indices": indices,
-                  "prompts": sampled.prompts, "answers": meta["answers"], "responses": sampled.responses,
-                  "rewards": batch.rewards, "mean_reward": float(batch.rewards.mean()),
-                  "eos_count": sampled.eos_count, "truncated_count": sampled.truncated_count,
-                  "timings": sampled.timings},
-        "summary": summary(prediction, realised),
+                   "temperature": policy.temperature, "logsoftmax_dtype": policy.logsoftmax_dtype,
+                   "adam_steps": sorted(set(adam.step.values()))},
+        "batch": _batch_section(sampled, chosen, chosen["indices"], args.seed),
+        "eval_batch": _batch_section(evaluation, chosen, chosen["eval_indices"], args.eval_seed),
+        "summary": summary(prediction, realised, in_sample),
         "delta_h1": prediction.to_dict(),
-        "snis": realised.to_dict(),
+        "step": prediction.step.to_dict(),
+        "realised": {method: result.to_dict() for method, result in realised.items()},
+        "in_sample": None if in_sample is None else in_sample.to_dict(),
         "lr_sweep": None if sweep is None else sweep.to_dict(),
         "timings": timings,
         "peak_memory": peak_memory(args.device),
@@ -367,7 +473,7 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         echo(f"\nwrote {write_json(args.out, results)}")
     if args.plot is not None:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        echo(f"wrote {plot_lr_sweep(sweep, str(args.plot))}")
+        echo(f"wrote {plot_lr_sweep(sweep, args.plot)}")
     return results
 
 

@@ -31,13 +31,14 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from .adam import AdamState, update_decomposition
+from .adam import AdamState, UpdateDecomposition, update_decomposition
 from .batch import RolloutBatch
+from .formatting import fmt
 from .memory import PeakTracker, available_memory_bytes, parse_memory_size, plan_for_policy
 from .policy import Policy, _progress
 
@@ -50,6 +51,10 @@ ParamsDict = Mapping[str, Tensor]
 @dataclass(frozen=True)
 class DeltaH1Result:
     """Every number of spec §5 for one batch, plus how it was computed. JSON-ready through ``to_dict()``.
+
+    ``step`` is the decomposition Δθ = η_g P⊙Ȳ + Δθ_state of the step whose effect is predicted, with Ȳ = ΣY/U from
+    this very pass (not in ``to_dict``): ``rl_step(params, result.step)`` gives θ⁺ and a sweep scales Δθ, with no
+    second gradient pass over the batch.
 
     Standard errors: ``se_plugin`` and ``se_jack`` are of U_cross; ``se_grad_plugin`` and ``se_grad_jack`` of the
     gradient term (η_g times those); ``se_deltaH1`` is the jackknife of the whole estimate (each delete-one value
@@ -91,12 +96,26 @@ class DeltaH1Result:
     peak_memory_kind: str = ""
     chunk_peak_bytes: tuple[int, ...] = ()
     memory_plan: dict | None = None
+    step: UpdateDecomposition | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict of every field (NaN stays NaN; ``json.dumps`` writes it as NaN)."""
-        data = asdict(self)
+        """A JSON-ready dict of every field; ``notes`` explains values that standard JSON writes as null (the
+        results writer turns NaN into null): jackknife SEs need U ≥ 3 units, η_g and the seed convention a learning
+        rate shared by every tensor."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "step"}
         data["row_means"] = list(self.row_means)
         data["chunk_peak_bytes"] = list(self.chunk_peak_bytes)
+        data["timings"] = dict(self.timings)
+        data["memory_plan"] = None if self.memory_plan is None else dict(self.memory_plan)
+        notes = {}
+        if not math.isfinite(self.se_jack):
+            notes["se_jack"] = notes["se_deltaH1"] = notes["se_grad_jack"] = (
+                f"the jackknife needs at least 3 units; this batch has U={self.n_units}")
+        if self.eta_g is None:
+            notes["eta_g"] = "per-group learning rates: the gradient term uses X·(ηP)·Y, and η_g is not one number"
+        if not math.isfinite(self.seed_deltaH1):
+            notes["seed_deltaH1"] = "−lr·U_cross needs one learning rate shared by every tensor"
+        data["notes"] = notes
         return data
 
     def __str__(self) -> str:
@@ -111,12 +130,12 @@ class DeltaH1Result:
             ("diag_sum", self.diag_sum, None),
         ]
         lines = [f"δH₁ over {self.n_units} units ({self.units}), B={self.B}, G={self.G}, "
-                 f"η_g={_fmt(self.eta_g)}, lr={_fmt(self.lr)}, clip={self.clip_coef:.3g}",
+                 f"η_g={_fmt(self.eta_g)}, lr={_fmt(self.lr)}, clip={fmt(self.clip_coef, '.3g')}",
                  f"{'quantity':<24}{'value':>14}{'jackknife SE':>16}"]
         for name, value, se in rows:
-            lines.append(f"{name:<24}{value:>14.6g}{'' if se is None else format(se, '>16.4g')}")
-        lines.append(f"se_plugin(U)={self.se_plugin:.4g}  ζ̂₁ plug-in={self.zeta1_plugin:.4g}  "
-                     f"jackknife={self.zeta1_jack:.4g}")
+            lines.append(f"{name:<24}{fmt(value, '>14.6g')}{'' if se is None else fmt(se, '>16.4g')}")
+        lines.append(f"se_plugin(U)={fmt(self.se_plugin, '.4g')}  ζ̂₁ plug-in={fmt(self.zeta1_plugin, '.4g')}  "
+                     f"jackknife={fmt(self.zeta1_jack, '.4g')}")
         lines.append(f"passes: {self.forward_passes} forward, {self.backward_passes} backward; unit vectors "
                      f"{'stored' if self.stored_unit_vectors else 'recomputed'}; "
                      + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
@@ -124,7 +143,7 @@ class DeltaH1Result:
 
 
 def _fmt(value) -> str:
-    return "per-group" if value is None else f"{value:.4g}"
+    return "per-group" if value is None else fmt(value, ".4g")
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -442,7 +461,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         B=batch.B, G=batch.G, stored_unit_vectors=store, seq_chunk=seq_chunk, token_chunk=token_chunk,
         forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
         sequences_forwarded=counts.sequences_forwarded, timings=timings, peak_memory_bytes=peak,
-        peak_memory_kind=tracker.kind, chunk_peak_bytes=tuple(laps), memory_plan=memory_plan)
+        peak_memory_kind=tracker.kind, chunk_peak_bytes=tuple(laps), memory_plan=memory_plan, step=decomposition)
 
 
 def _batch_shape(batch: RolloutBatch) -> tuple[int, int, int, int]:

@@ -42,7 +42,8 @@ from .policy import Policy
 
 __all__ = ["MAX_RESPONSES", "all_responses", "enumeration_batch", "ExactDistribution", "exact_distribution",
            "exact_entropy_grad", "exact_expected_x", "exact_expected_y", "sample_exact_batch",
-           "random_reward_table", "ADVANTAGE_STD_EPS"]
+           "random_reward_table", "ADVANTAGE_STD_EPS", "REALISED_ESTIMATORS", "RealisedReplicates",
+           "realised_change_replicates"]
 
 #: Ceiling on V^T: the enumeration batch holds B · V^T sequences.
 MAX_RESPONSES = 1_000_000
@@ -354,3 +355,100 @@ def random_reward_table(B: int, vocab_size: int, length: int, *, generator: torc
     last = all_responses(vocab_size, length)[:, -1]
     hits = (last[None, :] == targets[:, None]).to(torch.float64)
     return hits + noise * torch.rand(B, count, generator=generator, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------- realised change, replicated (§6)
+#: The estimators :func:`realised_change_replicates` runs: (where, method, normalize, integrand).
+REALISED_ESTIMATORS = {
+    "in_sample_none": ("update", "snis", "none", "sequence"),
+    "in_sample_prompt": ("update", "snis", "prompt", "sequence"),
+    "in_sample_prompt_rb": ("update", "snis", "prompt", "rao_blackwell"),
+    "eval_none": ("eval", "snis", "none", "sequence"),
+    "eval_prompt": ("eval", "snis", "prompt", "sequence"),
+    "eval_prompt_rb": ("eval", "snis", "prompt", "rao_blackwell"),
+    "eval_crn": ("eval", "crn", None, "rao_blackwell"),
+    "eval_crn_sequence": ("eval", "crn", None, "sequence"),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class RealisedReplicates:
+    """Many independent replicates of "build a step on an update batch U, estimate its realised change":
+
+    ``exact`` float64 [R]: the exact H(θ⁺(U_r)) − H(θ) of replicate r (mean over the pool); ``estimates[name]`` and
+    ``ses[name]`` float64 [R]: each estimator's ΔĤ and reported SE (names and settings in
+    :data:`REALISED_ESTIMATORS`: on U itself — in-sample — or on an evaluation batch E_r drawn independently);
+    ``changed`` float64 [R]: CRN's fraction of draws with y⁺ ≠ y.
+    """
+
+    exact: Tensor
+    estimates: dict[str, Tensor]
+    ses: dict[str, Tensor]
+    changed: Tensor
+
+    def summary(self, name: str) -> dict[str, float]:
+        """bias = mean(ΔĤ − ΔH), its z (bias over its Monte-Carlo SE), the spread sd(ΔĤ − ΔH), the calibration
+        sqrt(mean SE²)/spread, and the bias relative to the mean exact change."""
+        errors = self.estimates[name] - self.exact
+        R = errors.numel()
+        spread = float(errors.std())
+        bias = float(errors.mean())
+        return {"bias": bias, "z": bias / (spread / math.sqrt(R)), "spread": spread,
+                "se_over_spread": float(self.ses[name].pow(2).mean().sqrt()) / spread,
+                "bias_over_change": bias / float(self.exact.mean()), "replicates": R}
+
+
+def realised_change_replicates(policy: Policy, params: ParamsDict, adam, prompts: Sequence[Sequence[int]],
+                               length: int, rewards: Tensor, *, G: int, eval_B: int | None = None,
+                               replicates: int, generator: torch.Generator,
+                               estimators: Sequence[str] = tuple(REALISED_ESTIMATORS)) -> RealisedReplicates:
+    """Replicate spec §6's measurement on an exactly enumerable policy (spec §7).
+
+    Per replicate r: an update batch U_r of G responses to every pool prompt, drawn from the exact π_θ
+    (:func:`sample_exact_batch`, GRPO advantages from the ``rewards`` table); θ⁺_r = ``rl_update(params, U_r,
+    adam)``; the exact change H(θ⁺_r) − H(θ) over the pool; an evaluation batch E_r of ``eval_B`` (default: the pool
+    size) prompts drawn uniformly with replacement from the pool and G responses each, drawn token by token by the
+    library's sampler (``draw_responses``, seed r, no stop token: responses of exactly ``length`` tokens, as
+    enumerated); and each estimator of :data:`REALISED_ESTIMATORS` in ``estimators``.
+    """
+    from .realised import crn_delta_h, snis_delta_h
+    from .sampling import DrawSpec, draw_responses
+    from .update import rl_update
+
+    rows = _normalise_prompts(prompts, policy.vocab_size)
+    eval_B = len(rows) if eval_B is None else eval_B
+    unknown = [name for name in estimators if name not in REALISED_ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimators {unknown}; choose from {sorted(REALISED_ESTIMATORS)}.")
+    dist = exact_distribution(policy, params, rows, length)
+    before = dist.mean_entropy
+    exact, changed = [], []
+    estimates = {name: [] for name in estimators}
+    ses = {name: [] for name in estimators}
+    for r in range(replicates):
+        update_batch, _ = sample_exact_batch(dist, G, rewards=rewards, generator=generator)
+        update, _ = rl_update(params, update_batch, policy=policy, adam=adam)
+        exact.append(exact_distribution(policy, update, rows, length).mean_entropy - before)
+        chosen = torch.randint(0, len(rows), (eval_B,), generator=generator).tolist()
+        spec = DrawSpec(prompt_ids=tuple(rows[i] for i in chosen), G=G, max_new_tokens=length, seed=r,
+                        first_prompt_index=0, stop_token_ids=(), pad_token_id=0, temperature=policy.temperature,
+                        prompt_index=tuple(chosen))
+        evaluation = draw_responses(policy, params, spec)
+        for name in estimators:
+            where, method, normalize, integrand = REALISED_ESTIMATORS[name]
+            if method == "crn":
+                result = crn_delta_h(params, update, policy=policy, sample=evaluation, integrand=integrand)
+                if integrand == "rao_blackwell":
+                    changed.append(result.changed_fraction)
+            else:
+                result = snis_delta_h(params, update, policy=policy, normalize=normalize, estimator=integrand,
+                                      batch=update_batch if where == "update" else evaluation.batch,
+                                      in_sample=where == "update")
+            estimates[name].append(result.deltaH)
+            ses[name].append(result.se)
+
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.float64)
+
+    return RealisedReplicates(exact=as_tensor(exact), estimates={k: as_tensor(v) for k, v in estimates.items()},
+                              ses={k: as_tensor(v) for k, v in ses.items()}, changed=as_tensor(changed))

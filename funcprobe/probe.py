@@ -1,9 +1,14 @@
-"""``Probe``: a policy, its optimizer state and the probe's options bound together.
+"""``Probe``: a policy, its optimizer state, the update batch and the probe's options bound together.
 
-    probe = Probe(policy, adam, batch=batch)
-    prediction = probe.delta_h1(params)                  # δH₁ (spec §5)
-    new_params, _ = probe.update(params)                 # θ⁺ of the same AdamW step (spec §4)
-    realised = probe.snis_delta_h(params, new_params)    # ΔH by importance sampling (spec §6)
+    probe = Probe(policy, adam, batch=update_batch)             # U: the batch the step is built from
+    prediction = probe.delta_h1(params)                          # δH₁ (spec §5), with the step's Ȳ
+    new_params, _ = probe.update(params, prediction)             # θ⁺ of that AdamW step (spec §4), no second pass
+    realised = probe.realised(params, new_params, eval_sample)   # ΔH on an independent evaluation batch (spec §6)
+
+The realised change is measured on an evaluation sample E drawn independently of U (``sample_batch`` with another
+seed and independent prompt draws); on U itself it would carry the same-sample bias that δH₁'s U-statistic
+removes, so the methods that estimate it refuse the bound update batch — ``in_sample_delta_h`` computes that number
+on purpose, labelled as the biased diagnostic it is.
 
 A Probe is an immutable value: ``with_batch`` and ``replace`` return new ones; every method is a pure function of
 its arguments and the bound values.
@@ -12,8 +17,9 @@ its arguments and the bound values.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -21,14 +27,16 @@ from .adam import AdamState
 from .batch import RolloutBatch
 from .delta_h1 import DeltaH1Result, delta_h1
 from .policy import Policy
-from .update import rl_update
+from .realised import CRNResult, SNISResult, crn_delta_h, snis_delta_h
+from .sweep import METHODS, LRSweepResult, lr_sweep
+from .update import apply_step, rl_update, update_direction
 
 __all__ = ["Probe"]
 
 
 @dataclass(frozen=True)
 class Probe:
-    """Bound policy, optimizer state, optional evaluation batch and options for δH₁ and ΔH."""
+    """Bound policy, optimizer state, update batch and options for δH₁, the step and ΔH."""
 
     policy: Policy
     adam: AdamState
@@ -51,29 +59,85 @@ class Probe:
     def _batch(self, batch: RolloutBatch | None) -> RolloutBatch:
         batch = self.batch if batch is None else batch
         if batch is None:
-            raise ValueError("no batch: pass one (probe.delta_h1(params, batch)) or bind it with "
+            raise ValueError("no update batch: pass one (probe.delta_h1(params, batch)) or bind it with "
                              "Probe(..., batch=batch) / probe.with_batch(batch).")
         return batch
 
+    def _chunks(self) -> dict[str, Any]:
+        return dict(seq_chunk=self.seq_chunk, token_chunk=self.token_chunk, progress=self.progress)
+
+    def _evaluation(self, sample: Any, what: str) -> None:
+        batch = sample if isinstance(sample, RolloutBatch) else getattr(sample, "batch", None)
+        if sample is None or batch is None:
+            raise ValueError(f"{what} needs the evaluation sample E: draw it with sample_batch(policy, params, "
+                             "prompts, seed=<another seed>, ...) from prompts drawn independently of the update batch's "
+                             "(spec §6).")
+        if self.batch is not None and batch is self.batch:
+            raise ValueError(f"{what} was given the update batch itself: the realised change must be measured on an "
+                             "evaluation batch drawn independently of the samples that built the step (on those, "
+                             "the importance weights carry the same-sample bias δH₁ removes; spec §6). Draw an "
+                             "evaluation batch, or call probe.in_sample_delta_h(...) for the labelled diagnostic.")
+
     def delta_h1(self, params: Mapping[str, Tensor], batch: RolloutBatch | None = None, **options) -> DeltaH1Result:
-        """δH₁ of one AdamW step on the batch (spec §5); ``options`` override the bound ones."""
-        settings = dict(units=self.units, lr=self.lr, max_grad_norm=self.max_grad_norm, seq_chunk=self.seq_chunk,
-                        token_chunk=self.token_chunk, store_unit_vectors=self.store_unit_vectors,
-                        memory_budget=self.memory_budget, progress=self.progress)
+        """δH₁ of one AdamW step on the update batch (spec §5); ``options`` override the bound ones."""
+        settings = dict(units=self.units, lr=self.lr, max_grad_norm=self.max_grad_norm,
+                        store_unit_vectors=self.store_unit_vectors, memory_budget=self.memory_budget,
+                        **self._chunks())
         settings.update(options)
         return delta_h1(params, self._batch(batch), policy=self.policy, adam=self.adam, **settings)
 
-    def update(self, params: Mapping[str, Tensor], batch: RolloutBatch | None = None):
-        """(θ⁺, state after the step): the AdamW step on the batch's RL loss that δH₁ predicts."""
+    def update(self, params: Mapping[str, Tensor], prediction: DeltaH1Result | None = None,
+               batch: RolloutBatch | None = None):
+        """(θ⁺, state after the step): the AdamW step on the update batch's RL loss that δH₁ predicts.
+
+        With ``prediction`` (δH₁ of this probe) its Ȳ is reused (no gradient pass); else Ȳ is computed here.
+        """
+        if prediction is not None and prediction.step is not None:
+            return apply_step(params, self.adam, prediction.step, lr=self.lr, max_grad_norm=self.max_grad_norm)
         return rl_update(params, self._batch(batch), policy=self.policy, adam=self.adam, lr=self.lr,
-                         max_grad_norm=self.max_grad_norm, seq_chunk=self.seq_chunk, token_chunk=self.token_chunk,
-                         progress=self.progress)
+                         max_grad_norm=self.max_grad_norm, **self._chunks())
 
-    def snis_delta_h(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor],
-                     batch: RolloutBatch | None = None, **options):
-        """ΔH from θ = params to θ⁺ = update on the bound batch, by importance sampling (spec §6)."""
-        from .snis import snis_delta_h
+    def snis_delta_h(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor], eval_sample: Any,
+                     **options) -> SNISResult:
+        """ΔH from θ = params to θ⁺ = update by importance sampling on the evaluation sample (spec §6)."""
+        self._evaluation(eval_sample, "snis_delta_h")
+        batch = eval_sample if isinstance(eval_sample, RolloutBatch) else eval_sample.batch
+        return snis_delta_h(params, update, policy=self.policy, batch=batch, **{**self._chunks(), **options})
 
-        settings = dict(seq_chunk=self.seq_chunk, token_chunk=self.token_chunk, progress=self.progress)
-        settings.update(options)
-        return snis_delta_h(params, update, policy=self.policy, batch=self._batch(batch), **settings)
+    def crn_delta_h(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor], eval_sample: Any,
+                    **options) -> CRNResult:
+        """ΔH from θ to θ⁺ by common random numbers on the evaluation sample (a SampledBatch; spec §6)."""
+        self._evaluation(eval_sample, "crn_delta_h")
+        return crn_delta_h(params, update, policy=self.policy, sample=eval_sample, **{**self._chunks(), **options})
+
+    def realised(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor], eval_sample: Any, *,
+                 method: str = "snis", **options) -> dict[str, SNISResult | CRNResult]:
+        """The realised change on the evaluation sample by ``method`` ("snis", "crn" or "both"): {method: result};
+        ``options`` may hold ``snis={...}`` and ``crn={...}``, each method's keyword arguments."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+        out: dict[str, SNISResult | CRNResult] = {}
+        if method in ("crn", "both"):
+            out["crn"] = self.crn_delta_h(params, update, eval_sample, **options.get("crn", {}))
+        if method in ("snis", "both"):
+            out["snis"] = self.snis_delta_h(params, update, eval_sample, **options.get("snis", {}))
+        return out
+
+    def in_sample_delta_h(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor], **options) -> SNISResult:
+        """SNIS on the update batch itself: a *biased diagnostic* (labelled ``in_sample``), never the realised
+        change — it shows how much the same-sample term would have added (spec §6)."""
+        return snis_delta_h(params, update, policy=self.policy, batch=self._batch(None), in_sample=True,
+                            **{**self._chunks(), **options})
+
+    def lr_sweep(self, params: Mapping[str, Tensor], eval_sample: Any, etas: Sequence[float], *,
+                 prediction: DeltaH1Result | None = None, method: str = "snis", **options) -> LRSweepResult:
+        """ΔĤ(η) on the evaluation sample beside (η/lr)·δH₁ (``funcprobe.sweep.lr_sweep``); the step's Δθ comes from
+        ``prediction.step`` when given, else from one gradient pass over the update batch."""
+        self._evaluation(eval_sample, "lr_sweep")
+        if prediction is not None and prediction.step is not None:
+            step = prediction.step
+        else:
+            step = update_direction(params, self._batch(None), policy=self.policy, adam=self.adam, lr=self.lr,
+                                    max_grad_norm=self.max_grad_norm, **self._chunks())
+        return lr_sweep(params, eval_sample, policy=self.policy, step=step, etas=etas, prediction=prediction,
+                        method=method, **{**self._chunks(), **options})

@@ -19,19 +19,42 @@ from typing import Any
 
 import torch
 
-__all__ = ["summary", "summary_table", "format_report", "versions", "peak_memory", "reset_peak_memory",
-           "to_jsonable", "write_json"]
+from .formatting import fmt
+
+__all__ = ["summary", "summary_table", "format_report", "plot_lr_sweep", "versions", "peak_memory",
+           "reset_peak_memory", "to_jsonable", "write_json"]
 
 
 # ------------------------------------------------------------------------------------------------------ the summary
-def summary(prediction, realised=None) -> dict[str, Any]:
-    """The numbers of the summary table: δH₁ (a ``DeltaH1Result``) and ΔH (an ``SNISResult``, optional).
+def _realised_map(realised) -> dict[str, Any]:
+    """{method: result} from a dict of results, one result, or None; the primary first: importance sampling (the
+    default, the lower spread for the small steps of real runs) unless its diagnostics flag it and common random
+    numbers' do not."""
+    if realised is None:
+        return {}
+    if not isinstance(realised, Mapping):
+        realised = {getattr(realised, "method", "snis"): realised}
+    order = ["snis", "crn"]
+    snis, crn = realised.get("snis"), realised.get("crn")
+    if snis is not None and crn is not None and not snis.reliable and crn.reliable:
+        order = ["crn", "snis"]
+    return {name: realised[name] for name in order if realised.get(name) is not None}
 
-    Keys: ``B``, ``G``, ``lr``, ``units``, ``n_units``; ``deltaH1``, ``se_deltaH1``, ``grad_term``,
-    ``se_grad_term``, ``state_term``, ``deltaH1_plugin``; and with ΔH: ``H_before``, ``H_after``, ``deltaH``,
-    ``se_deltaH``, ``difference`` = ΔH − δH₁, ``ratio`` = ΔH / δH₁ (NaN when δH₁ = 0), the importance-weight
-    diagnostics (``ess_min_fraction``, ``ess_global_fraction``, ``khat``, ``khat_threshold``, ``khat_assessed``)
-    and the verdict ``reliable`` / ``reason``.
+
+def summary(prediction, realised=None, in_sample=None) -> dict[str, Any]:
+    """The numbers of the summary table: δH₁ (a ``DeltaH1Result``) beside the realised ΔH on the evaluation batch.
+
+    ``realised``: an ``SNISResult`` or ``CRNResult``, or a dict {"snis": …, "crn": …} (either may be absent);
+    ``in_sample``: an in-sample ``SNISResult`` on the update batch (a biased diagnostic), or None.
+
+    Keys: ``B``, ``G`` (the update batch), ``lr``, ``eta_g``, ``units``, ``n_units``; ``deltaH1``, ``se_deltaH1``,
+    ``grad_term``, ``se_grad_term``, ``state_term``, ``deltaH1_plugin``; with a realised change: ``realised_method``
+    (SNIS when both ran, unless only SNIS is flagged unreliable), ``eval_B``, ``eval_G``, ``H_before``, ``H_after``, ``deltaH``, ``se_deltaH`` (of that
+    method), ``difference`` = ΔH − δH₁, ``ratio`` = ΔH / δH₁ (None when δH₁ = 0, with ``ratio_note``); per method
+    ``crn_deltaH``, ``crn_se``, ``crn_changed_fraction``, ``crn_reliable``, ``crn_reason`` and ``snis_deltaH``, ``snis_se``, ``normalize``,
+    ``estimator``, the weight diagnostics (``ess_min_fraction``, ``ess_global_fraction``, ``khat``,
+    ``khat_threshold``, ``khat_assessed``) and the verdict ``reliable`` / ``reason``; with ``in_sample``:
+    ``in_sample_deltaH``, ``in_sample_se`` and ``in_sample_note``.
     """
     data: dict[str, Any] = {
         "B": prediction.B, "G": prediction.G, "lr": prediction.lr, "eta_g": prediction.eta_g,
@@ -40,71 +63,96 @@ def summary(prediction, realised=None) -> dict[str, Any]:
         "grad_term": prediction.grad_term, "se_grad_term": prediction.se_grad_jack,
         "state_term": prediction.state_term, "deltaH1_plugin": prediction.deltaH1_plugin,
     }
-    if realised is not None:
-        difference = realised.deltaH - prediction.deltaH1
+    methods = _realised_map(realised)
+    if methods:
+        method, primary = next(iter(methods.items()))
+        data.update({"realised_method": method, "eval_B": primary.B, "eval_G": primary.G,
+                     "H_before": primary.H_before, "H_after": primary.H_after, "deltaH": primary.deltaH,
+                     "se_deltaH": primary.se, "difference": primary.deltaH - prediction.deltaH1,
+                     "ratio": primary.deltaH / prediction.deltaH1 if prediction.deltaH1 != 0 else None})
+        if prediction.deltaH1 == 0:
+            data["ratio_note"] = "δH₁ is exactly 0 (a zero step, or no gradient and no state term): no ratio"
+    if "crn" in methods:
+        crn = methods["crn"]
+        data.update({"crn_deltaH": crn.deltaH, "crn_se": crn.se, "crn_changed_fraction": crn.changed_fraction,
+                     "crn_reliable": crn.reliable, "crn_reason": crn.reason})
+    if "snis" in methods:
+        snis = methods["snis"]
         data.update({
-            "normalize": realised.normalize, "estimator": realised.estimator, "per_token": realised.per_token,
-            "H_before": realised.H_before, "H_after": realised.H_after,
-            "deltaH": realised.deltaH, "se_deltaH": realised.se,
-            "difference": difference,
-            "ratio": realised.deltaH / prediction.deltaH1 if prediction.deltaH1 != 0 else math.nan,
-            "ess_min_fraction": realised.ess_min_fraction, "ess_global_fraction": realised.ess_global_fraction,
-            "khat": realised.khat, "khat_threshold": realised.khat_threshold,
-            "khat_assessed": realised.khat_assessed, "reliable": realised.reliable, "reason": realised.reason,
+            "snis_deltaH": snis.deltaH, "snis_se": snis.se, "normalize": snis.normalize,
+            "estimator": snis.estimator, "per_token": snis.per_token,
+            "ess_min_fraction": snis.ess_min_fraction, "ess_global_fraction": snis.ess_global_fraction,
+            "khat": snis.khat, "khat_threshold": snis.khat_threshold, "khat_assessed": snis.khat_assessed,
+            "reliable": snis.reliable, "reason": snis.reason,
         })
+    if in_sample is not None:
+        data.update({"in_sample_deltaH": in_sample.deltaH, "in_sample_se": in_sample.se,
+                     "in_sample_note": "SNIS on the update batch itself: biased by the same-sample term (spec §6); "
+                                       "a diagnostic, not the realised change"})
     return data
 
 
-def _num(value: Any, spec: str = ".6g") -> str:
-    if value is None:
-        return "—"
-    return format(value, spec)
-
-
-def _label(text: str, width: int = 34) -> str:
+def _label(text: str, width: int = 40) -> str:
     """``text`` left-justified to ``width`` columns, not counting combining marks (the hat of k̂, the bar of X̄)."""
     shown = sum(not unicodedata.combining(ch) for ch in text)
     return text + " " * max(width - shown, 0)
 
 
-def summary_table(prediction, realised=None, *, title: str | None = None) -> str:
+def _row(label: str, value, se=None) -> str:
+    return f"{_label(label)}{fmt(value, '>14.6g')}{'' if se is None else fmt(se, '>12.4g')}"
+
+
+def summary_table(prediction, realised=None, in_sample=None, *, title: str | None = None) -> str:
     """A readable table of the predicted (δH₁) and realised (ΔH) entropy change of the step, with SEs.
 
-    ``prediction``: a ``DeltaH1Result``; ``realised``: an ``SNISResult`` of the same step on the same batch (or
-    None). Entropies are in nats per sequence (per token for a per-token ΔH).
+    ``prediction``: a ``DeltaH1Result``; ``realised``: the realised change of the same step on the evaluation
+    batch (as for :func:`summary`); ``in_sample``: the biased in-sample diagnostic, or None. Nats per sequence (per
+    token for a per-token SNIS estimate).
     """
-    s = summary(prediction, realised)
+    s = summary(prediction, realised, in_sample)
     unit = "nats/token" if s.get("per_token") else "nats/sequence"
     head = title or "entropy change of one AdamW step"
-    lines = [f"{head} — B={s['B']} prompts × G={s['G']} responses, lr={_num(s['lr'], '.4g')}, "
+    lines = [f"{head} — update batch B={s['B']} prompts × G={s['G']} responses, lr={fmt(s['lr'], '.4g')}, "
              f"units={s['units']} (U={s['n_units']}), {unit}",
              f"{_label('quantity')}{'value':>14}{'SE':>12}",
-             f"{_label('δH₁ predicted (first order)')}{s['deltaH1']:>14.6g}{s['se_deltaH1']:>12.4g}",
-             f"{_label('  gradient term −η_g·U_cross')}{s['grad_term']:>14.6g}{s['se_grad_term']:>12.4g}",
-             f"{_label('  optimizer-state term')}{s['state_term']:>14.6g}",
-             f"{_label('  plug-in −X̄·Δθ (biased)')}{s['deltaH1_plugin']:>14.6g}"]
-    if realised is not None:
-        realised_label = f"ΔH realised (IS, {s['normalize']})"
-        lines += [f"{_label('H(θ)')}{s['H_before']:>14.6g}",
-                  f"{_label('H(θ⁺)')}{s['H_after']:>14.6g}",
-                  f"{_label(realised_label)}{s['deltaH']:>14.6g}{s['se_deltaH']:>12.4g}",
-                  f"{_label('ΔH − δH₁')}{s['difference']:>14.6g}",
-                  f"{_label('ΔH / δH₁')}{s['ratio']:>14.4g}"]
-        khat = f"k̂ {s['khat']:.3f} (threshold {s['khat_threshold']:.3f}" + \
-            ("" if s["khat_assessed"] else ", not assessed") + ")"
-        lines.append(f"weights: ESS/G min {s['ess_min_fraction']:.3f}, ESS/(BG) {s['ess_global_fraction']:.3f}, "
-                     f"{khat}; reliable: " + ("yes" if s["reliable"] else f"NO — {s['reason']}"))
+             _row("δH₁ predicted (first order)", s["deltaH1"], s["se_deltaH1"]),
+             _row("  gradient term −η_g·U_cross", s["grad_term"], s["se_grad_term"]),
+             _row("  optimizer-state term", s["state_term"]),
+             _row("  plug-in −X̄·Δθ (biased)", s["deltaH1_plugin"])]
+    if "realised_method" in s:
+        lines += [f"realised on the evaluation batch (B={s['eval_B']} × G={s['eval_G']}, drawn independently of "
+                  "the update batch):",
+                  _row("H(θ)", s["H_before"]), _row("H(θ⁺)", s["H_after"])]
+        rows = {"crn": lambda: _row("ΔH realised, common random numbers", s["crn_deltaH"], s["crn_se"]),
+                "snis": lambda: _row("ΔH realised, importance sampling", s["snis_deltaH"], s["snis_se"])}
+        for method in _realised_map(realised):
+            lines.append(rows[method]())
+        method = "CRN" if s["realised_method"] == "crn" else "SNIS"
+        lines += [_row(f"ΔH − δH₁ ({method})", s["difference"]), _row(f"ΔH / δH₁ ({method})", s["ratio"])]
+        if "crn_deltaH" in s:
+            lines.append(f"CRN: {fmt(100 * s['crn_changed_fraction'], '.1f')}% of the draws changed (y⁺ ≠ y); "
+                         "reliable: " + ("yes" if s["crn_reliable"] else f"NO — {s['crn_reason']}"))
+        if "snis_deltaH" in s:
+            khat = (f"k̂ {fmt(s['khat'], '.3f')} (threshold {fmt(s['khat_threshold'], '.3f')})" if s["khat_assessed"]
+                    else "k̂ not assessed (B·G < 21 or log-weights within 0.05)")
+            integrand = "Rao-Blackwell" if s["estimator"] == "rao_blackwell" else "−S"
+            lines.append(f"SNIS ({s['normalize']}-normalised, {integrand}): ESS/G min {fmt(s['ess_min_fraction'], '.3f')}, ESS/(BG) "
+                         f"{fmt(s['ess_global_fraction'], '.3f')}, {khat}; reliable: "
+                         + ("yes" if s["reliable"] else f"NO — {s['reason']}"))
+    if "in_sample_deltaH" in s:
+        lines.append(_row("in-sample ΔH on the update batch (BIASED)", s["in_sample_deltaH"], s["in_sample_se"]))
     return "\n".join(lines)
 
 
-def format_report(prediction, realised=None, sweep=None, *, details: bool = False) -> str:
+def format_report(prediction, realised=None, sweep=None, *, in_sample=None, details: bool = False) -> str:
     """The summary table, then (``details``) the full δH₁ and ΔH tables, then the learning-rate sweep's table."""
     parts = []
     if details:
         parts.append(str(prediction))
-        if realised is not None:
-            parts.append(str(realised))
-    parts.append(summary_table(prediction, realised))
+        parts.extend(str(result) for result in _realised_map(realised).values())
+        if in_sample is not None:
+            parts.append(str(in_sample))
+    parts.append(summary_table(prediction, realised, in_sample))
     if sweep is not None:
         parts.append(str(sweep))
     return "\n\n".join(parts)
@@ -143,12 +191,16 @@ def peak_memory(device: torch.device | str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------- JSON
 def to_jsonable(value: Any) -> Any:
-    """Plain JSON types for results: ``to_dict()`` objects, dataclasses, tensors, dtypes, devices, paths, tuples.
+    """Standard JSON types for results: ``to_dict()`` objects, dataclasses, tensors, dtypes, devices, paths, tuples.
 
-    Non-finite floats stay as they are (``json.dumps`` writes NaN / Infinity), as in the rest of funcprobe.
+    Non-finite floats (NaN, ±inf) become null: standard JSON has no such numbers (strict parsers — JavaScript's,
+    Go's, jq — reject ``NaN``). Each result's ``notes`` says why a value is null where it matters (an SE that needs
+    more prompts, a k̂ that was not assessed).
     """
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {str(key): to_jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -164,7 +216,7 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if hasattr(value, "item") and callable(value.item):  # NumPy scalars
-        return value.item()
+        return to_jsonable(value.item())
     return str(value)
 
 
@@ -176,8 +228,68 @@ def write_json(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_jsonable(results), indent=2)
+    text = json.dumps(to_jsonable(results), indent=2, allow_nan=False)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text + "\n", encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------- plots
+def plot_lr_sweep(result, path: str | os.PathLike, *, z: float = 1.96) -> str:
+    """Plot ΔĤ(η) on the evaluation batch (each method run, ±z·SE error bars) against η (log x-axis), with the
+    first-order prediction (η/lr)·δH₁ and its ±z·SE band; save to ``path`` and return it.
+
+    SNIS points flagged unreliable are drawn hollow. Needs matplotlib (``pip install matplotlib``, or the
+    ``funcprobe[plot]`` extra).
+    """
+    from .sweep import LRSweepResult
+
+    if not isinstance(result, LRSweepResult):
+        raise ValueError(f"plot_lr_sweep takes an LRSweepResult (from lr_sweep); got {type(result).__name__}.")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plot_lr_sweep needs matplotlib, which funcprobe does not install by default: "
+                          "pip install matplotlib") from error
+    rows = sorted((r for r in result.rows if r.eta > 0), key=lambda r: r.eta)
+    fig, ax = plt.subplots(figsize=(6.6, 4.6))
+    predicted = [r for r in rows if r.predicted is not None]
+    if predicted:
+        x = [r.eta for r in predicted]
+        y = [r.predicted for r in predicted]
+        ax.plot(x, y, "-", color="C1", label="prediction (η/lr)·δH₁")
+        if all(r.predicted_se is not None and math.isfinite(r.predicted_se) for r in predicted):
+            ax.fill_between(x, [v - z * r.predicted_se for v, r in zip(y, predicted)],
+                            [v + z * r.predicted_se for v, r in zip(y, predicted)], color="C1", alpha=0.18,
+                            label=f"prediction ±{z:g} SE")
+    offset = 1.04 if result.crn and result.snis else 1.0  # side by side when both are drawn
+    if result.crn:
+        ax.errorbar([r.eta / offset for r in rows], [r.crn_deltaH for r in rows],
+                    yerr=[z * r.crn_se if r.crn_se is not None and math.isfinite(r.crn_se) else 0 for r in rows],
+                    fmt="s", color="C0", capsize=3, label="ΔĤ realised, common random numbers")
+    if result.snis:
+        for reliable, style in ((True, dict(fmt="o", color="C2")), (False, dict(fmt="o", color="C2", mfc="none"))):
+            chosen = [r for r in rows if bool(r.reliable) == reliable]
+            if chosen:
+                ax.errorbar([r.eta * offset for r in chosen], [r.snis_deltaH for r in chosen],
+                            yerr=[z * r.snis_se if math.isfinite(r.snis_se) else 0 for r in chosen], capsize=3,
+                            label=f"ΔĤ realised, importance sampling ({result.normalize})"
+                                  + ("" if reliable else ", unreliable"), **style)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.axvline(result.lr, color="0.75", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a short log axis overlap
+    ax.set_xlabel("learning rate η (dotted: the step's lr)")
+    ax.set_ylabel("ΔH (nats/token)" if result.per_token else "ΔH (nats/sequence)")
+    ax.set_title(f"entropy change of one step: predicted vs realised (evaluation batch B={result.B}, G={result.G})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)

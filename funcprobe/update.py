@@ -19,7 +19,7 @@ from .adam import AdamState, UpdateDecomposition, adamw_update, update_decomposi
 from .batch import RolloutBatch
 from .policy import Policy
 
-__all__ = ["objective_weights", "policy_gradient", "rl_update", "update_direction"]
+__all__ = ["objective_weights", "policy_gradient", "rl_update", "update_direction", "apply_step"]
 
 
 def objective_weights(batch: RolloutBatch) -> Tensor:
@@ -79,3 +79,22 @@ def update_direction(params: Mapping[str, Tensor], batch: RolloutBatch, *, polic
     _, ybar = policy_gradient(params, batch, policy=policy, seq_chunk=seq_chunk, token_chunk=token_chunk,
                               progress=progress, world=world)
     return update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=max_grad_norm)
+
+
+def apply_step(params: Mapping[str, Tensor], adam: AdamState, step: UpdateDecomposition, *, lr: float | None = None,
+               max_grad_norm: float | None = None) -> tuple[dict[str, Tensor], AdamState]:
+    """(θ⁺, state after the step) from a step's decomposition — its Ȳ — with no gradient pass: ``adamw_update(params,
+    −step.ybar, adam, lr=lr, max_grad_norm=max_grad_norm)``.
+
+    ``step`` is ``DeltaH1Result.step`` (δH₁ forms Ȳ = ΣY/U in its own pass) or ``update_direction(...)``; ``lr`` and
+    ``max_grad_norm`` must be those the step was decomposed with (checked: the learning rates and the clip
+    coefficient must agree). Equals ``rl_update`` on the same batch to float64 rounding of Ȳ's summation order.
+    """
+    loss_grad = {name: -value for name, value in step.ybar.items()}
+    new_params, new_state = adamw_update(params, loss_grad, adam, lr=lr, max_grad_norm=max_grad_norm)
+    used = {name: h.lr for name, h in new_state.hyper.items()}
+    if used != dict(step.lr_by_name) or (max_grad_norm is None) != (step.grad_norm is None):
+        raise ValueError(f"apply_step: the step was decomposed with learning rates {sorted(set(step.lr_by_name.values()))} "
+                         f"and {'no clipping' if step.grad_norm is None else 'clipping'}, but lr={lr}, "
+                         f"max_grad_norm={max_grad_norm} were passed; pass the same lr and max_grad_norm as to δH₁.")
+    return new_params, new_state

@@ -3,8 +3,9 @@
     distributed_worker.py OUT_PATH [--fail-rank R]
 
 Computes δH₁ (units "prompt" on B=5, blocks of 2 on B=6), the AdamW step, ΔH (every normalisation, and the
-Rao-Blackwell estimator) and a sampled batch (shards sampled with first_prompt_index and gathered), all with the
-float64 tiny model; rank 0 saves them to OUT_PATH with torch.save. With --fail-rank R, rank R raises before the
+Rao-Blackwell estimator), a sampled batch (shards sampled with first_prompt_index and gathered) and ΔH by common
+random numbers on it (the redraw sharded by prompt), all with the float64 tiny model; rank 0 saves them to OUT_PATH
+with torch.save. With --fail-rank R, rank R raises before the
 first collective.
 """
 
@@ -22,9 +23,9 @@ torch.set_num_threads(1)
 
 from funcprobe import Policy  # noqa: E402
 from funcprobe.delta_h1 import delta_h1  # noqa: E402
-from funcprobe.distributed import (COMM, gather_sampled, init_from_env, record_failure, shutdown)  # noqa: E402
-from funcprobe.sampling import sample_batch  # noqa: E402
-from funcprobe.snis import snis_delta_h  # noqa: E402
+from funcprobe.distributed import COMM, init_from_env, record_failure, shutdown  # noqa: E402
+from funcprobe.realised import crn_delta_h, snis_delta_h  # noqa: E402
+from funcprobe.sampling import gather_sampled, sample_batch  # noqa: E402
 from funcprobe.testing import char_tokenizer, random_batch, tiny_peft_model  # noqa: E402
 from funcprobe.update import rl_update  # noqa: E402
 
@@ -76,6 +77,9 @@ def compute(world) -> dict:
     sampled = gather_sampled(world, sampled)
     out["sampled"] = {"batch": sampled.batch, "responses": sampled.responses, "prompts": sampled.prompts,
                       "eos_count": sampled.eos_count}
+    generator = torch.Generator().manual_seed(0)
+    moved = {n: t + 0.05 * torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in sampler.params.items()}
+    out["crn"] = crn_delta_h(sampler.params, moved, policy=sampler, sample=sampled, world=world).to_dict()
     return out
 
 

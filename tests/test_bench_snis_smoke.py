@@ -19,9 +19,9 @@ def test_speed_snis_benchmark_quick():
     out = done.stdout
     assert "| method | forward passes | median s | min s | × floor |" in out
     methods = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
-    assert methods[0].startswith("floor: sequence_logprobs") and methods[1] == "snis_delta_h (S(θ) cached)"
+    assert methods[0].startswith("floor: sequence_logprobs") and methods[1] == "snis_delta_h (S(θ) given: before=)"
     assert any(m.startswith("seed: stateful IS step") for m in methods)
-    assert "snis_delta_h (cached) / floor =" in out
+    assert "snis_delta_h (S(θ) given) / floor =" in out
     assert "S agree with the seed's" in out and "PASS" in out.split("S agree with the seed's")[1].splitlines()[0]
     # ~5 s of imports and a few seconds of work; generous for a shared 2-core machine.
     assert elapsed < 40, f"the quick benchmark took {elapsed:.1f} s"

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from funcprobe.checkpoints import load_checkpoint
-from funcprobe.cli import main, select_prompts
+from funcprobe.cli import derive_seed, draw_eval_prompts, main, select_prompts
 from funcprobe.delta_h1 import delta_h1
+from funcprobe.realised import crn_delta_h, snis_delta_h
 from funcprobe.rewards import load_prompts_jsonl
 from funcprobe.sampling import sample_batch
-from funcprobe.snis import snis_delta_h
 from funcprobe.update import rl_update
 
 SMALL = ["-B", "4", "-G", "4", "--max-new-tokens", "6", "--quiet"]
@@ -48,40 +48,69 @@ def _fails(capsys, argv: list[str], *expected: str) -> str:
     return lines[0]
 
 
+def _strict_json(text: str):
+    """Parse as standard JSON: NaN, Infinity and -Infinity are refused (as JavaScript's, Go's or jq's parsers do)."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_probe_json_matches_the_library(checkpoint_dir, tmp_path, capsys):
     out, plot = tmp_path / "results.json", tmp_path / "sweep.png"
     etas = [1e-3, 2.5e-3, 1e-2]
-    argv = ["probe", str(checkpoint_dir), *SMALL, "--eta-sweep", ",".join(map(str, etas)), "--out", str(out),
-            "--plot", str(plot)]
+    argv = ["probe", str(checkpoint_dir), *SMALL, "--eval-B", "5", "--eval-G", "3", "--realised", "both",
+            "--in-sample", "--eta-sweep", ",".join(map(str, etas)), "--out", str(out), "--plot", str(plot)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "δH₁ predicted" in printed and "ΔH realised" in printed and "ΔH(η) sweep" in printed
+    assert "δH₁ predicted" in printed and "ΔH realised, common random numbers" in printed
+    assert "ΔH realised, importance sampling" in printed and "(BIASED)" in printed and "ΔH(η) sweep" in printed
+    assert "-0 " not in printed and " nan" not in printed.lower()
     assert plot.is_file() and plot.stat().st_size > 0
-    results = json.loads(out.read_text())
+    results = _strict_json(out.read_text())
 
-    # The library, step by step, with the same seed and the same prompt selection (a seeded shuffle).
+    # The library, step by step, with the same seeds and the same prompt selections.
     checkpoint = load_checkpoint(checkpoint_dir)
     policy, adam, params = checkpoint.policy, checkpoint.adam, checkpoint.policy.params
     pool, answers = load_prompts_jsonl(checkpoint.prompts_path)
     order = list(range(len(pool)))
     random.Random(0).shuffle(order)
     chosen = order[:4]
-    sampled = sample_batch(policy, params, [pool[i] for i in chosen], G=4, reward_fn="answer", max_new_tokens=6,
-                           seed=0, tokenizer=checkpoint.tokenizer, meta={"answers": [answers[i] for i in chosen]})
+    eval_seed = derive_seed(0, "evaluation")
+    eval_chosen = draw_eval_prompts(len(pool), 5, seed=eval_seed)
+    assert eval_seed != 0 and eval_chosen == random.Random(eval_seed).choices(range(len(pool)), k=5)
+
+    def draw(indices, seed, G):
+        return sample_batch(policy, params, [pool[i] for i in indices], G=G, reward_fn="answer", max_new_tokens=6,
+                            seed=seed, tokenizer=checkpoint.tokenizer, meta={"answers": [answers[i] for i in indices]},
+                            prompt_index=indices)
+
+    sampled, evaluation = draw(chosen, 0, 4), draw(eval_chosen, eval_seed, 3)
     prediction = delta_h1(params, sampled.batch, policy=policy, adam=adam)
     new_params, _ = rl_update(params, sampled.batch, policy=policy, adam=adam)
-    realised = snis_delta_h(params, new_params, policy=policy, batch=sampled.batch)
+    crn = crn_delta_h(params, new_params, policy=policy, sample=evaluation)
+    snis = snis_delta_h(params, new_params, policy=policy, batch=evaluation.batch)
+    in_sample = snis_delta_h(params, new_params, policy=policy, batch=sampled.batch)
 
-    assert results["batch"]["prompt_indices"] == chosen
+    assert results["batch"]["prompt_indices"] == chosen and results["eval_batch"]["prompt_indices"] == eval_chosen
     assert results["batch"]["responses"] == sampled.responses
+    assert results["eval_batch"]["responses"] == evaluation.responses and results["eval_seed"] == eval_seed
+    assert results["eval_batch"]["rewards"] == evaluation.batch.rewards.tolist()
     assert math.isclose(results["delta_h1"]["deltaH1"], prediction.deltaH1, rel_tol=1e-12, abs_tol=1e-300)
     assert math.isclose(results["delta_h1"]["se_deltaH1"], prediction.se_deltaH1, rel_tol=1e-12)
-    assert math.isclose(results["snis"]["deltaH"], realised.deltaH, rel_tol=1e-12, abs_tol=1e-300)
-    assert math.isclose(results["summary"]["deltaH"], realised.deltaH, rel_tol=1e-12, abs_tol=1e-300)
-    assert results["delta_h1"]["B"] == 4 and results["snis"]["G"] == 4
+    # The command's θ⁺ comes from δH₁'s own Ȳ (no second gradient pass); rl_update's differs by Ȳ's summation order.
+    for name, result in (("crn", crn), ("snis", snis)):
+        assert math.isclose(results["realised"][name]["deltaH"], result.deltaH, rel_tol=1e-9), name
+        assert math.isclose(results["realised"][name]["se"], result.se, rel_tol=1e-9), name
+    assert math.isclose(results["summary"]["deltaH"], snis.deltaH, rel_tol=1e-9)
+    assert results["summary"]["realised_method"] == "snis" and results["realised"]["crn"]["B"] == 5
+    assert results["realised"]["snis"]["estimator"] == "rao_blackwell"
+    assert math.isclose(results["in_sample"]["deltaH"], in_sample.deltaH, rel_tol=1e-9)
+    assert results["in_sample"]["in_sample"] is True and "biased" in results["in_sample"]["notes"]["in_sample"]
+    assert "biased" in results["summary"]["in_sample_note"]
 
     sweep = results["lr_sweep"]
-    assert [row["eta"] for row in sweep["rows"]] == etas
+    assert [row["eta"] for row in sweep["rows"]] == etas and sweep["B"] == 5 and sweep["method"] == "both"
     for row in sweep["rows"]:
         assert math.isclose(row["predicted"], row["eta"] / sweep["lr"] * prediction.deltaH1, rel_tol=1e-9)
 
@@ -91,8 +120,32 @@ def test_probe_json_matches_the_library(checkpoint_dir, tmp_path, capsys):
     assert results["checkpoint"]["step"] == checkpoint.step
     assert results["checkpoint"]["path"] == str(checkpoint_dir)
     assert results["checkpoint"]["base"] == checkpoint.base
-    assert {"load", "sample", "delta_h1", "update", "snis", "lr_sweep", "total"} <= set(results["timings"])
+    assert {"load", "sample", "sample_eval", "delta_h1", "update", "realised_crn", "realised_snis", "in_sample",
+            "lr_sweep", "total"} <= set(results["timings"])
     assert results["peak_memory"]["bytes"] > 0
+
+
+def test_zero_learning_rate_is_caught_before_sampling(checkpoint_dir, tmp_path, capsys):
+    """The end of a decaying schedule stores lr = 0 for the next step: refused before any sampling, naming --lr."""
+    import torch
+
+    folder = tmp_path / "checkpoint-9"
+    shutil.copytree(checkpoint_dir, folder)
+    state = torch.load(folder / "optimizer.pt", weights_only=False)
+    for group in state["param_groups"]:
+        group["lr"] = 0.0
+    torch.save(state, folder / "optimizer.pt")
+    prompts = checkpoint_dir.parent / "prompts.jsonl"
+    line = _fails(capsys, ["probe", str(folder), "--prompts", str(prompts), *SMALL], "learning rate", "is 0",
+                  "--lr")
+    assert "sample" not in line.lower() or "schedule" in line
+    out = tmp_path / "r.json"
+    assert main(["probe", str(folder), "--prompts", str(prompts), *SMALL, "--lr", "1e-3", "--out", str(out)]) == 0
+    assert _strict_json(out.read_text())["delta_h1"]["lr"] == 1e-3
+
+
+def test_eval_seed_equal_to_seed_is_refused(checkpoint_dir, capsys):
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--eval-seed", "0"], "--eval-seed 0 equals --seed")
 
 
 def test_probe_finds_the_run_folders_prompts(run_dir, tmp_path, capsys):

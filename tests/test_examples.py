@@ -10,7 +10,7 @@ import torch
 
 from conftest import load_example
 
-from funcprobe import DeltaH1Result, LRSweepResult, SNISResult
+from funcprobe import CRNResult, DeltaH1Result, LRSweepResult, SNISResult
 
 
 
@@ -22,17 +22,22 @@ def checkpoint_dir(tiny_run) -> Path:
     return Path(tiny_run["checkpoints"][-1])
 
 
-def _check_probe(results) -> None:
-    prediction, realised = results["delta_h1"], results["snis"]
-    assert isinstance(prediction, DeltaH1Result) and isinstance(realised, SNISResult)
-    assert math.isfinite(prediction.deltaH1) and math.isfinite(realised.deltaH)
+def _check_probe(results, methods=("snis",)) -> None:
+    prediction, realised = results["delta_h1"], results["realised"]
+    assert isinstance(prediction, DeltaH1Result) and set(realised) == set(methods)
+    assert isinstance(realised["snis"], SNISResult) and not realised["snis"].in_sample
+    if "crn" in methods:
+        assert isinstance(realised["crn"], CRNResult)
+    assert math.isfinite(prediction.deltaH1) and all(math.isfinite(r.deltaH) for r in realised.values())
     assert math.isclose(prediction.deltaH1, prediction.grad_term + prediction.state_term, rel_tol=1e-12)
-    assert prediction.B == realised.B == 4 and prediction.G == realised.G == 4
+    assert prediction.B == 4 and prediction.G == 4
+    assert all(r.B == 4 and r.G == 4 for r in realised.values())
 
 
 def test_probe_checkpoint(checkpoint_dir, capsys):
     results = load_example("probe_checkpoint").main([str(checkpoint_dir), "--quick"])
-    _check_probe(results)
+    _check_probe(results, methods=("crn", "snis"))
+    assert results["eval_batch"] is not results["batch"]
     printed = capsys.readouterr().out
     assert "δH₁" in printed and "ΔH realised" in printed
 

@@ -1,4 +1,4 @@
-"""ΔH by importance sampling (spec §6): funcprobe.snis.
+"""ΔH on an evaluation batch (spec §6): funcprobe.realised — importance sampling, its pure parts and diagnostics.
 
 Tiny float64 models (hidden 16, 1 layer, log-softmax in float64), run single-threaded: at this size one thread is
 several times faster than two, and the module restores the thread count afterwards.
@@ -19,9 +19,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from funcprobe.adam import AdamState, scaled_update
 from funcprobe.policy import Policy
-from funcprobe.snis import (ESTIMATORS, MIN_ESS_FRACTION, NORMALIZATIONS, EntropyResult, LRSweepResult, SNISResult,
-                            entropy, importance_weighted_delta_h, lr_sweep, plot_lr_sweep, snis_delta_h,
-                            weight_diagnostics)
+from funcprobe.realised import (ESTIMATORS, MIN_ESS_FRACTION, NORMALIZATIONS, EntropyResult, LogprobMismatchWarning,
+                                SNISResult, check_recorded_logprobs, entropy, importance_weighted_delta_h, snis_delta_h,
+                                weight_diagnostics)
 from funcprobe.stats import kish_ess, psis_threshold
 from funcprobe.testing import random_batch, tiny_peft_model
 from funcprobe.update import rl_update, update_direction
@@ -129,7 +129,9 @@ def test_identity_update_gives_exactly_zero_and_full_ess(cached):
         assert result.ess_min_fraction == result.ess_mean_fraction == result.ess_global_fraction == 1.0, label
         assert result.log_weight_min == result.log_weight_max == 0.0, label
         assert result.reliable and result.reason == "", label
-        assert result.forward_passes == (1 if cached else 2) + (2 if estimator == "rao_blackwell" else 0), label
+        # One S path: S(θ) is always recomputed teacher-forced; a recorded S is only checked.
+        assert result.forward_passes == 2 + (2 if estimator == "rao_blackwell" else 0), label
+        assert result.recorded_logprobs.ok and (result.recorded_logprobs.max_abs_diff == 0.0) == cached, label
 
 
 # -------------------------------------------------------------------------------------------- naive reference
@@ -154,6 +156,16 @@ def test_pure_estimator_matches_naive_reference(normalize, per_token, rao_blackw
     lw = S_plus - S
     assert torch.equal(got.log_weights, lw)
     assert got.clipped_fraction == (0.0 if clip is None else float((lw.abs() > clip).double().mean()))
+
+
+def test_default_integrand_is_rao_blackwell_for_self_normalised_estimators():
+    """The default estimator: Rao-Blackwell with "prompt"/"global" normalisation, −S with ordinary IS ("none")."""
+    policy, params, batch, update, _ = _setting()
+    for normalize, expected in (("prompt", "rao_blackwell"), ("global", "rao_blackwell"), ("none", "sequence")):
+        result = snis_delta_h(params, update, policy=policy, batch=batch, normalize=normalize)
+        assert result.estimator == expected
+        explicit = snis_delta_h(params, update, policy=policy, batch=batch, normalize=normalize, estimator=expected)
+        assert result.deltaH == explicit.deltaH
 
 
 def test_per_token_none_equals_prompt():
@@ -192,16 +204,33 @@ def test_snis_delta_h_is_the_pure_estimator_on_the_policy_values(normalize, esti
     assert "ΔH" in text and "ESS" in text and "k̂" in text
 
 
-def test_cached_logprobs_are_used_and_save_a_pass():
+def test_recorded_logprobs_are_checked_never_used():
+    """Spec §6, one S path: a recorded S that differs from the teacher-forced one changes nothing in the estimate; the
+    difference is reported, and above the dtype's rounding bound it warns."""
     policy, params, batch, update, _ = _setting()
     S = policy.sequence_logprobs(params, batch)
     fresh = snis_delta_h(params, update, policy=policy, batch=batch)
-    cached = snis_delta_h(params, update, policy=policy, batch=batch.replace(logprobs=S))
-    assert (fresh.forward_passes, cached.forward_passes) == (2, 1)
-    assert cached.deltaH == fresh.deltaH
-    # The cached values are what is used: shifting them shifts every log-weight.
-    shifted = snis_delta_h(params, update, policy=policy, batch=batch.replace(logprobs=S - 0.25))
-    assert shifted.log_weight_mean == pytest.approx(fresh.log_weight_mean + 0.25, rel=1e-12)
+    assert fresh.recorded_logprobs.max_abs_diff is None and fresh.recorded_logprobs.ok
+    with pytest.warns(LogprobMismatchWarning, match=r"differ from the teacher-forced ones by up to 0\.25"):
+        shifted = snis_delta_h(params, update, policy=policy, batch=batch.replace(logprobs=S - 0.25))
+    assert shifted.deltaH == fresh.deltaH and shifted.log_weights == fresh.log_weights
+    check = shifted.recorded_logprobs
+    assert check.max_abs_diff == pytest.approx(0.25, rel=1e-12) and not check.ok
+    assert check.exceeded == batch.num_sequences and check.dtype == "float64"
+    # The bound: RECORDED_LOGPROB_TOLERANCE · eps · (T + |S|), per sequence; rounding-sized gaps pass silently.
+    T = batch.response_lengths.double()
+    bound = 8.0 * torch.finfo(torch.float32).eps * (T + S.abs())
+    near = check_recorded_logprobs(batch.replace(logprobs=S - 0.5 * bound), S, dtype=torch.float32)
+    far = check_recorded_logprobs(batch.replace(logprobs=S - 2.0 * bound), S, dtype=torch.float32, warn=False)
+    assert near.ok and not far.ok and far.exceeded == batch.num_sequences
+    assert json.loads(json.dumps(shifted.to_dict()))["recorded_logprobs"]["ok"] is False
+
+
+def test_a_batch_drawn_at_another_temperature_is_refused():
+    """A batch records its τ (spec §0); a policy with another τ refuses it, naming both."""
+    policy, params, batch, update, _ = _setting()
+    with pytest.raises(ValueError, match=r"drawn at temperature τ=0\.6 but this policy .* τ=1"):
+        snis_delta_h(params, update, policy=policy, batch=batch.replace(temperature=0.6))
 
 
 # ------------------------------------------------------------------------------------ invariances (hypothesis)
@@ -288,7 +317,7 @@ def test_delta_h_over_eta_converges_to_the_jvp_derivative(normalize):
     for factor in (1e-4, 1e-5):
         eta = factor * lr
         result = snis_delta_h(params, scaled_update(params, delta, factor), policy=policy, batch=batch,
-                              normalize=normalize)
+                              normalize=normalize, estimator="sequence")
         errors.append(abs(result.deltaH / eta - derivative) / abs(derivative))
     assert abs(derivative) > 1.0
     assert errors[0] < 1e-2 and errors[1] < 2e-3
@@ -316,15 +345,13 @@ def test_update_with_missing_extra_or_mismatched_tensors_is_refused():
         snis_delta_h(missing, update, policy=policy, batch=batch)
 
 
-def test_missing_policy_or_logprobs_is_a_clear_error():
+def test_missing_policy_is_a_clear_error():
     policy, params, batch, update, _ = _setting()
-    assert batch.logprobs is None
-    with pytest.raises(ValueError, match=r"needs policy=.*S\(θ⁺\).*no cached logprobs"):
+    with pytest.raises(ValueError, match=r"needs policy=.*S\(θ\) and S\(θ⁺\).*teacher-forced"):
         snis_delta_h(params, update, batch=batch)
-    with pytest.raises(ValueError, match=r"entropy needs policy=.*no cached logprobs"):
-        entropy(params, batch)
-    with pytest.raises(ValueError, match=r"entropy needs policy=.*rao_blackwell"):
-        entropy(params, batch.replace(logprobs=policy.sequence_logprobs(params, batch)), estimator="rao_blackwell")
+    cached = batch.replace(logprobs=policy.sequence_logprobs(params, batch))
+    with pytest.raises(ValueError, match=r"entropy needs policy="):
+        entropy(params, cached)
     with pytest.raises(ValueError, match=r"batch must be a funcprobe.RolloutBatch"):
         snis_delta_h(params, update, policy=policy, batch={"input_ids": None})
 
@@ -381,7 +408,8 @@ def test_unreliable_flag_and_reason():
     assert result.khat_assessed and result.khat > result.khat_threshold == psis_threshold(32)
     assert not result.reliable
     assert "effective sample size" in result.reason and "PSIS k̂" in result.reason
-    assert "Resample the batch at θ⁺" in result.reason and "lower η" in result.reason
+    assert "common-random-numbers" in result.reason and "resample the batch at θ⁺" in result.reason
+    assert "lower η" in result.reason
     assert "reliable: NO" in str(result)
     glob = snis_delta_h(policy.params, update, policy=policy, batch=batch, normalize="global")
     assert "global effective sample size" in glob.reason
@@ -399,98 +427,20 @@ def test_unreliable_flag_and_reason():
 def test_entropy_sequence_rb_and_per_token():
     policy, params, batch, _, _ = _setting()
     S = policy.sequence_logprobs(params, batch)
-    cached = batch.replace(logprobs=S)
-    plain = entropy(params, cached)  # no policy needed with cached logprobs
-    assert isinstance(plain, EntropyResult) and plain.forward_passes == 0
+    # A recorded S is not used (one S path): the result is the teacher-forced one.
+    plain = entropy(params, batch.replace(logprobs=S - 1.0), policy=policy)
+    assert isinstance(plain, EntropyResult) and plain.forward_passes == 1
     assert plain.H == pytest.approx(float(-S.mean()), rel=1e-14)
     per_prompt = -S.mean(dim=1)
     assert plain.se == pytest.approx(float(per_prompt.std() / math.sqrt(batch.B)), rel=1e-12)
-    assert entropy(params, batch, policy=policy).H == plain.H
     E = policy.token_entropies(params, batch)
     rb = entropy(params, batch, policy=policy, estimator="rao_blackwell")
     assert rb.H == pytest.approx(float(E.mean()), rel=1e-14) and rb.forward_passes == 1
     T = batch.response_lengths.double()
-    tok = entropy(params, cached, per_token=True)
+    tok = entropy(params, batch, policy=policy, per_token=True)
     assert tok.H == pytest.approx(float((-S.sum(1) / T.sum(1)).mean()), rel=1e-14)
     json.dumps(tok.to_dict())
     assert "Ĥ(θ)" in str(tok)
-
-
-# ------------------------------------------------------------------------------------------------------ lr sweep
-def test_lr_sweep_rows_match_single_estimates():
-    policy, params, batch, update, lr = _setting()
-    adam = AdamState.zeros(params, lr=lr)
-    stub = SimpleNamespace(deltaH1=-0.5, se_deltaH1=0.1, deltaH1_plugin=-0.4, lr=lr)
-    sweep = lr_sweep(params, batch, policy=policy, adam=adam, etas=[0.0, lr / 10, lr],
-                     delta_h1_fn=lambda p, b: stub)
-    assert isinstance(sweep, LRSweepResult) and sweep.lr == lr and sweep.same_batch
-    assert [row.factor for row in sweep.rows] == [0.0, 0.1, 1.0]
-    assert sweep.rows[0].deltaH == 0.0
-    at_lr = snis_delta_h(params, update, policy=policy, batch=batch)
-    assert sweep.rows[2].deltaH == pytest.approx(at_lr.deltaH, rel=1e-9, abs=1e-12)
-    assert [row.predicted for row in sweep.rows] == pytest.approx([0.0, -0.05, -0.5])
-    assert [row.predicted_se for row in sweep.rows] == pytest.approx([0.0, 0.01, 0.1])
-    assert sweep.rows[2].predicted_plugin == pytest.approx(-0.4)
-    # S(θ) once (not cached) + one pass per η; the update direction is counted apart.
-    assert sweep.forward_passes == 1 + 1 + 3
-    json.dumps(sweep.to_dict())
-    assert "| η | η/lr | ΔH |" in str(sweep)
-    with pytest.raises(ValueError, match="delta_h1_fn made its step at lr"):
-        lr_sweep(params, batch, policy=policy, adam=adam, etas=[lr],
-                 delta_h1_fn=lambda p, b: SimpleNamespace(deltaH1=0, se_deltaH1=0, deltaH1_plugin=0, lr=2 * lr))
-    with pytest.raises(ValueError, match="etas is empty"):
-        lr_sweep(params, batch, policy=policy, adam=adam, etas=[])
-    with pytest.raises(ValueError, match="finite and ≥ 0"):
-        lr_sweep(params, batch, policy=policy, adam=adam, etas=[-1e-3])
-
-
-def test_lr_sweep_with_real_delta_h1():
-    delta_h1_module = pytest.importorskip("funcprobe.delta_h1")
-    policy, params, batch, _, lr = _setting()
-    adam = AdamState.zeros(params, lr=lr)
-    fn = functools.partial(delta_h1_module.delta_h1, policy=policy, adam=adam)
-    sweep = lr_sweep(params, batch, policy=policy, adam=adam, etas=[lr / 2, lr], delta_h1_fn=fn)
-    reference = fn(params, batch)
-    assert sweep.prediction == "deltaH1"
-    assert sweep.rows[1].predicted == pytest.approx(reference.deltaH1, rel=1e-12)
-    assert sweep.rows[0].predicted == pytest.approx(reference.deltaH1 / 2, rel=1e-12)
-
-
-def test_lr_sweep_separate_update_batch_reports_the_plugin_product():
-    policy, params, batch, _, lr = _setting()
-    adam = AdamState.zeros(params, lr=lr)
-    other = random_batch(3, 4, vocab_size=VOCAB, seed=2)
-    sweep = lr_sweep(params, batch, policy=policy, adam=adam, etas=[lr, 2 * lr], update_batch=other)
-    assert sweep.prediction == "plugin" and not sweep.same_batch
-    delta = update_direction(params, other, policy=policy, adam=adam).delta_theta()
-    with sdpa_kernel(SDPBackend.MATH):
-        S, dS = torch.func.jvp(lambda p: policy.sequence_logprobs(p, batch, with_grad=True), (dict(params),),
-                               (delta,))
-    S, dS = S.detach(), dS.detach()
-    loo = (S.sum(dim=1, keepdim=True) - S) / (batch.G - 1)
-    per_prompt = -((S - loo) * dS).mean(dim=1)   # −X_n·Δθ, spec §2
-    assert sweep.rows[0].predicted == pytest.approx(float(per_prompt.mean()), rel=1e-10)
-    assert sweep.rows[0].predicted_se == pytest.approx(float(per_prompt.std() / math.sqrt(batch.B)), rel=1e-10)
-    assert sweep.rows[1].predicted == pytest.approx(2 * sweep.rows[0].predicted, rel=1e-14)
-    update = scaled_update(params, delta, 1.0)
-    assert sweep.rows[0].deltaH == pytest.approx(
-        snis_delta_h(params, update, policy=policy, batch=batch).deltaH, rel=1e-12)
-
-
-def test_plot_lr_sweep(tmp_path, monkeypatch):
-    policy, params, batch, _, lr = _setting()
-    sweep = lr_sweep(params, batch, policy=policy, adam=AdamState.zeros(params, lr=lr), etas=[lr / 10, lr])
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install matplotlib"):
-            plot_lr_sweep(sweep, str(tmp_path / "sweep.png"))
-    else:
-        path = plot_lr_sweep(sweep, str(tmp_path / "sweep.png"))
-        assert (tmp_path / "sweep.png").stat().st_size > 0 and path.endswith("sweep.png")
-        monkeypatch.setitem(sys.modules, "matplotlib", None)
-        with pytest.raises(ImportError, match="pip install matplotlib"):
-            plot_lr_sweep(sweep, str(tmp_path / "again.png"))
 
 
 # ------------------------------------------------------------------------------ exact enumeration (spec §7)
@@ -627,8 +577,7 @@ def test_entropy_matches_exact_entropy(exact_setting):
         values, se2 = [], []
         for _ in range(count):
             batch, _ = s.enumeration.sample_exact_batch(s.dist, G_EXACT, generator=s.generator)
-            result = entropy(s.params, batch, policy=s.policy if estimator == "rao_blackwell" else None,
-                             estimator=estimator)
+            result = entropy(s.params, batch, policy=s.policy, estimator=estimator)
             values.append(result.H)
             se2.append(result.se ** 2)
         values = torch.tensor(values, dtype=torch.float64)

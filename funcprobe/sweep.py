@@ -1,0 +1,277 @@
+"""The learning-rate sweep: ΔĤ(η) on the evaluation batch beside the first-order prediction (η/lr)·δH₁ (spec §4–§6).
+
+Every term of the AdamW step Δθ is proportional to its learning rate (spec §4), so the step at another learning rate η
+is θ(η) = θ + (η/lr)·Δθ (``adam.scaled_update``), and the first-order prediction scales the same way:
+δH₁(η) = (η/lr)·δH₁. The sweep evaluates the realised change ΔĤ(η) = Ĥ(θ(η)) − Ĥ(θ) on the evaluation batch E — by
+importance sampling, by common random numbers, or both (``funcprobe.realised``) — at each η, and sets it beside
+the prediction: where the two part, the step has left the first-order regime (or the importance weights have
+degenerated, which the SNIS diagnostics say).
+
+What is computed once for the whole sweep: the step Δθ (given: an ``UpdateDecomposition`` from ``update_direction``
+or from δH₁'s own pass over the update batch, so Ȳ is not recomputed), S(θ) on E (and the entropies at θ), and the
+CRN integrand on y at θ. Per η: S(θ(η)) on E (SNIS) and/or one redraw at θ(η) with the same uniforms and its entropy
+pass (CRN).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adam import UpdateDecomposition, scaled_update
+from .batch import RolloutBatch
+from .formatting import fmt as _fmt
+from .policy import Policy
+from .realised import (INTEGRANDS, CRNResult, SNISResult, check_snis_options, crn_delta_h, default_estimator,
+                       integrand_values, snis_delta_h, values_before)
+
+__all__ = ["METHODS", "LRSweepRow", "LRSweepResult", "lr_sweep"]
+
+#: Realised-change estimators a sweep (and the command) can run: importance sampling, common random numbers, both.
+METHODS = ("snis", "crn", "both")
+
+ParamsDict = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class LRSweepRow:
+    """One learning rate of a sweep: the prediction and the realised change by each method run.
+
+    ``predicted``/``predicted_se``/``predicted_plugin``: (η/lr)·δH₁, (η/lr)·SE(δH₁) and (η/lr)·deltaH1_plugin (None
+    without a prediction). ``snis_*``: ΔĤ, SE and the weight diagnostics of importance sampling (None when not run);
+    ``crn_*``: ΔĤ, SE and the fraction of changed draws of common random numbers (None when not run).
+    """
+
+    eta: float
+    factor: float
+    predicted: float | None
+    predicted_se: float | None
+    predicted_plugin: float | None
+    snis_deltaH: float | None = None
+    snis_se: float | None = None
+    ess_min_fraction: float | None = None
+    khat: float | None = None
+    khat_assessed: bool | None = None
+    reliable: bool | None = None
+    reason: str | None = None
+    crn_deltaH: float | None = None
+    crn_se: float | None = None
+    changed_fraction: float | None = None
+    crn_reliable: bool | None = None
+
+
+@dataclass(frozen=True)
+class LRSweepResult:
+    """ΔĤ(η) for θ(η) = θ + (η/lr)·Δθ over a list of learning rates, beside δH₁(η) (spec §4–§6).
+
+    Fields: ``lr`` the step's own learning rate (Δθ is the step at lr); ``rows`` one :class:`LRSweepRow` per η (in
+    the order given); ``snis`` and ``crn`` the full results of each method per η (empty when not run); ``method``;
+    ``H_before`` Ĥ(θ) on the evaluation batch; ``prediction`` "deltaH1" or "none"; ``deltaH1``, ``deltaH1_se``,
+    ``deltaH1_plugin`` the prediction at η = lr; the settings; ``B``, ``G`` of the evaluation batch; pass counts.
+    """
+
+    lr: float
+    rows: tuple[LRSweepRow, ...]
+    snis: tuple[SNISResult, ...]
+    crn: tuple[CRNResult, ...]
+    method: str
+    H_before: float
+    prediction: str
+    deltaH1: float | None
+    deltaH1_se: float | None
+    deltaH1_plugin: float | None
+    normalize: str
+    estimator: str
+    integrand: str
+    per_token: bool
+    B: int
+    G: int
+    forward_passes: int
+    sampling_passes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("rows", "snis", "crn")}
+        data["rows"] = [asdict(row) for row in self.rows]
+        data["snis"] = [result.to_dict() for result in self.snis]
+        data["crn"] = [result.to_dict() for result in self.crn]
+        data["timings"] = dict(self.timings)
+        return data
+
+    def __str__(self) -> str:
+        head = (f"ΔH(η) sweep on the evaluation batch — lr={_fmt(self.lr, '.4g')}, method={self.method}, "
+                f"B={self.B}, G={self.G}, Ĥ(θ)={_fmt(self.H_before)}; prediction: {self.prediction}")
+        columns = ["η", "η/lr", "predicted", "pred. SE"]
+        if self.snis:
+            columns += ["ΔH SNIS", "SE", "ESS/G min", "k̂", "reliable"]
+        if self.crn:
+            columns += ["ΔH CRN", "SE", "changed", "CRN reliable"]
+        lines = [head, "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for r in self.rows:
+            cells = [_fmt(r.eta, ".4g"), _fmt(r.factor, ".4g"), _fmt(r.predicted), _fmt(r.predicted_se, ".3g")]
+            if self.snis:
+                cells += [_fmt(r.snis_deltaH), _fmt(r.snis_se, ".3g"), _fmt(r.ess_min_fraction, ".3f"),
+                          _fmt(r.khat, ".3f") if r.khat_assessed else "n/a", "yes" if r.reliable else "NO"]
+            if self.crn:
+                cells += [_fmt(r.crn_deltaH), _fmt(r.crn_se, ".3g"), _fmt(r.changed_fraction, ".3f"),
+                          "yes" if r.crn_reliable else "NO"]
+            lines.append("| " + " | ".join(cells) + " |")
+        unreliable = [r for r in self.rows if r.reliable is False]
+        if unreliable:
+            lines.append(f"SNIS unreliable at η = {', '.join(_fmt(r.eta, '.4g') for r in unreliable)}: "
+                         f"{unreliable[0].reason}")
+        few = [(r, c) for r, c in zip(self.rows, self.crn) if not c.reliable]
+        if few:
+            lines.append(f"CRN unreliable at η = {', '.join(_fmt(r.eta, '.4g') for r, _ in few)}: {few[0][1].reason}")
+        lines.append(f"{self.forward_passes} forward passes, {self.sampling_passes} sampling passes; "
+                     + ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def _check_etas(etas: Any) -> list[float]:
+    try:
+        values = [float(eta) for eta in etas]
+    except (TypeError, ValueError):
+        raise ValueError(f"etas must be a sequence of learning rates; got {etas!r}.") from None
+    if not values:
+        raise ValueError("etas is empty; pass at least one learning rate, e.g. etas=[1e-5, 1e-4, 1e-3].")
+    bad = [eta for eta in values if not (math.isfinite(eta) and eta >= 0)]
+    if bad:
+        raise ValueError(f"etas must be finite and ≥ 0; got {bad}.")
+    return values
+
+
+def step_learning_rate(step: UpdateDecomposition) -> float:
+    """The one learning rate of the step, > 0 (ValueError naming the fix otherwise): the sweep scales Δθ by η/lr."""
+    try:
+        lr = step.lr
+    except ValueError as error:
+        raise ValueError(f"the sweep needs one learning rate shared by all tensors to scale the step by η/lr: "
+                         f"{error}. Pass lr= to override every group's learning rate.") from None
+    if not lr > 0:
+        raise ValueError(f"the step's learning rate is {lr}: the step is zero and η/lr is undefined (the end of a "
+                         "decaying schedule?). Pass the learning rate to sweep around with lr= (funcprobe probe --lr).")
+    return lr
+
+
+def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDecomposition, etas: Sequence[float],
+             prediction: Any = None, method: str = "snis", normalize: str = "prompt", estimator: str | None = None,
+             per_token: bool = False, clip: float | None = None, integrand: str = "rao_blackwell",
+             seq_chunk: int | None = None, token_chunk: int | None = None, prompt_chunk: int = 8,
+             progress: bool | None = False, world=None) -> LRSweepResult:
+    """ΔĤ(η) on the evaluation sample for the step's direction at several learning rates η (spec §4–§6).
+
+    Args:
+        params: θ, at which ``sample`` was drawn.
+        sample: the evaluation sample E (drawn independently of the update batch): a ``SampledBatch`` (or
+            ``Responses``) — needed for ``method`` "crn"/"both", whose redraws repeat its draw — or a bare
+            ``RolloutBatch`` for "snis".
+        policy: the ``Policy``.
+        step: the step's decomposition Δθ = η_g P⊙Ȳ + Δθ_state at its learning rate lr (``update_direction(params,
+            update_batch, ...)``, or ``DeltaH1Result.step`` from δH₁'s own pass): θ(η) = θ + (η/lr)·Δθ.
+        etas: the learning rates (≥ 0).
+        prediction: δH₁ of the same step (a ``DeltaH1Result``, or anything with ``deltaH1``, ``se_deltaH1``,
+            ``deltaH1_plugin`` and ``lr``): predicted(η) = (η/lr)·δH₁, SE (η/lr)·SE. None: no prediction.
+        method: "snis", "crn" or "both"; normalize, estimator, per_token, clip: the SNIS options (estimator None:
+            ``realised.default_estimator``); integrand: CRN's.
+        seq_chunk, token_chunk, prompt_chunk, progress, world: as for ``snis_delta_h`` and ``crn_delta_h``.
+
+    Everything at θ (S, entropies, the CRN integrand) is computed once; per η one S pass (and an entropy pass for
+    Rao-Blackwell) for SNIS, one redraw and one entropy pass for CRN. Raises ValueError for a bad option, an empty
+    or negative η list, a step with several learning rates or lr = 0, a prediction made at another lr, or a sample
+    without its draw spec for CRN — all before any forward pass.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    estimator = default_estimator(normalize, estimator)
+    clip = check_snis_options(normalize, estimator, per_token, clip)
+    if integrand not in INTEGRANDS:
+        raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
+    eta_values = _check_etas(etas)
+    lr = step_learning_rate(step)
+    run_snis, run_crn = method in ("snis", "both"), method in ("crn", "both")
+    if run_crn and (getattr(sample, "spec", None) is None or isinstance(sample, RolloutBatch)):
+        raise ValueError(f"lr_sweep(method={method!r}) needs the evaluation sample with its draw (a SampledBatch from "
+                         "sample_batch, or Responses from draw_responses): common random numbers redraw it at each η "
+                         f"with the same uniforms; got {type(sample).__name__}.")
+    batch = sample if isinstance(sample, RolloutBatch) else getattr(sample, "batch", None)
+    if not isinstance(batch, RolloutBatch):
+        raise ValueError(f"lr_sweep: sample must be a SampledBatch, Responses or RolloutBatch; got "
+                         f"{type(sample).__name__}.")
+    policy.check_params(params, "params")
+    h1 = h1_se = h1_plugin = None
+    if prediction is not None and not per_token:
+        missing = [a for a in ("deltaH1", "se_deltaH1", "deltaH1_plugin") if not hasattr(prediction, a)]
+        if missing:
+            raise ValueError(f"prediction is a {type(prediction).__name__} without {missing}; pass the DeltaH1Result "
+                             "of the same step.")
+        other_lr = getattr(prediction, "lr", None)
+        if isinstance(other_lr, (int, float)) and not math.isclose(other_lr, lr, rel_tol=1e-9):
+            raise ValueError(f"the prediction was made for a step at lr={other_lr} but the sweep's step uses lr={lr}; "
+                             "give both the same AdamState, lr and max_grad_norm.")
+        h1, h1_se, h1_plugin = (float(prediction.deltaH1), float(prediction.se_deltaH1),
+                                float(prediction.deltaH1_plugin))
+
+    started = time.perf_counter()
+    chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
+    timings: dict[str, float] = {}
+    forward_passes = 0
+    before = crn_before = None
+    if run_snis:
+        start = time.perf_counter()
+        before = values_before(params, batch, policy=policy, logprobs=True, entropies=estimator == "rao_blackwell",
+                               chunks=chunks, world=world)
+        timings["before_snis"] = time.perf_counter() - start
+        forward_passes += 1 + (estimator == "rao_blackwell")
+    if run_crn:
+        start = time.perf_counter()
+        crn_before = integrand_values(policy, params, batch, integrand, world=world, **chunks)
+        timings["before_crn"] = time.perf_counter() - start
+        forward_passes += 1
+    delta = step.delta_theta()
+
+    rows, snis_results, crn_results = [], [], []
+    for eta in eta_values:
+        factor = eta / lr
+        update = scaled_update(params, delta, factor)
+        snis = crn = None
+        if run_snis:
+            snis = snis_delta_h(params, update, policy=policy, batch=batch, normalize=normalize, per_token=per_token,
+                                estimator=estimator, clip=clip, before=before, world=world, **chunks)
+            snis_results.append(snis)
+        if run_crn:
+            crn = crn_delta_h(params, update, policy=policy, sample=sample, integrand=integrand, before=crn_before,
+                              prompt_chunk=prompt_chunk, world=world, **chunks)
+            crn_results.append(crn)
+        for result in (snis, crn):
+            if result is None:
+                continue
+            forward_passes += result.forward_passes
+            for phase, seconds in result.timings.items():
+                if phase != "total":
+                    key = f"{result.method}_{phase}"
+                    timings[key] = timings.get(key, 0.0) + seconds
+        rows.append(LRSweepRow(
+            eta=eta, factor=factor, predicted=None if h1 is None else factor * h1,
+            predicted_se=None if h1_se is None else abs(factor) * h1_se,
+            predicted_plugin=None if h1_plugin is None else factor * h1_plugin,
+            snis_deltaH=None if snis is None else snis.deltaH, snis_se=None if snis is None else snis.se,
+            ess_min_fraction=None if snis is None else snis.ess_min_fraction,
+            khat=None if snis is None else snis.khat, khat_assessed=None if snis is None else snis.khat_assessed,
+            reliable=None if snis is None else snis.reliable, reason=None if snis is None else snis.reason,
+            crn_deltaH=None if crn is None else crn.deltaH, crn_se=None if crn is None else crn.se,
+            changed_fraction=None if crn is None else crn.changed_fraction,
+            crn_reliable=None if crn is None else crn.reliable))
+    timings["total"] = time.perf_counter() - started
+    H_before = snis_results[0].H_before if snis_results else crn_results[0].H_before
+    return LRSweepResult(lr=lr, rows=tuple(rows), snis=tuple(snis_results), crn=tuple(crn_results), method=method,
+                         H_before=H_before, prediction="none" if h1 is None else "deltaH1", deltaH1=h1,
+                         deltaH1_se=h1_se, deltaH1_plugin=h1_plugin, normalize=normalize, estimator=estimator,
+                         integrand=integrand, per_token=per_token, B=batch.B, G=batch.G,
+                         forward_passes=forward_passes, sampling_passes=len(crn_results), timings=timings)
