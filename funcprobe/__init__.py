@@ -8,6 +8,7 @@ from .batch import RolloutBatch, SequenceChunk
 from .checkpoints import Checkpoint, load_checkpoint
 from .delta_h1 import DeltaH1Result, delta_h1
 from .memory import MemoryPlan, plan_memory
+from .objective import Objective, compute_advantages
 from .policy import Policy, load_policy
 from .probe import Probe
 from .realised import CRNResult, EntropyResult, SNISResult, crn_delta_h, entropy, snis_delta_h
@@ -19,5 +20,6 @@ __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState"
            "load_adam_state", "update_decomposition", "rl_update", "update_direction", "apply_step",
            "policy_gradient", "delta_h1", "DeltaH1Result", "snis_delta_h", "SNISResult", "crn_delta_h", "CRNResult",
            "entropy", "EntropyResult", "lr_sweep", "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint",
-           "sample_batch", "SampledBatch", "draw_responses", "redraw", "DrawSpec", "plan_memory", "MemoryPlan"]
+           "sample_batch", "SampledBatch", "draw_responses", "redraw", "DrawSpec", "plan_memory", "MemoryPlan",
+           "Objective", "compute_advantages"]
 __version__ = "0.1.0"

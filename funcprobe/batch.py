@@ -9,6 +9,8 @@ Spec §0 (``shared/spec/ESTIMATORS.md``) is the contract for :class:`RolloutBatc
 * ``length_norm``     float64 [B]      L_n > 0, the per-prompt normaliser of the policy-gradient loss
 * ``logprobs``        float64 [B, G]   S_{n,g}(θ) cached at sampling time, or None (computed when needed)
 * ``rewards``         float64 [B, G]   for reporting only, or None
+* ``token_advantages`` float64 [B, G, L] per-token advantages (PPO/GAE-style), used instead of ``advantages`` where
+                                       given, or None
 * ``prompt_index``    int64 [B]        which prompt of the pool each row is, or None (for drawing an independent
                                        evaluation batch from the same pool, spec §6)
 * ``temperature``     float > 0        the τ the responses were drawn at; every log-probability of this batch uses
@@ -50,9 +52,11 @@ _REQUIRED_TENSORS = ("input_ids", "attention_mask", "response_mask", "advantages
 _OPTIONAL_TENSORS = ("logprobs", "rewards")
 #: Optional per-prompt integer tensors [B].
 _OPTIONAL_INDEX = ("prompt_index",)
+#: Optional per-token tensors [B, G, L].
+_OPTIONAL_TOKEN = ("token_advantages",)
 _TEMPERATURE_KEY = "temperature"
 _MASKS = ("attention_mask", "response_mask")
-_TENSOR_FIELDS = _REQUIRED_TENSORS + _OPTIONAL_TENSORS + _OPTIONAL_INDEX
+_TENSOR_FIELDS = _REQUIRED_TENSORS + _OPTIONAL_TENSORS + _OPTIONAL_INDEX + _OPTIONAL_TOKEN
 _DICT_KEYS = frozenset((_FORMAT_KEY, _PAD_KEY, _TEMPERATURE_KEY) + _TENSOR_FIELDS)
 
 
@@ -210,6 +214,8 @@ class RolloutBatch:
         logprobs:       floating [B, G] (stored as float64), finite and ≤ 0, or None.
         rewards:        real [B, G] (stored as float64), finite, or None.
         pad_token_id:   int ≥ 0.
+        token_advantages: real [B, G, L] (stored as float64), finite, or None: per-token advantages, used by the
+                        objective instead of ``advantages`` (spec §3).
         prompt_index:   integer [B] (stored as int64), ≥ 0: the position of each row's prompt in the prompt pool it
                         was drawn from, or None. Lets an evaluation batch be drawn from the same pool (spec §6).
         temperature:    float > 0 (default 1): the τ the responses were drawn at (spec §0). Every log-probability
@@ -230,6 +236,7 @@ class RolloutBatch:
     pad_token_id: int = 0
     prompt_index: Tensor | None = None
     temperature: float = 1.0
+    token_advantages: Tensor | None = None
 
     # ---------------------------------------------------------------------------------------------------- validation
 
@@ -254,7 +261,7 @@ class RolloutBatch:
         present = {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
         for name in _REQUIRED_TENSORS:
             _require_tensor(name, getattr(self, name))
-        for name in _OPTIONAL_TENSORS + _OPTIONAL_INDEX:
+        for name in _OPTIONAL_TENSORS + _OPTIONAL_INDEX + _OPTIONAL_TOKEN:
             if name in present:
                 _require_tensor(name, present[name])
 
@@ -379,6 +386,13 @@ class RolloutBatch:
         if rewards is not None:
             rewards = rewards.detach().to(torch.float64)
             _require_finite("rewards", rewards, "Fix the reward function, or pass rewards=None.")
+        token_advantages = present.get("token_advantages")
+        if token_advantages is not None:
+            _check_real_dtype("token_advantages", token_advantages, allow_integer=True)
+            _require_shape("token_advantages", token_advantages, (B, G, L), "[B, G, L]",
+                           "Pass one advantage per token (the shape of input_ids), or None.")
+            token_advantages = token_advantages.detach().to(torch.float64)
+            _require_finite("token_advantages", token_advantages, "Check the per-token advantage computation.")
         prompt_index = present.get("prompt_index")
         if prompt_index is not None:
             if not _is_integer_dtype(prompt_index.dtype):
@@ -402,6 +416,7 @@ class RolloutBatch:
             ("logprobs", logprobs),
             ("rewards", rewards),
             ("prompt_index", prompt_index),
+            ("token_advantages", token_advantages),
             ("pad_token_id", int(pad)),
             ("temperature", float(temperature)),
         ):

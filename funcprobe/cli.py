@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from .formatting import fmt
+from .objective import LOSS_TYPES, SCALE_REWARDS
 
 __all__ = ["main", "select_prompts", "draw_eval_prompts", "derive_seed", "parse_etas", "parse_units"]
 
@@ -98,8 +99,18 @@ def _add_probe_parser(commands) -> None:
     step = probe.add_argument_group("step")
     step.add_argument("--lr", type=float, default=None, help="learning rate of the step (default: the optimizer "
                       "state's)")
-    step.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm as the trainer "
-                      "did (HF Trainer's default is 1.0; default here: no clipping)")
+    step.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient's global norm as the "
+                      "trainer did (HF Trainer's and TRL's default is 1.0; default here: no clipping; 0 or less: none)")
+    step.add_argument("--loss-type", default=None, choices=LOSS_TYPES,
+                      help="the trainer's loss aggregation, by TRL's names (default dr_grpo; TRL's default is dapo)")
+    step.add_argument("--beta", type=float, default=None, help="the KL coefficient β to the base model (default 0)")
+    step.add_argument("--no-kl-bias-correction", dest="kl_bias_correction", action="store_false", default=None,
+                      help="the plain k3 KL gradient κ = 1 − exp(ℓ_ref − ℓ), as TRL with use_bias_correction_kl=False "
+                      "or verl's low_var_kl (default: TRL's bias-corrected κ = ℓ − ℓ_ref)")
+    step.add_argument("--scale-rewards", default=None, choices=SCALE_REWARDS,
+                      help="advantages: rewards minus the group mean, divided by the group's std + 1e-4 ('group', "
+                      "TRL's default), the batch's ('batch'), or not ('none', Dr. GRPO; default here)")
+    step.add_argument("--epsilon-high", type=float, default=None, help="CISPO's ε_high (default 0.2, TRL's)")
     step.add_argument("--units", default="prompt", help="δH₁ units: 'prompt' (U = B) or an integer M (M blocks of "
                       "prompts) (default %(default)s)")
     step.add_argument("--eta-sweep", default=None, metavar="ETA,ETA,...",
@@ -183,6 +194,32 @@ def select_prompts(pool_size: int, B: int, *, seed: int, replace: bool = False) 
     return order[:B]
 
 
+def _objective_from_args(args: argparse.Namespace):
+    """The step's Objective from the flags (funcprobe's defaults where a flag is absent): Dr. GRPO, no KL, no
+    clipping, rewards not scaled."""
+    from .objective import Objective
+
+    settings = {}
+    if args.loss_type is not None:
+        settings["loss_type"] = args.loss_type
+    if args.beta is not None:
+        settings["beta"] = args.beta
+    if args.kl_bias_correction is not None:
+        settings["use_bias_correction_kl"] = args.kl_bias_correction
+    if args.max_grad_norm is not None:
+        if not math.isfinite(args.max_grad_norm):
+            raise ValueError(f"--max-grad-norm must be finite; got {args.max_grad_norm}.")
+        settings["max_grad_norm"] = args.max_grad_norm if args.max_grad_norm > 0 else None
+    if args.scale_rewards is not None:
+        settings["scale_rewards"] = args.scale_rewards
+    if args.epsilon_high is not None:
+        settings["epsilon_high"] = args.epsilon_high
+    try:
+        return Objective(**settings)
+    except ValueError as error:
+        raise ValueError(f"the step's objective: {error}") from None
+
+
 def derive_seed(seed: int, purpose: str) -> int:
     """A seed for ``purpose`` derived from ``seed`` by hashing (independent of it, reproducible from it)."""
     import hashlib
@@ -231,10 +268,10 @@ def _check_probe_args(args: argparse.Namespace) -> None:
     for flag, value in (("--seq-chunk", args.seq_chunk), ("--token-chunk", args.token_chunk)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be ≥ 1; got {value}.")
-    for flag, value in (("--lr", args.lr), ("--max-grad-norm", args.max_grad_norm),
-                        ("--temperature", args.temperature)):
+    for flag, value in (("--lr", args.lr), ("--temperature", args.temperature)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be finite and > 0; got {value}.")
+    args.objective = _objective_from_args(args)
     args.etas = parse_etas(args.eta_sweep) if args.eta_sweep is not None else None
     from .memory import parse_memory_size
 
@@ -297,18 +334,25 @@ def _check_learning_rate(adam, args: argparse.Namespace, where) -> None:
 
 def _sample(world, policy, params, prompts, answers, indices, *, seed, G, args, tokenizer, prompt_chunk, progress):
     """Sample prompts[indices] (this rank's contiguous shard, gathered on every rank)."""
-    from .sampling import gather_sampled, sample_batch
+    from .objective import ZeroVarianceWarning
+    from .sampling import gather_sampled, rescore, sample_batch
 
     shard = world.shard(len(indices))
     mine = None
     if len(shard):
         rows = indices[shard.start:shard.stop]
         mine = sample_batch(policy, params, [prompts[i] for i in rows], G=G, reward_fn=args.reward,
+                            scale_rewards=args.objective.scale_rewards, reward_weights=args.objective.reward_weights,
                             max_new_tokens=args.max_new_tokens, seed=seed, tokenizer=tokenizer, top_p=args.top_p,
                             meta={"answers": [answers[i] for i in rows]}, stop_token_ids=args.stop_token,
                             first_prompt_index=shard.start, prompt_index=rows, prompt_chunk=prompt_chunk,
                             progress=progress)
-    return gather_sampled(world, mine)
+    # Advantages over the gathered batch (batch-scaled ones need every shard's rewards); equal-reward groups are
+    # reported by the caller, once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ZeroVarianceWarning)
+        return rescore(gather_sampled(world, mine), scale_rewards=args.objective.scale_rewards,
+                       reward_weights=args.objective.reward_weights, warn=False)
 
 
 def _batch_section(sampled, chosen: dict, indices: list[int], seed: int) -> dict:
@@ -317,6 +361,8 @@ def _batch_section(sampled, chosen: dict, indices: list[int], seed: int) -> dict
             "seed": seed, "prompts": sampled.prompts, "answers": [chosen["answers"][i] for i in indices],
             "responses": sampled.responses, "rewards": batch.rewards, "mean_reward": float(batch.rewards.mean()),
             "eos_count": sampled.eos_count, "truncated_count": sampled.truncated_count,
+            "zero_variance_groups": list(sampled.advantage_info.zero_variance_groups),
+            "unscorable": sampled.advantage_info.unscorable,
             "stop_token_ids": list(sampled.spec.stop_token_ids), "timings": sampled.timings}
 
 
@@ -372,6 +418,8 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     echo(f"checkpoint: {checkpoint.adapter_dir} (layout {checkpoint.layout}, step {checkpoint.step}, base "
          f"{checkpoint.base})")
     echo(f"policy: {policy}")
+    echo(f"the step: AdamW at lr {fmt(args.lr, '.4g') if args.lr is not None else 'from the optimizer state'}; "
+         f"{args.objective.describe()}")
     if chosen is None:
         if checkpoint.prompts_path is None:
             raise ValueError(f"no prompts: pass --prompts FILE.jsonl (there is no prompts.jsonl in "
@@ -406,13 +454,15 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     echo(f"update batch: B={batch.B} prompts × G={batch.G} responses from {chosen['path']}; mean reward "
          f"{fmt(float(batch.rewards.mean()), '.4g')}; {sampled.eos_count}/{batch.num_sequences} ended with a stop "
          "token")
+    if sampled.advantage_info.message():
+        echo(f"note: {sampled.advantage_info.message()}")
     evaluation = timed("sample_eval", lambda: _sample(world, policy, params, pool, answers, chosen["eval_indices"],
                                                       seed=args.eval_seed, G=args.eval_G, **sampling))
     echo(f"evaluation batch: B={evaluation.batch.B} prompts × G={evaluation.batch.G} responses, drawn independently "
          f"(seed {args.eval_seed})")
 
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
-    step = dict(lr=args.lr, max_grad_norm=args.max_grad_norm)
+    step = dict(lr=args.lr, objective=args.objective)
     prediction = timed("delta_h1", lambda: delta_h1(params, batch, policy=policy, adam=adam, units=args.units_value,
                                                    store_unit_vectors=store, world=world, **step, **chunks))
     # The step from δH₁'s own Ȳ: no second gradient pass over the update batch.
@@ -438,7 +488,7 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     timings["total"] = time.perf_counter() - started
 
     config = {name: value for name, value in vars(args).items()
-              if name not in ("etas", "units_value", "memory_budget_bytes")}
+              if name not in ("etas", "units_value", "memory_budget_bytes", "objective")}
     config.update(etas=args.etas, units_parsed=args.units_value)
     results = {
         "command": "probe",
@@ -457,6 +507,7 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         "summary": summary(prediction, realised, in_sample),
         "delta_h1": prediction.to_dict(),
         "step": prediction.step.to_dict(),
+        "objective": args.objective.to_dict(),
         "realised": {method: result.to_dict() for method, result in realised.items()},
         "in_sample": None if in_sample is None else in_sample.to_dict(),
         "lr_sweep": None if sweep is None else sweep.to_dict(),

@@ -37,10 +37,12 @@ import torch
 from torch import Tensor
 
 from .adam import AdamState, UpdateDecomposition, update_decomposition
+from .objective import Objective
 from .batch import RolloutBatch
 from .formatting import fmt
 from .memory import PeakTracker, available_memory_bytes, parse_memory_size, plan_for_policy
 from .policy import Policy, _progress
+from .update import StepCotangent, step_cotangent
 
 __all__ = ["DeltaH1Result", "delta_h1", "unit_partition", "ustatistic_summary"]
 
@@ -96,6 +98,7 @@ class DeltaH1Result:
     peak_memory_kind: str = ""
     chunk_peak_bytes: tuple[int, ...] = ()
     memory_plan: dict | None = None
+    objective: dict | None = None
     step: UpdateDecomposition | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -107,6 +110,7 @@ class DeltaH1Result:
         data["chunk_peak_bytes"] = list(self.chunk_peak_bytes)
         data["timings"] = dict(self.timings)
         data["memory_plan"] = None if self.memory_plan is None else dict(self.memory_plan)
+        data["objective"] = None if self.objective is None else dict(self.objective)
         notes = {}
         if not math.isfinite(self.se_jack):
             notes["se_jack"] = notes["se_deltaH1"] = notes["se_grad_jack"] = (
@@ -234,37 +238,42 @@ class _Counts:
     sequences_forwarded: int = 0
 
 
-def unit_vectors(policy: Policy, params: ParamsDict, unit_batch: RolloutBatch, *, seq_chunk: int,
-                 token_chunk: int, counts: _Counts | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def unit_vectors(policy: Policy, params: ParamsDict, unit_batch: RolloutBatch, cotangent: StepCotangent, *,
+                 seq_chunk: int, token_chunk: int,
+                 counts: _Counts | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(X_u, Y_u) for the unit made of ``unit_batch``'s m prompts: means over them of X_n and Y_n (spec §2–§3).
 
-    X_n = (1/G) Σ_g (S_g − S̄_{−g}) ∇S_g,  Y_n = (1/G) Σ_g (A_g / L_n) ∇S_g. float64 CPU dicts shaped like params.
+    X_n = (1/G) Σ_g (S_g − S̄_{−g}) ∇S_g; Y_n = B Σ_{g,k} c_{n,g,k} ∇ℓ_{n,g,k} with the step's per-token cotangent
+    ``cotangent`` (already restricted to the unit's prompts and scaled by B/m, so Y_u = Σ c∇ℓ over the unit).
+    float64 CPU dicts shaped like params.
     """
     counts = _Counts() if counts is None else counts
     m, G = unit_batch.B, unit_batch.G
-    y_weights = unit_batch.advantages / (G * unit_batch.length_norm[:, None] * m)
     x_total, y_total = _zeros_like(params), _zeros_like(params)
-    if seq_chunk == 1:
+    y_sequence = cotangent.per_sequence()
+    if seq_chunk == 1 and y_sequence is not None:
         for n in range(m):
-            _per_sequence_prompt(policy, params, unit_batch.select_prompts([n]), y_weights[n], 1.0 / m,
+            _per_sequence_prompt(policy, params, unit_batch.select_prompts([n]), y_sequence[n], 1.0 / m,
                                  token_chunk, counts, x_total, y_total)
         return x_total, y_total
-    prompts_per_chunk = seq_chunk // G
+    prompts_per_chunk = max(seq_chunk, 1) // G
     if prompts_per_chunk >= 1:
         for prompt_index, chunk_batch in unit_batch.iter_prompt_chunks(prompts_per_chunk):
+            chunk_cotangent = cotangent.select_prompts(prompt_index)
             for item in policy.iter_logprob_vjps(params, chunk_batch, seq_chunk=chunk_batch.num_sequences,
                                                  token_chunk=token_chunk):
                 counts.forward_passes += 1
                 counts.sequences_forwarded += chunk_batch.num_sequences
                 logprobs = item.logprobs.cpu().reshape(chunk_batch.B, G)
                 x_cotangent = _leave_one_out_centred(logprobs) / (G * m)
-                _add_(x_total, item.vjp(x_cotangent.reshape(-1).to(policy.device)))
-                _add_(y_total, item.vjp(y_weights[prompt_index].reshape(-1).to(policy.device)))
+                _add_(x_total, item.vjp(x_cotangent.reshape(-1)))
+                _add_(y_total, item.token_vjp(chunk_cotangent.for_chunk(item)))
                 counts.backward_passes += 2
         return x_total, y_total
     # seq_chunk < G: a prompt's sequences span several chunks, so its S̄_{−g} comes from a no-grad forward first.
     for n in range(m):
         prompt_batch = unit_batch.select_prompts([n])
+        prompt_cotangent = cotangent.select_prompts([n])
         logprobs = policy.sequence_logprobs(params, prompt_batch, seq_chunk=seq_chunk, token_chunk=token_chunk)
         counts.forward_passes += -(-G // seq_chunk)
         counts.sequences_forwarded += G
@@ -273,8 +282,8 @@ def unit_vectors(policy: Policy, params: ParamsDict, unit_batch: RolloutBatch, *
             counts.forward_passes += 1
             counts.sequences_forwarded += item.chunk.num_sequences
             index = item.chunk.flat_index.cpu()
-            _add_(x_total, item.vjp(x_cotangent[index].to(policy.device)))
-            _add_(y_total, item.vjp(y_weights[n, index].to(policy.device)))
+            _add_(x_total, item.vjp(x_cotangent[index]))
+            _add_(y_total, item.token_vjp(prompt_cotangent.for_chunk(item)))
             counts.backward_passes += 2
     return x_total, y_total
 
@@ -316,15 +325,17 @@ def _leave_one_out_centred(logprobs: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------------ δH₁
 def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: AdamState,
-             units: str | int = "prompt", lr: float | None = None, max_grad_norm: float | None = None,
+             objective: Objective | None = None, units: str | int = "prompt", lr: float | None = None,
              seq_chunk: int | None = None, token_chunk: int | None = None,
              store_unit_vectors: str | bool = "auto", memory_budget_bytes: int | None = None,
              memory_budget: int | str | None = None, progress: bool | None = False,
              world=None) -> DeltaH1Result:
     """δH₁ of spec §5 for one AdamW step on ``batch`` from θ = ``params`` with optimizer state ``adam``.
 
+    objective: the step's loss (``funcprobe.Objective``: loss type, KL term, gradient clipping; default Dr. GRPO, no
+    KL, no clipping): Y_n = B Σ_{g,k} c∇ℓ with its per-token cotangent c = w·(A − βκ) (spec §3).
     units: "prompt" (exact mode, U = B) or M (block mode, M equal blocks of consecutive prompts).
-    lr, max_grad_norm: as for ``adamw_update`` (lr overrides the state's learning rate).
+    lr: overrides the state's learning rate, as for ``adamw_update``.
     seq_chunk: sequences per forward (1: one backward per sequence serves X and Y; default the policy's).
     store_unit_vectors: keep the 2U unit vectors (float64, CPU) between the passes — "auto" does when they fit in
     ``memory_budget_bytes`` (default: a quarter of the available RAM) — or recompute them in a second pass.
@@ -349,6 +360,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
 
     world = SINGLE if world is None else world
+    objective = Objective() if objective is None else objective
     started = time.perf_counter()
     policy.check_params(params)
     batch.require_prompts(2, "δH₁ (a cross-prompt U-statistic)")
@@ -382,8 +394,20 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     laps: list[int] = []  # peak memory of each unit's vectors (pass 1, then pass 2 when recomputed)
     timings = {}
 
+    # The step's per-token cotangent for this rank's prompts (with β > 0: one no-grad reference forward of them).
+    my_prompts = [int(n) for unit in my_units for n in partition[unit]]
+    phase = time.perf_counter()
+    cotangent = step_cotangent(params, batch, policy=policy, objective=objective,
+                               prompts=my_prompts if world.distributed else None, seq_chunk=seq_chunk,
+                               token_chunk=token_chunk)
+    if objective.needs_reference:
+        timings["reference_s"] = time.perf_counter() - phase
+        counts.forward_passes += -(-len(my_prompts) * batch.G // seq_chunk)
+
     def vectors_of(unit):
-        return unit_vectors(policy, params, batch.select_prompts(partition[unit]), seq_chunk=seq_chunk,
+        index = partition[unit]
+        return unit_vectors(policy, params, batch.select_prompts(index),
+                            cotangent.select_prompts(index).scaled(batch.B / len(index)), seq_chunk=seq_chunk,
                             token_chunk=token_chunk, counts=counts)
 
     # Pass 1: ΣX, ΣY (and the unit vectors when kept).
@@ -401,7 +425,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
 
     # The step: Ȳ = ΣY/U (equal units), P at this batch's v', η_g, Δθ_state.
     ybar = {name: value / U for name, value in sum_y.items()}
-    decomposition = update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=max_grad_norm)
+    decomposition = update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=objective.max_grad_norm)
     preconditioner = _cpu64(decomposition.preconditioner)
     eta_preconditioner = _cpu64(decomposition.eta_preconditioner())
     delta_state = _cpu64(decomposition.delta_state)
@@ -461,7 +485,8 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         B=batch.B, G=batch.G, stored_unit_vectors=store, seq_chunk=seq_chunk, token_chunk=token_chunk,
         forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
         sequences_forwarded=counts.sequences_forwarded, timings=timings, peak_memory_bytes=peak,
-        peak_memory_kind=tracker.kind, chunk_peak_bytes=tuple(laps), memory_plan=memory_plan, step=decomposition)
+        peak_memory_kind=tracker.kind, chunk_peak_bytes=tuple(laps), memory_plan=memory_plan,
+        objective=objective.to_dict(), step=decomposition)
 
 
 def _batch_shape(batch: RolloutBatch) -> tuple[int, int, int, int]:

@@ -11,7 +11,8 @@ V^T small (V = 6, T = 3 gives 216), the quantities the estimators target are fin
 
 with H(θ) = (1/B) Σ_n H_n(θ) and Ȳ = (1/B) Σ_n Y_n. The E[Y_n] identity: with A_g = R_g − (1/G) Σ_j R_j and the G
 responses i.i.d., E[R_j ∇S_g] = E[R_j] E[∇S_g] = 0 for j ≠ g, so E[A_g ∇S_g] = (1 − 1/G) E[R ∇S]. It holds for any
-deterministic reward table R [B, V^T]; the group-std option (``advantage="grpo_std"``) has no such closed form.
+deterministic reward table R [B, V^T]; reward scaling by the group's std (``scale_rewards="group"``) has no such closed
+form.
 
 The realised entropy change of a step θ → θ⁺ (spec §6's target) is exact too:
 
@@ -38,18 +39,17 @@ import torch
 from torch import Tensor
 
 from .batch import RolloutBatch
+from .objective import SCALE_REWARDS, compute_advantages
 from .policy import Policy
 
 __all__ = ["MAX_RESPONSES", "all_responses", "enumeration_batch", "ExactDistribution", "exact_distribution",
            "exact_entropy_grad", "exact_expected_x", "exact_expected_y", "sample_exact_batch",
-           "random_reward_table", "ADVANTAGE_STD_EPS", "REALISED_ESTIMATORS", "RealisedReplicates",
+           "random_reward_table", "REALISED_ESTIMATORS", "RealisedReplicates",
            "realised_change_replicates"]
 
 #: Ceiling on V^T: the enumeration batch holds B · V^T sequences.
 MAX_RESPONSES = 1_000_000
 
-#: ε of the group-std advantages: A = (R − mean) / (std + ε), std the unbiased (G − 1) group standard deviation.
-ADVANTAGE_STD_EPS = 1e-6
 
 ParamsDict = Mapping[str, Tensor]
 Prompts = Tensor | Sequence[Sequence[int]]
@@ -305,7 +305,7 @@ def exact_expected_y(policy: Policy, params: ParamsDict, prompts: Prompts, lengt
 # ------------------------------------------------------------------------------------------------------ sampling
 def sample_exact_batch(dist: ExactDistribution, G: int, *, rewards: Tensor | None = None,
                        generator: torch.Generator | None = None,
-                       advantage: str = "grpo") -> tuple[RolloutBatch, Tensor]:
+                       scale_rewards: str = "none") -> tuple[RolloutBatch, Tensor]:
     """A rollout batch of G responses per prompt drawn i.i.d. from the exact π_θ, and the drawn response indices.
 
     Draws ``torch.multinomial(dist.probs, G, replacement=True, generator=generator)``: index int64 [B, G], response
@@ -313,26 +313,23 @@ def sample_exact_batch(dist: ExactDistribution, G: int, *, rewards: Tensor | Non
 
     The batch: input_ids [B, G, P + T] (prompts left-padded as in ``enumeration_batch``), response_mask on the T
     response tokens, ``logprobs`` = the exact S of the drawn responses (cached), ``rewards`` = the table's
-    rewards[n, index[n, g]] (zeros when ``rewards`` is None), length_norm = T, and advantages
-
-        "grpo":     A = R − mean_g R                                        (spec §3's default)
-        "grpo_std": A = (R − mean_g R) / (std_g R + 1e-6), std_g the unbiased (G − 1) group standard deviation.
+    rewards[n, index[n, g]] (zeros when ``rewards`` is None), length_norm = T, and the advantages of
+    ``objective.compute_advantages`` in float64 with ``scale_rewards``: "none" A = R − mean_g R (spec §3's default),
+    "group" A = (R − mean_g R)/(std_g R + 1e-4) with the unbiased group std, "batch" likewise with the batch's std.
 
     Returns: (batch, index).
     """
     if isinstance(G, bool) or not isinstance(G, int) or G < 2:
         raise ValueError(f"G must be an integer ≥ 2 (the leave-one-out baseline needs it); got {G!r}.")
-    if advantage not in ("grpo", "grpo_std"):
-        raise ValueError(f"advantage must be 'grpo' or 'grpo_std'; got {advantage!r}.")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}; got {scale_rewards!r}.")
     probs = dist.probs
     index = torch.multinomial(probs, G, replacement=True, generator=generator)
     if rewards is None:
         drawn_rewards = torch.zeros(dist.B, G, dtype=torch.float64)
     else:
         drawn_rewards = _check_rewards(rewards, dist.B, dist.num_responses).gather(1, index)
-    advantages = drawn_rewards - drawn_rewards.mean(dim=1, keepdim=True)
-    if advantage == "grpo_std":
-        advantages = advantages / (drawn_rewards.std(dim=1, keepdim=True) + ADVANTAGE_STD_EPS)
+    advantages, _ = compute_advantages(drawn_rewards, scale_rewards=scale_rewards, dtype=torch.float64, warn=False)
     responses = dist.responses[index]  # [B, G, T]
     batch = _build_batch(dist.prompts, responses, pad_token_id=dist.pad_token_id, advantages=advantages,
                          logprobs=dist.logprobs.gather(1, index), rewards=drawn_rewards)

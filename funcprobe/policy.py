@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,32 @@ ParamsDict = Mapping[str, Tensor]
 
 @dataclass(frozen=True)
 class ChunkLogprobs:
-    """S for one sequence chunk together with its vjp: ``vjp(cotangent [c]) -> grads dict`` (device, param dtype)."""
+    """One sequence chunk's forward: S per sequence, ℓ per response token, and the vjp of θ ↦ ℓ.
+
+    Attributes:
+        chunk: the :class:`SequenceChunk`.
+        logprobs: S float64 [c] (detached), the chunk's sequence log-probabilities.
+        token_logprobs: ℓ float64 [T] (detached), one per response token of the chunk, row-major.
+        token_rows: int64 [T], the chunk row of each token; token_columns: int64 [T], its column in the batch.
+        token_vjp: ``token_vjp(cotangent [T]) -> grads dict`` (device, param dtype): ∇_θ Σ_t c_t ℓ_t(θ).
+    """
 
     chunk: SequenceChunk
-    logprobs: Tensor  # float64 [c], detached
-    vjp: Callable[[Tensor], dict[str, Tensor]]
+    logprobs: Tensor
+    token_logprobs: Tensor
+    token_rows: Tensor
+    token_columns: Tensor
+    token_vjp: Callable[[Tensor], dict[str, Tensor]]
+
+    def vjp(self, cotangent: Tensor) -> dict[str, Tensor]:
+        """∇_θ Σ_i c_i S_i(θ) for a per-sequence cotangent c [c] (each sequence's c applies to each of its tokens)."""
+        return self.token_vjp(cotangent.to(self.token_rows.device)[self.token_rows])
+
+    def gather(self, values: Tensor) -> Tensor:
+        """The chunk's tokens' entries of a batch-shaped [B, G, L] tensor (CPU), in ``token_logprobs``' order: [T]."""
+        B, G, L = values.shape
+        flat = self.chunk.flat_index.cpu()[self.token_rows.cpu()]
+        return values.reshape(B * G, L)[flat, self.token_columns.cpu()]
 
 
 class Policy:
@@ -196,14 +218,17 @@ class Policy:
         # Token t_k is predicted from the hidden state at k − 1 (response_mask is never 1 at column 0).
         return hidden[rows, cols - 1], input_ids[rows, cols], rows
 
+    def _chunk_token_logprobs(self, params: ParamsDict, chunk: SequenceChunk, token_chunk: int) -> Tensor:
+        """ℓ_t = log π_θ(t_k | t_<k) for the chunk's response tokens, row-major: float64 [T] (spec §1)."""
+        hidden, targets, _ = self._response_rows(params, chunk)
+        head = self._lm_head
+        return token_logprobs(hidden, head.weight, head.bias, targets, temperature=self.temperature,
+                              token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
+
     def _chunk_logprobs(self, params: ParamsDict, chunk: SequenceChunk, token_chunk: int) -> Tensor:
         """S_i = Σ_k response_mask[i, k] log π_θ(t_k | t_<k) for the chunk's c sequences: float64 [c] (spec §1)."""
-        hidden, targets, rows = self._response_rows(params, chunk)
-        head = self._lm_head
-        per_token = token_logprobs(hidden, head.weight, head.bias, targets, temperature=self.temperature,
-                                   token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
-        zeros = torch.zeros(chunk.input_ids.shape[0], dtype=torch.float64, device=per_token.device)
-        return zeros.index_add(0, rows, per_token)
+        per_token = self._chunk_token_logprobs(params, chunk, token_chunk)
+        return _sum_rows(per_token, chunk)
 
     def _chunks(self, batch: RolloutBatch, seq_chunk: int | None, progress: bool | None,
                 desc: str, shard: tuple[int, int] | None = None) -> Iterator[SequenceChunk]:
@@ -252,6 +277,43 @@ class Policy:
         result = torch.zeros(batch.num_sequences, dtype=flat.dtype, device=flat.device).index_add(0, order, flat)
         return result.reshape(batch.B, batch.G)
 
+    def token_logprobs(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
+                       token_chunk: int | None = None, progress: bool | None = False,
+                       prompts: Any = None) -> Tensor:
+        """ℓ_{n,g,k} = log π_θ(t_k | t_<k) on every response token, 0 elsewhere: float64 [B, G, L] on the CPU (no
+        gradient). ``prompts``: compute only these prompt rows (others stay 0), e.g. a rank's shard."""
+        self.check_params(params)
+        self._check_batch(batch)
+        token_chunk = self.token_chunk if token_chunk is None else token_chunk
+        _check_positive("token_chunk", token_chunk)
+        out = torch.zeros(batch.B, batch.G, batch.L, dtype=torch.float64)
+        rows_of = None if prompts is None else torch.as_tensor(list(prompts), dtype=torch.int64)
+        target = batch if rows_of is None else batch.select_prompts(rows_of)
+        part = torch.zeros(target.num_sequences, target.L, dtype=torch.float64)
+        with torch.no_grad():
+            for chunk in self._chunks(target, seq_chunk, progress, "token log-probs"):
+                values = self._chunk_token_logprobs(params, chunk, token_chunk).cpu()
+                rows, cols = chunk.response_mask.cpu().nonzero(as_tuple=True)
+                part[chunk.flat_index.cpu()[rows], cols + chunk.columns[0]] = values
+        part = part.reshape(target.B, target.G, target.L)
+        if rows_of is None:
+            return part
+        out[rows_of] = part
+        return out
+
+    def reference_params(self, params: ParamsDict) -> dict[str, Tensor]:
+        """θ_ref: the adapter disabled — every ``lora_B`` (and ``lora_embedding_B``) zero, so each LoRA layer's output
+        is its base layer's (spec §3: the KL reference of a LoRA policy is its base model). Refused for DoRA, where a
+        zero B does not give the base weights."""
+        self.check_params(params)
+        dora = [n for n in params if ".lora_magnitude_vector." in n]
+        if dora:
+            raise ValueError(f"the KL reference (the adapter disabled) cannot be formed by zeroing lora_B for a DoRA "
+                             f"adapter ({len(dora)} magnitude vectors, e.g. {dora[0]}). Probe with beta=0, or use a "
+                             "plain LoRA adapter.")
+        return {n: (torch.zeros_like(t) if (".lora_B." in n or ".lora_embedding_B." in n) else t)
+                for n, t in params.items()}
+
     def iter_logprob_vjps(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
                           token_chunk: int | None = None, progress: bool | None = False) -> Iterator[ChunkLogprobs]:
         """For each sequence chunk: S(θ) on it and the vjp of θ ↦ S_chunk(θ), built by one forward.
@@ -266,15 +328,20 @@ class Policy:
         _check_positive("token_chunk", token_chunk)
         params = dict(params)
         for chunk in self._chunks(batch, seq_chunk, progress, "gradients"):
-            logprobs, vjp_fn = torch.func.vjp(lambda p, c=chunk: self._chunk_logprobs(p, c, token_chunk), params)
+            token_values, vjp_fn = torch.func.vjp(lambda p, c=chunk: self._chunk_token_logprobs(p, c, token_chunk),
+                                                  params)
+            rows, cols = chunk.response_mask.nonzero(as_tuple=True)
             # The item reaches the graph only through this box, which is emptied when the consumer asks for the
             # next chunk: the graph is freed before the next forward even if the consumer still holds the item.
             holder = [vjp_fn]
             del vjp_fn
-            yield ChunkLogprobs(chunk=chunk, logprobs=logprobs.detach(),
-                                vjp=lambda cotangent, box=holder: _call_vjp(box, cotangent))
+            values = token_values.detach()
+            yield ChunkLogprobs(chunk=chunk, logprobs=_sum_rows(values, chunk), token_logprobs=values,
+                                token_rows=rows, token_columns=cols + chunk.columns[0],
+                                token_vjp=lambda cotangent, box=holder, device=values.device: _call_vjp(
+                                    box, cotangent.to(device)))
             holder.clear()
-            del logprobs
+            del token_values, values
 
     def logprob_grads(self, params: ParamsDict, batch: RolloutBatch, weights: Tensor, *,
                       seq_chunk: int | None = None, token_chunk: int | None = None,
@@ -488,10 +555,18 @@ def _check_lora_only(module: nn.Module, max_trainable_params: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def _call_vjp(box: list, cotangent: Tensor) -> dict[str, Tensor]:
+    """The chunk's vjp at a per-token cotangent [T]."""
     if not box:
         raise RuntimeError("this chunk's vjp was released when the next chunk was requested; call it inside the "
                            "loop body.")
     return box[0](cotangent.to(torch.float64))[0]
+
+
+def _sum_rows(per_token: Tensor, chunk: SequenceChunk) -> Tensor:
+    """Per-sequence sums [c] of a chunk's per-token values [T] (row-major over its response tokens)."""
+    rows = chunk.response_mask.nonzero(as_tuple=True)[0].to(per_token.device)
+    zeros = torch.zeros(chunk.input_ids.shape[0], dtype=per_token.dtype, device=per_token.device)
+    return zeros.index_add(0, rows, per_token)
 
 
 def _check_positive(name: str, value) -> None:

@@ -26,6 +26,7 @@ from torch import Tensor
 from .adam import AdamState
 from .batch import RolloutBatch
 from .delta_h1 import DeltaH1Result, delta_h1
+from .objective import Objective
 from .policy import Policy
 from .realised import CRNResult, SNISResult, crn_delta_h, snis_delta_h
 from .sweep import METHODS, LRSweepResult, lr_sweep
@@ -36,14 +37,14 @@ __all__ = ["Probe"]
 
 @dataclass(frozen=True)
 class Probe:
-    """Bound policy, optimizer state, update batch and options for δH₁, the step and ΔH."""
+    """Bound policy, optimizer state, update batch, the step's objective and options for δH₁, the step and ΔH."""
 
     policy: Policy
     adam: AdamState
     batch: RolloutBatch | None = None
+    objective: Objective = Objective()
     units: str | int = "prompt"
     lr: float | None = None
-    max_grad_norm: float | None = None
     seq_chunk: int | None = None
     token_chunk: int | None = None
     store_unit_vectors: str | bool = "auto"
@@ -80,7 +81,7 @@ class Probe:
 
     def delta_h1(self, params: Mapping[str, Tensor], batch: RolloutBatch | None = None, **options) -> DeltaH1Result:
         """δH₁ of one AdamW step on the update batch (spec §5); ``options`` override the bound ones."""
-        settings = dict(units=self.units, lr=self.lr, max_grad_norm=self.max_grad_norm,
+        settings = dict(objective=self.objective, units=self.units, lr=self.lr,
                         store_unit_vectors=self.store_unit_vectors, memory_budget=self.memory_budget,
                         **self._chunks())
         settings.update(options)
@@ -93,9 +94,9 @@ class Probe:
         With ``prediction`` (δH₁ of this probe) its Ȳ is reused (no gradient pass); else Ȳ is computed here.
         """
         if prediction is not None and prediction.step is not None:
-            return apply_step(params, self.adam, prediction.step, lr=self.lr, max_grad_norm=self.max_grad_norm)
-        return rl_update(params, self._batch(batch), policy=self.policy, adam=self.adam, lr=self.lr,
-                         max_grad_norm=self.max_grad_norm, **self._chunks())
+            return apply_step(params, self.adam, prediction.step, objective=self.objective, lr=self.lr)
+        return rl_update(params, self._batch(batch), policy=self.policy, adam=self.adam, objective=self.objective,
+                         lr=self.lr, **self._chunks())
 
     def snis_delta_h(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor], eval_sample: Any,
                      **options) -> SNISResult:
@@ -137,7 +138,7 @@ class Probe:
         if prediction is not None and prediction.step is not None:
             step = prediction.step
         else:
-            step = update_direction(params, self._batch(None), policy=self.policy, adam=self.adam, lr=self.lr,
-                                    max_grad_norm=self.max_grad_norm, **self._chunks())
+            step = update_direction(params, self._batch(None), policy=self.policy, adam=self.adam,
+                                    objective=self.objective, lr=self.lr, **self._chunks())
         return lr_sweep(params, eval_sample, policy=self.policy, step=step, etas=etas, prediction=prediction,
                         method=method, **{**self._chunks(), **options})

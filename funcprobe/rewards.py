@@ -180,7 +180,9 @@ def _name(reward_fn: Any) -> str:
 
 
 def check_rewards(values: Any, B: int, G: int, reward_fn: Any = None) -> Tensor:
-    """A reward function's output as float64 [B, G] on the CPU; ValueError naming the function otherwise."""
+    """A reward function's output as float64 [B, G] — or [B, G, F] for F reward functions, where NaN marks a
+    completion a function did not score (TRL's None) — on the CPU; ValueError naming the function otherwise
+    (a wrong shape; an infinite reward; NaN in the [B, G] form)."""
     who = f"reward function {_name(reward_fn)!r}" if reward_fn is not None else "rewards"
     if isinstance(values, Tensor):
         tensor = values.detach().to("cpu", torch.float64)
@@ -190,13 +192,13 @@ def check_rewards(values: Any, B: int, G: int, reward_fn: Any = None) -> Tensor:
         except (TypeError, ValueError, RuntimeError, OverflowError) as error:
             raise ValueError(f"{who} returned {type(values).__name__} that is not a rectangular array of numbers "
                              f"({error}); it must return float [B, G] = [{B}, {G}], one reward per response.") from None
-    if tuple(tensor.shape) != (B, G):
+    if tuple(tensor.shape[:2]) != (B, G) or tensor.dim() not in (2, 3) or (tensor.dim() == 3 and tensor.shape[2] < 1):
         raise ValueError(f"{who} returned shape {tuple(tensor.shape)}; it must return float [B, G] = [{B}, {G}] "
-                         "(responses[n][g] -> rewards[n][g]).")
-    bad = ~torch.isfinite(tensor)
+                         "(responses[n][g] -> rewards[n][g]), or [B, G, F] for F reward functions.")
+    bad = torch.isinf(tensor) if tensor.dim() == 3 else ~torch.isfinite(tensor)
     if bool(bad.any()):
-        n, g = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{who} returned a non-finite reward {tensor[n, g].item()} at [{n}, {g}] "
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{who} returned a non-finite reward {tensor[where].item()} at {list(where)} "
                          f"({int(bad.sum())} non-finite); every reward must be finite.")
     return tensor
 

@@ -58,16 +58,11 @@ from torch import Tensor
 from .batch import RolloutBatch
 from .logprobs import _chunk_logits
 from .policy import Policy, _progress
+from .objective import SCALE_REWARDS, AdvantageInfo, compute_advantages
 from .rewards import REWARDS, RewardFn, check_rewards
 
-__all__ = ["SampledBatch", "DrawSpec", "Responses", "sample_batch", "draw_responses", "redraw", "collect_stop_ids",
-           "compute_advantages", "prompt_generator", "merge_batches", "gather_sampled", "ADVANTAGES",
-           "GRPO_STD_EPS"]
-
-#: Advantage schemes: "grpo" A = R − mean_g R (Dr. GRPO); "grpo_std" A = (R − mean_g R) / (std_g R + GRPO_STD_EPS).
-ADVANTAGES = ("grpo", "grpo_std")
-#: Added to the group standard deviation by advantage="grpo_std" (a group with equal rewards gets A = 0).
-GRPO_STD_EPS = 1e-6
+__all__ = ["SampledBatch", "DrawSpec", "Responses", "sample_batch", "rescore", "draw_responses", "redraw", "collect_stop_ids",
+           "prompt_generator", "merge_batches", "gather_sampled"]
 
 _TRUNCATION_REASON = ("a truncated sampler (top-p / top-k) does not draw from π_θ, so the batch would not be a sample "
                       "of the policy whose entropy is being estimated, and it would silently bias every estimator "
@@ -136,12 +131,12 @@ class Responses:
     spec: DrawSpec
     timings: dict[str, float] = field(default_factory=dict)
 
-    def response_tokens(self) -> list[list[list[int]]]:
-        """``[n][g]``: the response's token ids, without the final stop token."""
+    def response_tokens(self, *, with_stop: bool = False) -> list[list[list[int]]]:
+        """``[n][g]``: the response's token ids, without the final stop token (with it: ``with_stop=True``)."""
         batch, P = self.batch, _response_start(self.batch)
         lengths = batch.response_lengths
-        return [[batch.input_ids[n, g, P:P + int(lengths[n, g]) - int(self.hit_stop[n, g])].tolist()
-                 for g in range(batch.G)] for n in range(batch.B)]
+        return [[batch.input_ids[n, g, P:P + int(lengths[n, g]) - (0 if with_stop else int(self.hit_stop[n, g]))]
+                 .tolist() for g in range(batch.G)] for n in range(batch.B)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,6 +152,10 @@ class SampledBatch:
         timings: seconds and counts: ``prefill_s``, ``decode_s``, ``reward_s``, ``total_s``, ``generated_tokens``,
             ``tokens_per_s`` (generated tokens over prefill + decode time), ``forward_calls``.
         spec: the :class:`DrawSpec` of the draw (for :func:`redraw`), or None.
+        advantage_info: how the advantages came out (``objective.AdvantageInfo``: groups with equal rewards,
+            unscorable completions), or None.
+        raw_rewards: the reward function's output, float64 [B, G] or [B, G, F] (NaN: not scored), or None — what
+            :func:`rescore` recomputes the advantages from (e.g. batch-scaled ones after gathering shards).
     """
 
     batch: RolloutBatch
@@ -165,6 +164,8 @@ class SampledBatch:
     eos_count: int
     timings: dict[str, float] = field(default_factory=dict)
     spec: DrawSpec | None = None
+    advantage_info: AdvantageInfo | None = None
+    raw_rewards: Tensor | None = None
 
     @property
     def truncated_count(self) -> int:
@@ -178,21 +179,6 @@ def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
     digest = hashlib.blake2b(f"funcprobe.sample_batch:{int(seed)}:{int(prompt_index)}".encode(),
                              digest_size=8).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
-def compute_advantages(rewards: Tensor, advantage: str = "grpo") -> Tensor:
-    """GRPO advantages from rewards [B, G], float64.
-
-    "grpo": A = R − (1/G) Σ_j R_j (Dr. GRPO, spec §3's default). "grpo_std": A = (R − mean) / (std + 1e-6), with the
-    sample standard deviation (correction 1, as TRL's GRPOTrainer computes it).
-    """
-    if advantage not in ADVANTAGES:
-        raise ValueError(f"advantage must be one of {ADVANTAGES}; got {advantage!r}.")
-    rewards = torch.as_tensor(rewards, dtype=torch.float64)
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if advantage == "grpo":
-        return centred
-    return centred / (rewards.std(dim=1, keepdim=True) + GRPO_STD_EPS)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -573,7 +559,8 @@ def redraw(policy: Policy, params: Mapping[str, Tensor], spec: DrawSpec, *, worl
 def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence[str] | Sequence[Sequence[int]], *,
                  G: int, reward_fn: RewardFn | str, max_new_tokens: int, seed: int, tokenizer: Any,
                  temperature: float | None = None, length_norm: str | float = "max_new_tokens",
-                 advantage: str = "grpo", top_p: float = 1.0, top_k: int = 0, prompt_chunk: int = 8,
+                 scale_rewards: str = "none", reward_weights: Sequence[float] | None = None, top_p: float = 1.0,
+                 top_k: int = 0, prompt_chunk: int = 8,
                  meta: Mapping[str, Any] | None = None, stop_token_ids: int | Sequence[int] | None = None,
                  first_prompt_index: int = 0, prompt_index: Sequence[int] | None = None, kv_cache: bool = True,
                  progress: bool | None = False) -> SampledBatch:
@@ -585,14 +572,17 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
         prompts: B prompt strings (tokenised with ``tokenizer``, special tokens as the tokenizer adds them by
             default) or B lists of token ids.
         G: responses per prompt (≥ 2, for the leave-one-out baseline).
-        reward_fn: ``reward_fn(prompts, responses, meta) -> float [B, G]`` (see ``funcprobe.rewards``), or a name in
-            ``funcprobe.rewards.REWARDS`` ("answer", "tag").
+        reward_fn: ``reward_fn(prompts, responses, meta) -> float [B, G]``, or [B, G, F] for F reward functions (NaN
+            where a function scored nothing), or a name in ``funcprobe.rewards.REWARDS`` ("answer", "tag"). ``meta``
+            is the caller's dict plus ``"response_ids"`` (each response's token ids, stop token included).
         max_new_tokens: the generation budget; a response without a stop token is cut there.
         seed: the sampling seed; prompt row n draws from ``prompt_generator(seed, first_prompt_index + n)``.
         tokenizer: decodes responses (and prompt ids); gives EOS and pad ids.
         temperature: must be None or equal ``policy.temperature`` (refused otherwise).
         length_norm: "max_new_tokens" (Dr. GRPO: L_n = max_new_tokens) or a positive number, used for every prompt.
-        advantage: "grpo" (A = R − group mean) or "grpo_std" (divided by the group's sample std + 1e-6).
+        scale_rewards: the advantages' scaling, as the trainer does it (``objective.compute_advantages``, TRL's
+            operations): "none" (A = R − group mean, Dr. GRPO; the default), "group" (divided by the group's std + 1e-4,
+            TRL's default) or "batch"; reward_weights: the weights of F reward functions (None: 1 each).
         top_p, top_k: must stay 1.0 and 0 (truncated sampling is refused, spec §0).
         prompt_chunk: prompts decoded together (prompt_chunk·G rows per forward); does not change the batch.
         meta: passed to the reward function (``{}`` when None), e.g. ``{"answers": [...]}``.
@@ -615,9 +605,10 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
     first_prompt_index = _check_int("first_prompt_index", first_prompt_index, 0)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer; got {seed!r}.")
-    if advantage not in ADVANTAGES:
-        raise ValueError(f"advantage must be one of {ADVANTAGES} ('grpo': A = R − group mean; 'grpo_std': divided "
-                         f"by the group std + {GRPO_STD_EPS}); got {advantage!r}.")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS} ('none': A = R − group mean, Dr. GRPO; "
+                         "'group': divided by the group's reward std + 1e-4, as TRL; 'batch': by the batch's); got "
+                         f"{scale_rewards!r}.")
     if isinstance(reward_fn, str):
         if reward_fn not in REWARDS:
             raise ValueError(f"unknown reward {reward_fn!r}; built-ins are {sorted(REWARDS)}, or pass a callable "
@@ -644,15 +635,19 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
                     seed=int(seed), first_prompt_index=first_prompt_index, stop_token_ids=stops, pad_token_id=pad_id,
                     temperature=policy.temperature, prompt_index=prompt_index)
     drawn = draw_responses(policy, params, spec, prompt_chunk=prompt_chunk, kv_cache=kv_cache, progress=progress)
-    responses = [[tokenizer.decode(tokens, skip_special_tokens=True) for tokens in group]
-                 for group in drawn.response_tokens()]
+    tokens = drawn.response_tokens()
+    responses = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in tokens]
 
     timings = {"prefill_s": drawn.timings["prefill_s"], "decode_s": drawn.timings["decode_s"]}
     reward_started = time.perf_counter()
-    raw = reward_fn(list(prompt_texts), [list(group) for group in responses], {} if meta is None else meta)
+    response_ids = drawn.response_tokens(with_stop=True)
+    raw = reward_fn(list(prompt_texts), [list(group) for group in responses],
+                    {**({} if meta is None else dict(meta)), "response_ids": response_ids})
     rewards = check_rewards(raw, B, G, reward_fn)
     timings["reward_s"] = time.perf_counter() - reward_started
-    batch = drawn.batch.replace(advantages=compute_advantages(rewards, advantage), length_norm=norms, rewards=rewards)
+    advantages, info = compute_advantages(rewards, scale_rewards=scale_rewards, weights=reward_weights)
+    batch = drawn.batch.replace(advantages=advantages, length_norm=norms,
+                                rewards=torch.nan_to_num(info.rewards, nan=0.0))
     generated = int(batch.response_lengths.sum())
     timings["total_s"] = time.perf_counter() - started
     timings["generated_tokens"] = float(generated)
@@ -660,7 +655,20 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
     timings["forward_calls"] = drawn.timings["forward_calls"]
     timings["kv_cache"] = drawn.timings["kv_cache"]
     return SampledBatch(batch=batch, prompts=list(prompt_texts), responses=responses,
-                        eos_count=int(drawn.hit_stop.sum()), timings=timings, spec=spec)
+                        eos_count=int(drawn.hit_stop.sum()), timings=timings, spec=spec, advantage_info=info,
+                        raw_rewards=rewards)
+
+
+def rescore(sampled: SampledBatch, *, scale_rewards: str, reward_weights: Sequence[float] | None = None,
+            warn: bool = True) -> SampledBatch:
+    """The same sample with its advantages recomputed from ``raw_rewards`` (``objective.compute_advantages``): after
+    the shards of a batch were sampled on several processes, batch-scaled advantages need the whole batch's std."""
+    if sampled.raw_rewards is None:
+        raise ValueError("rescore needs the sample's raw rewards (sample_batch records them in raw_rewards).")
+    advantages, info = compute_advantages(sampled.raw_rewards, scale_rewards=scale_rewards, weights=reward_weights,
+                                          warn=warn)
+    batch = sampled.batch.replace(advantages=advantages, rewards=torch.nan_to_num(info.rewards, nan=0.0))
+    return dataclasses.replace(sampled, batch=batch, advantage_info=info)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -708,7 +716,7 @@ def gather_sampled(world, sampled: SampledBatch | None) -> SampledBatch:
     if world is None or not world.distributed:
         return sampled
     mine = None if sampled is None else (sampled.batch.to("cpu"), sampled.prompts, sampled.responses,
-                                         sampled.eos_count, sampled.timings, sampled.spec)
+                                         sampled.eos_count, sampled.timings, sampled.spec, sampled.raw_rewards)
     from .distributed import all_gather_objects
 
     pieces = all_gather_objects(world, mine, "all_gather of the sampled shards")
@@ -720,6 +728,8 @@ def gather_sampled(world, sampled: SampledBatch | None) -> SampledBatch:
         spec = dataclasses.replace(
             specs[0], prompt_ids=tuple(row for s in specs for row in s.prompt_ids),
             prompt_index=None if any(i is None for i in indices) else tuple(i for part in indices for i in part))
+    raw = [p[6] for p in pieces]
     return SampledBatch(batch=merge_batches([p[0] for p in pieces]), prompts=[t for p in pieces for t in p[1]],
                         responses=[r for p in pieces for r in p[2]], eos_count=sum(p[3] for p in pieces),
-                        timings=timings, spec=spec)
+                        timings=timings, spec=spec,
+                        raw_rewards=None if any(r is None for r in raw) else torch.cat(raw))

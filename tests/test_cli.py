@@ -21,7 +21,8 @@ def test_demo_quick_writes_consistent_json(tmp_path, capsys):
     at_lr = [row for row in sweep["rows"] if math.isclose(row["eta"], results["config"]["lr"])]
     # float32 model: θ + 1·Δθ and the AdamW step's θ⁺ differ in rounding, so ΔĤ agrees to ~1e-5, not bit for bit
     assert at_lr and math.isclose(at_lr[0]["snis_deltaH"], realised["snis"]["deltaH"], rel_tol=1e-3)
-    assert math.isclose(at_lr[0]["crn_deltaH"], realised["crn"]["deltaH"], rel_tol=1e-3, abs_tol=1e-9)
+    # CRN's ΔĤ here is ~2e-5, a difference of summed entropies of ~25 nats in float32: 1e-6 absolute is the rounding.
+    assert math.isclose(at_lr[0]["crn_deltaH"], realised["crn"]["deltaH"], rel_tol=1e-3, abs_tol=1e-6)
     assert math.isclose(at_lr[0]["predicted"], delta["deltaH1"], rel_tol=1e-12)
     assert results["eval_batch"]["prompts"] != results["batch"]["prompts"]
     assert results["in_sample"]["in_sample"] is True

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from funcprobe import AdamState, Policy, delta_h1, rl_update, update_direction
+from funcprobe import AdamState, Objective, Policy, delta_h1, rl_update, update_direction
 from funcprobe.testing import random_batch, tiny_peft_model
 
 from conftest import naive_sequence_logprobs, warm_state
@@ -183,9 +183,9 @@ def test_decomposition_reproduces_rl_update(policy, batch):
     """θ + η_g P⊙Ȳ + Δθ_state == rl_update's θ⁺ (spec §4), with weight decay and clipping."""
     state = warm_state(policy.params)
     for max_grad_norm in (None, 1e-4):
-        new_params, _ = rl_update(policy.params, batch, policy=policy, adam=state, max_grad_norm=max_grad_norm)
-        decomposition = update_direction(policy.params, batch, policy=policy, adam=state,
-                                         max_grad_norm=max_grad_norm)
+        objective = Objective(max_grad_norm=max_grad_norm)
+        new_params, _ = rl_update(policy.params, batch, policy=policy, adam=state, objective=objective)
+        decomposition = update_direction(policy.params, batch, policy=policy, adam=state, objective=objective)
         for name, delta in decomposition.delta_theta().items():
             assert torch.allclose(policy.params[name] + delta, new_params[name], rtol=0, atol=1e-15)
         if max_grad_norm is not None:
