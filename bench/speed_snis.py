@@ -94,7 +94,7 @@ def _decoder_gather(policy, params, batch, token_chunk: int):
     """The decoder forward and a chunked logsumexp/gather only (no score direction): a no-grad S at its cheapest."""
     import torch
 
-    head = policy._lm_head
+    head = policy.lm_head
     out = torch.zeros(batch.num_sequences, dtype=torch.float64)
     for chunk in batch.iter_sequence_chunks(policy.seq_chunk):
         hidden, targets, rows = policy._response_rows(params, chunk)

@@ -3,9 +3,9 @@
 The math is fixed in the project's spec (ESTIMATORS.md); every function here is pure over params dicts and batches.
 """
 
-from .adam import AdamState, adamw_update, load_adam_state, update_decomposition
+from .adam import AdamState, adamw_update, update_decomposition
 from .batch import RolloutBatch, SequenceChunk
-from .checkpoints import Checkpoint, load_checkpoint
+from .checkpoints import Checkpoint, load_adam_state, load_checkpoint
 from .delta_h1 import DeltaH1Result, delta_h1
 from .memory import MemoryPlan, plan_memory
 from .objective import Objective, compute_advantages

@@ -25,8 +25,8 @@ The update decomposes exactly (spec §4) as::
 update at another learning rate η is θ + (η / lr) Δθ (``scaled_update``).
 
 Public API: ``AdamHyper``, ``AdamState`` (``zeros``, ``from_torch``, ``with_lr``, ``to``, ``to_torch_state_dict``),
-``load_adam_state``, ``adamw_update``, ``grad_clip_coef``, ``UpdateDecomposition``, ``update_decomposition``,
-``scaled_update``.
+``adamw_update``, ``grad_clip_coef``, ``UpdateDecomposition``, ``update_decomposition``, ``scaled_update``,
+``optimizer_param_groups``. Reading ``optimizer.pt`` files is ``funcprobe.checkpoints.load_adam_state``'s job.
 """
 
 from __future__ import annotations
@@ -46,25 +46,14 @@ from torch import Tensor
 __all__ = [
     "AdamHyper",
     "AdamState",
-    "load_adam_state",
     "adamw_update",
     "grad_clip_coef",
     "UpdateDecomposition",
     "update_decomposition",
     "scaled_update",
-    "PARAM_NAMES_FILE",
+    "optimizer_param_groups",
+    "normalise_param_names",
 ]
-
-#: Name of the optional file next to ``optimizer.pt`` that lists the optimizer's parameter names (JSON: a list of
-#: lists of names, one list per parameter group, or a flat list in the optimizer's parameter order).
-PARAM_NAMES_FILE = "optimizer_param_names.json"
-
-# HF Trainer's rule for parameters that get no weight decay (``Trainer.get_decay_parameter_names``: these patterns
-# on the lower-cased full name, plus anything inside an ``nn.LayerNorm``, which a name alone cannot tell).
-_HF_NO_DECAY_PATTERNS = tuple(
-    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyper-parameters and state
@@ -198,7 +187,7 @@ class AdamState:
     @classmethod
     def from_torch(cls, optimizer_state_dict: Mapping[str, Any],
                    param_names: Sequence[str] | Sequence[Sequence[str]],
-                   params: Mapping[str, Tensor]) -> "AdamState":
+                   params: Mapping[str, Tensor], *, source: str = "optimizer_state_dict") -> "AdamState":
         """The state of a ``torch.optim.AdamW`` (or ``Adam`` without L2 weight decay) from ``optimizer.state_dict()``.
 
         ``optimizer_state_dict`` = ``{"state": {int: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [{"params":
@@ -213,9 +202,9 @@ class AdamState:
         Refused with a ``ValueError`` naming the tensor and the fix: a count mismatch, a shape mismatch, ``amsgrad``,
         ``maximize``, ``Adam`` with coupled (L2) weight decay, and a non-Adam state (no ``exp_avg_sq``).
         """
-        state, groups = _split_state_dict(optimizer_state_dict, "optimizer_state_dict")
-        index_to_name = _index_to_name(groups, param_names, params, "optimizer_state_dict")
-        return _state_from_parts(state, groups, index_to_name, params, "optimizer_state_dict")
+        state, groups = _split_state_dict(optimizer_state_dict, source)
+        index_to_name = _index_to_name(groups, param_names, params, source)
+        return _state_from_parts(state, groups, index_to_name, params, source)
 
     # -- copies ------------------------------------------------------------------------------------------------
 
@@ -301,6 +290,16 @@ def _split_state_dict(sd: Any, source: str) -> tuple[Mapping[Any, Any], list[Map
     return state, list(groups)
 
 
+def optimizer_param_groups(optimizer_state_dict: Any, source: str = "optimizer_state_dict") -> list[Mapping[str, Any]]:
+    """The ``param_groups`` of a torch optimizer state dict, validated (ValueError naming ``source`` otherwise)."""
+    return _split_state_dict(optimizer_state_dict, source)[1]
+
+
+def normalise_param_names(names: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    """Parameter names as a list of groups: a flat list becomes one group; ValueError for anything else."""
+    return _normalise_groups(names)
+
+
 def _normalise_groups(names: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
     if isinstance(names, str):
         raise ValueError("param names must be a list of names or a list of lists of names, not a string")
@@ -357,7 +356,7 @@ def _hyper_from_group(g: Mapping[str, Any], gi: int, source: str) -> AdamHyper:
         raise ValueError(f"{source}: param_groups[{gi}] lacks {missing}; this is not an Adam/AdamW optimizer state. "
                          "funcprobe models one torch.optim.AdamW step: pass an AdamW state")
     if g.get("amsgrad", False):
-        raise ValueError(f"{source}: param_groups[{gi}] has amsgrad=True, which funcprobe does not model (spec §4 is "
+        raise ValueError(f"{source}: param_groups[{gi}] has amsgrad=True, which funcprobe does not model (the AdamW step it models is "
                          "plain AdamW); use a checkpoint trained with amsgrad=False")
     if g.get("maximize", False):
         raise ValueError(f"{source}: param_groups[{gi}] has maximize=True, which funcprobe does not model; use a "
@@ -365,7 +364,7 @@ def _hyper_from_group(g: Mapping[str, Any], gi: int, source: str) -> AdamHyper:
     wd = float(g["weight_decay"])
     if wd != 0 and g.get("decoupled_weight_decay", True) is False:
         raise ValueError(f"{source}: param_groups[{gi}] is torch.optim.Adam with L2 (coupled) weight decay "
-                         f"{wd}, not AdamW's decoupled decay (spec §4); use an AdamW checkpoint")
+                         f"{wd}, not AdamW's decoupled decay; use an AdamW checkpoint")
     b1, b2 = g["betas"]
     try:
         return AdamHyper(lr=g["lr"], beta1=b1, beta2=b2, eps=g["eps"], weight_decay=wd)
@@ -409,7 +408,7 @@ def _state_from_parts(state: Mapping[Any, Any], groups: list[Mapping[str, Any]],
                     f"{source}: {key} of {n!r} has shape {tuple(t.shape)} but the parameter has shape "
                     f"{tuple(p.shape)}. The optimizer's parameter order does not match the names given, or the "
                     "checkpoint belongs to another adapter: pass param_names in the optimizer's order (a list of "
-                    f"lists, one per param group, or a {PARAM_NAMES_FILE} next to optimizer.pt)")
+                    f"lists, one per param group, or an optimizer_param_names.json next to optimizer.pt)")
         cast = dict(dtype=p.dtype, device=p.device) if p.is_floating_point() else dict(device=p.device)
         m[n] = s["exp_avg"].detach().to(**cast).clone()
         v[n] = s["exp_avg_sq"].detach().to(**cast).clone()
@@ -419,90 +418,6 @@ def _state_from_parts(state: Mapping[Any, Any], groups: list[Mapping[str, Any]],
             raise ValueError(f"{source}: step of {n!r} is {t}, not a non-negative integer")
         step[n] = int(t)
     return AdamState(exp_avg=m, exp_avg_sq=v, step=step, hyper={n: hyper_by_name[n] for n in params})
-
-
-def _hf_split(groups: list[Mapping[str, Any]], params: Mapping[str, Tensor]) -> list[list[str]] | None:
-    """HF Trainer layout: group 0 = decayed params, group 1 = non-decayed (λ = 0), each in named_parameters() order.
-
-    Returns the two name lists if the name rule of ``Trainer.get_decay_parameter_names`` reproduces the group sizes,
-    else None.
-    """
-    if len(groups) != 2 or float(groups[1].get("weight_decay", -1.0)) != 0.0:
-        return None
-    no_decay = [n for n in params if any(p.search(n.lower()) for p in _HF_NO_DECAY_PATTERNS)]
-    decay = [n for n in params if n not in set(no_decay)]
-    if len(groups[0]["params"]) == len(decay) and len(groups[1]["params"]) == len(no_decay):
-        return [decay, no_decay]
-    return None
-
-
-def load_adam_state(path: str | os.PathLike, params: Mapping[str, Tensor], *,
-                    param_names: Sequence[str] | Sequence[Sequence[str]] | None = None) -> AdamState:
-    """Load an ``AdamState`` from an ``optimizer.pt`` (or a checkpoint directory holding one).
-
-    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)``; it may be a plain
-    ``optimizer.state_dict()`` or an HF Trainer ``checkpoint-N/optimizer.pt`` (the same dict). The state tensors are
-    then cast to each parameter's dtype and device (as ``Optimizer.load_state_dict`` does).
-
-    The optimizer stores integer parameter ids, not names. They are named by, in this order of precedence:
-
-    1. ``param_names`` if given (a flat list in the optimizer's order, or a list of lists, one per param group);
-    2. the ``"param_names"`` that torch ≥ 2.5 stores in each param group when the optimizer was built from
-       ``named_parameters()``, if they are exactly the keys of ``params``;
-    3. ``optimizer_param_names.json`` next to ``optimizer.pt`` (a JSON flat list or list of lists of names);
-    4. the HF Trainer layout — two groups, the second with weight_decay 0 — when Trainer's name rule for
-       non-decayed parameters (names containing "bias", "layernorm", "rmsnorm", "norm" …) reproduces the group
-       sizes: group 0 = decayed names, group 1 = the others, each in ``params``' dict order;
-    5. otherwise the optimizer's parameter ids are assumed to enumerate the names of ``params`` in dict order, i.e.
-       ``params`` is in the order of the trainable ``model.named_parameters()`` the optimizer was built from (true
-       for an HF Trainer on a LoRA model, where every LoRA weight is decayed and group 1 is empty).
-
-    Shapes are always checked, so a wrong order between tensors of different shapes is caught; an order mismatch
-    between same-shaped tensors is not detectable, which is why (1)–(3) exist. Corrupt or mismatched files raise a
-    ``ValueError`` naming the file and what to pass.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "optimizer.pt")
-    if not os.path.isfile(path):
-        raise ValueError(f"optimizer state file {path!r} does not exist; pass the path of an optimizer.pt (or of "
-                         "the checkpoint directory holding it)")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
-        raise ValueError(f"could not load {path!r} with torch.load(weights_only=True): the file is corrupt or is not "
-                         f"an optimizer state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                         "Pass the optimizer.pt written by optimizer.state_dict() / HF Trainer") from None
-    source = repr(path)
-    state, groups = _split_state_dict(sd, source)
-
-    if param_names is None:
-        embedded = [g.get("param_names") for g in groups]
-        if all(isinstance(e, (list, tuple)) for e in embedded) and groups:
-            flat = [n for e in embedded for n in e]
-            if len(flat) == len(params) and set(flat) == set(params):
-                param_names = [list(e) for e in embedded]
-    if param_names is None:
-        names_file = os.path.join(os.path.dirname(path), PARAM_NAMES_FILE)
-        if os.path.isfile(names_file):
-            try:
-                with open(names_file, encoding="utf-8") as f:
-                    param_names = json.load(f)
-                _normalise_groups(param_names)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{names_file!r} is not a JSON list (or list of lists) of parameter names ({e}); "
-                                 "fix or delete it, or pass param_names explicitly") from None
-            source = f"{source} (names from {names_file!r})"
-    if param_names is None:
-        param_names = _hf_split(groups, params)
-    if param_names is None:
-        param_names = list(params)
-    try:
-        index_to_name = _index_to_name(groups, param_names, params, source)
-    except ValueError as e:
-        raise ValueError(f"{e}. (To name the optimizer's parameters pass param_names=[[group 0 names], [group 1 "
-                         f"names], …] or write {PARAM_NAMES_FILE} next to optimizer.pt.)") from None
-    return _state_from_parts(state, groups, index_to_name, params, source)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -609,6 +609,9 @@ class RolloutBatch:
         """
         from safetensors.torch import save_file
 
+        if os.fspath(path).lower().endswith(".json"):
+            raise ValueError(f"{os.fspath(path)}: save() writes safetensors, not JSON; use batch.save_json(path) for "
+                             "a JSON file, or a .safetensors name.")
         tensors = {}
         for name, tensor in self._tensors().items():
             if tensor is None:

@@ -33,17 +33,18 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .adam import AdamState, load_adam_state
+from .adam import AdamState, normalise_param_names, optimizer_param_groups
 from .policy import LORA_NAME_MARKERS, Policy, load_base_model, load_policy
 
-__all__ = ["Checkpoint", "load_checkpoint", "LAYOUTS"]
+__all__ = ["Checkpoint", "load_checkpoint", "load_adam_state", "LAYOUTS", "PARAM_NAMES_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
                                     attn_implementation=attn_implementation)
         except (OSError, ValueError) as error:
             raise ValueError(f"could not load the base model '{base_name}' ({base_label}): {_first_line(error)}. "
-                             "Pass base=PATH (a local model folder or a hub id you can download).") from None
+                             "Pass base=PATH (funcprobe probe --base PATH): a local model folder or a hub id you can download.") from None
     try:
         policy = load_policy(model, adapter_dir, dtype=dtype, device=device, **policy_options)
     except RuntimeError as error:  # PEFT's load_state_dict: size mismatch between the adapter and the base
@@ -187,6 +188,104 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
     return Checkpoint(policy=policy, adam=adam, path=given, layout=layout, adapter_dir=adapter_dir,
                       optimizer_path=optimizer_path, base=base_name, step=step, prompts_path=prompts_path,
                       tokenizer=tokenizer, trainer_state=trainer_state)
+
+
+# ------------------------------------------------------------------------------------------------- optimizer.pt
+#: Name of the optional file next to ``optimizer.pt`` that lists the optimizer's parameter names (JSON: a list of
+#: lists of names, one list per parameter group, or a flat list in the optimizer's parameter order).
+PARAM_NAMES_FILE = "optimizer_param_names.json"
+
+# HF Trainer's rule for parameters that get no weight decay (``Trainer.get_decay_parameter_names``: these patterns
+# on the lower-cased full name, plus anything inside an ``nn.LayerNorm``, which a name alone cannot tell).
+_HF_NO_DECAY_PATTERNS = tuple(
+    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+)
+
+
+
+def _hf_split(groups: list[Mapping[str, Any]], params: Mapping[str, Tensor]) -> list[list[str]] | None:
+    """HF Trainer layout: group 0 = decayed params, group 1 = non-decayed (λ = 0), each in named_parameters() order.
+
+    Returns the two name lists if the name rule of ``Trainer.get_decay_parameter_names`` reproduces the group sizes,
+    else None.
+    """
+    if len(groups) != 2 or float(groups[1].get("weight_decay", -1.0)) != 0.0:
+        return None
+    no_decay = [n for n in params if any(p.search(n.lower()) for p in _HF_NO_DECAY_PATTERNS)]
+    decay = [n for n in params if n not in set(no_decay)]
+    if len(groups[0]["params"]) == len(decay) and len(groups[1]["params"]) == len(no_decay):
+        return [decay, no_decay]
+    return None
+
+
+def load_adam_state(path: str | os.PathLike, params: Mapping[str, Tensor], *,
+                    param_names: Sequence[str] | Sequence[Sequence[str]] | None = None) -> AdamState:
+    """Load an ``AdamState`` from an ``optimizer.pt`` (or a checkpoint directory holding one).
+
+    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)``; it may be a plain
+    ``optimizer.state_dict()`` or an HF Trainer ``checkpoint-N/optimizer.pt`` (the same dict). The state tensors are
+    then cast to each parameter's dtype and device (as ``Optimizer.load_state_dict`` does).
+
+    The optimizer stores integer parameter ids, not names. They are named by, in this order of precedence:
+
+    1. ``param_names`` if given (a flat list in the optimizer's order, or a list of lists, one per param group);
+    2. the ``"param_names"`` that torch ≥ 2.5 stores in each param group when the optimizer was built from
+       ``named_parameters()``, if they are exactly the keys of ``params``;
+    3. ``optimizer_param_names.json`` next to ``optimizer.pt`` (a JSON flat list or list of lists of names);
+    4. the HF Trainer layout — two groups, the second with weight_decay 0 — when Trainer's name rule for
+       non-decayed parameters (names containing "bias", "layernorm", "rmsnorm", "norm" …) reproduces the group
+       sizes: group 0 = decayed names, group 1 = the others, each in ``params``' dict order;
+    5. otherwise the optimizer's parameter ids are assumed to enumerate the names of ``params`` in dict order, i.e.
+       ``params`` is in the order of the trainable ``model.named_parameters()`` the optimizer was built from (true
+       for an HF Trainer on a LoRA model, where every LoRA weight is decayed and group 1 is empty).
+
+    Shapes are always checked, so a wrong order between tensors of different shapes is caught; an order mismatch
+    between same-shaped tensors is not detectable, which is why (1)–(3) exist. Corrupt or mismatched files raise a
+    ``ValueError`` naming the file and what to pass.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "optimizer.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"optimizer state file {path!r} does not exist; pass the path of an optimizer.pt (or of "
+                         "the checkpoint directory holding it)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
+        raise ValueError(f"could not load {path!r} with torch.load(weights_only=True): the file is corrupt or is not "
+                         f"an optimizer state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                         "Pass the optimizer.pt written by optimizer.state_dict() / HF Trainer") from None
+    source = repr(path)
+    groups = optimizer_param_groups(sd, source)
+
+    if param_names is None:
+        embedded = [g.get("param_names") for g in groups]
+        if all(isinstance(e, (list, tuple)) for e in embedded) and groups:
+            flat = [n for e in embedded for n in e]
+            if len(flat) == len(params) and set(flat) == set(params):
+                param_names = [list(e) for e in embedded]
+    if param_names is None:
+        names_file = os.path.join(os.path.dirname(path), PARAM_NAMES_FILE)
+        if os.path.isfile(names_file):
+            try:
+                with open(names_file, encoding="utf-8") as f:
+                    param_names = json.load(f)
+                normalise_param_names(param_names)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{names_file!r} is not a JSON list (or list of lists) of parameter names ({e}); "
+                                 "fix or delete it, or pass param_names explicitly") from None
+            source = f"{source} (names from {names_file!r})"
+    if param_names is None:
+        param_names = _hf_split(groups, params)
+    if param_names is None:
+        param_names = list(params)
+    try:
+        return AdamState.from_torch(sd, param_names, params, source=source)
+    except ValueError as e:
+        if "names" not in str(e) and "parameters" not in str(e):
+            raise
+        raise ValueError(f"{e}. (To name the optimizer's parameters pass param_names=[[group 0 names], [group 1 "
+                         f"names], …] or write {PARAM_NAMES_FILE} next to optimizer.pt.)") from None
 
 
 # ------------------------------------------------------------------------------------------------------- layout
@@ -291,7 +390,7 @@ def _resolve_base(base, adapter_dir: Path) -> tuple[Path | str | nn.Module, str]
                              "adapter folder.") from None
         name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         if not name:
-            raise ValueError(f"{config_path} names no base_model_name_or_path; pass base=PATH (the base model the "
+            raise ValueError(f"{config_path} names no base_model_name_or_path; pass base=PATH (--base PATH; the base model the "
                              "adapter was trained on).")
         label = f"base_model_name_or_path in {config_path}"
     expanded = os.path.expanduser(name)
@@ -301,7 +400,7 @@ def _resolve_base(base, adapter_dir: Path) -> tuple[Path | str | nn.Module, str]
             return candidate.resolve(), label
     if _looks_like_path(name):
         looked = " or ".join(f"'{c}'" for c in candidates)
-        raise ValueError(f"the base model '{name}' ({label}) was not found: no folder {looked}. Pass base=PATH "
+        raise ValueError(f"the base model '{name}' ({label}) was not found: no folder {looked}. Pass base=PATH (--base PATH) "
                          "(the local folder of the base model the adapter was trained on).")
     return name, label
 
@@ -328,7 +427,7 @@ def _check_hub_base(name: str, label: str, local_files_only: bool) -> None:
         return
     if not isinstance(cached, str):
         raise ValueError(f"the base model '{name}' ({label}) is not in the local Hugging Face cache and loading is "
-                         "offline (local_files_only / HF_HUB_OFFLINE=1). Pass base=PATH (a local model folder), or "
+                         "offline (local_files_only / HF_HUB_OFFLINE=1). Pass base=PATH (--base PATH: a local model folder), or "
                          "download it first.")
 
 

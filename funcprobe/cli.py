@@ -75,7 +75,7 @@ def _add_probe_parser(commands) -> None:
     data.add_argument("--temperature", type=float, default=None, help="sampling temperature τ; the policy's "
                       "log-probabilities and entropies use the same τ (default 1)")
     data.add_argument("--top-p", type=float, default=1.0, help="must stay 1: truncated sampling is refused "
-                      "(spec §0)")
+                      "(docs/estimators.md)")
     data.add_argument("--stop-token", type=int, action="append", default=None, metavar="ID",
                       help="another token id that ends a response (repeatable); always added: the tokenizer's EOS and "
                       "the model's generation_config eos ids")
@@ -355,6 +355,19 @@ def _sample(world, policy, params, prompts, answers, indices, *, seed, G, args, 
                        reward_weights=args.objective.reward_weights, warn=False)
 
 
+def _noting(echo, fn):
+    """fn(), with the library's warnings (e.g. "the jackknife needs 3 units") printed once as notes, not as Python
+    warnings with source lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = fn()
+    for message in dict.fromkeys(str(w.message) for w in caught
+                                 if issubclass(w.category, (RuntimeWarning, UserWarning))
+                                 and "is_gradient_checkpointing" not in str(w.message)):
+        echo(f"note: {message}")
+    return value
+
+
 def _batch_section(sampled, chosen: dict, indices: list[int], seed: int) -> dict:
     batch = sampled.batch
     return {"prompts_file": chosen["path"], "pool_size": len(chosen["pool"]), "prompt_indices": indices,
@@ -463,8 +476,9 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
 
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
     step = dict(lr=args.lr, objective=args.objective)
-    prediction = timed("delta_h1", lambda: delta_h1(params, batch, policy=policy, adam=adam, units=args.units_value,
-                                                   store_unit_vectors=store, world=world, **step, **chunks))
+    prediction = timed("delta_h1", lambda: _noting(echo, lambda: delta_h1(
+        params, batch, policy=policy, adam=adam, units=args.units_value, store_unit_vectors=store, world=world,
+        **step, **chunks)))
     # The step from δH₁'s own Ȳ: no second gradient pass over the update batch.
     new_params, _ = timed("update", lambda: apply_step(params, adam, prediction.step, **step))
     realised = {}

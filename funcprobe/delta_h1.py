@@ -41,7 +41,8 @@ from .objective import Objective
 from .batch import RolloutBatch
 from .formatting import fmt
 from .memory import PeakTracker, available_memory_bytes, parse_memory_size, plan_for_policy
-from .policy import Policy, _progress
+from .policy import Policy
+from .progress import progress_bar
 from .update import StepCotangent, step_cotangent
 
 __all__ = ["DeltaH1Result", "delta_h1", "unit_partition", "ustatistic_summary"]
@@ -134,7 +135,8 @@ class DeltaH1Result:
             ("diag_sum", self.diag_sum, None),
         ]
         lines = [f"δH₁ over {self.n_units} units ({self.units}), B={self.B}, G={self.G}, "
-                 f"η_g={_fmt(self.eta_g)}, lr={_fmt(self.lr)}, clip={fmt(self.clip_coef, '.3g')}",
+                 f"η_g={_fmt(self.eta_g)}, lr={_fmt(self.lr)}, "
+                 + (f"gradient clipped ×{fmt(self.clip_coef, '.3g')}" if self.clip_coef < 1 else "not clipped"),
                  f"{'quantity':<24}{'value':>14}{'jackknife SE':>16}"]
         for name, value, se in rows:
             lines.append(f"{name:<24}{fmt(value, '>14.6g')}{'' if se is None else fmt(se, '>16.4g')}")
@@ -361,6 +363,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
 
     world = SINGLE if world is None else world
     objective = Objective() if objective is None else objective
+    _require_policy(policy, "delta_h1")
     started = time.perf_counter()
     policy.check_params(params)
     batch.require_prompts(2, "δH₁ (a cross-prompt U-statistic)")
@@ -412,7 +415,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
 
     # Pass 1: ΣX, ΣY (and the unit vectors when kept).
     sum_x, sum_y, kept = _zeros_like(params), _zeros_like(params), []
-    for unit in _progress(my_units, total=len(my_units), desc="δH₁ pass 1", enabled=progress):
+    for unit in progress_bar(my_units, total=len(my_units), desc="δH₁ pass 1", enabled=progress):
         x_unit, y_unit = vectors_of(unit)
         _add_(sum_x, x_unit)
         _add_(sum_y, y_unit)
@@ -446,7 +449,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
             yield vectors
 
     source = kept if store else recomputed()
-    for unit, (x_unit, y_unit) in enumerate(_progress(source, total=local, desc="δH₁ pass 2",
+    for unit, (x_unit, y_unit) in enumerate(progress_bar(source, total=local, desc="δH₁ pass 2",
                                                        enabled=progress and not store)):
         for key, weight in weights.items():
             scalars[key][0, unit] = _dot(x_unit, _weighted(weight, y_unit))
@@ -487,6 +490,12 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         sequences_forwarded=counts.sequences_forwarded, timings=timings, peak_memory_bytes=peak,
         peak_memory_kind=tracker.kind, chunk_peak_bytes=tuple(laps), memory_plan=memory_plan,
         objective=objective.to_dict(), step=decomposition)
+
+
+def _require_policy(policy, what: str) -> None:
+    if not isinstance(policy, Policy):
+        raise ValueError(f"{what} needs policy=funcprobe.Policy(...) (load_policy(base, adapter) or "
+                         f"load_checkpoint(path).policy); got {type(policy).__name__}.")
 
 
 def _batch_shape(batch: RolloutBatch) -> tuple[int, int, int, int]:

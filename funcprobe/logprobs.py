@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ChunkedTokenLogprob", "token_logprobs", "token_entropies", "naive_token_logprobs"]
+__all__ = ["ChunkedTokenLogprob", "chunk_logits", "token_logprobs", "token_entropies", "naive_token_logprobs"]
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float,
+def chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float,
                   logsoftmax_dtype: torch.dtype) -> Tensor:
     """z = (hidden @ weight.T + bias) / τ for one row chunk: [c, H] × [V, H] → [c, V] in ``logsoftmax_dtype``.
 
@@ -72,7 +72,7 @@ class ChunkedTokenLogprob(torch.autograd.Function):
             stop = start + token_chunk
             row_targets = targets[start:stop]
             # One [c, V] block alive at a time: the softmax is formed in place in the logits' storage.
-            logits = _chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
+            logits = chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
             picked = logits.gather(1, row_targets[:, None]).squeeze(1)
             maxima = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(maxima).exp_()
@@ -139,7 +139,7 @@ def _logprobs_without_directions(hidden: Tensor, weight: Tensor, bias: Tensor | 
     pieces = []
     for start in range(0, hidden.shape[0], token_chunk):
         stop = start + token_chunk
-        logits = _chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
+        logits = chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
         picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
         pieces.append((picked - torch.logsumexp(logits, dim=1)).to(torch.float64))
         del logits
@@ -158,7 +158,7 @@ def token_entropies(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, temp
     for start in range(0, hidden.shape[0], token_chunk):
         stop = start + token_chunk
         # In place: H = log Σ e^{z−m} − Σ e^{z−m}(z−m) / Σ e^{z−m}, with two [c, V] blocks alive.
-        shifted = _chunk_logits(hidden[start:stop], weight, bias, 1.0 / temperature, logsoftmax_dtype)
+        shifted = chunk_logits(hidden[start:stop], weight, bias, 1.0 / temperature, logsoftmax_dtype)
         shifted.sub_(shifted.amax(dim=1, keepdim=True))
         unnormalised = shifted.exp()
         totals = unnormalised.sum(dim=1)

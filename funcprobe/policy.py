@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch, SequenceChunk
 from .logprobs import token_entropies, token_logprobs
+from .progress import progress_bar
 
 __all__ = ["Policy", "load_policy", "load_base_model", "ChunkLogprobs", "LORA_NAME_MARKERS", "DEFAULT_MAX_TRAINABLE"]
 
@@ -142,6 +142,21 @@ class Policy:
         return self._param_names
 
     @property
+    def decoder(self) -> nn.Module:
+        """The decoder stack (the model without its LM head), called by ``functional_call`` with decoder-relative
+        parameter names (:meth:`decoder_params`)."""
+        return self._decoder
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The frozen LM head (its ``weight`` [V, H] and optional ``bias``)."""
+        return self._lm_head
+
+    def decoder_params(self, params: ParamsDict) -> dict[str, Tensor]:
+        """``params`` keyed relative to :attr:`decoder` (the prefix of the PEFT names stripped)."""
+        return {name[len(self._decoder_prefix):]: tensor for name, tensor in params.items()}
+
+    @property
     def device(self) -> torch.device:
         return self._lm_head.weight.device
 
@@ -187,7 +202,7 @@ class Policy:
         if batch.temperature != self.temperature:
             raise ValueError(f"the batch was drawn at temperature τ={batch.temperature:g} but this policy computes "
                              f"log-probabilities and entropies at τ={self.temperature:g}; every estimate must use the "
-                             f"τ the responses were drawn at (spec §0). Build the policy with temperature="
+                             f"τ the responses were drawn at. Build the policy with temperature="
                              f"{batch.temperature:g} (funcprobe probe --temperature {batch.temperature:g}), or draw "
                              f"the batch at τ={self.temperature:g}.")
         if self.module.training:
@@ -202,7 +217,7 @@ class Policy:
         """
         mask = attention_mask.to(torch.long)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        decoder_params = {name[len(self._decoder_prefix):]: tensor for name, tensor in params.items()}
+        decoder_params = self.decoder_params(params)
         out = torch.func.functional_call(
             self._decoder, decoder_params, args=(),
             kwargs=dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False))
@@ -243,7 +258,7 @@ class Policy:
 
             mine = shard_prompts(total, *shard)
             chunks, total = itertools.islice(chunks, mine.start, mine.stop), len(mine)
-        return _progress(chunks, total=total, desc=desc, enabled=progress)
+        return progress_bar(chunks, total=total, desc=desc, enabled=progress)
 
     # ------------------------------------------------------------------------------------------------ public API
     def sequence_logprobs(self, params: ParamsDict, batch: RolloutBatch, *, seq_chunk: int | None = None,
@@ -572,13 +587,3 @@ def _sum_rows(per_token: Tensor, chunk: SequenceChunk) -> Tensor:
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-
-
-def _progress(iterable, *, total: int, desc: str, enabled: bool | None):
-    """Wrap in a tqdm bar when enabled (None: only when stderr is a terminal)."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, desc=desc, leave=False)

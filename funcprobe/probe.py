@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .adam import AdamState
@@ -73,11 +74,12 @@ class Probe:
             raise ValueError(f"{what} needs the evaluation sample E: draw it with sample_batch(policy, params, "
                              "prompts, seed=<another seed>, ...) from prompts drawn independently of the update batch's "
                              "(spec §6).")
-        if self.batch is not None and batch is self.batch:
-            raise ValueError(f"{what} was given the update batch itself: the realised change must be measured on an "
-                             "evaluation batch drawn independently of the samples that built the step (on those, "
-                             "the importance weights carry the same-sample bias δH₁ removes; spec §6). Draw an "
-                             "evaluation batch, or call probe.in_sample_delta_h(...) for the labelled diagnostic.")
+        if self.batch is not None and _same_samples(batch, self.batch):
+            raise ValueError(f"{what} was given the update batch itself (the same responses): the realised change "
+                             "must be measured on an evaluation batch drawn independently of the samples that built "
+                             "the step — on those samples the estimate carries the same-sample bias that δH₁ removes. "
+                             "Draw an evaluation batch with another seed, or call probe.in_sample_delta_h(...) for "
+                             "the labelled diagnostic.")
 
     def delta_h1(self, params: Mapping[str, Tensor], batch: RolloutBatch | None = None, **options) -> DeltaH1Result:
         """δH₁ of one AdamW step on the update batch (spec §5); ``options`` override the bound ones."""
@@ -142,3 +144,11 @@ class Probe:
                                     objective=self.objective, lr=self.lr, **self._chunks())
         return lr_sweep(params, eval_sample, policy=self.policy, step=step, etas=etas, prediction=prediction,
                         method=method, **{**self._chunks(), **options})
+
+
+def _same_samples(a: RolloutBatch, b: RolloutBatch) -> bool:
+    """The same object, or the same token ids and masks (a saved and reloaded or re-drawn copy)."""
+    if a is b:
+        return True
+    return (a.input_ids.shape == b.input_ids.shape and bool(torch.equal(a.input_ids.cpu(), b.input_ids.cpu()))
+            and bool(torch.equal(a.response_mask.cpu(), b.response_mask.cpu())))

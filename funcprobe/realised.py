@@ -100,6 +100,7 @@ __all__ = [
     "ESTIMATORS",
     "INTEGRANDS",
     "CRN_MIN_CHANGED",
+    "CRN_MAX_TOP_SHARE",
     "WeightedEstimate",
     "importance_weighted_delta_h",
     "WeightDiagnostics",
@@ -150,8 +151,14 @@ INTEGRANDS = ("rao_blackwell", "sequence")
 #: demo policy: an SE of 2e-5 from 1 changed draw in 24, against a spread of 9e-3 with 50 in 1536).
 CRN_MIN_CHANGED = 10
 
-_ADVICE = ("Use the common-random-numbers estimator (realised='crn'), which needs no weights, resample the batch at "
-           "θ⁺, or lower η.")
+#: CRN's SE is not trusted when one draw carries more than this share of the sum of squared deviations of the draws'
+#: differences: a path switch at the stop token (a response that becomes much longer or shorter) contributes a
+#: difference of several nats beside hundreds of near-zero ones, and a mean over such heavy-tailed draws has an SE
+#: that the sample cannot estimate (seen on the demo policy: two prompts at 1.6 and 6.5 nats among thirty near 0).
+CRN_MAX_TOP_SHARE = 0.5
+
+_ADVICE = ("Use the common-random-numbers estimator (--realised crn, crn_delta_h), which needs no weights, resample "
+           "the batch at θ⁺, or lower η.")
 
 ParamsDict = Mapping[str, Tensor]
 
@@ -169,7 +176,7 @@ def default_estimator(normalize: str, estimator: str | None) -> str:
 def check_snis_options(normalize: str, estimator: str, per_token: bool, clip: float | None) -> float | None:
     """Validate the importance-sampling options (spec §6); returns ``clip`` as a float or None."""
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS} (spec §6); got {normalize!r}. Use 'prompt' "
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS} ; got {normalize!r}. Use 'prompt' "
                          "(per-prompt self-normalised, the default), 'global' or 'none' (ordinary IS).")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}. Use 'sequence' (−S) or "
@@ -566,7 +573,7 @@ class SNISResult:
                              "dominate); the value is shown for information only")
         if self.in_sample:
             notes["in_sample"] = ("estimated on the samples that built the step: biased by the same-sample term "
-                                  "(spec §6); a diagnostic, not the realised change")
+                                  "(docs/estimators.md); a diagnostic, not the realised change")
         data["notes"] = notes
         return data
 
@@ -611,8 +618,10 @@ class CRNResult:
         deltaH_per_prompt, H_before_per_prompt, H_after_per_prompt: per-prompt means [B].
         changed_fraction: the fraction of the B·G draws with y⁺ ≠ y; changed_count: their number;
             changed_per_prompt: per prompt [B].
-        reliable, reason: False when fewer than CRN_MIN_CHANGED draws changed (unless none moved at all): the
-            jump part of the estimate then rests on a handful of values and its SE is not to be trusted.
+        top_share: the largest share of Σ_i (d_i − d̄)² that one draw's difference d_i carries.
+        reliable, reason: False when fewer than CRN_MIN_CHANGED draws changed (unless none moved at all: the jump
+            part of the estimate would rest on a handful of values), or when one draw carries more than
+            CRN_MAX_TOP_SHARE of the variance (a heavy tail the SE cannot see).
         integrand: "rao_blackwell" (R = Σ_k H(π(·|y_<k)), default) or "sequence" (−S).
         B, G, forward_passes (entropy or log-prob passes), sampling_passes (1: the draw at θ⁺), timings.
     """
@@ -627,6 +636,7 @@ class CRNResult:
     changed_fraction: float
     changed_count: int
     changed_per_prompt: tuple[float, ...]
+    top_share: float
     reliable: bool
     reason: str
     integrand: str
@@ -896,12 +906,7 @@ def _crn(params: ParamsDict, update: ParamsDict, *, policy: Policy, sample: Any,
     per_prompt = difference.mean(dim=1)
     changed = _changed(batch, after_batch)
     count = int(changed.sum())
-    reliable = count >= CRN_MIN_CHANGED or bool((difference == 0).all())
-    reason = "" if reliable else (
-        f"only {count} of {batch.num_sequences} draws changed (y⁺ ≠ y; fewer than {CRN_MIN_CHANGED}): the part of ΔH "
-        "that comes from the step moving the path distribution rests on those few draws, and the SE over prompts "
-        "can understate the error many times. Use more evaluation draws (--eval-B, --eval-G), importance sampling "
-        "(realised='snis'), whose weights see every draw, or a larger η.")
+    reliable, reason, top_share = _crn_verdict(difference, changed_count=count, num_sequences=batch.num_sequences)
     clock.timings["estimate"] = time.perf_counter() - start
     timings = dict(clock.timings)
     timings["total"] = time.perf_counter() - started
@@ -909,9 +914,29 @@ def _crn(params: ParamsDict, update: ParamsDict, *, policy: Policy, sample: Any,
                      H_after=float(after.mean()), deltaH_per_prompt=_tuple(per_prompt),
                      H_before_per_prompt=_tuple(before.mean(dim=1)), H_after_per_prompt=_tuple(after.mean(dim=1)),
                      changed_fraction=float(changed.mean()), changed_count=count,
-                     changed_per_prompt=_tuple(changed.mean(dim=1)), reliable=reliable, reason=reason,
+                     changed_per_prompt=_tuple(changed.mean(dim=1)), top_share=top_share, reliable=reliable,
+                     reason=reason,
                      integrand=integrand, B=batch.B, G=batch.G, forward_passes=clock.forward_passes,
                      sampling_passes=1, timings=timings)
+
+
+def _crn_verdict(difference: Tensor, *, changed_count: int, num_sequences: int) -> tuple[bool, str, float]:
+    """(reliable, reason, top share) of CRN's per-draw differences [B, G]: see CRN_MIN_CHANGED, CRN_MAX_TOP_SHARE."""
+    deviations = (difference - difference.mean()).reshape(-1) ** 2
+    total = float(deviations.sum())
+    top_share = float(deviations.max()) / total if total > 0 else 0.0
+    reasons = []
+    if changed_count < CRN_MIN_CHANGED and not bool((difference == 0).all()):
+        reasons.append(f"only {changed_count} of {num_sequences} draws changed (y⁺ ≠ y; fewer than {CRN_MIN_CHANGED}): "
+                       "the part of ΔH that comes from the step moving the path distribution rests on those few "
+                       "draws, and the SE over prompts can understate the error many times")
+    if top_share > CRN_MAX_TOP_SHARE:
+        reasons.append(f"one draw carries {top_share:.0%} of the variance of the differences (a path switch, e.g. "
+                       "at the stop token): the SE cannot see such a heavy tail")
+    if not reasons:
+        return True, "", top_share
+    return False, ("; ".join(reasons) + ". Use more evaluation draws (eval_B/eval_G; --eval-B, --eval-G), importance "
+                   "sampling (--realised snis), whose weights see every draw, or a larger η."), top_share
 
 
 def _changed(batch: RolloutBatch, other: RolloutBatch) -> Tensor:

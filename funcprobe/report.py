@@ -87,7 +87,7 @@ def summary(prediction, realised=None, in_sample=None) -> dict[str, Any]:
         })
     if in_sample is not None:
         data.update({"in_sample_deltaH": in_sample.deltaH, "in_sample_se": in_sample.se,
-                     "in_sample_note": "SNIS on the update batch itself: biased by the same-sample term (spec §6); "
+                     "in_sample_note": "SNIS on the update batch itself: biased by the same-sample term; "
                                        "a diagnostic, not the realised change"})
     return data
 
@@ -122,7 +122,8 @@ def summary_table(prediction, realised=None, in_sample=None, *, title: str | Non
     if "realised_method" in s:
         lines += [f"realised on the evaluation batch (B={s['eval_B']} × G={s['eval_G']}, drawn independently of "
                   "the update batch):",
-                  _row("H(θ)", s["H_before"]), _row("H(θ⁺)", s["H_after"])]
+                  _row(f"H(θ) ({'CRN' if s['realised_method'] == 'crn' else 'SNIS'})", s["H_before"]),
+                  _row(f"H(θ⁺) ({'CRN' if s['realised_method'] == 'crn' else 'SNIS'})", s["H_after"])]
         rows = {"crn": lambda: _row("ΔH realised, common random numbers", s["crn_deltaH"], s["crn_se"]),
                 "snis": lambda: _row("ΔH realised, importance sampling", s["snis_deltaH"], s["snis_se"])}
         for method in _realised_map(realised):
@@ -256,15 +257,16 @@ def plot_lr_sweep(result, path: str | os.PathLike, *, z: float = 1.96) -> str:
                           "pip install matplotlib") from error
     rows = sorted((r for r in result.rows if r.eta > 0), key=lambda r: r.eta)
     fig, ax = plt.subplots(figsize=(6.6, 4.6))
-    predicted = [r for r in rows if r.predicted is not None]
-    if predicted:
-        x = [r.eta for r in predicted]
-        y = [r.predicted for r in predicted]
-        ax.plot(x, y, "-", color="C1", label="prediction (η/lr)·δH₁")
-        if all(r.predicted_se is not None and math.isfinite(r.predicted_se) for r in predicted):
-            ax.fill_between(x, [v - z * r.predicted_se for v, r in zip(y, predicted)],
-                            [v + z * r.predicted_se for v, r in zip(y, predicted)], color="C1", alpha=0.18,
-                            label=f"prediction ±{z:g} SE")
+    if rows and result.deltaH1 is not None:
+        # The prediction is linear in η: drawn on a dense grid, so that it is a line on the log axis too.
+        low, high = min(r.eta for r in rows), max(r.eta for r in rows)
+        grid = [low * (high / low) ** (i / 99) for i in range(100)] if high > low else [low]
+        y = [eta / result.lr * result.deltaH1 for eta in grid]
+        ax.plot(grid, y, "-", color="C1", label="prediction (η/lr)·δH₁")
+        if result.deltaH1_se is not None and math.isfinite(result.deltaH1_se):
+            half = [z * eta / result.lr * result.deltaH1_se for eta in grid]
+            ax.fill_between(grid, [v - h for v, h in zip(y, half)], [v + h for v, h in zip(y, half)], color="C1",
+                            alpha=0.18, label=f"prediction ±{z:g} SE")
     offset = 1.04 if result.crn and result.snis else 1.0  # side by side when both are drawn
     if result.crn:
         ax.errorbar([r.eta / offset for r in rows], [r.crn_deltaH for r in rows],

@@ -8,8 +8,8 @@ the common random numbers of spec §6.
 
 How it runs:
 
-* The decoder is evaluated with ``torch.func.functional_call(policy._decoder, params, ...)`` under
-  ``torch.no_grad()`` — the same call, LM head and logits (``_chunk_logits``) that ``Policy.sequence_logprobs`` uses
+* The decoder is evaluated with ``torch.func.functional_call(policy.decoder, params, ...)`` under
+  ``torch.no_grad()`` — the same call, LM head and logits (``chunk_logits``) that ``Policy.sequence_logprobs`` uses
   — so the module's tensors are never written. The log-probabilities recorded while sampling (``batch.logprobs``)
   are a *check* only: the estimators recompute S on their one teacher-forced path (spec §6).
 * Mask-safe layout: no forward ever sees a leading pad. Prompts decoded together are *right*-padded (every row starts
@@ -56,8 +56,9 @@ import torch
 from torch import Tensor
 
 from .batch import RolloutBatch
-from .logprobs import _chunk_logits
-from .policy import Policy, _progress
+from .logprobs import chunk_logits
+from .policy import Policy
+from .progress import progress_bar
 from .objective import SCALE_REWARDS, AdvantageInfo, compute_advantages
 from .rewards import REWARDS, RewardFn, check_rewards
 
@@ -66,7 +67,7 @@ __all__ = ["SampledBatch", "DrawSpec", "Responses", "sample_batch", "rescore", "
 
 _TRUNCATION_REASON = ("a truncated sampler (top-p / top-k) does not draw from π_θ, so the batch would not be a sample "
                       "of the policy whose entropy is being estimated, and it would silently bias every estimator "
-                      "(S, X, Y, δH₁ and the importance weights of ΔH all assume t ∼ π_θ; spec §0)")
+                      "(S, X, Y, δH₁ and the importance weights of ΔH all assume t ∼ π_θ)")
 
 
 # ------------------------------------------------------------------------------------------------------ the draw
@@ -273,6 +274,11 @@ def collect_stop_ids(tokenizer: Any = None, policy: Policy | None = None, extra:
         config = getattr(policy.module.get_base_model(), "generation_config", None)
         stops.update(_ids(getattr(config, "eos_token_id", None), "generation_config.eos_token_id"))
     stops.update(_ids(extra, "stop_token_ids"))
+    if policy is not None:
+        outside = sorted(i for i in stops if i >= policy.vocab_size)
+        if outside:
+            raise ValueError(f"stop token id(s) {outside} are outside the model's vocabulary [0, {policy.vocab_size}); "
+                             "pass ids of the model's tokenizer (--stop-token ID).")
     if not stops:
         raise ValueError("no stop token: the tokenizer has no eos_token_id and the model's generation_config names "
                          "none; pass stop_token_ids=... (funcprobe probe --stop-token ID) so that responses can end.")
@@ -285,9 +291,8 @@ class _Decoder:
 
     def __init__(self, policy: Policy, params: Mapping[str, Tensor]):
         self.policy = policy
-        prefix = policy._decoder_prefix
-        self.params = {name[len(prefix):]: tensor for name, tensor in params.items()}
-        signature = inspect.signature(policy._decoder.forward)
+        self.params = policy.decoder_params(params)
+        signature = inspect.signature(policy.decoder.forward)
         self.cache_kwarg = "cache" if "cache" in signature.parameters else "past_key_values"
         self.calls = 0
 
@@ -299,7 +304,7 @@ class _Decoder:
         except ImportError:
             return None
         try:
-            return DynamicCache(config=self.policy._decoder.config)
+            return DynamicCache(config=self.policy.decoder.config)
         except TypeError:
             return DynamicCache()
 
@@ -310,7 +315,7 @@ class _Decoder:
                       use_cache=use_cache)
         if cache is not None:
             kwargs[self.cache_kwarg] = cache
-        out = torch.func.functional_call(self.policy._decoder, self.params, args=(), kwargs=kwargs)
+        out = torch.func.functional_call(self.policy.decoder, self.params, args=(), kwargs=kwargs)
         self.calls += 1
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         new_cache = None
@@ -339,15 +344,15 @@ def _positions(mask: Tensor) -> Tensor:
 def _draw(policy: Policy, hidden: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor]:
     """Sample one token per row from softmax(z/τ) by inverting its CDF at ``uniforms``; (tokens, log π) on device.
 
-    z is formed exactly as ``Policy.sequence_logprobs`` forms it (``_chunk_logits``: the model-dtype matmul, upcast to
+    z is formed exactly as ``Policy.sequence_logprobs`` forms it (``chunk_logits``: the model-dtype matmul, upcast to
     the policy's log-softmax dtype, then / τ), in row chunks of ``policy.token_chunk``.
     """
-    head = policy._lm_head
+    head = policy.lm_head
     inv_temperature = 1.0 / policy.temperature
     tokens, logprobs = [], []
     for start in range(0, hidden.shape[0], policy.token_chunk):
         stop = start + policy.token_chunk
-        logits = _chunk_logits(hidden[start:stop], head.weight, head.bias, inv_temperature, policy.logsoftmax_dtype)
+        logits = chunk_logits(hidden[start:stop], head.weight, head.bias, inv_temperature, policy.logsoftmax_dtype)
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError(
                 "non-finite logits while sampling: the model produced NaN/inf hidden states at θ = params (a "
@@ -524,7 +529,7 @@ def draw_responses(policy: Policy, params: Mapping[str, Tensor], spec: DrawSpec,
     results: list[_ChunkResult] = []
     starts = range(0, spec.B, prompt_chunk)
     with torch.no_grad():
-        for start in _progress(starts, total=len(starts), desc="sampling", enabled=progress):
+        for start in progress_bar(starts, total=len(starts), desc="sampling", enabled=progress):
             stop = min(start + prompt_chunk, spec.B)
             generators = [prompt_generator(spec.seed, spec.first_prompt_index + n) for n in range(start, stop)]
             result, kv_cache = _sample_chunk(policy, decoder, spec.prompt_ids[start:stop], generators, spec.G,

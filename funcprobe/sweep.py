@@ -126,9 +126,9 @@ class LRSweepResult:
         if unreliable:
             lines.append(f"SNIS unreliable at η = {', '.join(_fmt(r.eta, '.4g') for r in unreliable)}: "
                          f"{unreliable[0].reason}")
-        few = [(r, c) for r, c in zip(self.rows, self.crn) if not c.reliable]
-        if few:
-            lines.append(f"CRN unreliable at η = {', '.join(_fmt(r.eta, '.4g') for r, _ in few)}: {few[0][1].reason}")
+        for row, result in zip(self.rows, self.crn):
+            if not result.reliable:
+                lines.append(f"CRN unreliable at η = {_fmt(row.eta, '.4g')}: {result.reason}")
         lines.append(f"{self.forward_passes} forward passes, {self.sampling_passes} sampling passes; "
                      + ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))
         return "\n".join(lines)

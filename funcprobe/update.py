@@ -101,6 +101,9 @@ def policy_gradient(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy
     with the global weights, and Ȳ is all-reduced (one LoRA-sized float64 vector); S is all-gathered.
     """
     objective = _objective(objective)
+    if not isinstance(policy, Policy):
+        raise ValueError(f"the step needs policy=funcprobe.Policy(...) (load_policy(base, adapter) or "
+                         f"load_checkpoint(path).policy); got {type(policy).__name__}.")
     distributed = world is not None and world.distributed
     mine = list(world.shard(batch.B)) if distributed else list(range(batch.B))
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)

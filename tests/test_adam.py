@@ -16,11 +16,11 @@ from funcprobe.adam import (
     AdamState,
     adamw_update,
     grad_clip_coef,
-    load_adam_state,
     scaled_update,
     update_decomposition,
-    PARAM_NAMES_FILE,
 )
+# Reading optimizer.pt files is the loader's job (funcprobe.checkpoints); its tests share this file's fixtures.
+from funcprobe.checkpoints import PARAM_NAMES_FILE, load_adam_state
 
 PREFIX = "base_model.model.model.layers.{}.self_attn.{}_proj.lora_{}.default.weight"
 

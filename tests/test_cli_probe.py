@@ -187,7 +187,7 @@ def test_more_prompts_than_the_pool(checkpoint_dir, tmp_path, capsys):
 
 
 def test_top_p_is_refused(checkpoint_dir, capsys):
-    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--top-p", "0.9"], "--top-p 0.9", "π_θ", "spec §0")
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--top-p", "0.9"], "--top-p 0.9", "π_θ", "bias every estimator")
 
 
 @pytest.mark.parametrize("sweep, message", [("1e-3,abc", "'abc' is not a number"), ("1e-3,-1e-3", "> 0"),

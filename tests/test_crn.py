@@ -112,7 +112,7 @@ def test_crn_is_the_mean_difference_of_entropies_along_the_two_paths(policy64):
 
 def test_redraws_change_more_as_the_step_grows_and_few_changes_are_flagged(policy64):
     """With fewer than CRN_MIN_CHANGED changed draws the jump part of ΔH rests on a handful of values: flagged."""
-    from funcprobe.realised import CRN_MIN_CHANGED
+    from funcprobe.realised import CRN_MAX_TOP_SHARE, CRN_MIN_CHANGED
 
     params = policy64.params
     sampled = _sample(policy64, G=8)
@@ -122,9 +122,21 @@ def test_redraws_change_more_as_the_step_grows_and_few_changes_are_flagged(polic
     assert fractions[0] <= fractions[1] <= fractions[2] and fractions[0] < 0.2 and fractions[2] > 0.5
     for result in results:
         assert result.changed_count == round(result.changed_fraction * 32)
-        assert result.reliable == (result.changed_count >= CRN_MIN_CHANGED)
+        assert 0 <= result.top_share <= 1
+        assert result.reliable == (result.changed_count >= CRN_MIN_CHANGED and result.top_share <= CRN_MAX_TOP_SHARE)
     assert not results[0].reliable and "draws changed" in results[0].reason and "reliable: NO" in str(results[0])
-    assert results[2].reliable and results[2].reason == ""
+
+
+def test_a_heavy_tailed_difference_is_flagged():
+    """One draw carrying most of the variance of the differences (a path switch) flags the SE as unreliable."""
+    from funcprobe.realised import CRN_MAX_TOP_SHARE, _crn_verdict
+
+    calm = torch.full((4, 8), 0.01, dtype=torch.float64) + 1e-3 * torch.arange(32, dtype=torch.float64).reshape(4, 8)
+    assert _crn_verdict(calm, changed_count=20, num_sequences=32)[0]
+    spiked = calm.clone()
+    spiked[2, 5] = 6.5
+    reliable, reason, share = _crn_verdict(spiked, changed_count=20, num_sequences=32)
+    assert not reliable and share > CRN_MAX_TOP_SHARE and "heavy tail" in reason
 
 
 def test_refusals(policy64):

@@ -55,8 +55,61 @@ def naive_per_sequence_grads(peft_model, params, batch):
     return logprobs.detach(), grads
 
 
-def naive_delta_h1(peft_model, params, batch, state, units):
-    """Spec §2–§5 written the slow, obvious way: explicit X_n, Y_n, explicit AdamW algebra, explicit pair loops."""
+def naive_token_weights(batch, loss_type, epsilon_high=0.2):
+    """w_{n,g} per sequence for each loss type, written out from TRL's aggregation (spec §3), as a [B][G] list."""
+    B, G = batch.B, batch.G
+    T = batch.response_mask.sum(-1).double()
+    N, total = B * G, float(T.sum())
+    table = {"dr_grpo": lambda n, g: 1 / (N * float(batch.length_norm[n])),
+             "grpo": lambda n, g: 1 / (N * float(T[n, g])), "sapo": lambda n, g: 1 / (N * float(T[n, g])),
+             "bnpo": lambda n, g: 1 / total, "dapo": lambda n, g: 1 / total, "vespo": lambda n, g: 1 / total,
+             "cispo": lambda n, g: min(1.0, epsilon_high) / total, "luspo": lambda n, g: 1 / N}
+    return [[table[loss_type](n, g) for g in range(G)] for n in range(B)]
+
+
+def naive_token_logprobs(model, batch):
+    """ℓ per position [B·G, L − 1] (the log-probability of token k + 1) by a full forward, and the response mask."""
+    B, G, L = batch.input_ids.shape
+    input_ids = batch.input_ids.reshape(B * G, L)
+    attention_mask = batch.attention_mask.reshape(B * G, L).long()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).logits
+    logp = torch.log_softmax(logits.double(), dim=-1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return logp, batch.response_mask.reshape(B * G, L)[:, 1:].double()
+
+
+def naive_Y(peft_model, params, batch, objective):
+    """Y_n = B Σ_{g,k} c_{n,g,k} ∇ℓ_{n,g,k} (spec §3) by autograd, with c = w·(A − βκ) built by hand; the KL
+    reference from the module with its adapter disabled (PEFT's own switch, not funcprobe's zeroed lora_B)."""
+    model = copy.deepcopy(peft_model)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in params.items():
+            named[name].copy_(tensor)
+    leaves = [named[name].requires_grad_(True) for name in params]
+    B, G = batch.B, batch.G
+    logp, mask = naive_token_logprobs(model, batch)
+    w = torch.tensor(naive_token_weights(batch, objective.loss_type, objective.epsilon_high),
+                     dtype=torch.float64).reshape(B * G, 1)
+    A = batch.advantages.reshape(B * G, 1)
+    c = w * A * mask
+    if objective.beta > 0:
+        with torch.no_grad(), model.disable_adapter():
+            ref, _ = naive_token_logprobs(model, batch)
+        ell = logp.detach()
+        kappa = (ell - ref) if objective.use_bias_correction_kl else (1 - torch.exp(ref - ell))
+        c = c - w * mask * objective.beta * kappa
+    Y = []
+    for n in range(B):
+        rows = slice(n * G, (n + 1) * G)
+        parts = torch.autograd.grad((c[rows] * logp[rows]).sum(), leaves, retain_graph=True)
+        Y.append(B * torch.cat([p.reshape(-1) for p in parts]).to(torch.float64))
+    return Y
+
+
+def naive_delta_h1(peft_model, params, batch, state, units, objective=None):
+    """Spec §2–§5 written the slow, obvious way: explicit X_n, Y_n, explicit AdamW algebra, explicit pair loops.
+    Without ``objective``: Dr. GRPO, Y_n = (1/G) Σ_g (A/L) ∇S (spec v1); with one, Y_n from :func:`naive_Y`."""
     B, G = batch.B, batch.G
     logprobs, grads = naive_per_sequence_grads(peft_model, params, batch)
     X, Y = [], []
@@ -65,6 +118,8 @@ def naive_delta_h1(peft_model, params, batch, state, units):
         y = sum(batch.advantages[n, g] / batch.length_norm[n] * grads[n, g] for g in range(G)) / G
         X.append(x)
         Y.append(y)
+    if objective is not None:
+        Y = naive_Y(peft_model, params, batch, objective)
     blocks = [[n] for n in range(B)] if units == "prompt" else [list(range(u * B // units, (u + 1) * B // units))
                                                                   for u in range(units)]
     Xu = [sum(X[n] for n in block) / len(block) for block in blocks]
@@ -80,9 +135,13 @@ def naive_delta_h1(peft_model, params, batch, state, units):
     t = state.step[names[0]] + 1
     bc1, bc2 = 1 - hyper.beta1 ** t, 1 - hyper.beta2 ** t
     g = -ybar
+    max_norm = None if objective is None else objective.max_grad_norm
+    if max_norm is not None:  # clip_grad_norm_: c = min(max_norm / (‖g‖ + 1e-6), 1), folded into η_g
+        g = g * min(max_norm / (float(g.norm()) + 1e-6), 1.0)
+    clip = 1.0 if max_norm is None else min(max_norm / (float(ybar.norm()) + 1e-6), 1.0)
     v_new = hyper.beta2 * v + (1 - hyper.beta2) * g * g
     P = 1 / (v_new.sqrt() / math.sqrt(bc2) + hyper.eps)
-    eta_g = hyper.lr * (1 - hyper.beta1) / bc1
+    eta_g = clip * hyper.lr * (1 - hyper.beta1) / bc1
     delta_state = -(hyper.lr / bc1) * hyper.beta1 * m * P - hyper.lr * hyper.weight_decay * theta
 
     def u_cross(indices):
@@ -147,6 +206,42 @@ def test_delta_h1_equals_naive_reference(peft_model, policy, batch, units, seq_c
     assert abs(reference["U_cross"]) > 1e-8 and abs(reference["state_term"]) > 1e-12  # can fail
     assert_matches_naive(result, reference)
     assert result.n_units == (batch.B if units == "prompt" else units)
+
+
+OBJECTIVES = [Objective(loss_type=t) for t in ("grpo", "bnpo", "dapo", "luspo", "cispo", "sapo", "vespo")] + [
+    Objective(loss_type="dr_grpo", beta=0.3),
+    Objective(loss_type="grpo", beta=0.3, use_bias_correction_kl=False),
+    Objective(loss_type="dapo", beta=0.04, max_grad_norm=1e-3, scale_rewards="group"),
+]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.loss_type}-beta{o.beta:g}-"
+                         f"{'k2' if o.use_bias_correction_kl else 'k3'}-clip{o.max_grad_norm}")
+@pytest.mark.parametrize("seq_chunk", [1, 6])
+def test_delta_h1_per_loss_type_equals_naive_reference(peft_model, policy, batch, objective, seq_chunk):
+    """Per-token cotangents (spec §3) for every loss type, the KL term in both forms and clipping, against autograd
+    per token with the loss's weights written out by hand, and the reference from PEFT's disable_adapter."""
+    state = warm_state(policy.params)
+    result = delta_h1(policy.params, batch, policy=policy, adam=state, objective=objective, seq_chunk=seq_chunk,
+                      token_chunk=3)
+    reference = naive_delta_h1(peft_model, policy.params, batch, state, "prompt", objective)
+    assert abs(reference["U_cross"]) > 1e-8  # can fail
+    assert_matches_naive(result, reference)
+    assert result.objective == objective.to_dict()
+    # The step from δH₁'s own Ȳ is rl_update's.
+    step, _ = rl_update(policy.params, batch, policy=policy, adam=state, objective=objective)
+    for name, delta in result.step.delta_theta().items():
+        assert torch.allclose(policy.params[name] + delta, step[name], rtol=0, atol=1e-15)
+
+
+def test_kl_reference_is_the_adapter_disabled(peft_model, policy, batch):
+    """Zeroing every lora_B gives exactly the base model's log-probabilities (PEFT's disable_adapter)."""
+    ours = policy.token_logprobs(policy.reference_params(policy.params), batch)
+    with torch.no_grad(), peft_model.disable_adapter():
+        theirs, mask = naive_token_logprobs(peft_model, batch)
+    B, G, L = batch.input_ids.shape
+    assert torch.allclose(ours.reshape(B * G, L)[:, 1:] * mask, theirs * mask, rtol=0, atol=1e-12)
+    assert not torch.allclose(policy.token_logprobs(policy.params, batch), ours)  # the adapter matters
 
 
 def test_plugin_is_the_directional_derivative_of_the_entropy_surrogate(batch):
@@ -284,3 +379,31 @@ def test_two_prompts_give_nan_jackknife_with_a_warning(policy, batch):
                           adam=warm_state(policy.params))
     assert math.isnan(result.se_jack) and math.isnan(result.se_deltaH1)
     assert math.isfinite(result.deltaH1) and math.isfinite(result.se_plugin)
+
+
+@HYPOTHESIS
+@given(seq_chunk=st.integers(1, 8), token_chunk=st.integers(1, 12), padding_side=st.sampled_from(["left", "right"]),
+       extra_padding=st.integers(0, 3))
+def test_per_token_delta_h1_invariant_to_chunks_and_padding(policy, seq_chunk, token_chunk, padding_side,
+                                                            extra_padding):
+    """With a per-token cotangent (dapo weights and the KL term), δH₁ does not depend on chunking or padding."""
+    objective = Objective(loss_type="dapo", beta=0.3)
+    state = warm_state(policy.params)
+    reference_batch = random_batch(5, 3, vocab_size=VOCAB, prompt_len=(2, 4), response_len=(1, 5), seed=8)
+    reference = _invariance_reference(policy, state, objective, reference_batch)
+    batch = random_batch(5, 3, vocab_size=VOCAB, prompt_len=(2, 4), response_len=(1, 5), seed=8,
+                         padding_side=padding_side, extra_padding=extra_padding)
+    result = delta_h1(policy.params, batch, policy=policy, adam=state, objective=objective, seq_chunk=seq_chunk,
+                      token_chunk=token_chunk)
+    for key in ("deltaH1", "U_cross", "state_term", "se_deltaH1"):
+        assert math.isclose(getattr(result, key), reference[key], rel_tol=1e-9, abs_tol=1e-14), key
+
+
+_REFERENCE: dict = {}
+
+
+def _invariance_reference(policy, state, objective, batch) -> dict:
+    if not _REFERENCE:
+        result = delta_h1(policy.params, batch, policy=policy, adam=state, objective=objective)
+        _REFERENCE.update({key: getattr(result, key) for key in ("deltaH1", "U_cross", "state_term", "se_deltaH1")})
+    return _REFERENCE

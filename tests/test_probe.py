@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from funcprobe import AdamState, Policy, Probe, crn_delta_h, delta_h1, rl_update, sample_batch, snis_delta_h
+from funcprobe import (AdamState, Policy, Probe, RolloutBatch, crn_delta_h, delta_h1, rl_update, sample_batch,
+                       snis_delta_h)
 from funcprobe.testing import char_tokenizer, random_batch, tiny_peft_model
 
 TOKENIZER = char_tokenizer()
@@ -57,6 +58,9 @@ def test_probe_refuses_the_update_batch_as_evaluation_batch(setup):
     probe = Probe(policy, adam, batch=batch)
     with pytest.raises(ValueError, match="given the update batch itself.*in_sample_delta_h"):
         probe.snis_delta_h(policy.params, policy.params, batch)
+    copy = RolloutBatch.from_dict(batch.to_dict())  # a saved and reloaded copy is the same samples
+    with pytest.raises(ValueError, match="given the update batch itself"):
+        probe.realised(policy.params, policy.params, copy)
     with pytest.raises(ValueError, match="needs the evaluation sample"):
         probe.realised(policy.params, policy.params, None)
     with pytest.raises(ValueError, match="method must be one of"):
