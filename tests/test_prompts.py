@@ -8,6 +8,7 @@ import types
 import pytest
 
 from funcprobe.prompts import PromptPool, load_prompt_pool, prompt_text, render_prompts, trl_prompts
+from funcprobe.rewards import load_prompts_jsonl
 from funcprobe.testing import char_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -72,6 +73,12 @@ def test_bad_lines_name_file_line_and_fix(tmp_path, bad_line, message):
 def test_empty_pool(tmp_path):
     with pytest.raises(ValueError, match="no prompts"):
         load_prompt_pool(write(tmp_path, ["", " "]))
+
+
+def test_load_prompts_jsonl_refuses_messages(tmp_path):
+    path = write(tmp_path, [json.dumps({"prompt": [{"role": "user", "content": "x"}]})])
+    with pytest.raises(ValueError, match="line 1.*must be a string here.*load_prompt_pool"):
+        load_prompts_jsonl(path)
 
 
 def test_render_plain_and_chat():
