@@ -217,8 +217,9 @@ class RewardFunctionError(ValueError):
 
 def _user_traceback(error: BaseException) -> tuple[str, bool]:
     """(the error's traceback without this module's and asyncio's frames, whether any frame is left)."""
+    here = os.path.abspath(__file__)
     frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if os.path.abspath(f.filename) != os.path.abspath(__file__) and f"{os.sep}asyncio{os.sep}" not in f.filename]
+              if os.path.abspath(f.filename) != here and f"{os.sep}asyncio{os.sep}" not in f.filename]
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames),
              *traceback.format_exception_only(type(error), error)]
     return "".join(lines).rstrip(), bool(frames)
