@@ -19,11 +19,15 @@ Built-ins (``REWARDS`` maps their short names):
 Numbers are compared as exact decimals after parsing (``parse_number``): signs, thousands separators and trailing
 zeros are handled ("-3", "1,234" == "1234", "2.50" == "2.5", "$1,000" == "1000"); fractions and scientific
 notation are not numbers here.
+
+Reward functions written for TRL (``f(prompts, completions, completion_ids, **kwargs) -> [B·G]``) are loaded with
+:func:`load_reward_function` ("module:function", "file.py:function", or a built-in name) and called as TRL calls them
+by :class:`TRLRewards` (``funcprobe.trl_rewards``, re-exported here), which has funcprobe's signature and returns
+[B, G, F]. Prompt pools with columns and chat messages: ``funcprobe.prompts``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -33,8 +37,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .prompts import load_prompt_pool
+from .trl_rewards import (BUILTIN_TRL_REWARDS, RewardFunctionError, TRLRewards, load_reward_function,
+                          reward_function_name, trainer_state_from_checkpoint)
+
 __all__ = ["RewardFn", "answer_match", "tag_format", "make_tag_format", "parse_number", "last_number",
-           "check_rewards", "load_prompts_jsonl", "REWARDS"]
+           "check_rewards", "load_prompts_jsonl", "REWARDS", "TRLRewards", "RewardFunctionError",
+           "load_reward_function", "reward_function_name", "BUILTIN_TRL_REWARDS", "trainer_state_from_checkpoint"]
 
 
 @runtime_checkable
@@ -205,39 +214,19 @@ def check_rewards(values: Any, B: int, G: int, reward_fn: Any = None) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------- loading
 def load_prompts_jsonl(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
-    """Read ``{"prompt": str, "answer": str | number (optional)}`` lines: (prompts, answers).
+    """Read plain-text ``{"prompt": str, "answer": str | number (optional)}`` lines: (prompts, answers).
 
-    Blank lines are skipped; numeric answers are returned as strings (``str(72)`` = "72"), a missing answer as None.
-    A bad line raises ValueError naming the file and its 1-based line number.
+    A thin wrapper of :func:`funcprobe.prompts.load_prompt_pool` (which also reads conversational prompts and every
+    column). Blank lines are skipped; numeric answers are returned as strings (``str(72)`` = "72"), a missing answer
+    as None. A bad line raises ValueError naming the file and its 1-based line number.
     """
-    path = os.fspath(path)
-    prompts: list[str] = []
-    answers: list[str | None] = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno}). Each line must be "
-                                 'one object like {"prompt": "...", "answer": "..."}.') from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}. Each line must "
-                                 'be one object like {"prompt": "...", "answer": "..."}.')
-            if "prompt" not in record:
-                raise ValueError(f"{where}: missing \"prompt\" (keys found: {sorted(record)}).")
-            prompt = record["prompt"]
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: \"prompt\" must be a string, found {type(prompt).__name__}.")
-            if not prompt:
-                raise ValueError(f"{where}: \"prompt\" is empty.")
-            answer = record.get("answer")
-            if isinstance(answer, bool) or not (answer is None or isinstance(answer, (str, int, float))):
-                raise ValueError(f"{where}: \"answer\" must be a string or a number, found {type(answer).__name__}.")
-            prompts.append(prompt)
-            answers.append(answer if answer is None or isinstance(answer, str) else str(answer))
-    if not prompts:
-        raise ValueError(f"{path}: holds no prompts (empty file or blank lines only).")
-    return prompts, answers
+    pool = load_prompt_pool(path)
+    if pool.conversational:
+        raise ValueError(f'{pool.where(0)}: "prompt" must be a string here, found a list of messages. Conversational '
+                         "prompts need the chat template: read them with funcprobe.prompts.load_prompt_pool and "
+                         "render them with render_prompts.")
+    for index, answer in enumerate(pool.columns.get("answer", [])):
+        if isinstance(answer, bool) or not (answer is None or isinstance(answer, (str, int, float))):
+            raise ValueError(f'{pool.where(index)}: "answer" must be a string or a number, found '
+                             f"{type(answer).__name__}.")
+    return list(pool.prompts), pool.answers()
