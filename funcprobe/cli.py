@@ -59,15 +59,31 @@ def _add_probe_parser(commands) -> None:
                        "(the latest is taken), a folder with model/ + optimizer.pt, or a bare adapter (with "
                        "--optimizer)")
     data = probe.add_argument_group("batch")
-    data.add_argument("--prompts", help="JSONL of {\"prompt\": ..., \"answer\": ...} lines (default: the "
-                      "checkpoint's prompts.jsonl, in its folder or the folder above)")
-    data.add_argument("-B", "--prompts-per-batch", dest="B", type=int, default=16,
-                      help="prompts in the batch (default %(default)s)")
-    data.add_argument("-G", "--group-size", dest="G", type=int, default=8,
-                      help="responses per prompt (default %(default)s)")
-    data.add_argument("--max-new-tokens", type=int, default=100, help="generation budget (default %(default)s)")
-    data.add_argument("--reward", default="answer", help="built-in reward: 'answer' (last number equals the "
-                      "answer) or 'tag' (<answer>…</answer> format) (default %(default)s)")
+    data.add_argument("--prompts", help="JSONL, one prompt per line: {\"prompt\": \"text\", ...} or TRL's "
+                      "conversational {\"prompt\": [{\"role\": ..., \"content\": ...}], ...}; other keys are dataset "
+                      "columns passed to the reward (default: the checkpoint's prompts.jsonl, in its folder or the "
+                      "folder above)")
+    data.add_argument("--chat-template", default="auto", choices=("auto", "on", "off"),
+                      help="render prompts with the tokenizer's chat template and add_generation_prompt, as TRL does: "
+                      "auto (conversational prompts only), on (plain text too, as one user message), off (default "
+                      "%(default)s)")
+    data.add_argument("--rollouts", default=None, metavar="FILE.jsonl",
+                      help="build the update batch from the trainer's logged rollouts (one prompt per line with its "
+                      "completions and rewards) instead of sampling it; the evaluation batch is still sampled")
+    data.add_argument("-B", "--prompts-per-batch", dest="B", type=int, default=None,
+                      help="prompts in the update batch (default: the trainer config's prompts per step, else 16)")
+    data.add_argument("-G", "--group-size", dest="G", type=int, default=None,
+                      help="responses per prompt (default: the trainer config's num_generations, else 8)")
+    data.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: the trainer "
+                      "config's max_completion_length, else 100)")
+    data.add_argument("--reward", action="append", default=None, metavar="SPEC",
+                      help="a reward function, repeatable: a built-in ('answer': the last number equals the answer "
+                      "column; 'tag': the <answer>…</answer> format reward), 'module:function' or "
+                      "'path/to/file.py:function' with TRL's signature f(prompts, completions, **kwargs) -> list of "
+                      "floats (default answer)")
+    data.add_argument("--reward-weights", default=None, metavar="W,W,...",
+                      help="weights of the --reward functions, summed as TRL sums them (default: the trainer "
+                      "config's reward_weights, else 1 each)")
     data.add_argument("--seed", type=int, default=0, help="seeds the prompt choice and the sampling "
                       "(default %(default)s)")
     data.add_argument("--replace", action="store_true", help="draw the B prompts with replacement (needed when B "
@@ -96,7 +112,13 @@ def _add_probe_parser(commands) -> None:
     evaluation.add_argument("--in-sample", action="store_true",
                             help="also report importance sampling on the update batch itself: a biased diagnostic "
                             "(it carries the same-sample term δH₁ removes), labelled as such")
-    step = probe.add_argument_group("step")
+    step = probe.add_argument_group("step (the trainer's own settings: --trainer-config; flags win over it)")
+    step.add_argument("--trainer-config", default=None, metavar="FILE",
+                      help="a JSON or YAML file of the run's TRL GRPOConfig fields (loss_type, beta, scale_rewards, "
+                      "num_generations, max_completion_length, temperature, max_grad_norm, …); missing fields take "
+                      "TRL's defaults")
+    step.add_argument("--trust-training-args", action="store_true",
+                      help="read the checkpoint's training_args.bin (a pickle: loading it runs code from the file)")
     step.add_argument("--lr", type=float, default=None, help="learning rate of the step (default: the optimizer "
                       "state's)")
     step.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient's global norm as the "
@@ -194,11 +216,52 @@ def select_prompts(pool_size: int, B: int, *, seed: int, replace: bool = False) 
     return order[:B]
 
 
-def _objective_from_args(args: argparse.Namespace):
-    """The step's Objective from the flags (funcprobe's defaults where a flag is absent): Dr. GRPO, no KL, no
-    clipping, rewards not scaled."""
+def _trainer_config(args: argparse.Namespace):
+    """The run's settings (``TrainerSettings``) from --trainer-config, or the checkpoint's training_args.bin with
+    --trust-training-args; None when neither is given."""
+    from .trainer_config import read_trainer_config, read_training_args, trainer_settings
+
+    if args.trainer_config is not None:
+        return trainer_settings(read_trainer_config(args.trainer_config), source=args.trainer_config)
+    if not args.trust_training_args:
+        return None
+    folder = Path(args.checkpoint)
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True) + [folder]
+    for candidate in candidates:
+        config = read_training_args(candidate, trust=True)
+        if config is not None:
+            return trainer_settings(config, source=str(candidate / "training_args.bin"))
+    raise ValueError(f"--trust-training-args: there is no training_args.bin in {folder} or its checkpoint-N folders; "
+                     "pass --trainer-config FILE instead.")
+
+
+def _resolve_settings(args: argparse.Namespace) -> None:
+    """Settle B, G, the budget, τ and the objective: a flag, else the run's config (--trainer-config), else
+    funcprobe's defaults; ``args.sources`` records where each came from."""
+    settings = _trainer_config(args)
+    args.trainer_settings = settings
+    sources = {} if settings is None else dict(settings.sources)
+    for name, default in (("B", 16), ("G", 8), ("max_new_tokens", 100), ("temperature", None)):
+        if getattr(args, name) is not None:
+            sources[name] = "flag"
+            continue
+        from_config = None if settings is None else getattr(settings, name)
+        if from_config is not None:
+            setattr(args, name, from_config)
+        else:
+            setattr(args, name, default)
+            sources[name] = "funcprobe default"
+    args.objective = _objective_from_args(args, None if settings is None else settings.objective, sources)
+    args.sources = sources
+
+
+def _objective_from_args(args: argparse.Namespace, base=None, sources: dict | None = None):
+    """The step's Objective: ``base`` (the run's config) or funcprobe's defaults (Dr. GRPO, no KL, no clipping,
+    rewards not scaled), with every flag given applied over it."""
     from .objective import Objective
 
+    sources = {} if sources is None else sources
     settings = {}
     if args.loss_type is not None:
         settings["loss_type"] = args.loss_type
@@ -214,8 +277,16 @@ def _objective_from_args(args: argparse.Namespace):
         settings["scale_rewards"] = args.scale_rewards
     if args.epsilon_high is not None:
         settings["epsilon_high"] = args.epsilon_high
+    if args.reward_weights is not None:
+        try:
+            settings["reward_weights"] = tuple(float(w) for w in args.reward_weights.split(","))
+        except ValueError:
+            raise ValueError(f"--reward-weights must be numbers separated by commas, e.g. 1,0.5; got "
+                             f"{args.reward_weights!r}.") from None
+    for name in settings:
+        sources[name] = "flag"
     try:
-        return Objective(**settings)
+        return (Objective() if base is None else base).replace(**settings)
     except ValueError as error:
         raise ValueError(f"the step's objective: {error}") from None
 
@@ -245,6 +316,7 @@ def _check_probe_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p {args.top_p} is refused: {_TRUNCATION_REASON}. Leave --top-p at 1.")
     if not args.top_p == 1.0:
         raise ValueError(f"--top-p must be 1 (no truncation); got {args.top_p}.")
+    _resolve_settings(args)
     if args.B < 2:
         raise ValueError(f"-B must be ≥ 2 (δH₁ is a cross-prompt U-statistic); got {args.B}.")
     if args.G < 2:
@@ -271,7 +343,6 @@ def _check_probe_args(args: argparse.Namespace) -> None:
     for flag, value in (("--lr", args.lr), ("--temperature", args.temperature)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be finite and > 0; got {value}.")
-    args.objective = _objective_from_args(args)
     args.etas = parse_etas(args.eta_sweep) if args.eta_sweep is not None else None
     from .memory import parse_memory_size
 
@@ -284,14 +355,12 @@ def _check_probe_args(args: argparse.Namespace) -> None:
     if args.plot is not None and args.etas is None:
         raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "
                          "1e-6,3e-6,1e-5.")
-    from .rewards import REWARDS
-
-    if args.reward not in REWARDS:
-        raise ValueError(f"--reward must be one of {sorted(REWARDS)}; got {args.reward!r}.")
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist.")
     if args.prompts is not None and not Path(args.prompts).is_file():
         raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
+    if args.rollouts is not None and not Path(args.rollouts).is_file():
+        raise FileNotFoundError(f"rollouts file {args.rollouts!r} does not exist.")
     import torch
 
     try:
@@ -307,17 +376,32 @@ def _check_probe_args(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------------ the probe
 def _choose_prompts(path, args: argparse.Namespace) -> dict:
-    """Read the prompts file; pick the update batch's B prompts (``select_prompts``, seeded by --seed) and the
-    evaluation batch's prompts (``draw_eval_prompts``, seeded by --eval-seed), with their answers."""
-    from .rewards import load_prompts_jsonl
+    """Read the prompt pool (plain or conversational JSONL with columns); pick the update batch's B prompts
+    (``select_prompts``, seeded by --seed; none with --rollouts) and the evaluation batch's prompts
+    (``draw_eval_prompts``, seeded by --eval-seed)."""
+    from .prompts import load_prompt_pool
 
-    pool, answers = load_prompts_jsonl(path)
-    try:
-        indices = select_prompts(len(pool), args.B, seed=args.seed, replace=args.replace)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    pool = load_prompt_pool(path)
+    indices = []
+    if args.rollouts is None:
+        try:
+            indices = select_prompts(len(pool), args.B, seed=args.seed, replace=args.replace)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     eval_indices = draw_eval_prompts(len(pool), args.eval_B, seed=args.eval_seed)
-    return {"path": path, "pool": pool, "answers": answers, "indices": indices, "eval_indices": eval_indices}
+    return {"path": path, "pool": pool, "indices": indices, "eval_indices": eval_indices}
+
+
+def _reward_functions(args: argparse.Namespace) -> list:
+    """The --reward functions (TRL's signature), loaded before the model so that a bad spec fails fast."""
+    from .trl_rewards import load_reward_function
+
+    functions = [load_reward_function(spec) for spec in (args.reward or ["answer"])]
+    weights = args.objective.reward_weights
+    if weights is not None and len(weights) != len(functions):
+        raise ValueError(f"{len(weights)} reward weights (--reward-weights or the trainer config's reward_weights) for "
+                         f"{len(functions)} reward functions (--reward); pass one weight per function.")
+    return functions
 
 
 def _check_learning_rate(adam, args: argparse.Namespace, where) -> None:
@@ -332,27 +416,71 @@ def _check_learning_rate(adam, args: argparse.Namespace, where) -> None:
                          "one learning rate. Pass --lr to use one for every group, or drop --eta-sweep.")
 
 
-def _sample(world, policy, params, prompts, answers, indices, *, seed, G, args, tokenizer, prompt_chunk, progress):
-    """Sample prompts[indices] (this rank's contiguous shard, gathered on every rank)."""
+def _sample(world, policy, params, pool, indices, *, seed, G, args, tokenizer, rewards, trainer_state, prompt_chunk,
+            progress, rescue):
+    """Sample the pool's prompts ``indices`` (this rank's contiguous shard, gathered on every rank), rendered as the
+    trainer renders them (--chat-template) and scored by the --reward functions with TRL's call."""
     from .objective import ZeroVarianceWarning
+    from .prompts import render_prompts
     from .sampling import gather_sampled, rescore, sample_batch
+    from .trl_rewards import RewardFunctionError, TRLRewards
 
+    kwargs = args.trainer_settings.chat_template_kwargs if args.trainer_settings is not None else None
     shard = world.shard(len(indices))
     mine = None
     if len(shard):
         rows = indices[shard.start:shard.stop]
-        mine = sample_batch(policy, params, [prompts[i] for i in rows], G=G, reward_fn=args.reward,
-                            scale_rewards=args.objective.scale_rewards, reward_weights=args.objective.reward_weights,
-                            max_new_tokens=args.max_new_tokens, seed=seed, tokenizer=tokenizer, top_p=args.top_p,
-                            meta={"answers": [answers[i] for i in rows]}, stop_token_ids=args.stop_token,
-                            first_prompt_index=shard.start, prompt_index=rows, prompt_chunk=prompt_chunk,
-                            progress=progress)
+        chosen = pool.select(rows)
+        ids = render_prompts(chosen, tokenizer, chat_template=args.chat_template, chat_template_kwargs=kwargs)
+        reward_fn = TRLRewards.for_pool(rewards, pool, rows, weights=args.objective.reward_weights,
+                                        chat_template=args.chat_template, tokenizer=tokenizer, prompt_ids=ids,
+                                        trainer_state=trainer_state)
+        try:
+            mine = sample_batch(policy, params, ids, G=G, reward_fn=reward_fn,
+                                scale_rewards=args.objective.scale_rewards,
+                                reward_weights=args.objective.reward_weights, max_new_tokens=args.max_new_tokens,
+                                seed=seed, tokenizer=tokenizer, top_p=args.top_p, stop_token_ids=args.stop_token,
+                                first_prompt_index=shard.start, prompt_index=rows, prompt_chunk=prompt_chunk,
+                                progress=progress)
+        except RewardFunctionError as error:
+            error.save_rollouts(rescue)
+            raise RewardFunctionError(f"{error}\nThe sampled prompts and completions are saved in {rescue}: after "
+                                      f"fixing the function, rerun with --rollouts {rescue} to score them without "
+                                      "sampling again.", function_name=error.function_name,
+                                      prompt_number=error.prompt_number, traceback_text=error.traceback_text,
+                                      prompts=error.prompts, completions=error.completions,
+                                      completion_ids=error.completion_ids, prompt_ids=error.prompt_ids,
+                                      columns=error.columns) from None
     # Advantages over the gathered batch (batch-scaled ones need every shard's rewards); equal-reward groups are
     # reported by the caller, once.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ZeroVarianceWarning)
         return rescore(gather_sampled(world, mine), scale_rewards=args.objective.scale_rewards,
                        reward_weights=args.objective.reward_weights, warn=False)
+
+
+def _rollouts_sample(records, args: argparse.Namespace, tokenizer, policy, rewards):
+    """The update batch from the trainer's logged rollouts (--rollouts): the file's rewards, or the --reward
+    functions' when given."""
+    from .rollouts import rollout_rewards, rollouts_batch
+    from .sampling import SampledBatch, collect_stop_ids
+
+    kwargs = args.trainer_settings.chat_template_kwargs if args.trainer_settings is not None else None
+    reward_fn = rollout_rewards(records, rewards, args.objective.reward_weights, chat_template=args.chat_template,
+                                tokenizer=tokenizer) if args.reward else None
+    batch, info = rollouts_batch(records, tokenizer, max_new_tokens=args.max_new_tokens,
+                                 chat_template=args.chat_template, scale_rewards=args.objective.scale_rewards,
+                                 reward_weights=args.objective.reward_weights, temperature=policy.temperature,
+                                 stop_token_ids=collect_stop_ids(tokenizer, policy, args.stop_token),
+                                 reward_fn=reward_fn, chat_template_kwargs=kwargs)
+    if args.sources.get("G") == "funcprobe default":
+        args.G = batch.G  # the file decides G unless -G or the trainer config says otherwise
+    elif batch.G != args.G:
+        raise ValueError(f"{args.rollouts}: holds G={batch.G} completions per prompt but the step's G is {args.G} "
+                         f"({args.sources.get('G')}); they must agree.")
+    return SampledBatch(batch=batch, prompts=info["prompts"], responses=info["responses"],
+                        eos_count=info["eos_count"], timings={"notes": info["notes"]},
+                        advantage_info=info["advantage_info"], raw_rewards=info["raw_rewards"])
 
 
 def _noting(echo, fn):
@@ -368,15 +496,19 @@ def _noting(echo, fn):
     return value
 
 
-def _batch_section(sampled, chosen: dict, indices: list[int], seed: int) -> dict:
+def _batch_section(sampled, chosen: dict, indices: list[int] | None, seed: int | None, *, source: str) -> dict:
     batch = sampled.batch
-    return {"prompts_file": chosen["path"], "pool_size": len(chosen["pool"]), "prompt_indices": indices,
-            "seed": seed, "prompts": sampled.prompts, "answers": [chosen["answers"][i] for i in indices],
-            "responses": sampled.responses, "rewards": batch.rewards, "mean_reward": float(batch.rewards.mean()),
+    pool = chosen["pool"]
+    return {"source": source, "prompts_file": chosen["path"], "pool_size": len(pool), "prompt_indices": indices,
+            "seed": seed, "prompts": sampled.prompts,
+            "columns": None if indices is None else pool.select(indices).columns,
+            "responses": sampled.responses, "rewards": batch.rewards, "raw_rewards": sampled.raw_rewards,
+            "advantages": batch.advantages, "mean_reward": float(batch.rewards.mean()),
             "eos_count": sampled.eos_count, "truncated_count": sampled.truncated_count,
             "zero_variance_groups": list(sampled.advantage_info.zero_variance_groups),
             "unscorable": sampled.advantage_info.unscorable,
-            "stop_token_ids": list(sampled.spec.stop_token_ids), "timings": sampled.timings}
+            "stop_token_ids": None if sampled.spec is None else list(sampled.spec.stop_token_ids),
+            "timings": sampled.timings}
 
 
 def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, world=None) -> dict:
@@ -414,8 +546,15 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         timings[phase] = time.perf_counter() - start
         return value
 
-    # The prompts first when given, so that a bad file or -B fails before the model is loaded.
+    # The prompts, the rollouts and the reward functions first when given, so that a bad file, -B or reward spec
+    # fails before the model is loaded.
     chosen = _choose_prompts(args.prompts, args) if args.prompts is not None else None
+    records = None
+    if args.rollouts is not None:
+        from .rollouts import load_rollouts
+
+        records = load_rollouts(args.rollouts)
+    rewards = _reward_functions(args)
     policy_options = {name: value for name, value in (("seq_chunk", args.seq_chunk),
                                                       ("token_chunk", args.token_chunk),
                                                       ("temperature", args.temperature)) if value is not None}
@@ -442,15 +581,18 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         raise ValueError(f"the checkpoint {checkpoint.adapter_dir} has no tokenizer (tokenizer.json / "
                          "tokenizer_config.json in the checkpoint or its base); save the tokenizer with the "
                          "checkpoint.")
-    pool, answers = chosen["pool"], chosen["answers"]
+    pool = chosen["pool"]
 
     memory_plan, store, prompt_chunk = None, "auto", 8
     seq_chunk, token_chunk = args.seq_chunk, args.token_chunk
     if args.memory_budget_bytes is not None:
         from .memory import plan_for_policy
 
-        prompt_len = max(len(checkpoint.tokenizer(pool[i])["input_ids"])
-                         for i in chosen["indices"] + chosen["eval_indices"])
+        from .prompts import render_prompts
+
+        rendered = render_prompts(pool.select(chosen["indices"] + chosen["eval_indices"]), checkpoint.tokenizer,
+                                  chat_template=args.chat_template)
+        prompt_len = max(len(ids) for ids in rendered)
         plan = plan_for_policy(policy, (args.B, args.G, max(prompt_len, 1), args.max_new_tokens),
                                budget_bytes=args.memory_budget_bytes, units=args.units_value)
         memory_plan, store, prompt_chunk = plan.to_dict(), plan.store_unit_vectors, plan.prompt_chunk
@@ -460,16 +602,26 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
              f"{prompt_chunk}, unit vectors {'stored' if store else 'recomputed'}; predicted peak "
              f"{plan.peak_bytes / 2 ** 30:.2f} GiB ({plan.peak_phase}) of {plan.budget_bytes / 2 ** 30:.2f} GiB")
 
-    sampling = dict(args=args, tokenizer=checkpoint.tokenizer, prompt_chunk=prompt_chunk, progress=progress)
-    sampled = timed("sample", lambda: _sample(world, policy, params, pool, answers, chosen["indices"],
-                                              seed=args.seed, G=args.G, **sampling))
+    from .trl_rewards import trainer_state_from_checkpoint
+
+    rescue = Path(args.out).with_suffix(".failed-rollouts.jsonl") if args.out else Path("funcprobe-failed-rollouts.jsonl")
+    sampling = dict(args=args, tokenizer=checkpoint.tokenizer, rewards=rewards, prompt_chunk=prompt_chunk,
+                    trainer_state=trainer_state_from_checkpoint(checkpoint.adapter_dir), progress=progress,
+                    rescue=rescue)
+    if records is None:
+        sampled = timed("sample", lambda: _sample(world, policy, params, pool, chosen["indices"], seed=args.seed,
+                                                  G=args.G, **sampling))
+        source = f"sampled from {chosen['path']}"
+    else:
+        sampled = timed("rollouts", lambda: _rollouts_sample(records, args, checkpoint.tokenizer, policy, rewards))
+        source = f"logged rollouts {args.rollouts}"
     batch = sampled.batch
-    echo(f"update batch: B={batch.B} prompts × G={batch.G} responses from {chosen['path']}; mean reward "
+    echo(f"update batch: B={batch.B} prompts × G={batch.G} responses, {source}; mean reward "
          f"{fmt(float(batch.rewards.mean()), '.4g')}; {sampled.eos_count}/{batch.num_sequences} ended with a stop "
          "token")
     if sampled.advantage_info.message():
         echo(f"note: {sampled.advantage_info.message()}")
-    evaluation = timed("sample_eval", lambda: _sample(world, policy, params, pool, answers, chosen["eval_indices"],
+    evaluation = timed("sample_eval", lambda: _sample(world, policy, params, pool, chosen["eval_indices"],
                                                       seed=args.eval_seed, G=args.eval_G, **sampling))
     echo(f"evaluation batch: B={evaluation.batch.B} prompts × G={evaluation.batch.G} responses, drawn independently "
          f"(seed {args.eval_seed})")
@@ -516,8 +668,14 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         "policy": {"num_params": policy.num_params, "dtype": policy.dtype, "device": policy.device,
                    "temperature": policy.temperature, "logsoftmax_dtype": policy.logsoftmax_dtype,
                    "adam_steps": sorted(set(adam.step.values()))},
-        "batch": _batch_section(sampled, chosen, chosen["indices"], args.seed),
-        "eval_batch": _batch_section(evaluation, chosen, chosen["eval_indices"], args.eval_seed),
+        "batch": _batch_section(sampled, chosen, None if records is not None else chosen["indices"],
+                                None if records is not None else args.seed, source=source),
+        "eval_batch": _batch_section(evaluation, chosen, chosen["eval_indices"], args.eval_seed,
+                                     source=f"sampled from {chosen['path']}"),
+        "settings": {"sources": args.sources, "G": args.G, "B": args.B, "max_new_tokens": args.max_new_tokens,
+                     "temperature": policy.temperature, "chat_template": args.chat_template,
+                     "rewards": args.reward or ["answer"],
+                     "trainer_config": None if args.trainer_settings is None else args.trainer_settings.to_dict()},
         "summary": summary(prediction, realised, in_sample),
         "delta_h1": prediction.to_dict(),
         "step": prediction.step.to_dict(),
@@ -604,7 +762,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except USER_ERRORS as error:
         _record(world, error)
-        print(f"funcprobe {args.command}: error: {_rank(world)}{_one_line(error)}", file=sys.stderr)
+        if getattr(error, "traceback_text", None):  # the user's reward function raised: its own traceback matters
+            print(str(error), file=sys.stderr)
+        print(f"funcprobe {args.command}: error: {_rank(world)}{_one_line(error).split(' Traceback (most recent')[0]}",
+              file=sys.stderr)
         return 2
     except Exception as error:
         if world is None:

@@ -113,40 +113,12 @@ def grpo_config(**settings):
 
 
 def objective_for_config(args) -> "funcprobe.Objective":  # noqa: F821
-    """The ``funcprobe.Objective`` of a ``GRPOConfig``'s first optimizer step (one process), or a ValueError that
-    names the setting funcprobe cannot match exactly.
+    """The ``funcprobe.Objective`` of a ``GRPOConfig``'s first optimizer step (one process), through funcprobe's own
+    reader of a run's settings (``funcprobe.trainer_config.trainer_settings``, what ``--trainer-config`` uses): a
+    ValueError names each setting funcprobe cannot match exactly."""
+    from funcprobe.trainer_config import trainer_settings
 
-    Refused here: settings with no Objective field whose gradient at ρ = 1 differs from Σ c∇ℓ. Refused by
-    ``Objective`` itself: unknown loss types, and GSPO with β > 0 and the bias-corrected KL.
-    """
-    from funcprobe import Objective
-
-    unmatched = [
-        ("entropy_coef", args.entropy_coef != 0 or args.use_adaptive_entropy,
-         "an entropy bonus is not a per-token cotangent of ℓ"),
-        ("top_entropy_quantile", args.top_entropy_quantile < 1.0, "entropy-masked tokens have no Objective field"),
-        ("mask_truncated_completions", args.mask_truncated_completions,
-         "zeroing truncated rows' weights has no Objective field"),
-        ("num_iterations", args.num_iterations != 1, "only the first of several steps per generation is at ρ = 1"),
-        ("steps_per_generation", args.steps_per_generation != args.gradient_accumulation_steps,
-         "the optimizer step would see part of the generation batch, off-policy after the first step"),
-        ("gradient_accumulation_steps", args.loss_type == "bnpo" and args.gradient_accumulation_steps > 1,
-         "bnpo then normalises by a random micro-batch's token count"),
-        ("delta", args.delta is not None and args.delta < 1.0, "delta < 1 clamps the ratio at ρ = 1 and zeroes its "
-         "gradient"),
-        ("use_vllm", args.use_vllm, "vLLM's importance-sampling correction needs the sampler's log-probabilities"),
-        ("multi_objective_aggregation", args.multi_objective_aggregation != "sum_then_normalize",
-         "funcprobe's advantages are TRL's sum_then_normalize"),
-    ]
-    for name, refused, why in unmatched:
-        if refused:
-            raise ValueError(f"GRPOConfig.{name}={getattr(args, name)!r} cannot be matched by funcprobe: {why}.")
-    return Objective(loss_type=args.loss_type, beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl,
-                     max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-                     scale_rewards=args.scale_rewards,
-                     epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-                     importance_sampling_level=args.importance_sampling_level,
-                     reward_weights=None if args.reward_weights is None else tuple(args.reward_weights))
+    return trainer_settings(args.to_dict(), source="GRPOConfig").objective
 
 
 class TRLStepHarness:
