@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +111,7 @@ def _check_messages(messages: list, where: str) -> None:
                              'be a string (or a list of content parts, for templates that take them).')
 
 
-def _check_prompt(prompt: Any, where: str) -> None:
+def check_prompt(prompt: Any, where: str) -> None:
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError(f'{where}: "prompt" is empty. Every prompt needs text (a response is predicted from it); '
@@ -122,6 +122,23 @@ def _check_prompt(prompt: Any, where: str) -> None:
         return
     raise ValueError(f'{where}: "prompt" must be a string or a list of {{"role", "content"}} messages, found '
                      f"{type(prompt).__name__}. {_SHAPE}")
+
+
+def iter_jsonl(path: str, shape_hint: str) -> Iterator[tuple[int, str, Any]]:
+    """(1-based line number, "FILE, line N", parsed value) for each non-blank line of a JSONL file.
+
+    Raises ValueError naming the file and line for invalid JSON, followed by ``shape_hint`` (the expected form).
+    """
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno}). {shape_hint}") from None
+            yield number, where, value
 
 
 def load_prompt_pool(path: str | os.PathLike) -> PromptPool:
@@ -136,29 +153,21 @@ def load_prompt_pool(path: str | os.PathLike) -> PromptPool:
     prompts: list[Any] = []
     rows: list[dict] = []
     lines: list[int] = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno}). {_SHAPE}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}. {_SHAPE}")
-            if "prompt" not in record:
-                raise ValueError(f'{where}: missing "prompt" (keys found: {sorted(record)}). {_SHAPE}')
-            prompt = record.pop("prompt")
-            _check_prompt(prompt, where)
-            if prompts and is_conversational(prompt) != is_conversational(prompts[0]):
-                forms = ("conversational (a list of messages)", "plain text")
-                this, first = (forms[0], forms[1]) if is_conversational(prompt) else (forms[1], forms[0])
-                raise ValueError(f"{where}: the prompt is {this} but the first prompt (line {lines[0]}) is {first}; "
-                                 "a pool holds one form, as a TRL dataset does. Convert every line to one form.")
-            prompts.append(prompt)
-            rows.append(record)
-            lines.append(number)
+    for number, where, record in iter_jsonl(path, _SHAPE):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}. {_SHAPE}")
+        if "prompt" not in record:
+            raise ValueError(f'{where}: missing "prompt" (keys found: {sorted(record)}). {_SHAPE}')
+        prompt = record.pop("prompt")
+        check_prompt(prompt, where)
+        if prompts and is_conversational(prompt) != is_conversational(prompts[0]):
+            forms = ("conversational (a list of messages)", "plain text")
+            this, first = (forms[0], forms[1]) if is_conversational(prompt) else (forms[1], forms[0])
+            raise ValueError(f"{where}: the prompt is {this} but the first prompt (line {lines[0]}) is {first}; "
+                             "a pool holds one form, as a TRL dataset does. Convert every line to one form.")
+        prompts.append(prompt)
+        rows.append(record)
+        lines.append(number)
     if not prompts:
         raise ValueError(f"{path}: holds no prompts (empty file or blank lines only). {_SHAPE}")
     names: dict[str, None] = {}

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .batch import RolloutBatch
 from .objective import compute_advantages
-from .prompts import _check_prompt, is_conversational, prompt_text, render_prompts, trl_prompts
+from .prompts import check_prompt, is_conversational, iter_jsonl, prompt_text, render_prompts, trl_prompts
 
 __all__ = ["RolloutRecord", "load_rollouts", "save_rollouts", "rollouts_batch", "rollout_rewards", "batch_tokens",
            "ROLLOUT_KEYS"]
@@ -104,7 +104,7 @@ def _record(data: Any, where: str) -> RolloutRecord:
     for key in ("prompt", "completions"):
         if key not in data:
             raise ValueError(f'{where}: missing "{key}" (keys found: {sorted(data)}). {_FORMAT}')
-    _check_prompt(data["prompt"], where)
+    check_prompt(data["prompt"], where)
     completions = data["completions"]
     if not isinstance(completions, list) or len(completions) < 2:
         raise ValueError(f'{where}: "completions" must be a list of G ≥ 2 completions (the leave-one-out baseline '
@@ -151,28 +151,20 @@ def load_rollouts(path: str | os.PathLike) -> list[RolloutRecord]:
     """
     path = os.fspath(path)
     records: list[RolloutRecord] = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno}). {_FORMAT}") from None
-            record = _record(data, where)
-            if records:
-                first = records[0]
-                if record.G != first.G:
-                    raise ValueError(f"{where}: has G={record.G} completions but {first.where} has G={first.G}; every "
-                                     "prompt of a batch has the same number of completions. Drop or complete the line.")
-                if _width(record) != _width(first) and None not in (_width(record), _width(first)):
-                    raise ValueError(f"{where}: has {_width(record)} reward(s) per completion but {first.where} has "
-                                     f"{_width(first)}; every line needs the same reward functions.")
-                if is_conversational(record.prompt) != is_conversational(first.prompt):
-                    raise ValueError(f"{where}: its prompt form (plain/conversational) differs from {first.where}'s; "
-                                     "a batch has one form.")
-            records.append(record)
+    for _, where, data in iter_jsonl(path, _FORMAT):
+        record = _record(data, where)
+        if records:
+            first = records[0]
+            if record.G != first.G:
+                raise ValueError(f"{where}: has G={record.G} completions but {first.where} has G={first.G}; every "
+                                 "prompt of a batch has the same number of completions. Drop or complete the line.")
+            if _width(record) != _width(first) and None not in (_width(record), _width(first)):
+                raise ValueError(f"{where}: has {_width(record)} reward(s) per completion but {first.where} has "
+                                 f"{_width(first)}; every line needs the same reward functions.")
+            if is_conversational(record.prompt) != is_conversational(first.prompt):
+                raise ValueError(f"{where}: its prompt form (plain/conversational) differs from {first.where}'s; "
+                                 "a batch has one form.")
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: holds no rollouts (empty file or blank lines only). {_FORMAT}")
     return records

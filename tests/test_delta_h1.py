@@ -39,14 +39,19 @@ def batch():
 
 
 # -------------------------------------------------------------------------------------------- naive reference
-def naive_per_sequence_grads(peft_model, params, batch):
-    """∇S_{n,g} for every sequence by ordinary autograd through full logits: {(n, g): flat float64 vector}."""
+def model_with_params(peft_model, params):
+    """A deep copy of ``peft_model`` holding ``params``, and its LoRA tensors as autograd leaves (in params' order)."""
     model = copy.deepcopy(peft_model)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in params.items():
             named[name].copy_(tensor)
-    leaves = [named[name].requires_grad_(True) for name in params]
+    return model, [named[name].requires_grad_(True) for name in params]
+
+
+def naive_per_sequence_grads(peft_model, params, batch):
+    """∇S_{n,g} for every sequence by ordinary autograd through full logits: {(n, g): flat float64 vector}."""
+    model, leaves = model_with_params(peft_model, params)
     logprobs = naive_sequence_logprobs(model, batch, logsoftmax_dtype=torch.float64)
     grads = {}
     for n, g in itertools.product(range(batch.B), range(batch.G)):
@@ -81,12 +86,7 @@ def naive_token_logprobs(model, batch):
 def naive_Y(peft_model, params, batch, objective):
     """Y_n = B Σ_{g,k} c_{n,g,k} ∇ℓ_{n,g,k} (spec §3) by autograd, with c = w·(A − βκ) built by hand; the KL
     reference from the module with its adapter disabled (PEFT's own switch, not funcprobe's zeroed lora_B)."""
-    model = copy.deepcopy(peft_model)
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in params.items():
-            named[name].copy_(tensor)
-    leaves = [named[name].requires_grad_(True) for name in params]
+    model, leaves = model_with_params(peft_model, params)
     B, G = batch.B, batch.G
     logp, mask = naive_token_logprobs(model, batch)
     w = torch.tensor(naive_token_weights(batch, objective.loss_type, objective.epsilon_high),
