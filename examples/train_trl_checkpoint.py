@@ -13,7 +13,8 @@ Writes:
     OUT/trainer_config.json     the run's GRPOConfig fields (GRPOConfig.to_dict(), JSON-ready) for --trainer-config
 
 The run: loss_type "grpo", β = 0.04 (a KL to the base model), scale_rewards "group", 4 prompts × 4 generations per
-step, 8 new tokens, lr 1e-3, two reward functions (``examples/rewards.py``), on the CPU in float32 (bf16 off).
+step, 8 new tokens, lr 1e-3 (a constant schedule: a linear one reaches 0 at the last step, and the last checkpoint's
+next step would be zero), two reward functions (``examples/rewards.py``), on the CPU in float32 (bf16 off).
 Needs ``trl`` (``pip install trl``).
 """
 
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         config = GRPOConfig(output_dir=str(out), per_device_train_batch_size=16, num_generations=4,
-                            max_completion_length=8, learning_rate=1e-3, beta=0.04, loss_type="grpo",
+                            max_completion_length=8, learning_rate=1e-3, lr_scheduler_type="constant", beta=0.04,
+                            loss_type="grpo",
                             scale_rewards="group", max_steps=steps, save_steps=1, save_strategy="steps",
                             logging_steps=1, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
                             report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=args.seed)

@@ -123,13 +123,13 @@ def _add_probe_parser(commands) -> None:
                       "state's)")
     step.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient's global norm as the "
                       "trainer did (HF Trainer's and TRL's default is 1.0; default here: no clipping; 0 or less: none)")
-    step.add_argument("--loss-type", default=None, choices=LOSS_TYPES,
+    step.add_argument("--loss-type", default=None, metavar="{" + ",".join(LOSS_TYPES) + "}",
                       help="the trainer's loss aggregation, by TRL's names (default dr_grpo; TRL's default is dapo)")
     step.add_argument("--beta", type=float, default=None, help="the KL coefficient β to the base model (default 0)")
     step.add_argument("--no-kl-bias-correction", dest="kl_bias_correction", action="store_false", default=None,
                       help="the plain k3 KL gradient κ = 1 − exp(ℓ_ref − ℓ), as TRL with use_bias_correction_kl=False "
                       "or verl's low_var_kl (default: TRL's bias-corrected κ = ℓ − ℓ_ref)")
-    step.add_argument("--scale-rewards", default=None, choices=SCALE_REWARDS,
+    step.add_argument("--scale-rewards", default=None, metavar="{" + ",".join(SCALE_REWARDS) + "}",
                       help="advantages: rewards minus the group mean, divided by the group's std + 1e-4 ('group', "
                       "TRL's default), the batch's ('batch'), or not ('none', Dr. GRPO; default here)")
     step.add_argument("--epsilon-high", type=float, default=None, help="CISPO's ε_high (default 0.2, TRL's)")
@@ -230,8 +230,15 @@ def _trainer_config(args: argparse.Namespace):
                         key=lambda p: int(p.name.split("-")[-1]), reverse=True) + [folder]
     for candidate in candidates:
         config = read_training_args(candidate, trust=True)
-        if config is not None:
-            return trainer_settings(config, source=str(candidate / "training_args.bin"))
+        if config is None:
+            continue
+        where = str(candidate / "training_args.bin")
+        if "num_generations" not in config:
+            raise ValueError(f"{where} holds the arguments of a trainer other than TRL's GRPOTrainer (no "
+                             "num_generations field), so it does not say how the step's loss was formed; pass the "
+                             "step's settings as flags (--loss-type, --beta, --scale-rewards, --max-grad-norm, -G) or "
+                             "--trainer-config FILE.")
+        return trainer_settings(config, source=where)
     raise ValueError(f"--trust-training-args: there is no training_args.bin in {folder} or its checkpoint-N folders; "
                      "pass --trainer-config FILE instead.")
 
@@ -263,6 +270,13 @@ def _objective_from_args(args: argparse.Namespace, base=None, sources: dict | No
 
     sources = {} if sources is None else sources
     settings = {}
+    if args.loss_type is not None and args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"--loss-type {args.loss_type!r} is not a loss funcprobe models; choose one of "
+                         f"{', '.join(LOSS_TYPES)} (TRL's names; the README's \"Matching your trainer\" gives verl's and "
+                         "OpenRLHF's equivalents).")
+    if args.scale_rewards is not None and args.scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"--scale-rewards {args.scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)} (group: "
+                         "divide by the group's reward std, TRL's default; batch: by the batch's; none: Dr. GRPO).")
     if args.loss_type is not None:
         settings["loss_type"] = args.loss_type
     if args.beta is not None:
@@ -323,8 +337,10 @@ def _check_probe_args(args: argparse.Namespace) -> None:
         raise ValueError(f"-G must be ≥ 2 (the leave-one-out baseline needs two responses); got {args.G}.")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1; got {args.max_new_tokens}.")
-    args.eval_B = args.B if args.eval_B is None else args.eval_B
-    args.eval_G = args.G if args.eval_G is None else args.eval_G
+    for name, follows in (("eval_B", "B"), ("eval_G", "G")):
+        args.sources[name] = "flag" if getattr(args, name) is not None else f"as {follows}"
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(args, follows))
     if args.eval_B < 2:
         raise ValueError(f"--eval-B must be ≥ 2 (the SE of ΔH is over evaluation prompts); got {args.eval_B}.")
     if args.eval_G < 2:
@@ -436,21 +452,19 @@ def _sample(world, policy, params, pool, indices, *, seed, G, args, tokenizer, r
                                         chat_template=args.chat_template, tokenizer=tokenizer, prompt_ids=ids,
                                         trainer_state=trainer_state)
         try:
-            mine = sample_batch(policy, params, ids, G=G, reward_fn=reward_fn,
-                                scale_rewards=args.objective.scale_rewards,
-                                reward_weights=args.objective.reward_weights, max_new_tokens=args.max_new_tokens,
-                                seed=seed, tokenizer=tokenizer, top_p=args.top_p, stop_token_ids=args.stop_token,
-                                first_prompt_index=shard.start, prompt_index=rows, prompt_chunk=prompt_chunk,
-                                progress=progress)
+            with warnings.catch_warnings():  # equal-reward groups: reported by the caller, once, for the whole batch
+                warnings.simplefilter("ignore", ZeroVarianceWarning)
+                mine = sample_batch(policy, params, ids, G=G, reward_fn=reward_fn,
+                                    scale_rewards=args.objective.scale_rewards,
+                                    reward_weights=args.objective.reward_weights, max_new_tokens=args.max_new_tokens,
+                                    seed=seed, tokenizer=tokenizer, top_p=args.top_p, stop_token_ids=args.stop_token,
+                                    first_prompt_index=shard.start, prompt_index=rows, prompt_chunk=prompt_chunk,
+                                    progress=progress)
         except RewardFunctionError as error:
             error.save_rollouts(rescue)
-            raise RewardFunctionError(f"{error}\nThe sampled prompts and completions are saved in {rescue}: after "
-                                      f"fixing the function, rerun with --rollouts {rescue} to score them without "
-                                      "sampling again.", function_name=error.function_name,
-                                      prompt_number=error.prompt_number, traceback_text=error.traceback_text,
-                                      prompts=error.prompts, completions=error.completions,
-                                      completion_ids=error.completion_ids, prompt_ids=error.prompt_ids,
-                                      columns=error.columns) from None
+            raise error.with_note(f"The sampled prompts and completions are saved in {rescue}: after fixing the "
+                                  f"function, rerun with --rollouts {rescue} to score them without sampling "
+                                  "again.") from None
     # Advantages over the gathered batch (batch-scaled ones need every shard's rewards); equal-reward groups are
     # reported by the caller, once.
     with warnings.catch_warnings():
@@ -459,25 +473,51 @@ def _sample(world, policy, params, pool, indices, *, seed, G, args, tokenizer, r
                        reward_weights=args.objective.reward_weights, warn=False)
 
 
+def _rollouts_shape(records, args: argparse.Namespace) -> None:
+    """With --rollouts the file holds the update batch: its prompts are B and its completions per prompt G (an
+    explicit -B, or a -G from a flag or the trainer config, must agree); E follows them unless --eval-B/-G say
+    otherwise."""
+    B, G = len(records), records[0].G
+    if args.sources.get("B") == "flag" and args.B != B:
+        raise ValueError(f"{args.rollouts}: holds B={B} prompts but -B is {args.B}; leave -B out (the file decides) "
+                         "or pass a file with that many lines.")
+    if args.sources.get("G") == "funcprobe default":
+        args.G = G
+        args.sources["G"] = f"rollouts file {args.rollouts}"
+    elif G != args.G:
+        raise ValueError(f"{args.rollouts}: holds G={G} completions per prompt but the step's G is {args.G} "
+                         f"({args.sources.get('G')}); they must agree.")
+    if args.sources.get("B") != "flag":
+        args.B = B
+        args.sources["B"] = f"rollouts file {args.rollouts}"
+    for name, follows in (("eval_B", "B"), ("eval_G", "G")):
+        if args.sources[name] != "flag":
+            setattr(args, name, getattr(args, follows))
+
+
 def _rollouts_sample(records, args: argparse.Namespace, tokenizer, policy, rewards):
     """The update batch from the trainer's logged rollouts (--rollouts): the file's rewards, or the --reward
     functions' when given."""
     from .rollouts import rollout_rewards, rollouts_batch
     from .sampling import SampledBatch, collect_stop_ids
 
+    from .objective import ZeroVarianceWarning
+    from .trl_rewards import RewardFunctionError
+
     kwargs = args.trainer_settings.chat_template_kwargs if args.trainer_settings is not None else None
     reward_fn = rollout_rewards(records, rewards, args.objective.reward_weights, chat_template=args.chat_template,
                                 tokenizer=tokenizer) if args.reward else None
-    batch, info = rollouts_batch(records, tokenizer, max_new_tokens=args.max_new_tokens,
-                                 chat_template=args.chat_template, scale_rewards=args.objective.scale_rewards,
-                                 reward_weights=args.objective.reward_weights, temperature=policy.temperature,
-                                 stop_token_ids=collect_stop_ids(tokenizer, policy, args.stop_token),
-                                 reward_fn=reward_fn, chat_template_kwargs=kwargs)
-    if args.sources.get("G") == "funcprobe default":
-        args.G = batch.G  # the file decides G unless -G or the trainer config says otherwise
-    elif batch.G != args.G:
-        raise ValueError(f"{args.rollouts}: holds G={batch.G} completions per prompt but the step's G is {args.G} "
-                         f"({args.sources.get('G')}); they must agree.")
+    try:
+        with warnings.catch_warnings():  # equal-reward groups: reported by the caller from advantage_info
+            warnings.simplefilter("ignore", ZeroVarianceWarning)
+            batch, info = rollouts_batch(records, tokenizer, max_new_tokens=args.max_new_tokens,
+                                         chat_template=args.chat_template, scale_rewards=args.objective.scale_rewards,
+                                         reward_weights=args.objective.reward_weights, temperature=policy.temperature,
+                                         stop_token_ids=collect_stop_ids(tokenizer, policy, args.stop_token),
+                                         reward_fn=reward_fn, chat_template_kwargs=kwargs)
+    except RewardFunctionError as error:
+        raise error.with_note(f"{args.rollouts} is unchanged: after fixing the function, rerun with the same "
+                              "--rollouts.") from None
     return SampledBatch(batch=batch, prompts=info["prompts"], responses=info["responses"],
                         eos_count=info["eos_count"], timings={"notes": info["notes"]},
                         advantage_info=info["advantage_info"], raw_rewards=info["raw_rewards"])
@@ -497,10 +537,13 @@ def _noting(echo, fn):
 
 
 def _batch_section(sampled, chosen: dict, indices: list[int] | None, seed: int | None, *, source: str) -> dict:
+    from .rollouts import batch_tokens
+
     batch = sampled.batch
     pool = chosen["pool"]
+    prompt_ids, completion_ids = batch_tokens(batch)
     return {"source": source, "prompts_file": chosen["path"], "pool_size": len(pool), "prompt_indices": indices,
-            "seed": seed, "prompts": sampled.prompts,
+            "seed": seed, "prompts": sampled.prompts, "prompt_ids": prompt_ids, "completion_ids": completion_ids,
             "columns": None if indices is None else pool.select(indices).columns,
             "responses": sampled.responses, "rewards": batch.rewards, "raw_rewards": sampled.raw_rewards,
             "advantages": batch.advantages, "mean_reward": float(batch.rewards.mean()),
@@ -548,12 +591,13 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
 
     # The prompts, the rollouts and the reward functions first when given, so that a bad file, -B or reward spec
     # fails before the model is loaded.
-    chosen = _choose_prompts(args.prompts, args) if args.prompts is not None else None
     records = None
     if args.rollouts is not None:
         from .rollouts import load_rollouts
 
         records = load_rollouts(args.rollouts)
+        _rollouts_shape(records, args)
+    chosen = _choose_prompts(args.prompts, args) if args.prompts is not None else None
     rewards = _reward_functions(args)
     policy_options = {name: value for name, value in (("seq_chunk", args.seq_chunk),
                                                       ("token_chunk", args.token_chunk),
@@ -567,11 +611,17 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     policy, adam = checkpoint.policy, checkpoint.adam
     params = policy.params
     _check_learning_rate(adam, args, checkpoint.optimizer_path)
+    args.sources["lr"] = "flag" if args.lr is not None else f"optimizer state ({checkpoint.optimizer_path})"
     echo(f"checkpoint: {checkpoint.adapter_dir} (layout {checkpoint.layout}, step {checkpoint.step}, base "
          f"{checkpoint.base})")
     echo(f"policy: {policy}")
     echo(f"the step: AdamW at lr {fmt(args.lr, '.4g') if args.lr is not None else 'from the optimizer state'}; "
          f"{args.objective.describe()}")
+    unread = Path(checkpoint.adapter_dir) / "training_args.bin"
+    if args.trainer_settings is None and unread.is_file():
+        echo(f"note: {unread} (the run's settings) was not read: it is a pickle, and loading a pickle runs code from "
+             "the file. The step probed is funcprobe's default unless flags say otherwise; pass --trust-training-args "
+             "to read it, or --trainer-config FILE with the run's GRPOConfig fields.")
     if chosen is None:
         if checkpoint.prompts_path is None:
             raise ValueError(f"no prompts: pass --prompts FILE.jsonl (there is no prompts.jsonl in "
@@ -762,10 +812,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except USER_ERRORS as error:
         _record(world, error)
+        line = _one_line(error)
         if getattr(error, "traceback_text", None):  # the user's reward function raised: its own traceback matters
             print(str(error), file=sys.stderr)
-        print(f"funcprobe {args.command}: error: {_rank(world)}{_one_line(error).split(' Traceback (most recent')[0]}",
-              file=sys.stderr)
+            line = f"{error.headline} (the traceback above is the function's own). {_one_line(error.note)}"
+        print(f"funcprobe {args.command}: error: {_rank(world)}{line}", file=sys.stderr)
         return 2
     except Exception as error:
         if world is None:

@@ -210,8 +210,10 @@ def trl_prompts(prompts: PromptPool | Sequence[Any], chat_template: str = "auto"
 def _require_template(tokenizer: Any) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the prompts are conversational (or --chat-template on) but the tokenizer has no "
-                         "chat_template: use a tokenizer that has one (an instruct/chat checkpoint), or plain-text "
-                         "prompts, or --chat-template off with plain prompts.")
+                         "chat_template: use a tokenizer that has one (an instruct/chat checkpoint), or set the "
+                         "template the trainer rendered with (tokenizer.chat_template = ..., saved by "
+                         "save_pretrained as chat_template.jinja beside tokenizer_config.json), or give plain-text "
+                         "prompts with --chat-template off.")
 
 
 def _id_rows(encoded: Any, count: int, what: str) -> list[list[int]]:

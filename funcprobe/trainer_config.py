@@ -138,27 +138,30 @@ def _refuse(config: Mapping[str, Any], where: str) -> None:
     if int(get("num_iterations") or 1) > 1:
         problems.append(f"num_iterations={get('num_iterations')}: the steps after the first on a generation start "
                         "off-policy (ρ ≠ 1), where the per-token form of the loss gradient does not hold; funcprobe "
-                        "predicts the first step (set num_iterations=1)")
+                        "predicts the first step (set num_iterations=1 to probe it)")
     spg, ga = get("steps_per_generation"), int(get("gradient_accumulation_steps") or 1)
     if spg is not None and int(spg) != ga:
         problems.append(f"steps_per_generation={spg} ≠ gradient_accumulation_steps={ga}: one generation feeds "
-                        "several optimizer steps, the later ones off-policy")
+                        "several optimizer steps, the later ones off-policy (set them equal to probe the first)")
     if float(get("entropy_coef") or 0.0) != 0.0 or bool(get("use_adaptive_entropy")):
         problems.append("entropy_coef / use_adaptive_entropy: an entropy bonus is not a per-token policy-gradient "
-                        "cotangent")
+                        "cotangent (set entropy_coef=0 to probe the step without it)")
     if get("delta") is not None and float(get("delta")) < 1:
-        problems.append(f"delta={get('delta')} < 1: two-sided clipping clamps ρ = 1 itself and zeroes the gradient")
+        problems.append(f"delta={get('delta')} < 1: two-sided clipping clamps ρ = 1 itself and zeroes the gradient "
+                        "(remove delta, or set it ≥ 1)")
     if float(get("top_entropy_quantile") if get("top_entropy_quantile") is not None else 1.0) < 1:
         problems.append(f"top_entropy_quantile={get('top_entropy_quantile')}: the entropy mask of the policy term is "
-                        "not modelled yet")
+                        "not modelled yet (set it to 1.0 to probe the unmasked step)")
     if bool(get("mask_truncated_completions")):
-        problems.append("mask_truncated_completions=True is not modelled yet")
+        problems.append("mask_truncated_completions=True is not modelled yet (set it to false to probe the step "
+                        "with truncated completions kept)")
     if bool(get("use_vllm")) and bool(get("vllm_importance_sampling_correction")):
         problems.append("use_vllm with vllm_importance_sampling_correction: the step weights each token by the vLLM "
-                        "sampler's log-probability ratio, which funcprobe's own sampler does not have")
+                        "sampler's log-probability ratio, which funcprobe's own sampler does not have (set "
+                        "vllm_importance_sampling_correction=false to probe the step without it)")
     if get("multi_objective_aggregation") not in (None, "sum_then_normalize"):
         problems.append(f"multi_objective_aggregation={get('multi_objective_aggregation')!r} is not modelled "
-                        "(only 'sum_then_normalize', TRL's default)")
+                        "(set 'sum_then_normalize', TRL's default, to probe that step)")
     processes = int(config.get("num_processes", config.get("world_size", 1)) or 1)
     if get("loss_type") == "bnpo" and (ga > 1 or processes > 1):
         problems.append(f"loss_type='bnpo' with gradient_accumulation_steps={ga} or {processes} processes normalises "
@@ -171,7 +174,8 @@ def _refuse(config: Mapping[str, Any], where: str) -> None:
             problems.append(f"{name}={value}: a truncated sampler does not draw from π_θ, and every estimator assumes "
                             "it does (probe with top_p=1, top_k=0 even if the run truncated)")
     if problems:
-        raise ValueError(f"{where}: settings funcprobe cannot reproduce exactly: " + "; ".join(problems) + ".")
+        raise ValueError(f"{where}: settings funcprobe cannot reproduce exactly: " + "; ".join(problems) + ". Edit "
+                         "these fields in a copy of the file to probe the nearest step funcprobe can take exactly.")
 
 
 def trainer_settings(config: Mapping[str, Any], *, source: str) -> TrainerSettings:

@@ -188,16 +188,25 @@ def trainer_state_from_checkpoint(checkpoint: str | os.PathLike | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------- errors
-class RewardFunctionError(ValueError):
-    """A reward function raised. The message names the function, the prompt that triggers it and shows the
-    function's own traceback. The sampled batch is kept: ``prompts`` [B] (as TRL passes them), ``completions`` [B][G],
-    ``completion_ids`` [B][G], ``prompt_ids`` [B] or None, ``columns`` {name: [B]}; :meth:`save_rollouts` writes them
-    as a rollouts file to score again (``--rollouts``) after fixing the function."""
+#: The note a RewardFunctionError ends with in the library (the command line says where it saved the batch instead).
+KEPT_NOTE = ("The sampled completions are kept on this error: error.save_rollouts(PATH) writes them; after fixing the "
+             "function, score them with --rollouts PATH.")
 
-    def __init__(self, message: str, *, function_name: str, prompt_number: int | None, traceback_text: str,
+
+class RewardFunctionError(ValueError):
+    """A reward function raised, or returned something other than one finite number (or None) per completion. The
+    message (``description``, then ``note``) names the function, the prompt that triggers it and shows the function's
+    own traceback (``traceback_text``; empty for a bad return value). The sampled batch is kept: ``prompts`` [B] (as
+    TRL passes them), ``completions`` [B][G], ``completion_ids`` [B][G], ``prompt_ids`` [B] or None, ``columns``
+    {name: [B]}; :meth:`save_rollouts` writes them as a rollouts file to score again (``--rollouts``) after fixing
+    the function."""
+
+    def __init__(self, description: str, *, function_name: str, prompt_number: int | None, traceback_text: str,
                  prompts: list, completions: list, completion_ids: list, prompt_ids: list | None,
-                 columns: dict[str, list]):
-        super().__init__(message)
+                 columns: dict[str, list], note: str = KEPT_NOTE):
+        super().__init__(f"{description}\n\n{note}" if note else description)
+        self.description = description
+        self.note = note
         self.function_name = function_name
         self.prompt_number = prompt_number
         self.traceback_text = traceback_text
@@ -206,6 +215,19 @@ class RewardFunctionError(ValueError):
         self.completion_ids = completion_ids
         self.prompt_ids = prompt_ids
         self.columns = columns
+
+    @property
+    def headline(self) -> str:
+        """The description's first line (what the function did), without the prompt, completions and traceback."""
+        return self.description.splitlines()[0] if self.description else self.function_name
+
+    def with_note(self, note: str) -> "RewardFunctionError":
+        """The same error with ``note`` in place of the library's (e.g. where the command line saved the batch)."""
+        return RewardFunctionError(self.description, function_name=self.function_name,
+                                   prompt_number=self.prompt_number, traceback_text=self.traceback_text,
+                                   prompts=self.prompts, completions=self.completions,
+                                   completion_ids=self.completion_ids, prompt_ids=self.prompt_ids,
+                                   columns=self.columns, note=note)
 
     def save_rollouts(self, path: str | os.PathLike) -> None:
         """Write the sampled prompts and completions (with their token ids, no rewards) to a rollouts JSONL."""
@@ -252,8 +274,8 @@ class TRLRewards:
     Calling it needs ``meta["response_ids"]`` [B][G] (``sample_batch`` passes it). ``logged_extra`` and
     ``logged_metrics`` collect what the functions log through ``log_extra``/``log_metric``.
 
-    Raises (on call): :class:`RewardFunctionError` when a function raises; ValueError when a function returns a
-    wrong length, a non-number or an infinite reward (naming the function, and the prompt for the latter two).
+    Raises (on call): :class:`RewardFunctionError` (a ValueError) when a function raises, returns a wrong length, a
+    non-number or an infinite reward (naming the function, and the prompt for the latter two); it keeps the batch.
     """
 
     def __init__(self, functions: Sequence[Callable] | Callable, weights: Sequence[float] | None = None, *,
@@ -407,8 +429,18 @@ class TRLRewards:
                 output = _invoke(function, kwargs)
             except Exception as error:
                 raise self._diagnose(index, error, kwargs, B, G, completions, completion_ids) from error
-            out[:, index] = self._check_output(index, output, B, G)
+            try:
+                out[:, index] = self._check_output(index, output, B, G)
+            except ValueError as error:
+                raise RewardFunctionError(str(error), traceback_text="", prompt_number=None,
+                                          **self._kept(index, completions, completion_ids)) from None
         return out.view(B, G, self.F)
+
+    def _kept(self, index: int, completions: Sequence, completion_ids: Sequence) -> dict[str, Any]:
+        """The batch a RewardFunctionError keeps (to save and score again once the function is fixed)."""
+        return dict(prompts=self.prompts, completions=[list(g) for g in completions],
+                    completion_ids=[[list(map(int, ids)) for ids in g] for g in completion_ids],
+                    prompt_ids=self.prompt_ids, columns=self.columns, function_name=self.names[index])
 
     def _check_output(self, index: int, output: Any, B: int, G: int) -> Tensor:
         name = self.names[index]
@@ -444,17 +476,13 @@ class TRLRewards:
         name = self.names[index]
         function = self.functions[index]
         text, has_frames = _user_traceback(error)
-        keep = dict(prompts=self.prompts, completions=[list(g) for g in completions],
-                    completion_ids=[[list(map(int, ids)) for ids in g] for g in completion_ids],
-                    prompt_ids=self.prompt_ids, columns=self.columns, function_name=name)
-        saved = ("\n\nThe sampled completions are kept on this error: error.save_rollouts(PATH) writes them; after "
-                 "fixing the function, score them with --rollouts PATH.")
+        keep = self._kept(index, completions, completion_ids)
         if isinstance(error, TypeError) and not has_frames:
             passed = ", ".join(kwargs)
             message = (f"reward function {name!r} cannot be called as TRL calls it: {error}. TRL passes the keyword "
                        f"arguments {passed} (every column of the prompt pool, besides prompt); write it as "
                        f"def {name}(prompts, completions, **kwargs).")
-            return RewardFunctionError(message + saved, prompt_number=None, traceback_text=text, **keep)
+            return RewardFunctionError(message, prompt_number=None, traceback_text=text, **keep)
         found = None
         for n in range(B):
             part = {key: (value[n * G:(n + 1) * G] if isinstance(value, list) else value)
@@ -467,13 +495,13 @@ class TRLRewards:
         if found is None:
             message = (f"reward function {name!r} raised {type(error).__name__}: {error} when called on the batch of "
                        f"{B} prompts × {G} completions, but on no single prompt's group alone.\n\n{text}")
-            return RewardFunctionError(message + saved, prompt_number=None, traceback_text=text, **keep)
+            return RewardFunctionError(message, prompt_number=None, traceback_text=text, **keep)
         n, single = found
         single_text, _ = _user_traceback(single)
         message = (f"reward function {name!r} raised {type(single).__name__}: {single}\n"
                    f"on {self.prompt_labels[n]} (batch row {n}): prompt {_short(self.prompts[n])}\n"
                    f"completions: {_short([completion_text(c) for c in completions[n]])}\n\n{single_text}")
-        return RewardFunctionError(message + saved, prompt_number=n, traceback_text=single_text, **keep)
+        return RewardFunctionError(message, prompt_number=n, traceback_text=single_text, **keep)
 
 
 def _invoke(function: Callable, kwargs: Mapping[str, Any]) -> Any:

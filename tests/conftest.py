@@ -93,3 +93,31 @@ def tiny_run(tmp_path_factory):
                                                         echo=lambda *args: None)
     assert [Path(p).name for p in result["checkpoints"]] == ["checkpoint-1", "checkpoint-2"]
     return result
+
+
+@pytest.fixture(scope="session")
+def trl_run(tmp_path_factory):
+    """A real TRL GRPOTrainer run by examples/train_trl_checkpoint.py (two steps: OUT/base, OUT/checkpoint-1,
+    OUT/checkpoint-2, OUT/prompts.jsonl with conversational prompts, OUT/trainer_config.json), shared by the CLI and
+    example tests; main()'s result dict. Skipped without trl ≥ 1.16."""
+    pytest.importorskip("trl", minversion="1.16")
+    pytest.importorskip("datasets")
+    out = tmp_path_factory.mktemp("trl_run")
+    result = load_example("train_trl_checkpoint").main(["--out", str(out)], echo=lambda *args: None)
+    assert [Path(p).name for p in result["checkpoints"]] == ["checkpoint-1", "checkpoint-2"]
+    return result
+
+
+def cli_fails(capsys, argv: list[str], *expected: str) -> str:
+    """Run ``funcprobe`` in-process; it must exit 2 with one line on stderr, no traceback, holding every ``expected``
+    fragment. Returns the line."""
+    from funcprobe.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"funcprobe {argv[0]}: error: ") and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

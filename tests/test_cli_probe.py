@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_fails as _fails
 from funcprobe.checkpoints import load_checkpoint
 from funcprobe.cli import derive_seed, draw_eval_prompts, main, select_prompts
 from funcprobe.delta_h1 import delta_h1
@@ -34,18 +35,6 @@ def run_dir(tiny_run) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint_dir(run_dir) -> Path:
     return max(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def _fails(capsys, argv: list[str], *expected: str) -> str:
-    """Run the command in-process; it must exit 2 with one line on stderr holding every ``expected`` fragment."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("funcprobe probe: error: ") and "Traceback" not in err
-    for fragment in expected:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _strict_json(text: str):

@@ -74,3 +74,25 @@ def test_custom_reward_on_the_demo_policy(capsys):
     results = load_example("custom_reward").main(["--quick"])
     _check_probe(results)
     assert "demo's tiny policy" in capsys.readouterr().out
+
+
+def test_train_trl_checkpoint(trl_run):
+    """A real GRPOTrainer run saved as the trainer saves it, with its GRPOConfig as JSON for --trainer-config (the
+    probe of it end to end is tests/test_cli_trainer.py)."""
+    import json
+
+    from funcprobe import Objective
+    from funcprobe.trainer_config import read_trainer_config, trainer_settings
+
+    out = Path(trl_run["out"])
+    for checkpoint in trl_run["checkpoints"]:
+        names = {p.name for p in Path(checkpoint).iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json",
+                "training_args.bin", "chat_template.jinja"} <= names
+    settings = trainer_settings(read_trainer_config(out / "trainer_config.json"), source="run")
+    assert settings.objective == Objective(loss_type="grpo", beta=0.04, scale_rewards="group", max_grad_norm=1.0)
+    assert (settings.G, settings.B, settings.max_new_tokens, settings.learning_rate) == (4, 4, 8, 1e-3)
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and all(isinstance(r["prompt"], list) and r["prompt"][0]["role"] == "user" for r in rows)
+    state = torch.load(Path(trl_run["checkpoints"][-1]) / "optimizer.pt", weights_only=False)
+    assert {g["lr"] for g in state["param_groups"]} == {1e-3}  # constant schedule: the next step is not zero
