@@ -87,11 +87,12 @@ def naive_Y(peft_model, params, batch, objective):
     """Y_n = B Σ_{g,k} c_{n,g,k} ∇ℓ_{n,g,k} (spec §3) by autograd, with c = w·(A − βκ) built by hand; the KL
     reference from the module with its adapter disabled (PEFT's own switch, not funcprobe's zeroed lora_B)."""
     model, leaves = model_with_params(peft_model, params)
-    B, G = batch.B, batch.G
+    B, G, L = batch.input_ids.shape
     logp, mask = naive_token_logprobs(model, batch)
     w = torch.tensor(naive_token_weights(batch, objective.loss_type, objective.epsilon_high),
                      dtype=torch.float64).reshape(B * G, 1)
-    A = batch.advantages.reshape(B * G, 1)
+    A = (batch.advantages.reshape(B * G, 1) if batch.token_advantages is None
+         else batch.token_advantages.reshape(B * G, L)[:, 1:])  # A of the token each position predicts
     c = w * A * mask
     if objective.beta > 0:
         with torch.no_grad(), model.disable_adapter():
@@ -232,6 +233,45 @@ def test_delta_h1_per_loss_type_equals_naive_reference(peft_model, policy, batch
     step, _ = rl_update(policy.params, batch, policy=policy, adam=state, objective=objective)
     for name, delta in result.step.delta_theta().items():
         assert torch.allclose(policy.params[name] + delta, step[name], rtol=0, atol=1e-15)
+
+
+def with_token_advantages(batch, seed=0):
+    """The batch with per-token advantages: each sequence's A times a random factor per token (0 off the response)."""
+    generator = torch.Generator().manual_seed(seed)
+    factor = 0.5 + torch.rand(batch.input_ids.shape, generator=generator, dtype=torch.float64)
+    return batch.replace(token_advantages=batch.advantages[:, :, None] * factor * batch.response_mask)
+
+
+@pytest.mark.parametrize("objective", [Objective(loss_type="grpo"), Objective(loss_type="dapo", beta=0.3)],
+                         ids=["grpo", "dapo-beta0.3"])
+@pytest.mark.parametrize("seq_chunk", [1, 6])
+def test_per_token_advantages_equal_naive_reference(peft_model, policy, batch, objective, seq_chunk):
+    """Per-token advantages (PPO/GAE-style) flow through the same cotangent: δH₁ against autograd with A per token."""
+    state = warm_state(policy.params)
+    tokens = with_token_advantages(batch)
+    result = delta_h1(policy.params, tokens, policy=policy, adam=state, objective=objective, seq_chunk=seq_chunk,
+                      token_chunk=3)
+    reference = naive_delta_h1(peft_model, policy.params, tokens, state, "prompt", objective)
+    assert_matches_naive(result, reference)
+    sequence_level = delta_h1(policy.params, batch, policy=policy, adam=state, objective=objective)
+    assert not math.isclose(result.U_cross, sequence_level.U_cross, rel_tol=1e-3)  # the per-token A matters
+
+
+@pytest.mark.parametrize("objective", [Objective(), Objective(loss_type="grpo", scale_rewards="group",
+                                                              max_grad_norm=1e-3)], ids=["dr_grpo", "grpo-clip"])
+def test_per_sequence_path_equals_per_token_path(policy, batch, objective):
+    """Without a KL term the cotangent is constant along each sequence, and at seq_chunk=1 δH₁ takes one backward per
+    sequence for X and Y together; the general per-token path (forced by giving the same A per token) takes two.
+    Same numbers."""
+    state = warm_state(policy.params)
+    fast = delta_h1(policy.params, batch, policy=policy, adam=state, objective=objective, seq_chunk=1, token_chunk=3)
+    forced = batch.replace(token_advantages=batch.advantages[:, :, None] * batch.response_mask)
+    general = delta_h1(policy.params, forced, policy=policy, adam=state, objective=objective, seq_chunk=1,
+                       token_chunk=3)
+    sequences = batch.B * batch.G
+    assert (fast.backward_passes, general.backward_passes) == (sequences, 2 * sequences)  # the paths taken
+    for key in ("deltaH1", "U_cross", "state_term", "grad_term", "se_deltaH1", "se_plugin", "diag_sum"):
+        assert math.isclose(getattr(fast, key), getattr(general, key), rel_tol=1e-10, abs_tol=1e-300), key
 
 
 def test_kl_reference_is_the_adapter_disabled(peft_model, policy, batch):
@@ -381,13 +421,19 @@ def test_two_prompts_give_nan_jackknife_with_a_warning(policy, batch):
     assert math.isfinite(result.deltaH1) and math.isfinite(result.se_plugin)
 
 
+INVARIANCE_OBJECTIVES = [Objective(loss_type="dapo", beta=0.3),
+                         Objective(loss_type="grpo", beta=0.04, scale_rewards="group", max_grad_norm=1e-3),
+                         Objective(loss_type="bnpo", beta=0.3, use_bias_correction_kl=False),
+                         Objective(loss_type="luspo")]
+
+
 @HYPOTHESIS
 @given(seq_chunk=st.integers(1, 8), token_chunk=st.integers(1, 12), padding_side=st.sampled_from(["left", "right"]),
-       extra_padding=st.integers(0, 3))
+       extra_padding=st.integers(0, 3), objective=st.sampled_from(INVARIANCE_OBJECTIVES))
 def test_per_token_delta_h1_invariant_to_chunks_and_padding(policy, seq_chunk, token_chunk, padding_side,
-                                                            extra_padding):
-    """With a per-token cotangent (dapo weights and the KL term), δH₁ does not depend on chunking or padding."""
-    objective = Objective(loss_type="dapo", beta=0.3)
+                                                            extra_padding, objective):
+    """With a per-token cotangent (the loss types' weights, the KL term in both forms, clipping), δH₁ does not
+    depend on chunking or padding."""
     state = warm_state(policy.params)
     reference_batch = random_batch(5, 3, vocab_size=VOCAB, prompt_len=(2, 4), response_len=(1, 5), seed=8)
     reference = _invariance_reference(policy, state, objective, reference_batch)
@@ -403,7 +449,9 @@ _REFERENCE: dict = {}
 
 
 def _invariance_reference(policy, state, objective, batch) -> dict:
-    if not _REFERENCE:
+    """δH₁ on the unpadded batch at the default chunks, once per objective."""
+    if objective not in _REFERENCE:
         result = delta_h1(policy.params, batch, policy=policy, adam=state, objective=objective)
-        _REFERENCE.update({key: getattr(result, key) for key in ("deltaH1", "U_cross", "state_term", "se_deltaH1")})
-    return _REFERENCE
+        _REFERENCE[objective] = {key: getattr(result, key) for key in ("deltaH1", "U_cross", "state_term",
+                                                                       "se_deltaH1")}
+    return _REFERENCE[objective]
