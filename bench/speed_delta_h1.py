@@ -435,18 +435,15 @@ def report(results: list[dict], quick: bool, rtol: float) -> tuple[str, bool, bo
     return "\n".join(lines), agree_all, met_all
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_bench_args(parser: argparse.ArgumentParser, argv=None):
+    """Add the options the δH₁ benchmarks share (--quick, --configs, --repeats, --threads, --json), parse ``argv`` and
+    set torch's threads: (args, configuration keys, timed repeats, batch shape)."""
     parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, no warm-up (smoke run)")
     parser.add_argument("--configs", default="a,b", help="comma-separated configurations among a, b (default a,b)")
     parser.add_argument("--repeats", type=int, help="timed repeats per method (default 3; 1 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads (default min(2, cores); 1 with --quick, which "
                                                      "must stay fast on a busy machine)")
-    parser.add_argument("--rtol", type=float, default=RTOL, help="relative tolerance of the equality check")
-    parser.add_argument("--no-float64-check", action="store_true", help="skip the untimed float64 yardstick run "
-                                                                        "(always skipped with --quick)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--strict", action="store_true", help="exit 2 when a speed target is not met")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or (1 if args.quick else max(1, min(2, os.cpu_count() or 1))))
     repeats = args.repeats or (1 if args.quick else 3)
@@ -454,7 +451,16 @@ def main(argv=None) -> int:
     unknown = [k for k in keys if k not in CONFIGS or k == "quick"] if not args.quick else []
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose among a, b")
-    batch_shape = QUICK_BATCH if args.quick else FULL_BATCH
+    return args, keys, repeats, (QUICK_BATCH if args.quick else FULL_BATCH)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rtol", type=float, default=RTOL, help="relative tolerance of the equality check")
+    parser.add_argument("--no-float64-check", action="store_true", help="skip the untimed float64 yardstick run "
+                                                                        "(always skipped with --quick)")
+    parser.add_argument("--strict", action="store_true", help="exit 2 when a speed target is not met")
+    args, keys, repeats, batch_shape = parse_bench_args(parser, argv)
 
     def log(message):
         print(message, file=sys.stderr, flush=True)

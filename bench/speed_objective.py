@@ -23,7 +23,8 @@ per-token cotangents where the per-sequence path applies and the β rows the cos
 must give the same δH₁ (to ``--rtol`` on the scale of the terms it is summed from; the script exits 1 otherwise).
 
 Timing: one untimed warm-up of every method, then ``--repeats`` round-robin repeats; threads min(2, cores), 1 with
-``--quick``.
+``--quick``. Medians of wall time and of the process's CPU time (all threads): on a shared machine the CPU time is
+the steadier of the two, since waiting for a core does not count.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-from speed_delta_h1 import CONFIGS, FULL_BATCH, QUICK_BATCH, build  # noqa: E402 (also puts the repo on sys.path)
+from speed_delta_h1 import CONFIGS, build, parse_bench_args  # noqa: E402 (also puts the repo on sys.path)
 
 from funcprobe import Objective, delta_h1  # noqa: E402
 
@@ -84,23 +85,26 @@ def benchmark(key: str, batch_shape: dict, repeats: int, warmup: bool, log) -> d
         return out
 
     first = {m: once(*m) for m in methods}
-    walls = {m: ([] if warmup else [first[m]["wall_s"]]) for m in methods}
-    references = {m: ([] if warmup else [first[m]["reference_s"]]) for m in methods}
+    timed = {key: {m: ([] if warmup else [first[m][key]]) for m in methods}
+             for key in ("wall_s", "cpu_s", "reference_s")}
     for _ in range(repeats - (0 if warmup else 1)):
         for m in methods:
             out = once(*m)
-            walls[m].append(out["wall_s"])
-            references[m].append(out["reference_s"])
+            for key, values in timed.items():
+                values[m].append(out[key])
+    walls, cpus = timed["wall_s"], timed["cpu_s"]
     base = first[("per-sequence", 1)]
     # δH₁ = −η_g U_cross + state term: its float32 error is on the scale of the terms it is computed from.
     scale = abs(base["grad_term"]) + abs(base["state_term"])
     rows = []
     for m in methods:
         out = first[m]
-        median = statistics.median(walls[m])
+        median, cpu = statistics.median(walls[m]), statistics.median(cpus[m])
+        base_m = ("per-sequence", m[1])
         rows.append(dict(config=key, label=config["label"], method=m[0], seq_chunk=m[1], median_s=median,
-                         walls_s=walls[m], ratio=median / statistics.median(walls[("per-sequence", m[1])]),
-                         reference_s=statistics.median(references[m]), forward_passes=out["forward_passes"],
+                         walls_s=walls[m], ratio=median / statistics.median(walls[base_m]), median_cpu_s=cpu,
+                         cpus_s=cpus[m], cpu_ratio=cpu / statistics.median(cpus[base_m]),
+                         reference_s=statistics.median(timed["reference_s"][m]), forward_passes=out["forward_passes"],
                          backward_passes=out["backward_passes"], deltaH1=out["deltaH1"],
                          scaled_diff=abs(out["deltaH1"] - base["deltaH1"]) / scale))
     return dict(config=key, label=config["label"], lora_scalars=policy.num_params, batch=dict(batch_shape, L=batch.L),
@@ -108,14 +112,16 @@ def benchmark(key: str, batch_shape: dict, repeats: int, warmup: bool, log) -> d
 
 
 def report(results: list[dict], rtol: float) -> tuple[str, bool]:
-    lines = ["| config | method | seq_chunk | median wall s | × per-sequence (same seq_chunk) | reference forward s | "
-             "forward passes | backward passes | deltaH1 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | method | seq_chunk | median wall s | × per-sequence (same seq_chunk) | median CPU s | "
+             "CPU × per-sequence | reference forward s | forward passes | backward passes | deltaH1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     agree = True
     worst = 0.0
     for result in results:
         for row in result["rows"]:
             lines.append(f"| {row['config']} | {row['method']} | {row['seq_chunk']} | {row['median_s']:.3f} | "
-                         f"{row['ratio']:.2f}× | {row['reference_s']:.3f} | {row['forward_passes']} | "
+                         f"{row['ratio']:.2f}× | {row['median_cpu_s']:.3f} | {row['cpu_ratio']:.2f}× | "
+                         f"{row['reference_s']:.3f} | {row['forward_passes']} | "
                          f"{row['backward_passes']} | {row['deltaH1']:.8e} |")
             if not row["method"].startswith("β"):
                 worst = max(worst, row["scaled_diff"])
@@ -127,9 +133,12 @@ def report(results: list[dict], rtol: float) -> tuple[str, bool]:
         rows = {(r["method"], r["seq_chunk"]): r for r in result["rows"]}
         G = result["batch"]["G"]
         kl1, klG = rows[(f"β={BETA:g}", 1)], rows[(f"β={BETA:g}", G)]
-        lines.append(f"- {result['label']}: per-token cotangents cost {rows[('per-token', 1)]['ratio']:.2f}× the "
-                     f"per-sequence path at seq_chunk=1 and {rows[('per-token', G)]['ratio']:.2f}× at seq_chunk={G}; "
-                     f"β > 0 costs {kl1['ratio']:.2f}× (seq_chunk=1) and {klG['ratio']:.2f}× (seq_chunk={G}), of which "
+        lines.append(f"- {result['label']} (wall / CPU): per-token cotangents cost "
+                     f"{rows[('per-token', 1)]['ratio']:.2f}× / {rows[('per-token', 1)]['cpu_ratio']:.2f}× the "
+                     f"per-sequence path at seq_chunk=1 and {rows[('per-token', G)]['ratio']:.2f}× / "
+                     f"{rows[('per-token', G)]['cpu_ratio']:.2f}× at seq_chunk={G}; β > 0 costs {kl1['ratio']:.2f}× / "
+                     f"{kl1['cpu_ratio']:.2f}× (seq_chunk=1) and {klG['ratio']:.2f}× / {klG['cpu_ratio']:.2f}× "
+                     f"(seq_chunk={G}), of which "
                      f"the reference forward is {kl1['reference_s']:.2f} s / {klG['reference_s']:.2f} s "
                      f"({result['lora_scalars']:,} LoRA scalars, {result['response_tokens']} response tokens)")
     return "\n".join(lines), agree
@@ -137,20 +146,8 @@ def report(results: list[dict], rtol: float) -> tuple[str, bool]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, no warm-up (smoke run)")
-    parser.add_argument("--configs", default="a,b", help="comma-separated configurations among a, b (default a,b)")
-    parser.add_argument("--repeats", type=int, help="timed repeats per method (default 3; 1 with --quick)")
-    parser.add_argument("--threads", type=int, help="torch threads (default min(2, cores); 1 with --quick)")
     parser.add_argument("--rtol", type=float, default=RTOL, help="tolerance of the equality check")
-    parser.add_argument("--json", type=Path, help="also write the raw results here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or (1 if args.quick else max(1, min(2, os.cpu_count() or 1))))
-    repeats = args.repeats or (1 if args.quick else 3)
-    keys = ["quick"] if args.quick else [k.strip() for k in args.configs.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in CONFIGS or k == "quick"] if not args.quick else []
-    if unknown:
-        parser.error(f"unknown configuration(s) {unknown}; choose among a, b")
-    batch_shape = QUICK_BATCH if args.quick else FULL_BATCH
+    args, keys, repeats, batch_shape = parse_bench_args(parser, argv)
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
