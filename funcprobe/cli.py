@@ -122,16 +122,20 @@ def _add_probe_parser(commands) -> None:
     step.add_argument("--lr", type=float, default=None, help="learning rate of the step (default: the optimizer "
                       "state's)")
     step.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient's global norm as the "
-                      "trainer did (HF Trainer's and TRL's default is 1.0; default here: no clipping; 0 or less: none)")
+                      "trainer did (default: the trainer config's, which is 1.0 when the file does not say, as in HF and "
+                      "TRL; without a config no clipping; 0 or less: none)")
     step.add_argument("--loss-type", default=None, metavar="{" + ",".join(LOSS_TYPES) + "}",
-                      help="the trainer's loss aggregation, by TRL's names (default dr_grpo; TRL's default is dapo)")
-    step.add_argument("--beta", type=float, default=None, help="the KL coefficient β to the base model (default 0)")
+                      help="the trainer's loss aggregation, by TRL's names (default: the trainer config's, else dr_grpo; TRL's "
+                      "default is dapo)")
+    step.add_argument("--beta", type=float, default=None, help="the KL coefficient β to the base model (default: the trainer "
+                      "config's, else 0)")
     step.add_argument("--no-kl-bias-correction", dest="kl_bias_correction", action="store_false", default=None,
                       help="the plain k3 KL gradient κ = 1 − exp(ℓ_ref − ℓ), as TRL with use_bias_correction_kl=False "
                       "or verl's low_var_kl (default: TRL's bias-corrected κ = ℓ − ℓ_ref)")
     step.add_argument("--scale-rewards", default=None, metavar="{" + ",".join(SCALE_REWARDS) + "}",
                       help="advantages: rewards minus the group mean, divided by the group's std + 1e-4 ('group', "
-                      "TRL's default), the batch's ('batch'), or not ('none', Dr. GRPO; default here)")
+                      "TRL's default), the batch's ('batch'), or not ('none', Dr. GRPO) (default: the trainer config's, else "
+                      "none)")
     step.add_argument("--epsilon-high", type=float, default=None, help="CISPO's ε_high (default 0.2, TRL's)")
     step.add_argument("--units", default="prompt", help="δH₁ units: 'prompt' (U = B) or an integer M (M blocks of "
                       "prompts) (default %(default)s)")
