@@ -299,3 +299,30 @@ def test_to_dict_is_json_and_inputs_untouched(policies, batch):
     assert all(torch.equal(policy.params[n], t) for n, t in before.items())
     assert torch.equal(batch.input_ids, ids)
     assert "grad_term" in str(result)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_per_group_learning_rates(policies, batch):
+    """Two parameter groups with different lr: d_w = (ηP) ⊙ (ΣX − X_w) per tensor, Σ a still equals grad_term."""
+    from funcprobe import AdamState
+
+    policy = policies[False]
+    names = list(policy.params)
+    generator = torch.Generator().manual_seed(3)
+    state = {i: {"step": torch.tensor(3.0),
+                 "exp_avg": 1e-3 * torch.randn(policy.params[n].shape, generator=generator, dtype=torch.float64),
+                 "exp_avg_sq": 1e-6 * torch.rand(policy.params[n].shape, generator=generator, dtype=torch.float64)}
+             for i, n in enumerate(names)}
+    half = len(names) // 2
+    groups = [{"params": list(range(half)), "lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1,
+               "amsgrad": False, "maximize": False},
+              {"params": list(range(half, len(names))), "lr": 0.003, "betas": (0.9, 0.999), "eps": 1e-8,
+               "weight_decay": 0.0, "amsgrad": False, "maximize": False}]
+    adam = AdamState.from_torch({"state": state, "param_groups": groups}, [names[:half], names[half:]],
+                                policy.params)
+    result = attribute(policy.params, batch, policy=policy, adam=adam)
+    reference = delta_h1(policy.params, batch, policy=policy, adam=adam)
+    assert result.eta_g is None
+    assert result.grad_term == pytest.approx(reference.grad_term, rel=1e-10, abs=0)
+    assert result.state_term == pytest.approx(reference.state_term, rel=1e-10, abs=0)
+    assert math.isfinite(result.summary["correlations"]["pearson_cov"])
