@@ -69,6 +69,12 @@ def _add_attribute_parser(commands) -> None:
                        "clip_cov:0.002, clip_cov:0.02, high_entropy:0.2, positive_only)")
     group.add_argument("--quantiles", default="0.002,0.02,0.2", metavar="Q,Q,...",
                        help="top-q fractions of the ranking summaries (default %(default)s)")
+    group.add_argument("--html", default=None, metavar="PAGE.html",
+                       help="write a self-contained page: the summary, the interventions and every response token "
+                       "coloured by its attribution")
+    group.add_argument("--plot", default=None, metavar="PLOT.png",
+                       help="write the scatter of each token's attribution against the covariance proxy and the "
+                       "next-token entropy (needs matplotlib)")
 
 
 DEFAULT_INTERVENTIONS = ("clip_cov:0.002", "clip_cov:0.02", "high_entropy:0.2", "positive_only")
@@ -421,7 +427,7 @@ def _check_probe_args(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise ValueError(f"--memory-budget: {error}") from None
     args.units_value = parse_units(args.units)
-    if args.plot is not None and args.etas is None:
+    if getattr(args, "command", "probe") == "probe" and args.plot is not None and args.etas is None:
         raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "
                          "1e-6,3e-6,1e-5.")
     if not Path(args.checkpoint).exists():
@@ -834,6 +840,18 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     }
     if args.out is not None:
         echo(f"\nwrote {write_json(args.out, results)}")
+    if args.html is not None:
+        from .attribution_page import render_attribution_html
+
+        page = Path(args.html)
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(render_attribution_html(to_jsonable(results)), encoding="utf-8")
+        echo(f"wrote {page}")
+    if args.plot is not None:
+        from .report import plot_attribution
+
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        echo(f"wrote {plot_attribution(results, args.plot)}")
     return results
 
 
