@@ -77,10 +77,11 @@ def _get(nested, *index, default=None):
         return default
 
 
-def _baseline_gain(att: dict) -> float | None:
-    """The unchanged step's first-order objective gain, when the results carry it."""
-    if att.get("objective_gain") is not None:
-        return float(att["objective_gain"])
+def _baseline_gain(results: dict, att: dict) -> float | None:
+    """The unchanged step's first-order objective gain Ȳ·Δθ, when the results carry it."""
+    for source in (att, results):
+        if source.get("objective_gain") is not None:
+            return float(source["objective_gain"])
     for name in ("none", "baseline"):
         row = att.get("interventions", {}).get(name)
         if row and row.get("objective_gain") is not None:
@@ -91,7 +92,8 @@ def _baseline_gain(att: dict) -> float | None:
 def _summary_tables(att: dict) -> str:
     summary = att.get("summary") or {}
     corr = summary.get("correlations") or {}
-    eta_text = "η" if att.get("eta_g") is not None else "1 (per-group learning rates)"
+    eta_text = (f"η_g = {_num(att.get('eta_g'))}" if att.get("eta_g") is not None
+                else "1 (per-group learning rates)")
     parts = ["<h2>Agreement with the proxies</h2>",
              f"<p class='note'>Over the {html.escape(str(summary.get('tokens', '?')))} response tokens. The covariance "
              f"proxy is Cui et al.'s −η·cov (η = {html.escape(eta_text)}); the entropy proxy is the next-token entropy "
@@ -115,12 +117,12 @@ def _summary_tables(att: dict) -> str:
     return "\n".join(parts)
 
 
-def _interventions_table(att: dict) -> str:
+def _interventions_table(results: dict, att: dict) -> str:
     rows = att.get("interventions") or {}
     if not rows:
         return ""
     base_h = att.get("deltaH1")
-    base_gain = _baseline_gain(att)
+    base_gain = _baseline_gain(results, att)
     parts = ["<h2>Token-selection interventions</h2>",
              "<p class='note'>Each row re-runs the step with a token mask on its cotangent: δH₁ of the changed step, "
              "realised ΔĤ on the evaluation batch (± SE), and the first-order gain of the original objective. "
@@ -158,6 +160,7 @@ def _tokens_section(results: dict, att: dict) -> tuple[str, dict]:
     texts = results.get("token_text") or []
     advantages = results.get("advantages")
     rewards = results.get("rewards")
+    prompt_texts = results.get("prompt_text") or []
     eta = att.get("eta_g")
     eta = 1.0 if eta is None else float(eta)
     scale = max((abs(v) for p in tokens for s in p for v in s if isinstance(v, (int, float)) and math.isfinite(v)),
@@ -182,7 +185,9 @@ def _tokens_section(results: dict, att: dict) -> tuple[str, dict]:
         prompt_data = {"index": b, "contribution": prompt_sum, "sequences": []}
         parts.append(f"<div class='prompt' data-index='{b}' data-contribution='{prompt_sum!r}'>"
                      f"<h3>prompt {b}: contribution {_num(prompt_sum)} ({_num(100 * share, 3)}% of grad_term)</h3>"
-                     "<div class='seqs'>")
+                     + (f"<div class='ptext'>{html.escape(str(prompt_texts[b]))}</div>"
+                        if b < len(prompt_texts) and prompt_texts[b] else "")
+                     + "<div class='seqs'>")
         for g, seq in enumerate(prompt_tokens):
             seq_sum = float(_get(att, "sequence", b, g, default=sum(seq)))
             advantage = _get(advantages, b, g)
@@ -222,6 +227,8 @@ table.num{border-collapse:collapse;margin:4px 0 10px} table.num td,table.num th{
 table.num td{text-align:right;font-variant-numeric:tabular-nums} table.num td:first-child{text-align:left}
 table.num th{background:#f3f3f3;font-weight:600} tr.base td{color:#555}
 .big{font-size:16px} .prompt{border-top:1px solid #ddd;padding:4px 0 8px}
+.ptext{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;color:#444;
+white-space:pre-wrap;background:#f7f7f7;padding:3px 6px;margin:2px 0 4px;max-height:6em;overflow:auto}
 .seq{margin:4px 0 8px 12px} .meta{color:#555;font-size:12px}
 .toks{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;line-height:1.9;white-space:normal}
 .t{padding:1px 0;border-right:1px solid rgba(0,0,0,.08);white-space:pre} .t.ws{color:#888}
@@ -268,7 +275,7 @@ def render_attribution_html(results: dict) -> str:
               f"<p class='big'>δH₁ = {_num(att.get('deltaH1'), 6)} = grad_term {_num(att.get('grad_term'), 6)} + "
               f"state_term {_num(att.get('state_term'), 6)} <span class='note'>(nats per step; the state term "
               "belongs to no token)</span></p>")
-    body = "\n".join([header, _summary_tables(att), _interventions_table(att), tokens_html])
+    body = "\n".join([header, _summary_tables(att), _interventions_table(results, att), tokens_html])
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n{body}\n"
             f"<script type='application/json' id='attribution-data'>{_json_block(data)}</script>\n"

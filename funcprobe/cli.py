@@ -797,7 +797,7 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     """The ``attribute`` command: ``probe``'s loading and batches, then ``funcprobe.attribute`` with the
     interventions; prints the summary and writes ``--out`` JSON."""
     from .attribution import attribute
-    from .report import versions, write_json
+    from .report import to_jsonable, versions, write_json
 
     _check_probe_args(args)
     interventions = parse_interventions(args.intervention or DEFAULT_INTERVENTIONS)
@@ -826,6 +826,15 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     response = batch.response_mask.bool()
     token_text = [[[tokenizer.decode([int(t)]) if bool(r) else "" for t, r in zip(ids, mask)]
                    for ids, mask in zip(rows, masks)] for rows, masks in zip(batch.input_ids, response)]
+    prompt_part = batch.attention_mask[:, 0].bool() & ~response[:, 0]
+    prompt_text = [tokenizer.decode([int(t) for t, keep in zip(ids, part) if bool(keep)])
+                   for ids, part in zip(batch.input_ids[:, 0], prompt_part)]
+    import torch
+
+    # The unchanged step's first-order objective gain Ȳ·Δθ (the interventions' "objective_gain" baseline).
+    delta = result.step.delta_theta()
+    objective_gain = float(sum(torch.dot(result.step.ybar[n].detach().reshape(-1).cpu().double(),
+                                         delta[n].detach().reshape(-1).cpu().double()) for n in delta))
     config = {name: value for name, value in vars(args).items()
               if name not in ("etas", "units_value", "memory_budget_bytes", "objective")}
     results = {
@@ -834,7 +843,8 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
         "checkpoint": {"path": loaded.checkpoint.path, "step": loaded.checkpoint.step,
                        "base": loaded.checkpoint.base},
         "objective": args.objective.to_dict(), "attribution": result.to_dict(),
-        "input_ids": batch.input_ids.tolist(), "token_text": token_text,
+        "input_ids": batch.input_ids.tolist(), "token_text": token_text, "prompt_text": prompt_text,
+        "objective_gain": objective_gain,
         "advantages": batch.advantages.tolist(),
         "rewards": None if batch.rewards is None else batch.rewards.tolist(), "timings": timings,
     }

@@ -42,7 +42,8 @@ def synthetic_results() -> dict:
         "objective": {}, "timings": {},
     }
     return {"attribution": attribution, "token_text": texts, "advantages": [[1.0, -1.0], [0.5, -0.5]],
-            "rewards": [[1.0, 0.0], [0.7, 0.2]], "checkpoint": {"path": "/tmp/<ckpt>", "step": 2, "base": None}}
+            "rewards": [[1.0, 0.0], [0.7, 0.2]], "prompt_text": [EVIL + " 1+1=", "2+2="], "objective_gain": 1.0,
+            "checkpoint": {"path": "/tmp/<ckpt>", "step": 2, "base": None}}
 
 
 class _Checker(HTMLParser):
@@ -111,6 +112,10 @@ def test_page_is_well_formed_self_contained_and_escaped():
     assert "id='sort'" in page and "value='asc'" in page and "addEventListener('change'" in page
     assert "δH₁ = " in page and "grad_term" in page and "state_term" in page
     assert "&lt;/script&gt;&lt;script&gt;alert(1)" in page
+    # Prompt text shown (escaped); entropy kept per objective given up: (−0.2 − δH₁) / (1.0 − 0.7).
+    assert "2+2=" in text and EVIL + " 1+1=" in text
+    ratio = (-0.2 - results["attribution"]["deltaH1"]) / (1.0 - 0.7)
+    assert f"<td>{ratio:.4g}</td>" in page
 
 
 def test_colours_are_symmetric_and_normalised():
@@ -159,4 +164,7 @@ def test_cli_writes_page_and_plot(checkpoint_dir, tmp_path):
     n_tokens = sum(m for p in att["response_mask"] for s in p for m in s)
     assert sum(1 for name, value in checker.attrs if name == "class" and value.split()[0] == "t") == n_tokens
     assert math.isfinite(att["deltaH1"]) and "clip_cov:0.2" in page.read_text(encoding="utf-8")
+    # The baseline objective gain is Ȳ·Δθ of the unchanged step: positive for an ascent step, and a full-keep
+    # mask would reproduce it; clip_cov keeps fewer tokens, so its own gain differs from it.
+    assert math.isfinite(results["objective_gain"]) and len(results["prompt_text"]) == 2
     assert plot.read_bytes()[:4] == b"\x89PNG"
