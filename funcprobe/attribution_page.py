@@ -280,3 +280,28 @@ def render_attribution_html(results: dict) -> str:
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n{body}\n"
             f"<script type='application/json' id='attribution-data'>{_json_block(data)}</script>\n"
             f"<script>{_JS}</script>\n</body></html>\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m funcprobe.attribution_page RESULTS.json PAGE.html``: the page of a saved ``--out`` JSON."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m funcprobe.attribution_page",
+                                     description="render the attribution page of `funcprobe attribute --out` JSON")
+    parser.add_argument("results", help="the JSON written by `funcprobe attribute ... --out`")
+    parser.add_argument("page", help="the HTML file to write")
+    args = parser.parse_args(argv)
+    try:
+        results = json.loads(Path(args.results).read_text(encoding="utf-8"))
+        text = render_attribution_html(results)
+    except (OSError, ValueError) as error:
+        print(f"funcprobe.attribution_page: error: {error}", file=__import__("sys").stderr)
+        return 2
+    Path(args.page).write_text(text, encoding="utf-8")
+    print(f"wrote {args.page}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -168,3 +168,15 @@ def test_cli_writes_page_and_plot(checkpoint_dir, tmp_path):
     # mask would reproduce it; clip_cov keeps fewer tokens, so its own gain differs from it.
     assert math.isfinite(results["objective_gain"]) and len(results["prompt_text"]) == 2
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_page_from_saved_json(tmp_path, capsys):
+    from funcprobe.attribution_page import main
+
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps(synthetic_results()))
+    assert main([str(saved), str(tmp_path / "page.html")]) == 0
+    _check((tmp_path / "page.html").read_text(encoding="utf-8"))
+    (tmp_path / "bad.json").write_text('{"token_text": []}')
+    assert main([str(tmp_path / "bad.json"), str(tmp_path / "x.html")]) == 2
+    assert "attribution" in capsys.readouterr().err
