@@ -4,6 +4,7 @@ The math is fixed in the project's spec (ESTIMATORS.md); every function here is 
 """
 
 from .adam import AdamState, adamw_update, update_decomposition
+from .attribution import AttributionResult, attribute
 from .batch import RolloutBatch, SequenceChunk
 from .checkpoints import Checkpoint, load_adam_state, load_checkpoint
 from .delta_h1 import DeltaH1Result, delta_h1
@@ -21,5 +22,5 @@ __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState"
            "policy_gradient", "delta_h1", "DeltaH1Result", "snis_delta_h", "SNISResult", "crn_delta_h", "CRNResult",
            "entropy", "EntropyResult", "lr_sweep", "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint",
            "sample_batch", "SampledBatch", "draw_responses", "redraw", "DrawSpec", "plan_memory", "MemoryPlan",
-           "Objective", "compute_advantages"]
+           "Objective", "compute_advantages", "attribute", "AttributionResult"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
     funcprobe demo [--quick]                      the whole probe on a built-in tiny Qwen2 policy
     funcprobe probe CHECKPOINT [options]          δH₁ and ΔH of the next AdamW step of a LoRA training checkpoint
+    funcprobe attribute CHECKPOINT [options]      which tokens drive δH₁; proxies and token-selection interventions
 
 Bad inputs (a missing checkpoint, a corrupt optimizer.pt, a bad prompts line, …) end with one line on stderr and exit
 status 2; argparse's own usage errors also exit 2. Anything else is a bug and keeps its traceback.
@@ -18,13 +19,15 @@ import os
 import random
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
 from .formatting import fmt
 from .objective import LOSS_TYPES, SCALE_REWARDS
 
-__all__ = ["main", "select_prompts", "draw_eval_prompts", "derive_seed", "parse_etas", "parse_units"]
+__all__ = ["main", "select_prompts", "draw_eval_prompts", "derive_seed", "parse_etas", "parse_units",
+           "parse_interventions", "parse_quantiles"]
 
 log = logging.getLogger("funcprobe.cli")
 
@@ -46,15 +49,80 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_probe_parser(commands)
+    _add_attribute_parser(commands)
     return parser
 
 
-def _add_probe_parser(commands) -> None:
-    probe = commands.add_parser(
-        "probe", help="δH₁ and ΔH of the next AdamW step of a LoRA checkpoint",
+def _add_attribute_parser(commands) -> None:
+    attribute = _add_probe_parser(
+        commands, "attribute", help="which tokens of the update batch drive δH₁, and what token-selection "
+        "interventions would do (spec §8)",
+        description="Load a checkpoint and sample the update and evaluation batches exactly as `probe` does, then "
+                    "attribute δH₁'s gradient term to the update batch's tokens, compare it with the covariance proxy "
+                    "(Cui et al. 2025) and the next-token entropy, and report each intervention's δH₁, realised ΔH on "
+                    "the evaluation batch, and first-order objective gain. The model is loaded with eager attention "
+                    "(forward-mode AD needs it).")
+    group = attribute.add_argument_group("attribution")
+    group.add_argument("--intervention", action="append", default=None, metavar="SPEC",
+                       help="repeatable: clip_cov[:q] (drop the top-q tokens by covariance), high_entropy[:q] (keep "
+                       "only the top-q by entropy), positive_only (drop negative-advantage sequences) (default: "
+                       "clip_cov:0.002, clip_cov:0.02, high_entropy:0.2, positive_only)")
+    group.add_argument("--quantiles", default="0.002,0.02,0.2", metavar="Q,Q,...",
+                       help="top-q fractions of the ranking summaries (default %(default)s)")
+    group.add_argument("--html", default=None, metavar="PAGE.html",
+                       help="write a self-contained page: the summary, the interventions and every response token "
+                       "coloured by its attribution")
+    group.add_argument("--plot", default=None, metavar="PLOT.png",
+                       help="write the scatter of each token's attribution against the covariance proxy and the "
+                       "next-token entropy (needs matplotlib)")
+
+
+DEFAULT_INTERVENTIONS = ("clip_cov:0.002", "clip_cov:0.02", "high_entropy:0.2", "positive_only")
+
+
+def parse_interventions(specs) -> dict:
+    """{"clip_cov:0.02": ("clip_cov", 0.02), "positive_only": "positive_only", ...} from --intervention values."""
+    out = {}
+    for spec in specs:
+        kind, _, q = spec.partition(":")
+        if kind not in ("clip_cov", "high_entropy", "positive_only"):
+            raise ValueError(f"--intervention {spec!r}: the kind must be clip_cov, high_entropy or positive_only.")
+        if kind == "positive_only":
+            if q:
+                raise ValueError(f"--intervention {spec!r}: positive_only takes no fraction.")
+            out[spec] = kind
+            continue
+        try:
+            value = float(q) if q else None
+        except ValueError:
+            raise ValueError(f"--intervention {spec!r}: the fraction after ':' must be a number in (0, 1].") from None
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"--intervention {spec!r}: the fraction must be in (0, 1]; got {value}.")
+        out[spec] = kind if value is None else (kind, value)
+    return out
+
+
+def parse_quantiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--quantiles must be comma-separated numbers in (0, 1], e.g. 0.002,0.02,0.2; "
+                         f"got {text!r}.") from None
+    if not values or any(not 0 < q <= 1 for q in values):
+        raise ValueError(f"--quantiles must be numbers in (0, 1]; got {text!r}.")
+    return values
+
+
+def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.ArgumentParser:
+    """The ``probe`` subcommand's parser; ``name="attribute"`` reuses its loading, batch, step and compute options
+    (the probe-only ones — the realised estimator, --in-sample, --eta-sweep, --plot — are left out)."""
+    parser_text = parser_text or dict(
+        help="δH₁ and ΔH of the next AdamW step of a LoRA checkpoint",
         description="Load a LoRA training checkpoint (policy + AdamW state), sample an update batch of B prompts × G "
                     "responses from it, and report the predicted (δH₁) entropy change of the AdamW step on that batch "
                     "beside the realised change (ΔH), measured on an evaluation batch drawn independently of it.")
+    only_probe = name == "probe"
+    probe = commands.add_parser(name, **parser_text)
     probe.add_argument("checkpoint", help="an HF Trainer checkpoint-N/ folder, a run folder holding checkpoint-N/ "
                        "(the latest is taken), a folder with model/ + optimizer.pt, or a bare adapter (with "
                        "--optimizer)")
@@ -105,11 +173,13 @@ def _add_probe_parser(commands) -> None:
     evaluation.add_argument("--eval-seed", type=int, default=None,
                             help="seeds the evaluation prompts and responses (default: derived from --seed; must "
                             "differ from --seed)")
-    evaluation.add_argument("--realised", choices=("snis", "crn", "both"), default="snis",
+    if only_probe:
+        evaluation.add_argument("--realised", choices=("snis", "crn", "both"), default="snis",
                             help="estimator of the realised change: importance sampling with the Rao-Blackwell "
                             "integrand (snis), common random numbers (crn), or both; the README says why snis is the "
                             "default and when to use crn (default %(default)s)")
-    evaluation.add_argument("--in-sample", action="store_true",
+    if only_probe:
+        evaluation.add_argument("--in-sample", action="store_true",
                             help="also report importance sampling on the update batch itself: a biased diagnostic "
                             "(it carries the same-sample term δH₁ removes), labelled as such")
     step = probe.add_argument_group("step (the trainer's own settings: --trainer-config; flags win over it)")
@@ -139,7 +209,8 @@ def _add_probe_parser(commands) -> None:
     step.add_argument("--epsilon-high", type=float, default=None, help="CISPO's ε_high (default 0.2, TRL's)")
     step.add_argument("--units", default="prompt", help="δH₁ units: 'prompt' (U = B) or an integer M (M blocks of "
                       "prompts) (default %(default)s)")
-    step.add_argument("--eta-sweep", default=None, metavar="ETA,ETA,...",
+    if only_probe:
+        step.add_argument("--eta-sweep", default=None, metavar="ETA,ETA,...",
                       help="also estimate ΔH(η) at these learning rates, e.g. 1e-6,3e-6,1e-5")
     compute = probe.add_argument_group("compute")
     compute.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N) (default %(default)s)")
@@ -160,7 +231,8 @@ def _add_probe_parser(commands) -> None:
                          "folder")
     output = probe.add_argument_group("output")
     output.add_argument("--out", default=None, help="write the results as JSON here")
-    output.add_argument("--plot", default=None, help="write the learning-rate sweep's plot here (needs "
+    if only_probe:
+        output.add_argument("--plot", default=None, help="write the learning-rate sweep's plot here (needs "
                         "--eta-sweep and matplotlib)")
     output.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a "
                         "terminal)")
@@ -168,6 +240,9 @@ def _add_probe_parser(commands) -> None:
                         "and ΔH tables")
     output.add_argument("--dist-timeout", type=float, default=300.0, help="under torchrun: seconds a collective "
                         "may wait before the run fails (a rank that died or hangs) (default %(default)s)")
+    if not only_probe:
+        probe.set_defaults(realised="snis", in_sample=False, eta_sweep=None, plot=None)
+    return probe
 
 
 # ------------------------------------------------------------------------------------------------ argument checks
@@ -372,7 +447,7 @@ def _check_probe_args(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise ValueError(f"--memory-budget: {error}") from None
     args.units_value = parse_units(args.units)
-    if args.plot is not None and args.etas is None:
+    if getattr(args, "command", "probe") == "probe" and args.plot is not None and args.etas is None:
         raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "
                          "1e-6,3e-6,1e-5.")
     if not Path(args.checkpoint).exists():
@@ -558,40 +633,14 @@ def _batch_section(sampled, chosen: dict, indices: list[int] | None, seed: int |
             "timings": sampled.timings}
 
 
-def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, world=None) -> dict:
-    """The ``probe`` command: load, sample U and E, δH₁ on U, the step, ΔH on E, the sweep on E; print the report;
-    write JSON and the plot.
-
-    Under torchrun (``world`` from ``funcprobe.distributed.init_from_env``): every rank loads the checkpoint, samples
-    its contiguous shard of each batch's prompts (``first_prompt_index`` = the shard's start, so the batches do not
-    depend on the number of ranks), the shards are gathered so that every rank holds both batches, and δH₁, ΔH and
-    the sweep are computed sharded (issue 6). Only rank 0 prints and writes the JSON and the plot, at the very end
-    (the JSON atomically).
-    """
+def _load_and_sample(args: argparse.Namespace, *, progress: bool | None, echo, world, timed,
+                     policy_extra: dict | None = None) -> types.SimpleNamespace:
+    """Shared by ``probe`` and ``attribute``: load the checkpoint, choose the prompts, plan memory, sample (or read)
+    the update batch and sample the evaluation batch. ``policy_extra``: more ``load_checkpoint`` options (e.g. the
+    attention implementation)."""
     import torch
 
     from .checkpoints import load_checkpoint
-    from .delta_h1 import delta_h1
-    from .distributed import COMM, SINGLE
-    from .report import format_report, peak_memory, plot_lr_sweep, reset_peak_memory, summary, versions, write_json
-    from .realised import crn_delta_h, snis_delta_h
-    from .sweep import lr_sweep
-    from .update import apply_step
-
-    _check_probe_args(args)
-    world = SINGLE if world is None else world
-    if not world.is_main:
-        echo, progress = (lambda *a, **k: None), False
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    reset_peak_memory(args.device)
-
-    def timed(phase, fn):
-        log.info("%s …", phase)
-        start = time.perf_counter()
-        value = fn()
-        timings[phase] = time.perf_counter() - start
-        return value
 
     # The prompts, the rollouts and the reward functions first when given, so that a bad file, -B or reward spec
     # fails before the model is loaded.
@@ -610,7 +659,7 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         policy_options["logsoftmax_dtype"] = getattr(torch, args.logsoftmax_dtype)
     with _library_bars(enabled=sys.stderr.isatty() if progress is None else progress):
         checkpoint = timed("load", lambda: load_checkpoint(args.checkpoint, base=args.base, optimizer=args.optimizer,
-                                                           dtype=getattr(torch, args.dtype),
+                                                           dtype=getattr(torch, args.dtype), **(policy_extra or {}),
                                                            device=args.device, **policy_options))
     policy, adam = checkpoint.policy, checkpoint.adam
     params = policy.params
@@ -679,6 +728,50 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
                                                       seed=args.eval_seed, G=args.eval_G, **sampling))
     echo(f"evaluation batch: B={evaluation.batch.B} prompts × G={evaluation.batch.G} responses, drawn independently "
          f"(seed {args.eval_seed})")
+
+    return types.SimpleNamespace(checkpoint=checkpoint, policy=policy, adam=adam, params=params, chosen=chosen,
+                                 records=records, sampled=sampled, source=source, batch=batch, evaluation=evaluation,
+                                 memory_plan=memory_plan, store=store, prompt_chunk=prompt_chunk,
+                                 seq_chunk=seq_chunk, token_chunk=token_chunk)
+
+
+def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, world=None) -> dict:
+    """The ``probe`` command: load, sample U and E, δH₁ on U, the step, ΔH on E, the sweep on E; print the report;
+    write JSON and the plot.
+
+    Under torchrun (``world`` from ``funcprobe.distributed.init_from_env``): every rank loads the checkpoint, samples
+    its contiguous shard of each batch's prompts (``first_prompt_index`` = the shard's start, so the batches do not
+    depend on the number of ranks), the shards are gathered so that every rank holds both batches, and δH₁, ΔH and
+    the sweep are computed sharded (issue 6). Only rank 0 prints and writes the JSON and the plot, at the very end
+    (the JSON atomically).
+    """
+    from .delta_h1 import delta_h1
+    from .distributed import COMM, SINGLE
+    from .report import format_report, peak_memory, plot_lr_sweep, reset_peak_memory, summary, versions, write_json
+    from .realised import crn_delta_h, snis_delta_h
+    from .sweep import lr_sweep
+    from .update import apply_step
+
+    _check_probe_args(args)
+    world = SINGLE if world is None else world
+    if not world.is_main:
+        echo, progress = (lambda *a, **k: None), False
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    reset_peak_memory(args.device)
+
+    def timed(phase, fn):
+        log.info("%s …", phase)
+        start = time.perf_counter()
+        value = fn()
+        timings[phase] = time.perf_counter() - start
+        return value
+
+    loaded = _load_and_sample(args, progress=progress, echo=echo, world=world, timed=timed)
+    checkpoint, policy, adam, params = loaded.checkpoint, loaded.policy, loaded.adam, loaded.params
+    chosen, records, sampled, source = loaded.chosen, loaded.records, loaded.sampled, loaded.source
+    batch, evaluation, memory_plan, store = loaded.batch, loaded.evaluation, loaded.memory_plan, loaded.store
+    prompt_chunk, seq_chunk, token_chunk = loaded.prompt_chunk, loaded.seq_chunk, loaded.token_chunk
 
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
     step = dict(lr=args.lr, objective=args.objective)
@@ -754,6 +847,78 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     return results
 
 
+def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print) -> dict:
+    """The ``attribute`` command: ``probe``'s loading and batches, then ``funcprobe.attribute`` with the
+    interventions; prints the summary and writes ``--out`` JSON."""
+    from .attribution import attribute
+    from .report import to_jsonable, versions, write_json
+
+    _check_probe_args(args)
+    interventions = parse_interventions(args.intervention or DEFAULT_INTERVENTIONS)
+    quantiles = parse_quantiles(args.quantiles)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(phase, fn):
+        start = time.perf_counter()
+        value = fn()
+        timings[phase] = time.perf_counter() - start
+        return value
+
+    from .distributed import SINGLE
+
+    loaded = _load_and_sample(args, progress=progress, echo=echo, world=SINGLE, timed=timed,
+                              policy_extra={"attn_implementation": "eager"})
+    batch = loaded.batch
+    result = timed("attribute", lambda: attribute(
+        loaded.params, batch, policy=loaded.policy, adam=loaded.adam, objective=args.objective,
+        units=args.units_value, lr=args.lr, seq_chunk=loaded.seq_chunk, token_chunk=loaded.token_chunk,
+        quantiles=quantiles, interventions=interventions, evaluation=loaded.evaluation.batch, progress=progress))
+    echo("\n" + str(result))
+    timings["total"] = time.perf_counter() - started
+    tokenizer = loaded.checkpoint.tokenizer
+    response = batch.response_mask.bool()
+    token_text = [[[tokenizer.decode([int(t)]) if bool(r) else "" for t, r in zip(ids, mask)]
+                   for ids, mask in zip(rows, masks)] for rows, masks in zip(batch.input_ids, response)]
+    prompt_part = batch.attention_mask[:, 0].bool() & ~response[:, 0]
+    prompt_text = [tokenizer.decode([int(t) for t, keep in zip(ids, part) if bool(keep)])
+                   for ids, part in zip(batch.input_ids[:, 0], prompt_part)]
+    import torch
+
+    # The unchanged step's first-order objective gain Ȳ·Δθ (the interventions' "objective_gain" baseline).
+    delta = result.step.delta_theta()
+    objective_gain = float(sum(torch.dot(result.step.ybar[n].detach().reshape(-1).cpu().double(),
+                                         delta[n].detach().reshape(-1).cpu().double()) for n in delta))
+    config = {name: value for name, value in vars(args).items()
+              if name not in ("etas", "units_value", "memory_budget_bytes", "objective")}
+    results = {
+        "command": "attribute", "config": config, "versions": versions(), "seed": args.seed,
+        "eval_seed": args.eval_seed,
+        "checkpoint": {"path": loaded.checkpoint.path, "step": loaded.checkpoint.step,
+                       "base": loaded.checkpoint.base},
+        "objective": args.objective.to_dict(), "attribution": result.to_dict(),
+        "input_ids": batch.input_ids.tolist(), "token_text": token_text, "prompt_text": prompt_text,
+        "objective_gain": objective_gain,
+        "advantages": batch.advantages.tolist(),
+        "rewards": None if batch.rewards is None else batch.rewards.tolist(), "timings": timings,
+    }
+    if args.out is not None:
+        echo(f"\nwrote {write_json(args.out, results)}")
+    if args.html is not None:
+        from .attribution_page import render_attribution_html
+
+        page = Path(args.html)
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(render_attribution_html(to_jsonable(results)), encoding="utf-8")
+        echo(f"wrote {page}")
+    if args.plot is not None:
+        from .report import plot_attribution
+
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        echo(f"wrote {plot_attribution(results, args.plot)}")
+    return results
+
+
 @contextlib.contextmanager
 def _library_bars(enabled: bool):
     """transformers' and huggingface_hub's own progress bars (weight loading, downloads) on or off, restored after."""
@@ -813,6 +978,8 @@ def main(argv: list[str] | None = None) -> int:
                          progress=progress)
             elif args.command == "probe":
                 run_probe(args, progress=progress, world=world)
+            elif args.command == "attribute":
+                run_attribute(args, progress=progress)
         return 0
     except USER_ERRORS as error:
         _record(world, error)

@@ -358,6 +358,38 @@ class Policy:
             holder.clear()
             del token_values, values
 
+    def token_logprob_jvp(self, params: ParamsDict, chunk: SequenceChunk, tangent: ParamsDict, *,
+                          token_chunk: int | None = None,
+                          entropies: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Forward-mode derivative of the chunk's per-token log-probs along a direction d in parameter space.
+
+        Returns (ℓ [T], d·∇ℓ [T], H [T] or None), float64 on the policy's device, row-major over the chunk's response
+        tokens (``response_mask.nonzero()`` order, as ``ChunkLogprobs.token_logprobs``). One ``torch.func.jvp`` of
+        the chunk's forward: memory of one forward, no per-token gradient is formed (the vocabulary projection's
+        jvp rule is dh·D). ``tangent`` is keyed and shaped like ``params`` (cast to their dtype and device).
+        ``entropies=True`` adds the full next-token entropies H(π_θ(·|t_<k)) from the same hidden states.
+        Needs attention with a forward-mode rule (eager attention; CPU SDPA has none).
+        """
+        self.check_params(params)
+        token_chunk = self.token_chunk if token_chunk is None else token_chunk
+        _check_positive("token_chunk", token_chunk)
+        params = dict(params)
+        tangent = {n: tangent[n].to(dtype=p.dtype, device=p.device) for n, p in params.items()}
+        head = self._lm_head
+
+        def forward(p):
+            hidden, targets, _ = self._response_rows(p, chunk)
+            values = token_logprobs(hidden, head.weight, head.bias, targets, temperature=self.temperature,
+                                    token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
+            return values, hidden.detach()
+
+        values, derivative, hidden = torch.func.jvp(forward, (params,), (tangent,), has_aux=True)
+        entropy = None
+        if entropies:
+            entropy = token_entropies(hidden, head.weight, head.bias, temperature=self.temperature,
+                                      token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
+        return values.detach(), derivative.detach(), entropy
+
     def logprob_grads(self, params: ParamsDict, batch: RolloutBatch, weights: Tensor, *,
                       seq_chunk: int | None = None, token_chunk: int | None = None,
                       progress: bool | None = False) -> tuple[Tensor, list[dict[str, Tensor]]]:

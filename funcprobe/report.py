@@ -295,3 +295,65 @@ def plot_lr_sweep(result, path: str | os.PathLike, *, z: float = 1.96) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return os.fspath(path)
+
+
+def _symlog_if_heavy(axis_set, values) -> None:
+    """Symmetric-log scale when |values| is heavy-tailed (max > 50 × the median of the non-zero |v|)."""
+    magnitudes = sorted(abs(v) for v in values if v != 0 and math.isfinite(v))
+    if not magnitudes:
+        return
+    median = magnitudes[len(magnitudes) // 2]
+    if magnitudes[-1] > 50 * median:
+        axis_set("symlog", linthresh=median)
+
+
+def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """Two scatter panels over the update batch's response tokens (spec §8): the attribution a against Cui et al.'s
+    covariance proxy −η·cov (η = η_g, or 1 with per-group learning rates, as ``proxy_summary``), and a against the
+    next-token entropy; Pearson/Spearman (from the results' summary) in the titles. Axes of heavy-tailed values are
+    symmetric-log. ``results``: ``funcprobe attribute``'s dict (or its "attribution" entry). Saves to ``path``,
+    returns it. Needs matplotlib."""
+    attribution = results.get("attribution", results)
+    if not isinstance(attribution, Mapping) or "token" not in attribution:
+        raise ValueError("plot_attribution takes the results of `funcprobe attribute` (or their 'attribution' "
+                         "entry, AttributionResult.to_dict()).")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plot_attribution needs matplotlib, which funcprobe does not install by default: "
+                          "pip install matplotlib") from error
+    eta = 1.0 if attribution.get("eta_g") is None else float(attribution["eta_g"])
+    a, pred, entropy = [], [], []
+    for p_tok, p_mask, p_cov, p_h in zip(attribution["token"], attribution["response_mask"],
+                                         attribution["covariance"], attribution["entropy"]):
+        for s_tok, s_mask, s_cov, s_h in zip(p_tok, p_mask, p_cov, p_h):
+            for value, m, c, h in zip(s_tok, s_mask, s_cov, s_h):
+                if m:
+                    a.append(value)
+                    pred.append(-eta * c)
+                    entropy.append(h)
+    corr = (attribution.get("summary") or {}).get("correlations", {})
+    eta_label = "η" if attribution.get("eta_g") is not None else "1"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    panels = ((axes[0], pred, f"covariance proxy −{eta_label}·cov (Cui et al.)", "cov"),
+              (axes[1], entropy, "next-token entropy H (nats)", "entropy"))
+    for ax, x, label, key in panels:
+        ax.scatter(x, a, s=9, alpha=0.55, color="C0", edgecolors="none")
+        ax.axhline(0.0, color="0.6", lw=0.8)
+        if key == "cov":
+            ax.axvline(0.0, color="0.6", lw=0.8)
+            _symlog_if_heavy(ax.set_xscale, x)
+        _symlog_if_heavy(ax.set_yscale, a)
+        ax.set_xlabel(label)
+        ax.set_ylabel("attribution a (nats per step)")
+        ax.set_title(f"a vs {'−η·cov' if key == 'cov' else 'entropy'}: Pearson {fmt(corr.get(f'pearson_{key}'), '.3g')}, "
+                     f"Spearman {fmt(corr.get(f'spearman_{key}'), '.3g')}", fontsize=10)
+        ax.grid(alpha=0.25)
+    fig.suptitle(f"which tokens drive δH₁ = {fmt(attribution.get('deltaH1'), '.4g')} "
+                 f"(grad_term {fmt(attribution.get('grad_term'), '.4g')}; {len(a)} response tokens)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.fspath(path)

@@ -1,0 +1,472 @@
+"""Attribution of δH₁'s gradient term to the update batch's tokens (spec §8, built on §3–§5).
+
+For units w = 1..U (single prompts, or M equal blocks of m = B/M prompts) with unit vectors X_w, Y_w
+(``funcprobe.delta_h1.unit_vectors``), ΣX = Σ_w X_w, and the step's decomposition Δθ = η_g P ⊙ Ȳ + Δθ_state:
+
+    grad_term = −η_g/(U(U−1)) Σ_w (ΣX − X_w)·P·Y_w,      Y_w = (B/m) Σ_{n∈w} Σ_{g,k} c_{n,g,k} ∇ℓ_{n,g,k}
+
+so with d_w = (η_g P) ⊙ (ΣX − X_w) (per-group learning rates: the per-tensor η_g,n P_n) the gradient term is a sum
+over tokens,
+
+    a_{n,g,k} = −(B/m) / (U(U−1)) · c_{n,g,k} · d_w·∇ℓ_{n,g,k}      (n in unit w),      Σ a = grad_term.
+
+For prompt units m = 1 and B/m = B (spec §8's "B c"); for blocks B/m = U. d_w·∇ℓ for all tokens of a sequence
+chunk at once is one forward-mode jvp of the per-token log-probs along d_w (``Policy.token_logprob_jvp``): memory of
+one forward, no per-token gradient is ever formed. The state term −X̄·Δθ_state belongs to no token.
+
+Passes: (1) the unit vectors (X_w kept, float64 CPU: U parameter-sized vectors) and ΣY → P, η_g, Δθ_state;
+(2) one jvp per sequence chunk of each unit (chunks never straddle a unit), which also yields ℓ and the next-token
+entropies.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adam import AdamState, update_decomposition
+from .batch import RolloutBatch
+from .delta_h1 import unit_partition, unit_vectors
+from .objective import Objective
+from .policy import ChunkLogprobs, Policy
+from .progress import progress_bar
+from .update import StepCotangent, step_cotangent
+
+__all__ = ["AttributionResult", "attribute", "token_covariance", "pearson", "spearman", "average_ranks",
+           "top_fraction", "jaccard", "proxy_summary"]
+
+ParamsDict = Mapping[str, Tensor]
+DEFAULT_QUANTILES = (0.002, 0.02, 0.2)
+
+
+def _zeros_like(params: ParamsDict) -> dict[str, Tensor]:
+    return {name: torch.zeros(tensor.shape, dtype=torch.float64) for name, tensor in params.items()}
+
+
+def _cpu64(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {name: tensor.detach().to("cpu", torch.float64) for name, tensor in tensors.items()}
+
+
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    return float(sum(torch.dot(a[name].reshape(-1), b[name].reshape(-1)) for name in a))
+
+
+def _nested(tensor: Tensor) -> list:
+    return tensor.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ result
+@dataclass(frozen=True)
+class AttributionResult:
+    """Token attributions of δH₁'s gradient term (spec §8) and the per-token proxies beside them.
+
+    Tensors (float64, CPU; 0 off the response):
+      * ``token`` a [B, G, L]; ``sequence`` [B, G] and ``prompt`` [B] its sums; Σ a = ``grad_term``;
+      * ``logprobs`` ℓ [B, G, L]; ``covariance`` Cui et al.'s cov [B, G, L]; ``entropy`` H(π(·|t_<k)) [B, G, L];
+      * ``cotangent`` the step's c [B, G, L] (spec §3).
+    Scalars: ``grad_term``, ``state_term``, ``deltaH1`` = grad_term + state_term (nats per step), ``eta_g`` (None with
+    per-group learning rates), ``n_units``, ``units``. ``summary``: correlations and top-q overlaps
+    (:func:`proxy_summary`). ``interventions``: name → dict (see :func:`attribute`). ``step``: the decomposition of
+    the original step (not in ``to_dict``).
+    """
+
+    token: Tensor
+    sequence: Tensor
+    prompt: Tensor
+    grad_term: float
+    state_term: float
+    deltaH1: float
+    eta_g: float | None
+    n_units: int
+    units: str
+    B: int
+    G: int
+    logprobs: Tensor
+    covariance: Tensor
+    entropy: Tensor
+    cotangent: Tensor
+    response_mask: Tensor
+    summary: dict = field(default_factory=dict)
+    interventions: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    objective: dict = field(default_factory=dict)
+    step: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """Standard JSON types: per-token arrays as nested lists [B][G][L] (0 off the response)."""
+        return {
+            "grad_term": self.grad_term, "state_term": self.state_term, "deltaH1": self.deltaH1,
+            "eta_g": self.eta_g, "n_units": self.n_units, "units": self.units, "B": self.B, "G": self.G,
+            "prompt": _nested(self.prompt), "sequence": _nested(self.sequence), "token": _nested(self.token),
+            "logprobs": _nested(self.logprobs), "covariance": _nested(self.covariance),
+            "entropy": _nested(self.entropy), "cotangent": _nested(self.cotangent),
+            "response_mask": _nested(self.response_mask.to(torch.int64)),
+            "summary": self.summary, "interventions": self.interventions, "timings": dict(self.timings),
+            "objective": dict(self.objective),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"δH₁ = {self.deltaH1:.6g} = grad_term {self.grad_term:.6g} + state_term {self.state_term:.6g} "
+                 f"(U = {self.n_units}, units = {self.units})"]
+        for name, value in self.summary.get("correlations", {}).items():
+            lines.append(f"  corr(a, {name}) = {value:.4g}")
+        for name, row in self.interventions.items():
+            lines.append(f"  {name}: δH₁ = {row['deltaH1']:.6g}, objective gain = {row['objective_gain']:.6g}"
+                         + (f", ΔĤ = {row['realised_delta_h']:.6g}" if row.get("realised_delta_h") is not None
+                            else ""))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- core
+def _chunk_item(chunk, values: Tensor) -> ChunkLogprobs:
+    """A ChunkLogprobs view of a jvp's primal values (no vjp), so StepCotangent.for_chunk applies unchanged."""
+    rows, cols = chunk.response_mask.nonzero(as_tuple=True)
+
+    def no_vjp(_):
+        raise RuntimeError("attribution chunks carry no vjp")
+
+    return ChunkLogprobs(chunk=chunk, logprobs=torch.zeros(0), token_logprobs=values, token_rows=rows,
+                         token_columns=cols + chunk.columns[0], token_vjp=no_vjp)
+
+
+def _scatter(target: Tensor, chunk, item: ChunkLogprobs, values: Tensor) -> None:
+    """Write a chunk's per-token values [T] into a unit-local [m, G, L] tensor."""
+    m, G, L = target.shape
+    flat = chunk.flat_index.cpu()[item.token_rows.cpu()]
+    target.view(m * G, L)[flat, item.token_columns.cpu()] = values.to("cpu", torch.float64)
+
+
+def _check_chunks(policy: Policy, seq_chunk, token_chunk) -> tuple[int, int]:
+    seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
+    token_chunk = policy.token_chunk if token_chunk is None else token_chunk
+    for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return seq_chunk, token_chunk
+
+
+def _uniform_or_none(decomposition) -> float | None:
+    try:
+        return float(decomposition.eta_g)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Pass1:
+    x_units: list
+    sum_x: dict
+    sum_y: dict
+
+
+def _pass1(policy, params, batch, cotangent, partition, seq_chunk, token_chunk, progress) -> _Pass1:
+    """X_w kept for every unit, ΣX, ΣY (spec §5's pass 1, with delta_h1's own unit_vectors)."""
+    sum_x, sum_y, kept = _zeros_like(params), _zeros_like(params), []
+    for index in progress_bar(partition, total=len(partition), desc="attribution pass 1", enabled=progress):
+        x_unit, y_unit = unit_vectors(policy, params, batch.select_prompts(index),
+                                      cotangent.select_prompts(index).scaled(batch.B / len(index)),
+                                      seq_chunk=seq_chunk, token_chunk=token_chunk)
+        for name in sum_x:
+            sum_x[name] += x_unit[name]
+            sum_y[name] += y_unit[name]
+        kept.append(x_unit)
+    return _Pass1(kept, sum_x, sum_y)
+
+
+def _y_units(policy, params, batch, cotangent, partition, seq_chunk, token_chunk) -> list[dict]:
+    """Y_w = (B/m) Σ_{n∈w} Σ c∇ℓ for a (possibly masked) cotangent, one vjp per sequence chunk."""
+    out = []
+    for index in partition:
+        unit_batch = batch.select_prompts(index)
+        unit_cot = cotangent.select_prompts(index).scaled(batch.B / len(index))
+        total = _zeros_like(params)
+        for item in policy.iter_logprob_vjps(params, unit_batch, seq_chunk=seq_chunk, token_chunk=token_chunk):
+            for name, grad in item.token_vjp(unit_cot.for_chunk(item)).items():
+                total[name] += grad.to("cpu", torch.float64)
+        out.append(total)
+    return out
+
+
+def _delta_h1_from_vectors(x_units: list, y_units: list, decomposition) -> tuple[float, float]:
+    """(grad_term, state_term) of spec §5 from kept unit vectors: −[ΣX·ηP·ΣY − Σ X_u·ηP·Y_u]/(U(U−1)), −X̄·Δθ_state."""
+    U = len(x_units)
+    eta_p = _cpu64(decomposition.eta_preconditioner())
+    delta_state = _cpu64(decomposition.delta_state)
+    sum_x = {n: sum(x[n] for x in x_units) for n in eta_p}
+    sum_y = {n: sum(y[n] for y in y_units) for n in eta_p}
+    total = _dot(sum_x, {n: eta_p[n] * sum_y[n] for n in eta_p})
+    diag = sum(_dot(x, {n: eta_p[n] * y[n] for n in eta_p}) for x, y in zip(x_units, y_units))
+    grad_term = -(total - diag) / (U * (U - 1))
+    state_term = -_dot(sum_x, delta_state) / U
+    return grad_term, state_term
+
+
+def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: AdamState,
+              objective: Objective | None = None, units: str | int = "prompt", lr: float | None = None,
+              seq_chunk: int | None = None, token_chunk: int | None = None,
+              quantiles: tuple[float, ...] = DEFAULT_QUANTILES, interventions: Mapping[str, Any] | None = None,
+              evaluation: RolloutBatch | None = None, progress: bool | None = False) -> AttributionResult:
+    """Per-token attributions a [B, G, L] of δH₁'s gradient term (spec §8) for the AdamW step on ``batch``.
+
+    a_{n,g,k} = −(B/m)/(U(U−1)) · c_{n,g,k} · d_w·∇ℓ_{n,g,k},  d_w = (η_g P) ⊙ (ΣX − X_w),  n ∈ unit w of m prompts
+    (module docstring); Σ a = ``delta_h1(...).grad_term`` to float64 rounding. Arguments as for ``delta_h1``
+    (objective: the step's loss; units: "prompt" or M equal blocks; lr overrides the state's learning rate;
+    seq_chunk sequences per forward, token_chunk rows per vocabulary chunk).
+
+    quantiles: the top-q fractions for the proxy summaries (:func:`proxy_summary`).
+    interventions: name → spec, each a token mask/weight on the step's cotangent c (spec §3, §8): "clip_cov"
+    (drop the top-q tokens by covariance; q from ``("clip_cov", q)``, default 0.002), "high_entropy" (keep only the
+    top-q by entropy; default q 0.2), "positive_only" (drop the tokens of sequences with A ≤ 0... strictly A < 0),
+    or a float tensor [B, G, L] of weights. For each: the changed step (its own Ȳ', P', η_g', Δθ_state'), its δH₁
+    (same X_u), the first-order objective gain Ȳ·Δθ' (Ȳ of the original objective), and with ``evaluation`` the
+    realised ΔĤ on that batch (``snis_delta_h`` of the changed θ⁺).
+    Needs attention with a forward-mode rule (load the model with attn_implementation="eager" on the CPU).
+    Pure: params, batch, policy and state are untouched. Raises ValueError for a bad units/chunk/intervention.
+    """
+    from .delta_h1 import _require_policy
+
+    objective = Objective() if objective is None else objective
+    _require_policy(policy, "attribute")
+    policy.check_params(params)
+    batch.require_prompts(2, "attribution (a cross-prompt U-statistic)")
+    partition = unit_partition(batch.B, units)
+    seq_chunk, token_chunk = _check_chunks(policy, seq_chunk, token_chunk)
+    U, B, G, L = len(partition), batch.B, batch.G, batch.L
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    cotangent = step_cotangent(params, batch, policy=policy, objective=objective, seq_chunk=seq_chunk,
+                               token_chunk=token_chunk)
+    first = _pass1(policy, params, batch, cotangent, partition, seq_chunk, token_chunk, progress)
+    timings["pass1_s"] = time.perf_counter() - started
+    ybar = {name: value / U for name, value in first.sum_y.items()}
+    decomposition = update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=objective.max_grad_norm)
+    eta_p = _cpu64(decomposition.eta_preconditioner())
+    delta_state = _cpu64(decomposition.delta_state)
+
+    phase = time.perf_counter()
+    token = torch.zeros(B, G, L, dtype=torch.float64)
+    logprobs, entropy, c_tokens = torch.zeros_like(token), torch.zeros_like(token), torch.zeros_like(token)
+    for w, index in enumerate(progress_bar(partition, total=U, desc="attribution jvps", enabled=progress)):
+        m = len(index)
+        direction = {n: eta_p[n] * (first.sum_x[n] - first.x_units[w][n]) for n in eta_p}
+        scale = -(B / m) / (U * (U - 1))
+        unit_batch = batch.select_prompts(index)
+        unit_cot = cotangent.select_prompts(index)
+        local = {key: torch.zeros(m, G, L, dtype=torch.float64) for key in ("a", "l", "h", "c")}
+        for chunk in unit_batch.iter_sequence_chunks(seq_chunk):
+            values, derivative, entropies = policy.token_logprob_jvp(params, chunk, direction,
+                                                                     token_chunk=token_chunk, entropies=True)
+            item = _chunk_item(chunk, values.to("cpu", torch.float64))
+            c = unit_cot.for_chunk(item)
+            _scatter(local["a"], chunk, item, scale * c * derivative.to("cpu", torch.float64))
+            _scatter(local["l"], chunk, item, values)
+            _scatter(local["h"], chunk, item, entropies)
+            _scatter(local["c"], chunk, item, c)
+        token[index], logprobs[index], entropy[index], c_tokens[index] = (local["a"], local["l"], local["h"],
+                                                                          local["c"])
+    timings["jvp_s"] = time.perf_counter() - phase
+
+    response = batch.response_mask.to(torch.bool)
+    grad_term = float(token.sum())
+    state_term = -_dot(first.sum_x, delta_state) / U
+    covariance = token_covariance(logprobs, objective.token_advantages(batch), response)
+    summary = proxy_summary(token, covariance, entropy, response, eta=_uniform_or_none(decomposition),
+                            quantiles=quantiles)
+    result_interventions = {}
+    if interventions:
+        phase = time.perf_counter()
+        result_interventions = _run_interventions(
+            interventions, params=params, batch=batch, policy=policy, adam=adam, objective=objective, lr=lr,
+            partition=partition, cotangent=cotangent, x_units=first.x_units, ybar=ybar, covariance=covariance,
+            entropy=entropy, response=response, evaluation=evaluation, seq_chunk=seq_chunk,
+            token_chunk=token_chunk)
+        timings["interventions_s"] = time.perf_counter() - phase
+    timings["total_s"] = time.perf_counter() - started
+    sequence = token.sum(-1)
+    return AttributionResult(
+        token=token, sequence=sequence, prompt=sequence.sum(-1), grad_term=grad_term, state_term=state_term,
+        deltaH1=grad_term + state_term, eta_g=_uniform_or_none(decomposition), n_units=U,
+        units="prompt" if units == "prompt" else f"blocks:{units}", B=B, G=G, logprobs=logprobs,
+        covariance=covariance, entropy=entropy, cotangent=c_tokens, response_mask=response, summary=summary,
+        interventions=result_interventions, timings=timings, objective=objective.to_dict(), step=decomposition)
+
+
+# ----------------------------------------------------------------------------------------------- proxies
+def token_covariance(logprobs: Tensor, advantages: Tensor, response_mask: Tensor) -> Tensor:
+    """Cui et al. 2025's per-token covariance proxy (spec §8), float64 [B, G, L], 0 off the response:
+
+        cov_{n,g,k} = (ℓ_{n,g,k} − ℓ̄)(A_{n,g,k} − Ā),  ℓ̄, Ā the means over all response tokens of the batch.
+
+    ``advantages`` [B, G] (broadcast over tokens) or [B, G, L]."""
+    mask = response_mask.to(torch.bool)
+    if mask.sum() == 0:
+        raise ValueError("the batch has no response tokens; the covariance proxy is undefined.")
+    logprobs = logprobs.to(torch.float64)
+    advantages = advantages.to(torch.float64)
+    if advantages.dim() == 2:
+        advantages = advantages[..., None].expand_as(logprobs)
+    l_mean = logprobs[mask].mean()
+    a_mean = advantages[mask].mean()
+    out = (logprobs - l_mean) * (advantages - a_mean)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two 1-D float tensors (float64); NaN when either is constant."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
+    return float((xc * yc).sum()) / denom if denom > 0 else math.nan
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks 1..n of a 1-D tensor, ties sharing their average rank (float64)."""
+    x = x.to(torch.float64)
+    n = x.numel()
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    ranks = torch.empty(n, dtype=torch.float64)
+    start = 0
+    while start < n:
+        stop = start + 1
+        while stop < n and sorted_x[stop] == sorted_x[start]:
+            stop += 1
+        ranks[order[start:stop]] = (start + 1 + stop) / 2.0  # mean of ranks start+1 .. stop
+        start = stop
+    return ranks
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation: Pearson of the average ranks (ties averaged)."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def top_fraction(scores: Tensor, q: float) -> Tensor:
+    """Indices of the top ⌈q·n⌉ entries of a 1-D tensor (largest first; ties by position)."""
+    if not 0 < q <= 1:
+        raise ValueError(f"a top-q fraction must be in (0, 1]; got {q}.")
+    k = max(1, math.ceil(q * scores.numel()))
+    return torch.argsort(scores.to(torch.float64), descending=True, stable=True)[:k]
+
+
+def jaccard(a: Tensor, b: Tensor) -> float:
+    """|a ∩ b| / |a ∪ b| of two index sets."""
+    sa, sb = set(a.tolist()), set(b.tolist())
+    union = sa | sb
+    return len(sa & sb) / len(union) if union else math.nan
+
+
+def proxy_summary(attribution: Tensor, covariance: Tensor, entropy: Tensor, response_mask: Tensor, *,
+                  eta: float | None, quantiles=DEFAULT_QUANTILES) -> dict:
+    """Agreement of the exact attributions a with the proxies, over the batch's response tokens (spec §8).
+
+    correlations: Pearson and Spearman of a with −η·cov (Cui et al.'s prediction; η = η_g, or 1 with per-group
+    rates — a scale does not change a correlation, the sign does) and with the next-token entropy.
+    top_q[q]: rankings "a" by −a (the tokens that push entropy down most first), "cov" by cov (Clip-Cov's order:
+    largest predicted decrease −η·cov first), "entropy" by H (largest first); for each, the share of grad_term carried
+    by its top ⌈q·T⌉ tokens (Σ_top a / Σ a), and the Jaccard overlap of the proxies' top sets with a's.
+    """
+    mask = response_mask.to(torch.bool)
+    a = attribution[mask]
+    cov = covariance[mask]
+    pred = -(1.0 if eta is None else eta) * cov
+    h = entropy[mask]
+    total = float(a.sum())
+    summary: dict = {"tokens": int(a.numel()), "grad_term": total, "correlations": {
+        "pearson_cov": pearson(a, pred), "spearman_cov": spearman(a, pred),
+        "pearson_entropy": pearson(a, h), "spearman_entropy": spearman(a, h)}, "top_q": {}}
+    for q in quantiles:
+        # Rankings, first = "drives entropy down most": −a, cov (Clip-Cov's order), and the next-token entropy.
+        tops = {name: top_fraction(scores, q) for name, scores in (("a", -a), ("cov", cov), ("entropy", h))}
+        summary["top_q"][str(q)] = {
+            "k": int(tops["a"].numel()),
+            "share_a": float(a[tops["a"]].sum()) / total if total else math.nan,
+            "share_cov": float(a[tops["cov"]].sum()) / total if total else math.nan,
+            "share_entropy": float(a[tops["entropy"]].sum()) / total if total else math.nan,
+            "jaccard_cov": jaccard(tops["a"], tops["cov"]),
+            "jaccard_entropy": jaccard(tops["a"], tops["entropy"]),
+        }
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ interventions
+def intervention_mask(spec: Any, *, batch: RolloutBatch, covariance: Tensor, entropy: Tensor,
+                      response: Tensor, name: str = "user") -> Tensor:
+    """The token weights [B, G, L] (float64) of a named intervention (spec §8) or a user tensor.
+
+    "clip_cov" / ("clip_cov", q): 0 on the top-⌈qT⌉ response tokens by covariance, else 1 (default q = 0.002);
+    "high_entropy" / ("high_entropy", q): 1 only on the top-⌈qT⌉ by entropy (default q = 0.2);
+    "positive_only": 0 on every token of a sequence with advantage A < 0 (per-token advantages: the token's);
+    a tensor: weights [B, G, L] used as given (finite).
+    """
+    shape = tuple(batch.input_ids.shape)
+    if isinstance(spec, Tensor):
+        if tuple(spec.shape) != shape:
+            raise ValueError(f"intervention {name!r}: a mask must have the batch's shape [B, G, L] = {list(shape)}; "
+                             f"got {list(spec.shape)}.")
+        weights = spec.to(torch.float64)
+        if not torch.isfinite(weights).all():
+            raise ValueError(f"intervention {name!r}: the mask holds NaN or inf; use finite token weights.")
+        return weights
+    kind, q = (spec, None) if isinstance(spec, str) else (tuple(spec) + (None,))[:2]
+    flat_index = response.reshape(-1).nonzero().squeeze(1)
+    weights = torch.ones(shape, dtype=torch.float64)
+    if kind == "clip_cov":
+        top = flat_index[top_fraction(covariance.reshape(-1)[flat_index], 0.002 if q is None else q)]
+        weights.view(-1)[top] = 0.0
+    elif kind == "high_entropy":
+        top = flat_index[top_fraction(entropy.reshape(-1)[flat_index], 0.2 if q is None else q)]
+        weights.zero_()
+        weights.view(-1)[top] = 1.0
+    elif kind == "positive_only":
+        advantages = batch.token_advantages if batch.token_advantages is not None else batch.advantages[..., None]
+        weights = torch.where(advantages.to(torch.float64).expand(shape) < 0, 0.0, 1.0).to(torch.float64)
+    else:
+        raise ValueError(f"intervention {name!r}: unknown kind {kind!r}; use 'clip_cov', 'high_entropy', "
+                         "'positive_only' (optionally as (kind, q)) or a weight tensor [B, G, L].")
+    return weights
+
+
+def masked_cotangent(cotangent: StepCotangent, weights: Tensor) -> StepCotangent:
+    """The cotangent ω ⊙ c: both the advantage part w·A and the KL weight β·w scaled by the token weights ω."""
+    return replace(cotangent, linear=cotangent.linear * weights,
+                   kl_weight=None if cotangent.kl_weight is None else cotangent.kl_weight * weights,
+                   sequence_constant=False)
+
+
+def _run_interventions(interventions, *, params, batch, policy, adam, objective, lr, partition, cotangent, x_units,
+                       ybar, covariance, entropy, response, evaluation, seq_chunk, token_chunk) -> dict:
+    from .adam import adamw_update
+    from .realised import snis_delta_h
+
+    U = len(partition)
+    out = {}
+    for name, spec in interventions.items():
+        weights = intervention_mask(spec, batch=batch, covariance=covariance, entropy=entropy, response=response,
+                                    name=name)
+        changed = masked_cotangent(cotangent, weights)
+        y_units = _y_units(policy, params, batch, changed, partition, seq_chunk, token_chunk)
+        ybar_changed = {n: sum(y[n] for y in y_units) / U for n in ybar}
+        decomposition = update_decomposition(params, ybar_changed, adam, lr=lr,
+                                             max_grad_norm=objective.max_grad_norm)
+        grad_term, state_term = _delta_h1_from_vectors(x_units, y_units, decomposition)
+        delta = _cpu64(decomposition.delta_theta())
+        row = {"tokens_kept": float((weights * response).sum()), "tokens": int(response.sum()),
+               "grad_term": grad_term, "state_term": state_term, "deltaH1": grad_term + state_term,
+               "objective_gain": _dot(ybar, delta), "realised_delta_h": None, "realised_se": None}
+        if evaluation is not None:
+            loss_grad = {n: -v for n, v in ybar_changed.items()}
+            updated, _ = adamw_update(params, loss_grad, adam, lr=lr, max_grad_norm=objective.max_grad_norm)
+            realised = snis_delta_h(params, updated, policy=policy, batch=evaluation, seq_chunk=seq_chunk,
+                                    token_chunk=token_chunk)
+            row["realised_delta_h"] = float(realised.deltaH)
+            row["realised_se"] = float(realised.se)
+        out[name] = row
+    return out
