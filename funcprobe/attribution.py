@@ -39,7 +39,7 @@ from .progress import progress_bar
 from .update import StepCotangent, step_cotangent
 
 __all__ = ["AttributionResult", "attribute", "token_covariance", "pearson", "spearman", "average_ranks",
-           "top_fraction", "jaccard", "proxy_summary"]
+           "top_fraction", "jaccard", "proxy_summary", "intervention_mask", "masked_cotangent"]
 
 ParamsDict = Mapping[str, Tensor]
 DEFAULT_QUANTILES = (0.002, 0.02, 0.2)
@@ -222,10 +222,13 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     quantiles: the top-q fractions for the proxy summaries (:func:`proxy_summary`).
     interventions: name → spec, each a token mask/weight on the step's cotangent c (spec §3, §8): "clip_cov"
     (drop the top-q tokens by covariance; q from ``("clip_cov", q)``, default 0.002), "high_entropy" (keep only the
-    top-q by entropy; default q 0.2), "positive_only" (drop the tokens of sequences with A ≤ 0... strictly A < 0),
-    or a float tensor [B, G, L] of weights. For each: the changed step (its own Ȳ', P', η_g', Δθ_state'), its δH₁
+    top-q by entropy; default q 0.2), "positive_only" (drop the tokens of negative-advantage sequences, A < 0;
+    A = 0 tokens carry c = 0 anyway), or a float tensor [B, G, L] of weights (:func:`intervention_mask`). For each: the changed step (its own Ȳ', P', η_g', Δθ_state'), its δH₁
     (same X_u), the first-order objective gain Ȳ·Δθ' (Ȳ of the original objective), and with ``evaluation`` the
-    realised ΔĤ on that batch (``snis_delta_h`` of the changed θ⁺).
+    realised ΔĤ on that batch (``snis_delta_h`` of the changed θ⁺). Each row: tokens_kept (Σ of the weights over the
+    response), tokens, grad_term, state_term, deltaH1 (nats), objective_gain (first-order change of the original
+    surrogate objective, Ȳ·Δθ'), realised_delta_h and realised_se (None without ``evaluation``). An all-ones mask
+    reproduces the plain step; an all-zeros one gives grad_term 0 and δH₁ = the state term at P' (v' = β2 v).
     Needs attention with a forward-mode rule (load the model with attn_implementation="eager" on the CPU).
     Pure: params, batch, policy and state are untouched. Raises ValueError for a bad units/chunk/intervention.
     """
