@@ -1,6 +1,8 @@
 """The ``funcprobe`` command. The only module that knows about argv, output files and progress-bar enablement.
 
-    funcprobe demo [--quick]                      the whole probe on a built-in tiny Qwen2 policy
+    funcprobe demo                                a short real GRPO run on SmolLM2-135M-Instruct + LoRA, then
+                                                  the probe of its checkpoint (~5 min on 2 CPU cores)
+    funcprobe demo --quick                        the whole probe on a built-in tiny random Qwen2 policy (seconds)
     funcprobe probe CHECKPOINT [options]          δH₁ and ΔH of the next AdamW step of a LoRA training checkpoint
     funcprobe attribute CHECKPOINT [options]      which tokens drive δH₁; proxies and token-selection interventions
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from .formatting import fmt
 from .objective import LOSS_TYPES, SCALE_REWARDS
 
-__all__ = ["main", "select_prompts", "draw_eval_prompts", "derive_seed", "parse_etas", "parse_units",
+__all__ = ["main", "parse_args", "select_prompts", "draw_eval_prompts", "derive_seed", "parse_etas", "parse_units",
            "parse_interventions", "parse_quantiles"]
 
 log = logging.getLogger("funcprobe.cli")
@@ -41,10 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funcprobe", description="Predicted (δH₁) and realised (ΔH) entropy "
                                      "change of one AdamW step on a LoRA policy.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the whole probe on a built-in tiny Qwen2 policy (CPU, ~1 min)")
+    demo = commands.add_parser("demo", help="train a few real GRPO steps on SmolLM2-135M-Instruct + LoRA, save the "
+                               "checkpoint and probe it (CPU, ~5 min); --quick: a tiny random model (seconds)")
     demo.add_argument("--quick", action="store_true", default=os.environ.get("FUNCPROBE_DEMO_QUICK") == "1",
-                      help="a reduced size for CI (also FUNCPROBE_DEMO_QUICK=1)")
-    demo.add_argument("--out", default="runs/demo", help="folder for results.json and sweep.png (default %(default)s)")
+                      help="the tiny demo instead: a built-in random Qwen2 policy at a CI size, no model files (also "
+                      "FUNCPROBE_DEMO_QUICK=1)")
+    demo.add_argument("--out", default="runs/demo", help="folder for the training run (run/), results.json and "
+                      "sweep.png (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -243,6 +248,12 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
     if not only_probe:
         probe.set_defaults(realised="snis", in_sample=False, eta_sweep=None, plot=None)
     return probe
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed as ``main`` parses it (e.g. ``parse_args(["probe", CHECKPOINT, "-B", "8"])`` for
+    :func:`run_probe`)."""
+    return _parser().parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ argument checks
@@ -788,6 +799,12 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
     if args.realised in ("snis", "both"):
         realised["snis"] = timed("realised_snis", lambda: snis_delta_h(params, new_params, policy=policy,
                                                                        batch=evaluation.batch, world=world, **chunks))
+    # The dtype's systematic error against the SEs: a note when rounding, not sampling, could dominate (bf16 on big
+    # batches; README "Precision: when to pay for float32 on a GPU").
+    from .precision import check_precision
+
+    primary = realised.get("snis") or realised.get("crn")
+    precision = _noting(echo, lambda: check_precision(prediction, policy, primary))
     in_sample = None
     if args.in_sample:
         in_sample = timed("in_sample", lambda: snis_delta_h(params, new_params, policy=policy, batch=batch,
@@ -828,6 +845,7 @@ def run_probe(args: argparse.Namespace, *, progress: bool | None, echo=print, wo
         "step": prediction.step.to_dict(),
         "objective": args.objective.to_dict(),
         "realised": {method: result.to_dict() for method, result in realised.items()},
+        "precision": precision,
         "in_sample": None if in_sample is None else in_sample.to_dict(),
         "lr_sweep": None if sweep is None else sweep.to_dict(),
         "timings": timings,
@@ -970,12 +988,16 @@ def main(argv: list[str] | None = None) -> int:
             # A transformers deprecation that PEFT triggers on every model load; nothing a user can act on.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
-            if args.command == "demo":
+            if args.command == "demo" and args.quick:
                 from .demo import DemoConfig, run_demo
 
-                config = DemoConfig.quick() if args.quick else DemoConfig()
-                run_demo(dataclasses.replace(config, seed=args.seed), out_dir=args.out, plot=not args.no_plot,
-                         progress=progress)
+                run_demo(dataclasses.replace(DemoConfig.quick(), seed=args.seed), out_dir=args.out,
+                         plot=not args.no_plot, progress=progress)
+            elif args.command == "demo":
+                from .demo_real import RealDemoConfig, run_real_demo
+
+                run_real_demo(RealDemoConfig(seed=args.seed), out_dir=args.out, plot=not args.no_plot,
+                              progress=progress)
             elif args.command == "probe":
                 run_probe(args, progress=progress, world=world)
             elif args.command == "attribute":
