@@ -150,6 +150,8 @@ def check_precision(prediction, policy, realised=None, *, fraction: float = SE_F
 
     The bound is :func:`systematic_error`: measured relative errors of each term against float64 on a real model.
     Returns the bounds, the SEs and the message (None when there is nothing to warn about), for the results JSON.
+    An SE that is 0 or not finite (fewer than 3 units, or every advantage 0) is not compared: there is no sampling
+    error to set the rounding against.
     Large batches shrink the SEs (∝ 1/√B) but not the rounding, so the warning says when a bfloat16 run's
     precision, not its sample size, limits the estimate (README: "Precision: when to pay for float32 on a GPU").
     """
@@ -161,10 +163,11 @@ def check_precision(prediction, policy, realised=None, *, fraction: float = SE_F
     se_h1 = prediction.se_deltaH1 if math.isfinite(prediction.se_deltaH1) else prediction.se_grad_plugin
     se_h = None if realised is None else getattr(realised, "se", None)
     problems = []
-    if bounds["deltaH1"] is not None and math.isfinite(se_h1) and bounds["deltaH1"] > fraction * se_h1:
+    if bounds["deltaH1"] is not None and math.isfinite(se_h1) and se_h1 > 0 and bounds["deltaH1"] > fraction * se_h1:
         problems.append(f"δH₁ by up to {bounds['deltaH1']:.2g} ({bounds['deltaH1'] / se_h1:.2g} × its SE "
                         f"{se_h1:.2g})")
-    if bounds["deltaH"] is not None and se_h is not None and math.isfinite(se_h) and bounds["deltaH"] > fraction * se_h:
+    if (bounds["deltaH"] is not None and se_h is not None and math.isfinite(se_h) and se_h > 0
+            and bounds["deltaH"] > fraction * se_h):
         problems.append(f"ΔĤ by up to {bounds['deltaH']:.2g} ({bounds['deltaH'] / se_h:.2g} × its SE {se_h:.2g})")
     message = None
     if problems:

@@ -49,6 +49,15 @@ def test_warns_when_rounding_exceeds_a_quarter_of_the_se(bf16_policy):
         check_precision(_prediction(1e-3, 2e-4, se=1.0), bf16_policy, realised)
 
 
+def test_a_zero_or_missing_se_is_not_compared(bf16_policy):
+    """Every advantage 0 (SE exactly 0) or B < 3 (jackknife NaN): no ratio to a zero SE, no warning, no crash."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        for se in (0.0, float("nan")):
+            record = check_precision(_prediction(0.0, 2e-4, se=se), bf16_policy, SimpleNamespace(deltaH=1e-3, se=se))
+            assert record["warning"] is None and record["bound_deltaH1"] > 0
+
+
 def test_float32_policy_does_not_warn_at_ordinary_ses():
     policy = Policy.from_peft(tiny_peft_model("qwen2", dtype=torch.float32, seed=2))
     assert precision_key(policy) == "float32"
