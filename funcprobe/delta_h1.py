@@ -12,10 +12,15 @@ prompts of X_n and Y_n, spec §2–§3), ΣX = Σ_u X_u, ΣY = Σ_u Y_u, and the
 
 How the vectors are formed (all accumulators on the CPU in float64, nothing parameter-sized left on the device):
 
-* X_u and Y_u are vjps of the same map θ ↦ S with cotangents (S − S̄_loo)/G and A/(G·L) (divided by the number of
-  prompts in the unit). With ``seq_chunk == 1`` one backward per sequence gives ∇S_i itself, which is weighted into
-  both X and Y (X_n = (1/(G−1)) Σ_g (S_g − S̄) ∇S_g, accumulated with a shift for accuracy); with larger chunks, one
-  forward per chunk (chunks never straddle a unit) and one vjp per cotangent.
+* X_u and Y_u are gradients of the same map θ ↦ ℓ with cotangents (S − S̄_loo)/G and c = w·(A − βκ) (divided by the
+  number of prompts in the unit). For a plain LoRA adapter (``funcprobe.lora_grads``) the units' sequences are cut
+  into chunks of ``seq_chunk`` (several units per forward; a prompt may span chunks) and each chunk takes ONE forward
+  and ONE backward: forward hooks on the LoRA layers keep each layer's inputs, and the backward's per-position output
+  gradients give every sequence's gradient as per-row sums of outer products, which are weighted into every unit's X
+  and Y of the chunk (two backwards when c is not constant along a sequence, e.g. with a KL term). A prompt split
+  across chunks gets X_n = (1/(G−1)) Σ_g (S_g − S̄) ∇S_g, accumulated with a shift for accuracy. Other adapters
+  (DoRA, embedding LoRA, …) take one forward per chunk of a unit and one vjp per cotangent (with ``seq_chunk == 1``,
+  one backward per sequence serving both).
 * P depends on this batch's v' and hence on Ȳ, which is known only after every unit has been seen: pass 1
   accumulates ΣX, ΣY (and keeps the unit vectors when they fit the memory budget); pass 2, only when they were not
   kept, recomputes each unit's vectors to form the per-unit scalars X_u·P·Y_u, X_u·P·ΣY, Y_u·P·ΣX and X_u·Δθ_state.
@@ -30,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -40,6 +45,7 @@ from .adam import AdamState, UpdateDecomposition, update_decomposition
 from .objective import Objective
 from .batch import RolloutBatch
 from .formatting import fmt
+from .lora_grads import tapped_forward, unsupported_reason
 from .memory import PeakTracker, available_memory_bytes, parse_memory_size, plan_for_policy
 from .policy import Policy
 from .progress import progress_bar
@@ -251,6 +257,10 @@ def unit_vectors(policy: Policy, params: ParamsDict, unit_batch: RolloutBatch, c
     """
     counts = _Counts() if counts is None else counts
     m, G = unit_batch.B, unit_batch.G
+    if _can_tap(policy):
+        ((_, x_total, y_total),) = _tapped_units(policy, params, unit_batch, [(0, list(range(m)))], cotangent,
+                                                 seq_chunk=seq_chunk, token_chunk=token_chunk, counts=counts)
+        return x_total, y_total
     x_total, y_total = _zeros_like(params), _zeros_like(params)
     y_sequence = cotangent.per_sequence()
     if seq_chunk == 1 and y_sequence is not None:
@@ -318,6 +328,121 @@ def _per_sequence_prompt(policy: Policy, params: ParamsDict, prompt_batch: Rollo
         x_total[name].add_((shifted_sum[name] - mean_shift * grad_sum[name]) * (unit_scale / (G - 1)))
 
 
+def _can_tap(policy: Policy) -> bool:
+    """Whether the per-layer LoRA taps (``funcprobe.lora_grads``) apply: a plain LoRA adapter on Linear layers."""
+    return unsupported_reason(policy) is None
+
+
+class _PromptState:
+    """X of a prompt whose G sequences span several chunks: Σ_g (S_g − S_ref)∇S_g and Σ_g ∇S_g (S_ref = S of its first
+    sequence, a shift that keeps the float64 sums free of the cancellation |S| ≫ |S − S̄| would cause)."""
+
+    def __init__(self, params: ParamsDict, reference: float):
+        self.reference = reference
+        self.logprobs: list[float] = []
+        self.shifted, self.plain = _zeros_like(params), _zeros_like(params)
+
+
+def _tapped_units(policy: Policy, params: ParamsDict, batch: RolloutBatch, units: Sequence[tuple[object, Sequence[int]]],
+                  cotangent: StepCotangent, *, seq_chunk: int, token_chunk: int,
+                  counts: _Counts) -> Iterator[tuple[object, dict[str, Tensor], dict[str, Tensor]]]:
+    """(key, X_u, Y_u) for each unit ``(key, prompt indices of batch)``, in order, from batched forwards.
+
+    The units' prompts are concatenated and their sequences cut into chunks of ``seq_chunk`` (a chunk may hold several
+    units, a unit may span several chunks). Each chunk costs one forward and one backward (two with a per-token Y
+    cotangent, e.g. a KL term): the backward's per-layer LoRA taps (``funcprobe.lora_grads``) separate every unit's X
+    and Y in the chunk. ``cotangent`` is the batch's, already scaled so that Y_u = Σ c∇ℓ over the unit's tokens; X_u =
+    (1/m_u) Σ_n X_n with X_n = (1/G) Σ_g (S_g − S̄_{−g}) ∇S_g (spec §2). A prompt whole in a chunk gets the weights
+    (S_g − S̄_{−g})/(G m_u) directly; one split across chunks is combined at its end from shifted sums (X_n =
+    (1/(G−1)) Σ_g (S_g − S̄) ∇S_g). float64 CPU dicts shaped like params.
+    """
+    G = batch.G
+    order = [int(n) for _, prompts in units for n in prompts]
+    unit_of = [u for u, (_, prompts) in enumerate(units) for _ in prompts]
+    remaining = [len(prompts) for _, prompts in units]
+    x_acc: dict[int, dict[str, Tensor]] = {}
+    y_acc: dict[int, dict[str, Tensor]] = {}
+    split: dict[int, _PromptState] = {}
+    sub = batch.select_prompts(order)
+    sub_cotangent = cotangent.select_prompts(order)
+    y_sequence = sub_cotangent.per_sequence()
+    y_rows = None if y_sequence is None else y_sequence.reshape(-1)
+    next_unit = 0
+    for chunk in sub.iter_sequence_chunks(seq_chunk):
+        tapped = tapped_forward(policy, params, chunk, token_chunk)
+        counts.forward_passes += 1
+        counts.sequences_forwarded += chunk.num_sequences
+        rows = chunk.num_sequences
+        flat = chunk.flat_index.cpu()
+        prompt_of_row = (flat // G).tolist()
+        S = tapped.logprobs.to("cpu", torch.float64)
+        # One combination row per target: X of each unit (whole prompts), Y of each unit, and for each prompt split
+        # across chunks its shifted and plain sums.
+        targets: list[tuple[str, int]] = []
+        weights: list[Tensor] = []
+
+        def target(kind: str, key: int) -> Tensor:
+            if (kind, key) not in index:
+                index[(kind, key)] = len(targets)
+                targets.append((kind, key))
+                weights.append(torch.zeros(rows, dtype=torch.float64))
+            return weights[index[(kind, key)]]
+
+        index: dict[tuple[str, int], int] = {}
+        finished_prompts = []
+        for p in dict.fromkeys(prompt_of_row):
+            members = [i for i, q in enumerate(prompt_of_row) if q == p]
+            u = unit_of[p]
+            scale = 1.0 / (G * len(units[u][1]))
+            if len(members) == G and p not in split:
+                values = S[members]
+                target("x", u)[members] = (values - (values.sum() - values) / (G - 1)) * scale
+                finished_prompts.append(p)
+            else:
+                state = split.setdefault(p, _PromptState(params, float(S[members[0]])))
+                target("shifted", p)[members] = S[members] - state.reference
+                target("plain", p)[members] = 1.0
+                state.logprobs.extend(float(S[i]) for i in members)
+                if len(state.logprobs) == G:
+                    finished_prompts.append(p)
+            if y_rows is not None:
+                target("y", u)[members] = y_rows[flat[members]]
+        second = y_rows is None
+        ones = torch.ones(tapped.token_logprobs.shape[0], dtype=torch.float64)
+        results = tapped.backward(ones, torch.stack(weights), retain_graph=second)
+        counts.backward_passes += 1
+        for (kind, key), grads in zip(targets, results):
+            if kind == "x":
+                _add_(x_acc.setdefault(key, _zeros_like(params)), grads)
+            elif kind == "y":
+                _add_(y_acc.setdefault(key, _zeros_like(params)), grads)
+            else:
+                _add_(getattr(split[key], kind), grads)
+        if second:  # a per-token cotangent (KL term, token advantages): Y by a second backward of the same forward
+            chunk_units = list(dict.fromkeys(unit_of[p] for p in prompt_of_row))
+            membership = torch.tensor([[1.0 if unit_of[p] == u else 0.0 for p in prompt_of_row]
+                                       for u in chunk_units], dtype=torch.float64)
+            y_results = tapped.backward(sub_cotangent.for_chunk(tapped), membership)
+            counts.backward_passes += 1
+            for u, grads in zip(chunk_units, y_results):
+                _add_(y_acc.setdefault(u, _zeros_like(params)), grads)
+        del tapped, results
+        for p in finished_prompts:
+            u = unit_of[p]
+            state = split.pop(p, None)
+            if state is not None:
+                mean_shift = sum(state.logprobs) / G - state.reference
+                x_unit = x_acc.setdefault(u, _zeros_like(params))
+                factor = 1.0 / ((G - 1) * len(units[u][1]))
+                for name in x_unit:
+                    x_unit[name].add_((state.shifted[name] - mean_shift * state.plain[name]) * factor)
+            remaining[u] -= 1
+        while next_unit < len(units) and remaining[next_unit] == 0:
+            yield (units[next_unit][0], x_acc.pop(next_unit, None) or _zeros_like(params),
+                   y_acc.pop(next_unit, None) or _zeros_like(params))
+            next_unit += 1
+
+
 def _leave_one_out_centred(logprobs: Tensor) -> Tensor:
     """S_{n,g} − S̄_{n,−g} for float64 [k, G]."""
     G = logprobs.shape[1]
@@ -338,7 +463,8 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     KL, no clipping): Y_n = B Σ_{g,k} c∇ℓ with its per-token cotangent c = w·(A − βκ) (spec §3).
     units: "prompt" (exact mode, U = B) or M (block mode, M equal blocks of consecutive prompts).
     lr: overrides the state's learning rate, as for ``adamw_update``.
-    seq_chunk: sequences per forward (1: one backward per sequence serves X and Y; default the policy's).
+    seq_chunk: sequences per forward (default the policy's); with a plain LoRA adapter one backward per forward gives
+    X and Y of every unit in it, so larger chunks mean fewer, larger passes (memory grows with the chunk).
     store_unit_vectors: keep the 2U unit vectors (float64, CPU) between the passes — "auto" does when they fit in
     ``memory_budget_bytes`` (default: a quarter of the available RAM) — or recompute them in a second pass.
     memory_budget: bytes, or a size like "2GB" / "16GiB" (``parse_memory_size``). When given, the chunk sizes left
@@ -413,10 +539,23 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
                             cotangent.select_prompts(index).scaled(batch.B / len(index)), seq_chunk=seq_chunk,
                             token_chunk=token_chunk, counts=counts)
 
+    def unit_stream():
+        """(X_u, Y_u) of this rank's units in order: batched forwards with per-layer taps when the adapter allows
+        (several units per forward, one backward per chunk), else one unit at a time."""
+        if _can_tap(policy):
+            # Equal units, so one scale: Y_u = Σ c∇ℓ over the unit, scaled by B/m (spec §3).
+            scaled = cotangent.scaled(batch.B / len(partition[0]))
+            for _, x_unit, y_unit in _tapped_units(policy, params, batch,
+                                                   [(unit, partition[unit].tolist()) for unit in my_units], scaled,
+                                                   seq_chunk=seq_chunk, token_chunk=token_chunk, counts=counts):
+                yield x_unit, y_unit
+        else:
+            for unit in my_units:
+                yield vectors_of(unit)
+
     # Pass 1: ΣX, ΣY (and the unit vectors when kept).
     sum_x, sum_y, kept = _zeros_like(params), _zeros_like(params), []
-    for unit in progress_bar(my_units, total=len(my_units), desc="δH₁ pass 1", enabled=progress):
-        x_unit, y_unit = vectors_of(unit)
+    for x_unit, y_unit in progress_bar(unit_stream(), total=len(my_units), desc="δH₁ pass 1", enabled=progress):
         _add_(sum_x, x_unit)
         _add_(sum_y, y_unit)
         laps.append(tracker.lap())
@@ -443,8 +582,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     state_dots = torch.zeros(local, dtype=torch.float64)
 
     def recomputed():
-        for unit in my_units:
-            vectors = vectors_of(unit)
+        for vectors in unit_stream():
             laps.append(tracker.lap())
             yield vectors
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ChunkedTokenLogprob", "chunk_logits", "token_logprobs", "token_entropies", "naive_token_logprobs"]
+__all__ = ["ChunkedTokenLogprob", "chunk_logits", "token_logprobs", "token_entropies", "token_logprobs_and_entropies",
+           "naive_token_logprobs"]
 
 
 def chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float,
@@ -136,14 +137,39 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
 def _logprobs_without_directions(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                                  inv_temperature: float, token_chunk: int, logsoftmax_dtype: torch.dtype) -> Tensor:
     """z[y] − logsumexp(z) per row, chunk by chunk, for the no-grad path: float64 [T]."""
-    pieces = []
+    logprobs, _ = _chunked_values(hidden, weight, bias, targets, inv_temperature, token_chunk, logsoftmax_dtype,
+                                  entropies=False)
+    return logprobs
+
+
+def _chunked_values(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None,
+                    inv_temperature: float, token_chunk: int, logsoftmax_dtype: torch.dtype,
+                    entropies: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(log π(target) [T] or None when ``targets`` is None, entropy H [T] or None): float64, one [c, V] projection per
+    row chunk for both (no grad).
+
+    The arithmetic is the same whether one or both are asked for (and is that of ``ChunkedTokenLogprob.forward``):
+    with m = max z and e = exp(z − m) formed in place, log π(t) = z[t] − (m + log Σe) and
+    H = log Σe − Σ e·(z − m) / Σe — so S from a fused pass equals S from a log-prob pass bit for bit.
+    """
+    logprob_pieces, entropy_pieces = [], []
     for start in range(0, hidden.shape[0], token_chunk):
         stop = start + token_chunk
-        logits = chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
-        picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
-        pieces.append((picked - torch.logsumexp(logits, dim=1)).to(torch.float64))
-        del logits
-    return _concat_rows(pieces, hidden, torch.float64)
+        shifted = chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
+        maxima = shifted.amax(dim=1, keepdim=True)
+        picked = None if targets is None else shifted.gather(1, targets[start:stop, None])
+        shifted.sub_(maxima)
+        unnormalised = shifted.exp()
+        totals = unnormalised.sum(dim=1, keepdim=True)
+        log_totals = totals.log()
+        if picked is not None:
+            logprob_pieces.append((picked - (maxima + log_totals)).squeeze(1).to(torch.float64))
+        if entropies:
+            weighted = unnormalised.mul_(shifted).sum(dim=1, keepdim=True)
+            entropy_pieces.append((log_totals - weighted / totals).squeeze(1).to(torch.float64))
+        del shifted, unnormalised
+    return (None if targets is None else _concat_rows(logprob_pieces, hidden, torch.float64),
+            _concat_rows(entropy_pieces, hidden, torch.float64) if entropies else None)
 
 
 @torch.no_grad()
@@ -152,20 +178,24 @@ def token_entropies(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, temp
     """Full next-token entropy H(π(· | hidden[i])) = logsumexp(z) − Σ_v p_v z_v for each row, float64 [T].
 
     Used by the Rao-Blackwell estimator (spec §6). Forward only, in the same row chunks as ``token_logprobs``.
+    In place: H = log Σ e^{z−m} − Σ e^{z−m}(z−m) / Σ e^{z−m}, with two [c, V] blocks alive.
     """
     _check_projection_args(hidden, weight, None, temperature, token_chunk, logsoftmax_dtype)
-    pieces = []
-    for start in range(0, hidden.shape[0], token_chunk):
-        stop = start + token_chunk
-        # In place: H = log Σ e^{z−m} − Σ e^{z−m}(z−m) / Σ e^{z−m}, with two [c, V] blocks alive.
-        shifted = chunk_logits(hidden[start:stop], weight, bias, 1.0 / temperature, logsoftmax_dtype)
-        shifted.sub_(shifted.amax(dim=1, keepdim=True))
-        unnormalised = shifted.exp()
-        totals = unnormalised.sum(dim=1)
-        weighted = unnormalised.mul_(shifted).sum(dim=1)
-        del shifted, unnormalised
-        pieces.append((totals.log() - weighted / totals).to(torch.float64))
-    return _concat_rows(pieces, hidden, torch.float64)
+    _, entropies = _chunked_values(hidden, weight, bias, None, 1.0 / temperature, int(token_chunk),
+                                   logsoftmax_dtype, entropies=True)
+    return entropies
+
+
+@torch.no_grad()
+def token_logprobs_and_entropies(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                                 temperature: float = 1.0, token_chunk: int = 256,
+                                 logsoftmax_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(log π(targets[i] | hidden[i]), H(π(· | hidden[i]))) per row, float64 [T] each, from one vocabulary projection
+    per row chunk (no grad): what the Rao-Blackwell SNIS estimator needs at one θ (spec §6). Each equals the separate
+    ``token_logprobs`` (no-grad) and ``token_entropies`` bit for bit."""
+    _check_projection_args(hidden, weight, targets, temperature, token_chunk, logsoftmax_dtype)
+    return _chunked_values(hidden, weight, bias, targets, 1.0 / temperature, int(token_chunk), logsoftmax_dtype,
+                           entropies=True)
 
 
 def naive_token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .batch import RolloutBatch, SequenceChunk
-from .logprobs import token_entropies, token_logprobs
+from .logprobs import token_entropies, token_logprobs, token_logprobs_and_entropies
 from .progress import progress_bar
 
 __all__ = ["Policy", "load_policy", "load_base_model", "ChunkLogprobs", "LORA_NAME_MARKERS", "DEFAULT_MAX_TRAINABLE"]
@@ -218,9 +218,11 @@ class Policy:
         mask = attention_mask.to(torch.long)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         decoder_params = self.decoder_params(params)
+        # tie_weights=False: LoRA tensors are never tied (and the tie check walks every module on every call).
         out = torch.func.functional_call(
             self._decoder, decoder_params, args=(),
-            kwargs=dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False))
+            kwargs=dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False),
+            tie_weights=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def _response_rows(self, params: ParamsDict, chunk: SequenceChunk) -> tuple[Tensor, Tensor, Tensor]:
@@ -442,6 +444,34 @@ class Policy:
             zeros = torch.zeros(chunk.input_ids.shape[0], dtype=torch.float64, device=per_token.device)
             result[chunk.flat_index] = zeros.index_add(0, rows, per_token).cpu()
         return result.reshape(batch.B, batch.G)
+
+
+    @torch.no_grad()
+    def sequence_logprobs_and_entropies(self, params: ParamsDict, batch: RolloutBatch, *,
+                                        seq_chunk: int | None = None, token_chunk: int | None = None,
+                                        progress: bool | None = False,
+                                        shard: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """(S, E): the sequence log-probabilities of :meth:`sequence_logprobs` and the summed next-token entropies of
+        :meth:`token_entropies`, float64 [B, G] each on the CPU, from ONE decoder forward per sequence chunk and one
+        vocabulary projection per token chunk — what the Rao-Blackwell SNIS estimator needs at one θ (spec §6).
+        Equal bit for bit to the two separate calls (same chunks, same arithmetic). ``shard`` as for
+        :meth:`sequence_logprobs`."""
+        self.check_params(params)
+        self._check_batch(batch)
+        token_chunk = self.token_chunk if token_chunk is None else token_chunk
+        _check_positive("token_chunk", token_chunk)
+        head = self._lm_head
+        S = torch.zeros(batch.num_sequences, dtype=torch.float64)
+        E = torch.zeros(batch.num_sequences, dtype=torch.float64)
+        for chunk in self._chunks(batch, seq_chunk, progress, "log-probs and entropies", shard):
+            hidden, targets, rows = self._response_rows(params, chunk)
+            logprobs, entropies = token_logprobs_and_entropies(
+                hidden, head.weight, head.bias, targets, temperature=self.temperature, token_chunk=token_chunk,
+                logsoftmax_dtype=self.logsoftmax_dtype)
+            zeros = torch.zeros(chunk.input_ids.shape[0], dtype=torch.float64, device=logprobs.device)
+            S[chunk.flat_index] = zeros.index_add(0, rows, logprobs).cpu()
+            E[chunk.flat_index] = zeros.index_add(0, rows, entropies).cpu()
+        return S.reshape(batch.B, batch.G), E.reshape(batch.B, batch.G)
 
 
 def _left_align(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -752,16 +752,29 @@ def values_before(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, lo
                   chunks: Mapping[str, Any], world=None, clock: _Clock | None = None) -> Before:
     """S(θ) (teacher-forced, checked against the recorded S) and/or the entropies at θ on ``batch``."""
     clock = _Clock() if clock is None else clock
-    sharded = sharded_pass(world, batch)
     S = E = check = None
+    if logprobs or entropies:
+        S, E = _values(policy, params, batch, logprobs=logprobs, entropies=entropies, chunks=chunks, world=world,
+                       clock=clock, phase="before")
     if logprobs:
-        S = clock.run("logprobs_before",
-                      lambda: sharded(lambda **k: policy.sequence_logprobs(params, batch, **chunks, **k)))
         check = check_recorded_logprobs(batch, S, dtype=policy.dtype)
-    if entropies:
-        E = clock.run("entropies_before",
-                      lambda: sharded(lambda **k: policy.token_entropies(params, batch, **chunks, **k)))
     return Before(S, E, check)
+
+
+def _values(policy: Policy, params: ParamsDict, batch: RolloutBatch, *, logprobs: bool, entropies: bool,
+            chunks: Mapping[str, Any], world, clock: _Clock, phase: str) -> tuple[Tensor | None, Tensor | None]:
+    """(S, E) at θ = params on the batch, each only when asked for: one forward pass over the batch either way (both
+    from the same hidden states and vocabulary projection; bit for bit what the separate passes give)."""
+    sharded = sharded_pass(world, batch)
+    if logprobs and entropies:
+        both = clock.run(f"values_{phase}", lambda: sharded(
+            lambda **k: torch.stack(policy.sequence_logprobs_and_entropies(params, batch, **chunks, **k))))
+        return both[0], both[1]
+    if logprobs:
+        return clock.run(f"logprobs_{phase}", lambda: sharded(
+            lambda **k: policy.sequence_logprobs(params, batch, **chunks, **k))), None
+    return None, clock.run(f"entropies_{phase}", lambda: sharded(
+        lambda **k: policy.token_entropies(params, batch, **chunks, **k)))
 
 
 def _snis(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: RolloutBatch, normalize: str,
@@ -774,13 +787,8 @@ def _snis(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: Roll
     if before is None:
         before = values_before(params, batch, policy=policy, logprobs=True, entropies=rb, chunks=chunks, world=world,
                                clock=clock)
-    sharded = sharded_pass(world, batch)
-    S_plus = clock.run("logprobs_after",
-                       lambda: sharded(lambda **k: policy.sequence_logprobs(update, batch, **chunks, **k)))
-    after_values = None
-    if rb:
-        after_values = clock.run("entropies_after",
-                                 lambda: sharded(lambda **k: policy.token_entropies(update, batch, **chunks, **k)))
+    S_plus, after_values = _values(policy, update, batch, logprobs=True, entropies=rb, chunks=chunks, world=world,
+                                   clock=clock, phase="after")
     start = time.perf_counter()
     estimate = importance_weighted_delta_h(
         before.S, S_plus, normalize=normalize, per_token=per_token,
@@ -842,7 +850,9 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | Non
             of its sequence chunks (the same chunks as one process, so S and S⁺ are bit-identical); the [B, G]
             values are summed over ranks with disjoint supports, and every field equals the single-process result.
 
-    Forward passes only (no gradients): S(θ) and S(θ⁺), and for Rao-Blackwell the entropies at θ and θ⁺. With
+    Forward passes only (no gradients): S(θ) and S(θ⁺), and for Rao-Blackwell the entropies at θ and θ⁺ — one pass
+    over the batch per θ either way (the entropies come from the same forward and vocabulary projection as S;
+    ``Policy.sequence_logprobs_and_entropies``), so one pass in all when ``before`` is given. With
     ``update`` equal to ``params`` the result is exactly 0 (one path). Nothing is modified.
 
     Raises ValueError (naming the problem and the fix) for: a bad option, an update (or params) whose names, shapes

@@ -315,7 +315,8 @@ class _Decoder:
                       use_cache=use_cache)
         if cache is not None:
             kwargs[self.cache_kwarg] = cache
-        out = torch.func.functional_call(self.policy.decoder, self.params, args=(), kwargs=kwargs)
+        # tie_weights=False: the LoRA tensors are never tied, and the tie check walks every module at every step.
+        out = torch.func.functional_call(self.policy.decoder, self.params, args=(), kwargs=kwargs, tie_weights=False)
         self.calls += 1
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         new_cache = None
@@ -353,12 +354,14 @@ def _draw(policy: Policy, hidden: Tensor, uniforms: Tensor) -> tuple[Tensor, Ten
     for start in range(0, hidden.shape[0], policy.token_chunk):
         stop = start + policy.token_chunk
         logits = chunk_logits(hidden[start:stop], head.weight, head.bias, inv_temperature, policy.logsoftmax_dtype)
-        if not bool(torch.isfinite(logits).all()):
+        log_normaliser = torch.logsumexp(logits, dim=1)
+        # A NaN or +inf logit makes its row's normaliser NaN/inf (so does a row of -inf): one check per row, not per
+        # logit. A single -inf logit is a probability 0 and is fine.
+        if not bool(torch.isfinite(log_normaliser).all()):
             raise FloatingPointError(
                 "non-finite logits while sampling: the model produced NaN/inf hidden states at θ = params (a "
                 "diverged update, e.g. too large a learning rate, or NaN in the params). Check "
                 "all(torch.isfinite(t).all() for t in params.values()).")
-        log_normaliser = torch.logsumexp(logits, dim=1)
         cdf = torch.exp(logits - log_normaliser[:, None]).to(torch.float64).cumsum(dim=1)
         targets = uniforms[start:stop].to(cdf.device) * cdf[:, -1]
         # right=True: the first v with cdf[v] > u·total, which always has p_v > 0.

@@ -182,8 +182,8 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
             ``realised.default_estimator``); integrand: CRN's.
         seq_chunk, token_chunk, prompt_chunk, progress, world: as for ``snis_delta_h`` and ``crn_delta_h``.
 
-    Everything at θ (S, entropies, the CRN integrand) is computed once; per η one S pass (and an entropy pass for
-    Rao-Blackwell) for SNIS, one redraw and one entropy pass for CRN. Raises ValueError for a bad option, an empty
+    Everything at θ (S, entropies, the CRN integrand) is computed once; per η one pass for SNIS (S, and for
+    Rao-Blackwell the entropies from the same forward), one redraw and one entropy pass for CRN. Raises ValueError for a bad option, an empty
     or negative η list, a step with several learning rates or lr = 0, a prediction made at another lr, or a sample
     without its draw spec for CRN — all before any forward pass.
     """
@@ -228,7 +228,7 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
         before = values_before(params, batch, policy=policy, logprobs=True, entropies=estimator == "rao_blackwell",
                                chunks=chunks, world=world)
         timings["before_snis"] = time.perf_counter() - start
-        forward_passes += 1 + (estimator == "rao_blackwell")
+        forward_passes += 1  # S and, for Rao-Blackwell, the entropies: one pass (realised._values)
     if run_crn:
         start = time.perf_counter()
         crn_before = integrand_values(policy, params, batch, integrand, world=world, **chunks)

@@ -129,8 +129,9 @@ def test_identity_update_gives_exactly_zero_and_full_ess(cached):
         assert result.ess_min_fraction == result.ess_mean_fraction == result.ess_global_fraction == 1.0, label
         assert result.log_weight_min == result.log_weight_max == 0.0, label
         assert result.reliable and result.reason == "", label
-        # One S path: S(θ) is always recomputed teacher-forced; a recorded S is only checked.
-        assert result.forward_passes == 2 + (2 if estimator == "rao_blackwell" else 0), label
+        # One S path: S(θ) is always recomputed teacher-forced; a recorded S is only checked. One pass per θ: the
+        # Rao-Blackwell entropies come from the same forward as S.
+        assert result.forward_passes == 2, label
         assert result.recorded_logprobs.ok and (result.recorded_logprobs.max_abs_diff == 0.0) == cached, label
 
 

@@ -59,10 +59,10 @@ def test_rows_equal_single_estimates_and_the_scaled_prediction(setting):
     assert [row.predicted for row in sweep.rows] == pytest.approx([0.0, 0.1 * d, d], rel=1e-14)
     assert [row.predicted_se for row in sweep.rows] == pytest.approx(
         [0.0, 0.1 * s.prediction.se_deltaH1, s.prediction.se_deltaH1], rel=1e-14)
-    # At θ once: S and the entropies (SNIS with its default Rao-Blackwell integrand) and CRN's integrand; per η: S⁺
-    # and the entropies at θ(η) on E, and one redraw with its entropy pass.
+    # At θ once: S and the entropies (SNIS with its default Rao-Blackwell integrand: one pass) and CRN's integrand;
+    # per η: S⁺ and the entropies at θ(η) on E (one pass), and one redraw with its entropy pass.
     assert sweep.estimator == "rao_blackwell"
-    assert sweep.forward_passes == 3 + 3 * len(etas) and sweep.sampling_passes == len(etas)
+    assert sweep.forward_passes == 2 + 2 * len(etas) and sweep.sampling_passes == len(etas)
     data = json.loads(json.dumps(to_jsonable(sweep.to_dict()), allow_nan=False))
     assert len(data["snis"]) == len(data["crn"]) == 3
     text = str(sweep)
