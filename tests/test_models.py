@@ -152,9 +152,7 @@ def test_float64_and_eager_attention(folder, folder_model):
 
 def test_second_call_reuses_the_cache(folder):
     marker_mtime = (folder / MARKER).stat().st_mtime_ns
-    started = time.perf_counter()
     assert smollm2_135m(folder) == folder
-    assert time.perf_counter() - started < 2.0
     assert (folder / MARKER).stat().st_mtime_ns == marker_mtime
 
 
