@@ -20,11 +20,11 @@ def test_objective_benchmark_quick():
             "CPU × per-sequence |") in out
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
             if line.startswith("| quick |")]
-    # B = G = 4: the per-sequence path takes one backward per sequence, the per-token path two, the KL term one more
-    # (no-grad) forward of the 16 sequences; at seq_chunk = G every method takes one forward and two vjps per prompt.
+    # B = G = 4, counted per sequence chunk: the per-sequence path takes one forward and one backward (X and Y of its
+    # units from one vjp), the per-token path one forward and two vjps, the KL term one more (no-grad) forward.
     assert [(r[1], r[2], int(r[8]), int(r[9])) for r in rows] == [
-        ("per-sequence", "1", 16, 16), ("per-token", "1", 32, 32), ("β=0.04", "1", 48, 32),
-        ("per-sequence", "4", 4, 8), ("per-token", "4", 4, 8), ("β=0.04", "4", 8, 8)]
+        ("per-sequence", "1", 16, 16), ("per-token", "1", 16, 32), ("β=0.04", "1", 32, 32),
+        ("per-sequence", "4", 4, 4), ("per-token", "4", 4, 8), ("β=0.04", "4", 8, 8)]
     assert [(r[4], r[6]) for r in rows if r[1] == "per-sequence"] == [("1.00×", "1.00×")] * 2
     assert all(float(r[7]) > 0 for r in rows if r[1].startswith("β")) and all(
         float(r[7]) == 0 for r in rows if not r[1].startswith("β"))
