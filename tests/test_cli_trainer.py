@@ -110,7 +110,7 @@ def test_real_grpo_run_probes_end_to_end(run, checkpoint, run_config, tmp_path):
                            str(run / "trainer_config.json"), "--prompts", str(run / "prompts.jsonl"),
                            "--reward", "rewards:digit_fraction", "--reward", "rewards:exact_answer", "--quiet",
                            "--out", str(out)], capture_output=True, text=True, env=env, cwd=str(tmp_path),
-                          timeout=300)
+                          timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     results = json.loads(out.read_text())
