@@ -380,6 +380,7 @@ def _tapped_units(policy: Policy, params: ParamsDict, batch: RolloutBatch, units
         # across chunks its shifted and plain sums.
         targets: list[tuple[str, int]] = []
         weights: list[Tensor] = []
+        index: dict[tuple[str, int], int] = {}
 
         def target(kind: str, key: int) -> Tensor:
             if (kind, key) not in index:
@@ -388,7 +389,6 @@ def _tapped_units(policy: Policy, params: ParamsDict, batch: RolloutBatch, units
                 weights.append(torch.zeros(rows, dtype=torch.float64))
             return weights[index[(kind, key)]]
 
-        index: dict[tuple[str, int], int] = {}
         finished_prompts = []
         for p in dict.fromkeys(prompt_of_row):
             members = [i for i, q in enumerate(prompt_of_row) if q == p]
