@@ -160,18 +160,28 @@ def _flat(batch):
     return ids, mask, positions, response, L - first + 1
 
 
-def plain_step(model, batch) -> float:
-    """One training step's gradient work: forward of all B·G sequences (logits of the response span only, as TRL's
-    ``logits_to_keep``), log-softmax, gather, Dr. GRPO loss −Σ A·ℓ/(B·G·L_max), ``.backward()``; returns the loss."""
+def plain_step(model, batch, micro: int | None = None) -> float:
+    """One training step's gradient work: forward of the B·G sequences (logits of the response span only, as TRL's
+    ``logits_to_keep``), log-softmax, gather, Dr. GRPO loss −Σ A·ℓ/(B·G·L_max), ``.backward()``; returns the loss.
+    ``micro``: sequences per forward/backward, gradients accumulated (a trainer's gradient accumulation; None: all
+    at once)."""
     ids, mask, positions, response, keep = _flat(batch)
+    advantages = batch.advantages.reshape(-1, 1)
+    micro = ids.shape[0] if micro is None else micro
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, -keep + 1:, None]).squeeze(-1)
-    weights = batch.advantages.reshape(-1, 1).to(logp.dtype) * response[:, -keep + 1:].to(logp.dtype)
-    loss = -(weights * logp).sum() / (batch.num_sequences * float(batch.length_norm[0]))
-    loss.backward()
+    total = 0.0
+    for start in range(0, ids.shape[0], micro):
+        rows = slice(start, start + micro)
+        logits = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows],
+                       logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[rows, -keep + 1:, None]).squeeze(-1)
+        weights = advantages[rows].to(logp.dtype) * response[rows, -keep + 1:].to(logp.dtype)
+        loss = -(weights * logp).sum() / (batch.num_sequences * float(batch.length_norm[0]))
+        loss.backward()
+        total += float(loss.detach())
+        del logits, logp, loss
     model.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return total
 
 
 @torch.no_grad()
@@ -253,6 +263,12 @@ def main(argv=None) -> int:
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
     parser.add_argument("--profile", action="store_true", help="print a torch profile of each funcprobe call")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
+    parser.add_argument("--long-batch", default=None,
+                        help="cache of the long-response batch (a RolloutBatch file): loaded when it exists, else drawn "
+                        "and saved there (the draw takes minutes on 2 cores and is the same for any funcprobe version)")
+    parser.add_argument("--long-micro", type=int, default=None,
+                        help="sequences per forward/backward of the plain step at the long shape, gradients accumulated "
+                        "(default G, one prompt: the memory of all B·G long sequences at once is ~15 GB)")
     args = parser.parse_args(argv)
     quick = args.quick
     repeats = args.repeats or (2 if quick else 3)
@@ -385,15 +401,28 @@ def main(argv=None) -> int:
                         max_new_tokens=long_shape["new"], seed=3, first_prompt_index=0, stop_token_ids=(),
                         pad_token_id=pad, temperature=policy.temperature)
         start = time.perf_counter()
-        long_batch = random_advantages(draw_responses(policy, params, spec).batch, seed=4)
-        log(f"(b') δH₁, B={long_shape['B']} G={long_shape['G']} new={long_shape['new']}: drawn in "
-            f"{time.perf_counter() - start:.1f} s, L={long_batch.L}")
+        from funcprobe import RolloutBatch
+
+        cache = None if args.long_batch is None else Path(args.long_batch)
+        if cache is not None and cache.exists():
+            long_batch = RolloutBatch.load(cache)
+            how = f"loaded from {cache}"
+        else:
+            long_batch = random_advantages(draw_responses(policy, params, spec).batch, seed=4)
+            how = f"drawn in {time.perf_counter() - start:.1f} s"
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                long_batch.save(cache)
+        micro = args.long_micro or long_batch.G
+        log(f"(b') δH₁, B={long_shape['B']} G={long_shape['G']} new={long_shape['new']}: {how}, L={long_batch.L}")
         outcome_long = {}
         times = round_robin({"delta_h1": lambda: outcome_long.__setitem__("r", delta_h1(
-            params, long_batch, policy=policy, adam=adam)), "plain step": lambda: plain_step(model, long_batch)},
+            params, long_batch, policy=policy, adam=adam)),
+            "plain step": lambda: plain_step(model, long_batch, micro=micro)},
             long_repeats, log, warm_up="delta_h1" not in parts)
         record("delta_h1_long", "δH₁ / plain fwd+bwd (long responses)", times["delta_h1"], times["plain step"],
-               f"B={long_batch.B}, G={long_batch.G}, {long_shape['new']} new tokens (L={long_batch.L})",
+               f"B={long_batch.B}, G={long_batch.G}, {long_shape['new']} new tokens (L={long_batch.L}); plain step "
+               f"in micro-batches of {micro} sequences",
                f"passes {outcome_long['r'].forward_passes} F / {outcome_long['r'].backward_passes} B")
         if args.profile:
             results["profiles"]["delta_h1_long"] = profile_top(
