@@ -70,8 +70,9 @@ class AttributionResult:
       * ``token`` a [B, G, L]; ``sequence`` [B, G] and ``prompt`` [B] its sums; Σ a = ``grad_term``;
       * ``logprobs`` ℓ [B, G, L]; ``covariance`` Cui et al.'s cov [B, G, L]; ``entropy`` H(π(·|t_<k)) [B, G, L];
       * ``cotangent`` the step's c [B, G, L] (spec §3).
-    Scalars: ``grad_term``, ``state_term``, ``deltaH1`` = grad_term + state_term (nats per step), ``eta_g`` (None with
-    per-group learning rates), ``n_units``, ``units``. ``summary``: correlations and top-q overlaps
+    Scalars: ``grad_term``, ``state_term``, ``deltaH1`` = grad_term + state_term (nats per step), ``objective_gain``
+    = Ȳ·Δθ, the step's first-order change of its own surrogate objective (the interventions' baseline), ``eta_g``
+    (None with per-group learning rates), ``n_units``, ``units``. ``summary``: correlations and top-q overlaps
     (:func:`proxy_summary`). ``interventions``: name → dict (see :func:`attribute`). ``step``: the decomposition of
     the original step (not in ``to_dict``).
     """
@@ -92,6 +93,7 @@ class AttributionResult:
     entropy: Tensor
     cotangent: Tensor
     response_mask: Tensor
+    objective_gain: float = math.nan
     summary: dict = field(default_factory=dict)
     interventions: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -102,7 +104,8 @@ class AttributionResult:
         """Standard JSON types: per-token arrays as nested lists [B][G][L] (0 off the response)."""
         return {
             "grad_term": self.grad_term, "state_term": self.state_term, "deltaH1": self.deltaH1,
-            "eta_g": self.eta_g, "n_units": self.n_units, "units": self.units, "B": self.B, "G": self.G,
+            "objective_gain": self.objective_gain, "eta_g": self.eta_g, "n_units": self.n_units, "units": self.units,
+            "B": self.B, "G": self.G,
             "prompt": _nested(self.prompt), "sequence": _nested(self.sequence), "token": _nested(self.token),
             "logprobs": _nested(self.logprobs), "covariance": _nested(self.covariance),
             "entropy": _nested(self.entropy), "cotangent": _nested(self.cotangent),
@@ -113,7 +116,7 @@ class AttributionResult:
 
     def __str__(self) -> str:
         lines = [f"δH₁ = {self.deltaH1:.6g} = grad_term {self.grad_term:.6g} + state_term {self.state_term:.6g} "
-                 f"(U = {self.n_units}, units = {self.units})"]
+                 f"(U = {self.n_units}, units = {self.units}); objective gain Ȳ·Δθ = {self.objective_gain:.6g}"]
         for name, value in self.summary.get("correlations", {}).items():
             lines.append(f"  corr(a, {name}) = {value:.4g}")
         for name, row in self.interventions.items():
@@ -252,6 +255,7 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     decomposition = update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=objective.max_grad_norm)
     eta_p = _cpu64(decomposition.eta_preconditioner())
     delta_state = _cpu64(decomposition.delta_state)
+    objective_gain = _dot(ybar, _cpu64(decomposition.delta_theta()))
 
     phase = time.perf_counter()
     token = torch.zeros(B, G, L, dtype=torch.float64)
@@ -295,7 +299,8 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     sequence = token.sum(-1)
     return AttributionResult(
         token=token, sequence=sequence, prompt=sequence.sum(-1), grad_term=grad_term, state_term=state_term,
-        deltaH1=grad_term + state_term, eta_g=_uniform_or_none(decomposition), n_units=U,
+        deltaH1=grad_term + state_term, objective_gain=objective_gain, eta_g=_uniform_or_none(decomposition),
+        n_units=U,
         units="prompt" if units == "prompt" else f"blocks:{units}", B=B, G=G, logprobs=logprobs,
         covariance=covariance, entropy=entropy, cotangent=c_tokens, response_mask=response, summary=summary,
         interventions=result_interventions, timings=timings, objective=objective.to_dict(), step=decomposition)

@@ -901,12 +901,6 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     prompt_part = batch.attention_mask[:, 0].bool() & ~response[:, 0]
     prompt_text = [tokenizer.decode([int(t) for t, keep in zip(ids, part) if bool(keep)])
                    for ids, part in zip(batch.input_ids[:, 0], prompt_part)]
-    import torch
-
-    # The unchanged step's first-order objective gain Ȳ·Δθ (the interventions' "objective_gain" baseline).
-    delta = result.step.delta_theta()
-    objective_gain = float(sum(torch.dot(result.step.ybar[n].detach().reshape(-1).cpu().double(),
-                                         delta[n].detach().reshape(-1).cpu().double()) for n in delta))
     config = {name: value for name, value in vars(args).items()
               if name not in ("etas", "units_value", "memory_budget_bytes", "objective")}
     results = {
@@ -916,7 +910,7 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
                        "base": loaded.checkpoint.base},
         "objective": args.objective.to_dict(), "attribution": result.to_dict(),
         "input_ids": batch.input_ids.tolist(), "token_text": token_text, "prompt_text": prompt_text,
-        "objective_gain": objective_gain,
+        "objective_gain": result.objective_gain,
         "advantages": batch.advantages.tolist(),
         "rewards": None if batch.rewards is None else batch.rewards.tolist(), "timings": timings,
     }

@@ -247,6 +247,10 @@ def test_interventions_all_ones_and_all_zeros(policies, batch):
     assert ones["deltaH1"] == pytest.approx(plain.deltaH1, rel=1e-10, abs=0)
     assert ones["realised_delta_h"] == pytest.approx(realised.deltaH, rel=1e-9, abs=0)
     assert ones["objective_gain"] > 0  # Ȳ·Δθ of the plain step: η_g Ȳ·P·Ȳ dominates here
+    assert result.objective_gain == pytest.approx(ones["objective_gain"], rel=1e-10, abs=0)
+    by_hand = sum(float((plain.step.ybar[n].double() * (updated[n].double() - policy.params[n].double())).sum())
+                  for n in updated)
+    assert result.objective_gain == pytest.approx(by_hand, rel=1e-9, abs=0)
     assert zeros["grad_term"] == 0.0
     assert zeros["tokens_kept"] == 0.0
     # with no gradient the step is the state part alone: δH₁ = −X̄·Δθ_state at the P of v' = β2 v
