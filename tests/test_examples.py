@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -50,6 +51,25 @@ def test_lr_sweep(checkpoint_dir, tmp_path, capsys):
     assert [row.factor for row in sweep.rows] == pytest.approx([0.5, 1.0, 2.0])
     assert plot.is_file() and plot.stat().st_size > 0
     assert "ΔH(η) sweep" in capsys.readouterr().out
+
+
+def test_attribution(checkpoint_dir, tmp_path, capsys):
+    """The attribution example: Σ a = grad_term, the three interventions with a realised ΔĤ on E, the JSON and plot."""
+    out = tmp_path / "attribution"
+    results = load_example("attribution").main([str(checkpoint_dir), "--quick", "--out", str(out)])
+    result = results["result"]
+    assert float(result.token.sum()) == pytest.approx(result.grad_term, rel=1e-9)
+    assert set(result.interventions) == {"unchanged", "clip_cov", "high_entropy", "positive_only"}
+    # float32 checkpoint: the changed step recomputes Ȳ in its own vjp pass (float64 tests hold 1e-10)
+    assert result.interventions["unchanged"]["deltaH1"] == pytest.approx(result.deltaH1, rel=1e-5)
+    assert all(row["realised_delta_h"] is not None and math.isfinite(row["realised_delta_h"])
+               for row in result.interventions.values())
+    assert results["evaluation"].batch.prompt_index.tolist() != results["update"].batch.prompt_index.tolist()
+    saved = json.loads((out / "attribution.json").read_text())
+    assert saved["attribution"]["grad_term"] == pytest.approx(result.grad_term, rel=1e-12)
+    assert (out / "attribution.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "push the entropy down most" in printed and "positive_only" in printed
 
 
 def test_custom_reward_on_a_checkpoint(checkpoint_dir, capsys):
