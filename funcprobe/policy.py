@@ -429,21 +429,11 @@ class Policy:
         """Σ_k response_mask[n,g,k] · H(π_θ(· | t_<k)), the summed full next-token entropies: float64 [B, G].
 
         The Rao-Blackwellised entropy of spec §6, in the same vocabulary chunks as the log-probs. ``shard`` as for
-        :meth:`sequence_logprobs` (the other ranks' sequences are 0).
+        :meth:`sequence_logprobs` (the other ranks' sequences are 0). One code path with
+        :meth:`sequence_logprobs_and_entropies` (whose log-probs cost one gather more).
         """
-        self.check_params(params)
-        self._check_batch(batch)
-        token_chunk = self.token_chunk if token_chunk is None else token_chunk
-        _check_positive("token_chunk", token_chunk)
-        head = self._lm_head
-        result = torch.zeros(batch.num_sequences, dtype=torch.float64)
-        for chunk in self._chunks(batch, seq_chunk, progress, "entropies", shard):
-            hidden, _, rows = self._response_rows(params, chunk)
-            per_token = token_entropies(hidden, head.weight, head.bias, temperature=self.temperature,
-                                        token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
-            zeros = torch.zeros(chunk.input_ids.shape[0], dtype=torch.float64, device=per_token.device)
-            result[chunk.flat_index] = zeros.index_add(0, rows, per_token).cpu()
-        return result.reshape(batch.B, batch.G)
+        return self.sequence_logprobs_and_entropies(params, batch, seq_chunk=seq_chunk, token_chunk=token_chunk,
+                                                    progress=progress, shard=shard)[1]
 
 
     @torch.no_grad()

@@ -17,6 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors, restored after (a bench smoke test run in-process earlier may
+    have set more): ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def naive_sequence_logprobs(peft_model, batch, *, temperature=1.0, logsoftmax_dtype=torch.float32):
     """S_{n,g} the slow, obvious way (spec §1): one ordinary forward of the whole module over all B·G sequences,
     full [N, L, V] logits, full log_softmax, gather, masked sum. Differentiable through the module's own

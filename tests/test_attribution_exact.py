@@ -50,13 +50,7 @@ OBJECTIVE = Objective(loss_type="dr_grpo", scale_rewards="none")
 N_BATCHES, N_CHUNK = 20_000, 2_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Every tensor here is tiny: intra-op threads only add overhead on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: threads only add overhead
 
 
 def forward_mode():

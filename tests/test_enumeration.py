@@ -34,13 +34,7 @@ def max_relative_error(a, b):
     return max(float((a[name] - b[name]).abs().max()) for name in b) / scale
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Every tensor here is tiny: intra-op threads only add overhead (100× on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")
