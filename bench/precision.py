@@ -75,17 +75,9 @@ def _synthetic_adapter(folder: Path, model_dir: Path, out: Path, *, layers: int 
 
 def _synthetic_state(params: dict, *, seed: int, lr: float = 5e-4):
     """An AdamW state as after a few steps: m ~ 1e-3·N(0,1), v ~ 1e-6·U(0,1), t = 3 (float64 master copy)."""
-    from funcprobe import AdamState
+    from funcprobe.testing import warm_adam_state
 
-    generator = torch.Generator().manual_seed(seed)
-    names = list(params)
-    state = {"state": {i: {"step": torch.tensor(3.0),
-                           "exp_avg": 1e-3 * torch.randn(params[n].shape, generator=generator, dtype=torch.float64),
-                           "exp_avg_sq": 1e-6 * torch.rand(params[n].shape, generator=generator, dtype=torch.float64)}
-                       for i, n in enumerate(names)},
-             "param_groups": [{"params": list(range(len(names))), "lr": lr, "betas": (0.9, 0.999), "eps": 1e-8,
-                               "weight_decay": 0.0, "amsgrad": False, "maximize": False}]}
-    return AdamState.from_torch(state, names, params)
+    return warm_adam_state(params, lr=lr, weight_decay=0.0, step=3, seed=seed, v_floor=0.0, dtype=torch.float64)
 
 
 def build_policy(config: str, model_dir: Path, adapter_dir: Path, *, layers: int | None):
@@ -154,13 +146,15 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         def rel(key):
             return abs(row[key] - reference[key]) / abs(reference[key]) if reference[key] else math.nan
+
+        def per_se(key, se_key):
+            return abs(row[key] - reference[key]) / reference[se_key] if reference[se_key] else math.nan
         dtypes = " / ".join(d.removeprefix("torch.") for d in (row["base_dtype"], row["lora_dtype"], row["state_dtype"],
                                                                row["head_dtype"]))
         lines.append(f"| {row['config']} ({dtypes}) | {row['deltaH1']:.6g} | {row['grad_term']:.6g} | "
                      f"{row['state_term']:.6g} | {row['deltaH']:.6g} | {rel('deltaH1'):.2e} | {rel('grad_term'):.2e} | "
                      f"{rel('state_term'):.2e} | {rel('deltaH'):.2e} | "
-                     f"{abs(row['deltaH1'] - reference['deltaH1']) / reference['se_deltaH1']:.3f} | "
-                     f"{abs(row['deltaH'] - reference['deltaH']) / reference['se_deltaH']:.3f} |")
+                     f"{per_se('deltaH1', 'se_deltaH1'):.3f} | {per_se('deltaH', 'se_deltaH'):.3f} |")
     lines.append(f"\nfloat64: δH₁ = {reference['deltaH1']:.6g} ± {reference['se_deltaH1']:.3g} (SE), ΔĤ = "
                  f"{reference['deltaH']:.6g} ± {reference['se_deltaH']:.3g}, Ĥ(θ) on E = {reference['H_before']:.4g} "
                  "nats/sequence.")

@@ -54,7 +54,7 @@ if "PYTHONPATH" not in os.environ and str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import funcprobe  # noqa: E402
-from funcprobe import AdamState, Policy, delta_h1  # noqa: E402
+from funcprobe import AdamState, Policy, delta_h1, testing  # noqa: E402
 from funcprobe.realised import snis_delta_h, values_before  # noqa: E402
 from funcprobe.sampling import DrawSpec, collect_stop_ids, draw_responses, sample_batch  # noqa: E402
 from funcprobe.update import apply_step  # noqa: E402
@@ -70,15 +70,7 @@ TARGETS = {"sampling": 1.0, "delta_h1": 2.0, "delta_h1_long": 2.0, "snis": 1.15}
 # ----------------------------------------------------------------------------------------------------- setup
 def warm_adam_state(params: dict, *, seed: int = 0) -> AdamState:
     """AdamW state with m ~ 1e-3 N(0, 1), v ~ 1e-6 U(0.5, 1.5), t = STEP (loaded like a real optimizer's)."""
-    generator = torch.Generator().manual_seed(seed)
-    names = list(params)
-    state = {i: {"step": torch.tensor(float(STEP)),
-                 "exp_avg": 1e-3 * torch.randn(params[n].shape, generator=generator),
-                 "exp_avg_sq": 1e-6 * (0.5 + torch.rand(params[n].shape, generator=generator))}
-             for i, n in enumerate(names)}
-    groups = [{"params": list(range(len(names))), "lr": LR, "betas": (0.9, 0.999), "eps": 1e-8,
-               "weight_decay": WEIGHT_DECAY, "amsgrad": False, "maximize": False}]
-    return AdamState.from_torch({"state": state, "param_groups": groups}, names, params)
+    return testing.warm_adam_state(params, lr=LR, weight_decay=WEIGHT_DECAY, step=STEP, seed=seed)
 
 
 def arithmetic(count: int, seed: int) -> tuple[list[str], list[str]]:

@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from funcprobe import AdamState, Policy, delta_h1  # noqa: E402
+from funcprobe import AdamState, Policy, delta_h1, testing  # noqa: E402
 from funcprobe.testing import random_batch, tiny_peft_model  # noqa: E402
 
 #: Model configurations (Qwen2, LoRA on q,k,v,o,gate,up,down, random non-zero A and B, float32, untied head).
@@ -97,15 +97,7 @@ def build(config: dict, batch_shape: dict, seed: int = 0):
 
 def warm_adam_state(params: dict, *, seed: int = 0) -> AdamState:
     """AdamW state with m ~ 1e-3 N(0, 1), v ~ 1e-6 U(0.5, 1.5), t = STEP (loaded like a real optimizer's)."""
-    generator = torch.Generator().manual_seed(seed)
-    names = list(params)
-    state = {i: {"step": torch.tensor(float(STEP)),
-                 "exp_avg": 1e-3 * torch.randn(params[n].shape, generator=generator),
-                 "exp_avg_sq": 1e-6 * (0.5 + torch.rand(params[n].shape, generator=generator))}
-             for i, n in enumerate(names)}
-    groups = [{"params": list(range(len(names))), "lr": LR, "betas": (0.9, 0.999), "eps": 1e-8,
-               "weight_decay": WEIGHT_DECAY, "amsgrad": False, "maximize": False}]
-    return AdamState.from_torch({"state": state, "param_groups": groups}, names, params)
+    return testing.warm_adam_state(params, lr=LR, weight_decay=WEIGHT_DECAY, step=STEP, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------- the reference

@@ -15,7 +15,7 @@ from .batch import RolloutBatch
 from .precision import exact_float64
 
 __all__ = ["tiny_config", "tiny_causal_lm", "tiny_peft_model", "tiny_policy", "char_tokenizer", "random_batch",
-           "DEFAULT_TARGET_MODULES"]
+           "warm_adam_state", "DEFAULT_TARGET_MODULES"]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -134,3 +134,21 @@ def random_batch(B: int, G: int, *, vocab_size: int, prompt_len: tuple[int, int]
                         advantages=advantages, length_norm=torch.full((B,), float(response_len[1]),
                                                                       dtype=torch.float64),
                         rewards=rewards if with_rewards else None, pad_token_id=pad_token_id)
+
+
+def warm_adam_state(params, *, lr: float = 1e-5, weight_decay: float = 0.01, step: int = 9, seed: int = 0,
+                    v_floor: float = 0.5, dtype: torch.dtype = torch.float32):
+    """An AdamW state as if ``step`` steps had been taken, loaded through ``AdamState.from_torch`` as a real
+    optimizer's: per tensor (in ``params`` order, from one seeded generator) m ~ 1e-3·N(0, 1), v ~ 1e-6·U(v_floor,
+    1 + v_floor), in ``dtype``; one parameter group (lr, betas (0.9, 0.999), ε 1e-8, weight_decay)."""
+    from .adam import AdamState
+
+    generator = torch.Generator().manual_seed(seed)
+    names = list(params)
+    state = {i: {"step": torch.tensor(float(step)),
+                 "exp_avg": 1e-3 * torch.randn(params[n].shape, generator=generator, dtype=dtype),
+                 "exp_avg_sq": 1e-6 * (v_floor + torch.rand(params[n].shape, generator=generator, dtype=dtype))}
+             for i, n in enumerate(names)}
+    groups = [{"params": list(range(len(names))), "lr": lr, "betas": (0.9, 0.999), "eps": 1e-8,
+               "weight_decay": weight_decay, "amsgrad": False, "maximize": False}]
+    return AdamState.from_torch({"state": state, "param_groups": groups}, names, params)

@@ -45,19 +45,10 @@ def naive_sequence_logprobs(peft_model, batch, *, temperature=1.0, logsoftmax_dt
 
 def warm_state(params, *, lr=0.01, weight_decay=0.1, step=4, seed=0):
     """An AdamW state as if a few steps had been taken (non-zero m and v, float64), via AdamState.from_torch."""
-    from funcprobe import AdamState
+    from funcprobe.testing import warm_adam_state
 
-    generator = torch.Generator().manual_seed(seed)
-    names = list(params)
-    optimizer_like = {
-        "state": {i: {"step": torch.tensor(float(step)),
-                      "exp_avg": 1e-3 * torch.randn(params[n].shape, generator=generator, dtype=torch.float64),
-                      "exp_avg_sq": 1e-6 * torch.rand(params[n].shape, generator=generator, dtype=torch.float64)}
-                  for i, n in enumerate(names)},
-        "param_groups": [{"params": list(range(len(names))), "lr": lr, "betas": (0.9, 0.999), "eps": 1e-8,
-                          "weight_decay": weight_decay, "amsgrad": False, "maximize": False}],
-    }
-    return AdamState.from_torch(optimizer_like, names, params)
+    return warm_adam_state(params, lr=lr, weight_decay=weight_decay, step=step, seed=seed, v_floor=0.0,
+                           dtype=torch.float64)
 
 
 def module_state(module):
