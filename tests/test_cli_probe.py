@@ -114,6 +114,54 @@ def test_probe_json_matches_the_library(checkpoint_dir, tmp_path, capsys):
     assert results["peak_memory"]["bytes"] > 0
 
 
+def test_the_step_gradient_is_computed_once(checkpoint_dir, tmp_path, monkeypatch):
+    """δH₁, the update and the sweep share δH₁'s Ȳ: one delta_h1 call, no other gradient of the RL loss, and no
+    gradient pass at all outside delta_h1 (vjps and tapped forwards counted where they are made)."""
+    import importlib
+
+    from funcprobe.policy import Policy
+
+    # The modules (funcprobe's package namespace exports functions of the same names).
+    delta_h1_module, lora_grads, update_module = (importlib.import_module(f"funcprobe.{name}")
+                                                  for name in ("delta_h1", "lora_grads", "update"))
+
+    calls = {"delta_h1": 0, "policy_gradient": 0, "vjp_outside": 0, "tapped_outside": 0}
+    inside = {"depth": 0}
+    real_delta_h1, real_gradient = delta_h1_module.delta_h1, update_module.policy_gradient
+    real_vjps, real_tapped = Policy.iter_logprob_vjps, lora_grads.tapped_forward
+
+    def counted_delta_h1(*args, **kwargs):
+        calls["delta_h1"] += 1
+        inside["depth"] += 1
+        try:
+            return real_delta_h1(*args, **kwargs)
+        finally:
+            inside["depth"] -= 1
+
+    def counted_gradient(*args, **kwargs):
+        calls["policy_gradient"] += 1
+        return real_gradient(*args, **kwargs)
+
+    def counted_vjps(self, *args, **kwargs):
+        calls["vjp_outside"] += inside["depth"] == 0
+        return real_vjps(self, *args, **kwargs)
+
+    def counted_tapped(*args, **kwargs):
+        calls["tapped_outside"] += inside["depth"] == 0
+        return real_tapped(*args, **kwargs)
+
+    monkeypatch.setattr(delta_h1_module, "delta_h1", counted_delta_h1)
+    monkeypatch.setattr(update_module, "policy_gradient", counted_gradient)
+    monkeypatch.setattr(Policy, "iter_logprob_vjps", counted_vjps)
+    monkeypatch.setattr(lora_grads, "tapped_forward", counted_tapped)
+    if hasattr(delta_h1_module, "tapped_forward"):
+        monkeypatch.setattr(delta_h1_module, "tapped_forward", counted_tapped)
+    argv = ["probe", str(checkpoint_dir), *SMALL, "--eval-B", "3", "--eval-G", "3", "--realised", "both",
+            "--eta-sweep", "1e-3,1e-2", "--out", str(tmp_path / "results.json")]
+    assert main(argv) == 0
+    assert calls == {"delta_h1": 1, "policy_gradient": 0, "vjp_outside": 0, "tapped_outside": 0}, calls
+
+
 def test_zero_learning_rate_is_caught_before_sampling(checkpoint_dir, tmp_path, capsys):
     """The end of a decaying schedule stores lr = 0 for the next step: refused before any sampling, naming --lr."""
     import torch
