@@ -169,6 +169,14 @@ class Policy:
         return int(self._lm_head.weight.shape[0])
 
     @property
+    def num_layers(self) -> int:
+        """Decoder layers (the base config's ``num_hidden_layers``; 1 when the config does not say)."""
+        config = getattr(self.module.get_base_model(), "config", None)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(getattr(config, "text_config", None),
+                                                                       "num_hidden_layers", None)
+        return int(layers) if layers else 1
+
+    @property
     def num_params(self) -> int:
         """Number of trainable (LoRA) scalars."""
         return sum(t.numel() for t in self.params.values())

@@ -224,6 +224,12 @@ def test_recorded_logprobs_are_checked_never_used():
     near = check_recorded_logprobs(batch.replace(logprobs=S - 0.5 * bound), S, dtype=torch.float32)
     far = check_recorded_logprobs(batch.replace(logprobs=S - 2.0 * bound), S, dtype=torch.float32, warn=False)
     assert near.ok and not far.ok and far.exceeded == batch.num_sequences
+    # A deeper model rounds more: the bound grows as √layers (4 layers: twice the 1-layer bound).
+    deep = check_recorded_logprobs(batch.replace(logprobs=S - 1.5 * bound), S, dtype=torch.float32, layers=4)
+    assert deep.ok and deep.threshold == pytest.approx(2 * float(bound[deep.worst]), rel=1e-12)
+    assert policy.num_layers == policy.module.get_base_model().config.num_hidden_layers
+    with pytest.raises(ValueError, match="layers must be a positive integer"):
+        check_recorded_logprobs(batch, S, dtype=torch.float32, layers=0)
     assert json.loads(json.dumps(shifted.to_dict()))["recorded_logprobs"]["ok"] is False
 
 
