@@ -73,7 +73,7 @@ class RealDemoConfig:
     B: int = 8
     eval_B: int = 16
     eval_G: int = 4
-    eta_factors: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    eta_factors: tuple[float, ...] = (0.0625, 0.25, 1.0, 4.0)   # from the first-order regime to past the step's lr
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
