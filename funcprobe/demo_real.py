@@ -22,8 +22,8 @@ then probed with ``funcprobe probe`` exactly as a user would probe their own run
    of that batch, the realised ΔĤ on an independent evaluation batch E, the learning-rate sweep ΔĤ(η) beside
    (η/lr)·δH₁ and its plot, and ``results.json``.
 
-Sizes (:class:`RealDemoConfig`) are chosen to finish in about five minutes on 2 CPU cores (README) while keeping
-ΔĤ's standard error well below δH₁ at the sweep's larger learning rates.
+Sizes (:class:`RealDemoConfig`) are chosen to finish within five minutes on 2 CPU cores (measured: 2 minutes) while
+keeping ΔĤ's standard error well below δH₁ at the sweep's larger learning rates.
 """
 
 from __future__ import annotations
