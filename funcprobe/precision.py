@@ -105,14 +105,19 @@ class PrecisionWarning(UserWarning):
 
 
 #: Relative errors of δH₁'s two terms and of ΔĤ caused by the model's dtype, measured against a float64 model on the
-#: same batch with the same optimizer state (SmolLM2-135M-Instruct + LoRA r = 8, B = 4, G = 4, 16 new tokens;
-#: ``bench/precision.py``, bench/RESULTS.md "Precision on the real model"), rounded up. Keys: the dtype of the base
-#: model, then "+float32 head" when the LM head runs in float32 (:func:`float32_head`).
+#: same batches with the same optimizer state (SmolLM2-135M-Instruct + LoRA, B = 4, G = 4, 16 new tokens, E 8 × 4;
+#: ``bench/precision.py``, bench/RESULTS.md "Precision on the real model"), the larger of two settings (a synthetic
+#: small step and `make demo`'s trained checkpoint), rounded up. float32: ≤ 1.9e-5 on every term. bfloat16 base
+#: (float32 adapters and optimizer state, as PEFT keeps them): gradient term 1.4–3.2 %, state term 0.4–20 %, ΔĤ 21–76 %
+#: of its value — the bf16 decoder rounds the step's small effect on the hidden states, so ΔĤ in bf16 is not a
+#: measurement at small steps. The float32 head does not help (0.9–2.9 %, 0.7–15 %, 25–91 %): the error is the
+#: decoder's. Keys: the dtype of the base model, then "+float32 head" when the LM head runs in float32
+#: (:func:`float32_head`).
 DTYPE_RELATIVE_ERROR: dict[str, dict[str, float]] = {
     "float64": {"grad_term": 0.0, "state_term": 0.0, "deltaH": 0.0},
     "float32": {"grad_term": 1e-4, "state_term": 1e-4, "deltaH": 1e-4},
-    "bfloat16": {"grad_term": 0.05, "state_term": 0.10, "deltaH": 0.05},
-    "bfloat16+float32 head": {"grad_term": 0.05, "state_term": 0.10, "deltaH": 0.05},
+    "bfloat16": {"grad_term": 0.05, "state_term": 0.25, "deltaH": 1.0},
+    "bfloat16+float32 head": {"grad_term": 0.05, "state_term": 0.25, "deltaH": 1.0},
 }
 # float16 has 3 more mantissa bits than bfloat16 but the same activations' range problems; it is not measured, so
 # it gets bfloat16's (conservative) bounds.
