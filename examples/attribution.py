@@ -27,9 +27,7 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
-from funcprobe import attribute
+from funcprobe import attribute, delta_h1
 from funcprobe.checkpoints import load_checkpoint
 from funcprobe.objective import Objective
 from funcprobe.prompts import load_prompt_pool, render_prompts
@@ -55,6 +53,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     parser.add_argument("-B", type=int, default=8, help="prompts in the update batch (default 8)")
     parser.add_argument("--eval-B", type=int, default=16, help="prompts in the evaluation batch (default 16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="the step's learning rate (default: the optimizer state's, i.e. the trainer's next step)")
     parser.add_argument("--out", default=None, help="a folder for attribution.json and attribution.png")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (B=4, G=4, 6 new tokens)")
     args = parser.parse_args(argv)
@@ -100,13 +100,15 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
          f"E: {eval_B} × {G}")
 
     # 3. The attribution, its proxies and the interventions.
-    # An all-ones mask is the unchanged step (the table's baseline, with its own realised ΔĤ on E).
-    interventions = {"unchanged": torch.ones(update.batch.input_ids.shape), **INTERVENTIONS}
-    result = attribute(params, update.batch, policy=policy, adam=adam, objective=objective,
-                       interventions=interventions, evaluation=evaluation.batch)
+    result = attribute(params, update.batch, policy=policy, adam=adam, objective=objective, lr=args.lr,
+                       interventions=INTERVENTIONS, evaluation=evaluation.batch)
+    # δH₁'s standard error (attribution splits the estimate; delta_h1 gives its jackknife SE): one more gradient pass.
+    prediction = delta_h1(params, update.batch, policy=policy, adam=adam, objective=objective, lr=args.lr)
 
     # 4. What to read.
-    echo(f"\nδH₁ = {result.deltaH1:.4g} nats = grad_term {result.grad_term:.4g} + state_term {result.state_term:.4g}")
+    echo(f"\nδH₁ = {result.deltaH1:.4g} ± {prediction.se_deltaH1:.2g} nats = grad_term {result.grad_term:.4g} "
+         f"± {prediction.se_grad_jack:.2g} + state_term {result.state_term:.4g}; realised on E: ΔĤ = "
+         f"{result.realised_delta_h:.4g} ± {result.realised_se:.2g}")
     correlations = result.summary["correlations"]
     echo(f"corr(a, −η·cov): Pearson {correlations['pearson_cov']:.3f}, Spearman {correlations['spearman_cov']:.3f}; "
          f"corr(a, entropy): Pearson {correlations['pearson_entropy']:.3f}, Spearman "
@@ -122,10 +124,13 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
              f"{tokenizer.decode([int(ids[k])])!r} (A = {float(update.batch.advantages[n, g]):.2f}, "
              f"H = {float(result.entropy[n, g, k]):.2f} nats, cov = {float(result.covariance[n, g, k]):.3g})")
     echo("\nintervention      tokens kept   δH₁          ΔĤ on E (± SE)          objective gain   kept/given up")
+    unchanged = f"{result.realised_delta_h:+.4g} ± {result.realised_se:.2g}"
+    echo(f"{'(unchanged)':<17} {int(response.sum()):>11}   {result.deltaH1:<+11.4g}  {unchanged:<23} "
+         f"{result.objective_gain:<+16.4g}")
     for name, row in result.interventions.items():
         given_up = result.objective_gain - row["objective_gain"]
         kept = row["deltaH1"] - result.deltaH1
-        ratio = kept / given_up if name != "unchanged" and given_up else math.nan
+        ratio = kept / given_up if given_up else math.nan
         realised = ("–" if row["realised_delta_h"] is None
                     else f"{row['realised_delta_h']:+.4g} ± {row['realised_se']:.2g}")
         echo(f"{name:<17} {row['tokens_kept']:>11.0f}   {row['deltaH1']:<+11.4g}  {realised:<23} "

@@ -71,7 +71,8 @@ class AttributionResult:
       * ``logprobs`` ℓ [B, G, L]; ``covariance`` Cui et al.'s cov [B, G, L]; ``entropy`` H(π(·|t_<k)) [B, G, L];
       * ``cotangent`` the step's c [B, G, L] (spec §3).
     Scalars: ``grad_term``, ``state_term``, ``deltaH1`` = grad_term + state_term (nats per step), ``objective_gain``
-    = Ȳ·Δθ, the step's first-order change of its own surrogate objective (the interventions' baseline), ``eta_g``
+    = Ȳ·Δθ, the step's first-order change of its own surrogate objective (the interventions' baseline);
+    ``realised_delta_h`` ± ``realised_se``: the unchanged step's ΔĤ on the evaluation batch (None without one); ``eta_g``
     (None with per-group learning rates), ``n_units``, ``units``. ``summary``: correlations and top-q overlaps
     (:func:`proxy_summary`). ``interventions``: name → dict (see :func:`attribute`). ``step``: the decomposition of
     the original step (not in ``to_dict``).
@@ -94,6 +95,8 @@ class AttributionResult:
     cotangent: Tensor
     response_mask: Tensor
     objective_gain: float = math.nan
+    realised_delta_h: float | None = None
+    realised_se: float | None = None
     summary: dict = field(default_factory=dict)
     interventions: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -104,7 +107,8 @@ class AttributionResult:
         """Standard JSON types: per-token arrays as nested lists [B][G][L] (0 off the response)."""
         return {
             "grad_term": self.grad_term, "state_term": self.state_term, "deltaH1": self.deltaH1,
-            "objective_gain": self.objective_gain, "eta_g": self.eta_g, "n_units": self.n_units, "units": self.units,
+            "objective_gain": self.objective_gain, "realised_delta_h": self.realised_delta_h,
+            "realised_se": self.realised_se, "eta_g": self.eta_g, "n_units": self.n_units, "units": self.units,
             "B": self.B, "G": self.G,
             "prompt": _nested(self.prompt), "sequence": _nested(self.sequence), "token": _nested(self.token),
             "logprobs": _nested(self.logprobs), "covariance": _nested(self.covariance),
@@ -286,20 +290,30 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     covariance = token_covariance(logprobs, objective.token_advantages(batch), response)
     summary = proxy_summary(token, covariance, entropy, response, eta=_uniform_or_none(decomposition),
                             quantiles=quantiles)
+    realised = before = None
+    if evaluation is not None:
+        # E's values at θ once, shared by the unchanged step and every intervention (one forward of E each).
+        phase = time.perf_counter()
+        before = _evaluation_before(params, evaluation, policy, seq_chunk, token_chunk)
+        realised = _realised(params, decomposition, adam, lr, objective, policy, evaluation, before, seq_chunk,
+                             token_chunk)
+        timings["realised_s"] = time.perf_counter() - phase
     result_interventions = {}
     if interventions:
         phase = time.perf_counter()
         result_interventions = _run_interventions(
             interventions, params=params, batch=batch, policy=policy, adam=adam, objective=objective, lr=lr,
             partition=partition, cotangent=cotangent, x_units=first.x_units, ybar=ybar, covariance=covariance,
-            entropy=entropy, response=response, evaluation=evaluation, seq_chunk=seq_chunk,
+            entropy=entropy, response=response, evaluation=evaluation, before=before, seq_chunk=seq_chunk,
             token_chunk=token_chunk)
         timings["interventions_s"] = time.perf_counter() - phase
     timings["total_s"] = time.perf_counter() - started
     sequence = token.sum(-1)
     return AttributionResult(
         token=token, sequence=sequence, prompt=sequence.sum(-1), grad_term=grad_term, state_term=state_term,
-        deltaH1=grad_term + state_term, objective_gain=objective_gain, eta_g=_uniform_or_none(decomposition),
+        deltaH1=grad_term + state_term, objective_gain=objective_gain,
+        realised_delta_h=None if realised is None else float(realised.deltaH),
+        realised_se=None if realised is None else float(realised.se), eta_g=_uniform_or_none(decomposition),
         n_units=U,
         units="prompt" if units == "prompt" else f"blocks:{units}", B=B, G=G, logprobs=logprobs,
         covariance=covariance, entropy=entropy, cotangent=c_tokens, response_mask=response, summary=summary,
@@ -449,11 +463,27 @@ def masked_cotangent(cotangent: StepCotangent, weights: Tensor) -> StepCotangent
                    sequence_constant=False)
 
 
-def _run_interventions(interventions, *, params, batch, policy, adam, objective, lr, partition, cotangent, x_units,
-                       ybar, covariance, entropy, response, evaluation, seq_chunk, token_chunk) -> dict:
+def _evaluation_before(params, evaluation, policy, seq_chunk, token_chunk):
+    """S and the entropies at θ on E (snis_delta_h's defaults: Rao-Blackwell integrand), computed once."""
+    from .realised import values_before
+
+    return values_before(params, evaluation, policy=policy, logprobs=True, entropies=True,
+                         chunks={"seq_chunk": seq_chunk, "token_chunk": token_chunk, "progress": False})
+
+
+def _realised(params, decomposition, adam, lr, objective, policy, evaluation, before, seq_chunk, token_chunk):
+    """ΔĤ on E (``snis_delta_h``, its defaults) of the step whose gradient is −Ȳ of ``decomposition``."""
     from .adam import adamw_update
     from .realised import snis_delta_h
 
+    loss_grad = {n: -v for n, v in decomposition.ybar.items()}
+    updated, _ = adamw_update(params, loss_grad, adam, lr=lr, max_grad_norm=objective.max_grad_norm)
+    return snis_delta_h(params, updated, policy=policy, batch=evaluation, before=before, seq_chunk=seq_chunk,
+                        token_chunk=token_chunk)
+
+
+def _run_interventions(interventions, *, params, batch, policy, adam, objective, lr, partition, cotangent, x_units,
+                       ybar, covariance, entropy, response, evaluation, before, seq_chunk, token_chunk) -> dict:
     U = len(partition)
     out = {}
     for name, spec in interventions.items():
@@ -470,10 +500,8 @@ def _run_interventions(interventions, *, params, batch, policy, adam, objective,
                "grad_term": grad_term, "state_term": state_term, "deltaH1": grad_term + state_term,
                "objective_gain": _dot(ybar, delta), "realised_delta_h": None, "realised_se": None}
         if evaluation is not None:
-            loss_grad = {n: -v for n, v in ybar_changed.items()}
-            updated, _ = adamw_update(params, loss_grad, adam, lr=lr, max_grad_norm=objective.max_grad_norm)
-            realised = snis_delta_h(params, updated, policy=policy, batch=evaluation, seq_chunk=seq_chunk,
-                                    token_chunk=token_chunk)
+            realised = _realised(params, decomposition, adam, lr, objective, policy, evaluation, before, seq_chunk,
+                                 token_chunk)
             row["realised_delta_h"] = float(realised.deltaH)
             row["realised_se"] = float(realised.se)
         out[name] = row

@@ -123,6 +123,9 @@ def _interventions_table(results: dict, att: dict) -> str:
         return ""
     base_h = att.get("deltaH1")
     base_gain = _baseline_gain(results, att)
+    realised_h, realised_se = att.get("realised_delta_h"), att.get("realised_se")
+    base_realised = "—" if realised_h is None else _num(realised_h) + (
+        "" if realised_se is None else f" ± {_num(realised_se, 2)}")
     parts = ["<h2>Token-selection interventions</h2>",
              "<p class='note'>Each row re-runs the step with a token mask on its cotangent: δH₁ of the changed step, "
              "realised ΔĤ on the evaluation batch (± SE), and the first-order gain of the original objective. "
@@ -131,7 +134,7 @@ def _interventions_table(results: dict, att: dict) -> str:
                 " — needs the unchanged step's objective gain, which these results do not carry") + ".</p>",
              "<table class='num'><tr><th>intervention</th><th>tokens kept</th><th>δH₁</th><th>realised ΔĤ</th>"
              "<th>objective gain</th><th>entropy kept per objective given up</th></tr>",
-             f"<tr class='base'><td>(unchanged step)</td><td>all</td><td>{_num(base_h)}</td><td>—</td>"
+             f"<tr class='base'><td>(unchanged step)</td><td>all</td><td>{_num(base_h)}</td><td>{base_realised}</td>"
              f"<td>{_num(base_gain)}</td><td>—</td></tr>"]
     for name, row in rows.items():
         realised = row.get("realised_delta_h")

@@ -246,6 +246,9 @@ def test_interventions_all_ones_and_all_zeros(policies, batch):
     assert ones["grad_term"] == pytest.approx(plain.grad_term, rel=1e-10, abs=0)
     assert ones["deltaH1"] == pytest.approx(plain.deltaH1, rel=1e-10, abs=0)
     assert ones["realised_delta_h"] == pytest.approx(realised.deltaH, rel=1e-9, abs=0)
+    # The unchanged step's own realised ΔĤ (E's values at θ shared with the interventions).
+    assert result.realised_delta_h == pytest.approx(realised.deltaH, rel=1e-9, abs=0)
+    assert result.realised_se == pytest.approx(realised.se, rel=1e-9, abs=0)
     assert ones["objective_gain"] > 0  # Ȳ·Δθ of the plain step: η_g Ȳ·P·Ȳ dominates here
     assert result.objective_gain == pytest.approx(ones["objective_gain"], rel=1e-10, abs=0)
     by_hand = sum(float((plain.step.ybar[n].double() * (updated[n].double() - policy.params[n].double())).sum())

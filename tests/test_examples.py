@@ -59,9 +59,8 @@ def test_attribution(checkpoint_dir, tmp_path, capsys):
     results = load_example("attribution").main([str(checkpoint_dir), "--quick", "--out", str(out)])
     result = results["result"]
     assert float(result.token.sum()) == pytest.approx(result.grad_term, rel=1e-9)
-    assert set(result.interventions) == {"unchanged", "clip_cov", "high_entropy", "positive_only"}
-    # float32 checkpoint: the changed step recomputes Ȳ in its own vjp pass (float64 tests hold 1e-10)
-    assert result.interventions["unchanged"]["deltaH1"] == pytest.approx(result.deltaH1, rel=1e-5)
+    assert set(result.interventions) == {"clip_cov", "high_entropy", "positive_only"}
+    assert result.realised_delta_h is not None and math.isfinite(result.realised_delta_h)
     assert all(row["realised_delta_h"] is not None and math.isfinite(row["realised_delta_h"])
                for row in result.interventions.values())
     assert results["evaluation"].batch.prompt_index.tolist() != results["update"].batch.prompt_index.tolist()
