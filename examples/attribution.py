@@ -14,8 +14,9 @@ What ``funcprobe attribute`` does, written out with the library API (spec §8 in
    covariance proxy and the next-token entropy, and three interventions on the step (Clip-Cov-like, keep the
    high-entropy 20%, positive advantages only), each with its δH₁, its realised ΔĤ on E and its first-order objective
    gain;
-4. print what a researcher reads first — the correlations, the tokens that push the entropy down most, and the
-   intervention table ("entropy kept per unit of objective given up") — and write the JSON and the scatter plot.
+4. print what a researcher reads first — δH₁ ± SE beside the realised ΔĤ, the correlations, the tokens that push the
+   entropy down most, and the intervention table ("entropy kept per unit of objective given up") — and write the
+   JSON, the HTML page (tokens coloured by attribution) and the scatter plot.
 
 Run on the tiny test checkpoint with ``--quick`` (the test suite does).
 """
@@ -28,6 +29,7 @@ import math
 from pathlib import Path
 
 from funcprobe import attribute, delta_h1
+from funcprobe.attribution_page import batch_text, render_attribution_html
 from funcprobe.checkpoints import load_checkpoint
 from funcprobe.objective import Objective
 from funcprobe.prompts import load_prompt_pool, render_prompts
@@ -136,12 +138,16 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
         echo(f"{name:<17} {row['tokens_kept']:>11.0f}   {row['deltaH1']:<+11.4g}  {realised:<23} "
              f"{row['objective_gain']:<+16.4g} {ratio:.3g}")
 
-    results = {"checkpoint": str(checkpoint.path), "objective": objective.to_dict(), "attribution": result.to_dict()}
+    results = to_jsonable({"checkpoint": {"path": str(checkpoint.path), "step": checkpoint.step},
+                           "objective": objective.to_dict(), "attribution": result.to_dict(),
+                           "objective_gain": result.objective_gain, **batch_text(update.batch, tokenizer)})
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "attribution.json").write_text(json.dumps(to_jsonable(results)), encoding="utf-8")
-        echo(f"\nwrote {out / 'attribution.json'} and {plot_attribution(results, out / 'attribution.png')}")
+        (out / "attribution.json").write_text(json.dumps(results), encoding="utf-8")
+        (out / "attribution.html").write_text(render_attribution_html(results), encoding="utf-8")
+        echo(f"\nwrote {out / 'attribution.json'}, {out / 'attribution.html'} and "
+             f"{plot_attribution(results, out / 'attribution.png')}")
     return {"result": result, "update": update, "evaluation": evaluation}
 
 

@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["render_attribution_html", "token_colour", "visible_token"]
+__all__ = ["render_attribution_html", "batch_text", "token_colour", "visible_token"]
 
 _VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 
@@ -255,6 +255,22 @@ _JS = """
   document.getElementById('n-prompts').textContent = data.prompts.length;
 })();
 """
+
+
+def batch_text(batch, tokenizer) -> dict:
+    """What the page shows of the update batch beside the attributions: ``token_text`` [B][G][L] (each response
+    token decoded alone; "" off the response), ``prompt_text`` [B] (each prompt decoded), ``input_ids``,
+    ``advantages`` [B][G] and ``rewards`` (or None). Merge it into the results dict passed to
+    :func:`render_attribution_html`."""
+    response = batch.response_mask.bool()
+    token_text = [[[tokenizer.decode([int(t)]) if bool(r) else "" for t, r in zip(ids, mask)]
+                   for ids, mask in zip(rows, masks)] for rows, masks in zip(batch.input_ids, response)]
+    prompt_part = batch.attention_mask[:, 0].bool() & ~response[:, 0]
+    prompt_text = [tokenizer.decode([int(t) for t, keep in zip(ids, part) if bool(keep)])
+                   for ids, part in zip(batch.input_ids[:, 0], prompt_part)]
+    return {"input_ids": batch.input_ids.tolist(), "token_text": token_text, "prompt_text": prompt_text,
+            "advantages": batch.advantages.tolist(),
+            "rewards": None if batch.rewards is None else batch.rewards.tolist()}
 
 
 def render_attribution_html(results: dict) -> str:

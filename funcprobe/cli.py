@@ -869,6 +869,7 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     """The ``attribute`` command: ``probe``'s loading and batches, then ``funcprobe.attribute`` with the
     interventions; prints the summary and writes ``--out`` JSON."""
     from .attribution import attribute
+    from .attribution_page import batch_text
     from .report import to_jsonable, versions, write_json
 
     _check_probe_args(args)
@@ -894,13 +895,6 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
         quantiles=quantiles, interventions=interventions, evaluation=loaded.evaluation.batch, progress=progress))
     echo("\n" + str(result))
     timings["total"] = time.perf_counter() - started
-    tokenizer = loaded.checkpoint.tokenizer
-    response = batch.response_mask.bool()
-    token_text = [[[tokenizer.decode([int(t)]) if bool(r) else "" for t, r in zip(ids, mask)]
-                   for ids, mask in zip(rows, masks)] for rows, masks in zip(batch.input_ids, response)]
-    prompt_part = batch.attention_mask[:, 0].bool() & ~response[:, 0]
-    prompt_text = [tokenizer.decode([int(t) for t, keep in zip(ids, part) if bool(keep)])
-                   for ids, part in zip(batch.input_ids[:, 0], prompt_part)]
     config = {name: value for name, value in vars(args).items()
               if name not in ("etas", "units_value", "memory_budget_bytes", "objective")}
     results = {
@@ -909,10 +903,8 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
         "checkpoint": {"path": loaded.checkpoint.path, "step": loaded.checkpoint.step,
                        "base": loaded.checkpoint.base},
         "objective": args.objective.to_dict(), "attribution": result.to_dict(),
-        "input_ids": batch.input_ids.tolist(), "token_text": token_text, "prompt_text": prompt_text,
-        "objective_gain": result.objective_gain,
-        "advantages": batch.advantages.tolist(),
-        "rewards": None if batch.rewards is None else batch.rewards.tolist(), "timings": timings,
+        **batch_text(batch, loaded.checkpoint.tokenizer), "objective_gain": result.objective_gain,
+        "timings": timings,
     }
     if args.out is not None:
         echo(f"\nwrote {write_json(args.out, results)}")

@@ -67,6 +67,7 @@ def test_attribution(checkpoint_dir, tmp_path, capsys):
     saved = json.loads((out / "attribution.json").read_text())
     assert saved["attribution"]["grad_term"] == pytest.approx(result.grad_term, rel=1e-12)
     assert (out / "attribution.png").stat().st_size > 0
+    assert (out / "attribution.html").read_text().startswith("<!DOCTYPE html>")
     printed = capsys.readouterr().out
     assert "push the entropy down most" in printed and "positive_only" in printed
 
