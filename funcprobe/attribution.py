@@ -33,6 +33,7 @@ from torch import Tensor
 from .adam import AdamState, update_decomposition
 from .batch import RolloutBatch
 from .delta_h1 import unit_partition, unit_vectors
+from .lora_grads import row_direction_jvp, unsupported_reason
 from .objective import Objective
 from .policy import ChunkLogprobs, Policy
 from .progress import progress_bar
@@ -149,6 +150,55 @@ def _scatter(target: Tensor, chunk, item: ChunkLogprobs, values: Tensor) -> None
     target.view(m * G, L)[flat, item.token_columns.cpu()] = values.to("cpu", torch.float64)
 
 
+#: Tests set this to check the one-direction-per-forward path that adapters without per-layer taps take.
+_force_unit_jvps = False
+
+
+def _row_jvps(policy, params, batch, cotangent, partition, directions, scales, seq_chunk, token_chunk, progress):
+    """a, ℓ, H, c [B, G, L] from ``seq_chunk``-sequence forwards over the whole batch, each row differentiated along
+    its own unit's d_w (``lora_grads.row_direction_jvp``): one forward-mode pass per chunk, whatever the units."""
+    B, G, L = batch.B, batch.G, batch.L
+    unit_of_prompt = torch.empty(B, dtype=torch.long)
+    for w, index in enumerate(partition):
+        unit_of_prompt[torch.as_tensor(index, dtype=torch.long)] = w
+    scale_of_unit = torch.tensor(scales, dtype=torch.float64)
+    out = [torch.zeros(B, G, L, dtype=torch.float64) for _ in range(4)]
+    chunks = list(batch.iter_sequence_chunks(seq_chunk))
+    for chunk in progress_bar(chunks, total=len(chunks), desc="attribution jvps", enabled=progress):
+        row_unit = unit_of_prompt[chunk.flat_index.cpu() // G]
+        values, derivative, entropies = row_direction_jvp(policy, params, chunk, directions, row_unit,
+                                                          token_chunk=token_chunk, entropies=True)
+        item = _chunk_item(chunk, values.to("cpu", torch.float64))
+        c = cotangent.for_chunk(item)
+        scale = scale_of_unit[row_unit[item.token_rows.cpu()]]
+        for target, value in zip(out, (scale * c * derivative.to("cpu", torch.float64), values, entropies, c)):
+            _scatter(target, chunk, item, value)
+    return tuple(out)
+
+
+def _unit_jvps(policy, params, batch, cotangent, partition, directions, scales, seq_chunk, token_chunk, progress):
+    """The same from one ``Policy.token_logprob_jvp`` per sequence chunk of each unit (any adapter)."""
+    B, G, L = batch.B, batch.G, batch.L
+    out = [torch.zeros(B, G, L, dtype=torch.float64) for _ in range(4)]
+    for w, index in enumerate(progress_bar(partition, total=len(partition), desc="attribution jvps",
+                                           enabled=progress)):
+        m = len(index)
+        unit_batch = batch.select_prompts(index)
+        unit_cot = cotangent.select_prompts(index)
+        local = [torch.zeros(m, G, L, dtype=torch.float64) for _ in range(4)]
+        for chunk in unit_batch.iter_sequence_chunks(seq_chunk):
+            values, derivative, entropies = policy.token_logprob_jvp(params, chunk, directions[w],
+                                                                     token_chunk=token_chunk, entropies=True)
+            item = _chunk_item(chunk, values.to("cpu", torch.float64))
+            c = unit_cot.for_chunk(item)
+            for target, value in zip(local, (scales[w] * c * derivative.to("cpu", torch.float64), values,
+                                             entropies, c)):
+                _scatter(target, chunk, item, value)
+        for target, value in zip(out, local):
+            target[index] = value
+    return tuple(out)
+
+
 def _check_chunks(policy: Policy, seq_chunk, token_chunk) -> tuple[int, int]:
     seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
     token_chunk = policy.token_chunk if token_chunk is None else token_chunk
@@ -262,26 +312,14 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     objective_gain = _dot(ybar, _cpu64(decomposition.delta_theta()))
 
     phase = time.perf_counter()
-    token = torch.zeros(B, G, L, dtype=torch.float64)
-    logprobs, entropy, c_tokens = torch.zeros_like(token), torch.zeros_like(token), torch.zeros_like(token)
-    for w, index in enumerate(progress_bar(partition, total=U, desc="attribution jvps", enabled=progress)):
-        m = len(index)
-        direction = {n: eta_p[n] * (first.sum_x[n] - first.x_units[w][n]) for n in eta_p}
-        scale = -(B / m) / (U * (U - 1))
-        unit_batch = batch.select_prompts(index)
-        unit_cot = cotangent.select_prompts(index)
-        local = {key: torch.zeros(m, G, L, dtype=torch.float64) for key in ("a", "l", "h", "c")}
-        for chunk in unit_batch.iter_sequence_chunks(seq_chunk):
-            values, derivative, entropies = policy.token_logprob_jvp(params, chunk, direction,
-                                                                     token_chunk=token_chunk, entropies=True)
-            item = _chunk_item(chunk, values.to("cpu", torch.float64))
-            c = unit_cot.for_chunk(item)
-            _scatter(local["a"], chunk, item, scale * c * derivative.to("cpu", torch.float64))
-            _scatter(local["l"], chunk, item, values)
-            _scatter(local["h"], chunk, item, entropies)
-            _scatter(local["c"], chunk, item, c)
-        token[index], logprobs[index], entropy[index], c_tokens[index] = (local["a"], local["l"], local["h"],
-                                                                          local["c"])
+    directions = [{n: eta_p[n] * (first.sum_x[n] - first.x_units[w][n]) for n in eta_p} for w in range(U)]
+    scales = [-(B / len(index)) / (U * (U - 1)) for index in partition]
+    if unsupported_reason(policy) is None and not _force_unit_jvps:
+        token, logprobs, entropy, c_tokens = _row_jvps(policy, params, batch, cotangent, partition, directions,
+                                                       scales, seq_chunk, token_chunk, progress)
+    else:
+        token, logprobs, entropy, c_tokens = _unit_jvps(policy, params, batch, cotangent, partition, directions,
+                                                        scales, seq_chunk, token_chunk, progress)
     timings["jvp_s"] = time.perf_counter() - phase
 
     response = batch.response_mask.to(torch.bool)

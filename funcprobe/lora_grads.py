@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .batch import SequenceChunk
 
-__all__ = ["unsupported_reason", "TappedChunk", "tapped_forward"]
+__all__ = ["unsupported_reason", "TappedChunk", "tapped_forward", "row_direction_jvp"]
 
 
 @dataclass(frozen=True)
@@ -225,3 +225,97 @@ def tapped_forward(policy, params: Mapping[str, Tensor], chunk: SequenceChunk, t
     return TappedChunk(chunk=chunk, token_logprobs=detached, token_rows=rows, token_columns=cols + chunk.columns[0],
                        logprobs=sums, _values=values, _leaves=[leaves[layer.name_B] for layer in layers], _taps=taps,
                        _param_shapes={name: tensor.shape for name, tensor in params.items()})
+
+
+# ------------------------------------------------------------------------------------- forward mode, per row
+class _TangentTaps:
+    """Forward hooks that add ε·(dB a + B dA x) to every LoRA layer's b, with (dA, dB) the direction of each row."""
+
+    def __init__(self, layers: list[_Layer], row_A: list[Tensor], row_B: list[Tensor], epsilon: Tensor):
+        self.layers, self.row_A, self.row_B, self.epsilon = layers, row_A, row_B, epsilon
+        self._x: dict[int, Tensor] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = []
+        try:
+            for index, layer in enumerate(self.layers):
+                handles.append(layer.lora_A.register_forward_hook(self._on_A(index)))
+                handles.append(layer.lora_B.register_forward_hook(self._on_B(index)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._x.clear()
+
+    def _on_A(self, index: int):
+        def hook(module, inputs, output):
+            self._x[index] = inputs[0]
+        return hook
+
+    def _on_B(self, index: int):
+        def hook(module, inputs, output):
+            x = self._x.pop(index, None)
+            if x is None or x.dim() != 3 or x.shape[0] != self.row_A[index].shape[0]:
+                raise RuntimeError(f"LoRA layer {self.layers[index].name_B}: expected lora_A's input as [rows, "
+                                   "positions, features] just before lora_B; the per-row tangents cannot follow this "
+                                   "model.")
+            a = inputs[0]
+            d_a = torch.bmm(x, self.row_A[index].transpose(1, 2))               # [rows, T, r] = dA x
+            tangent = torch.bmm(a, self.row_B[index].transpose(1, 2)) + d_a @ module.weight.T
+            return output + self.epsilon * tangent
+        return hook
+
+
+def row_direction_jvp(policy, params: Mapping[str, Tensor], chunk: SequenceChunk,
+                      directions: list[Mapping[str, Tensor]], row_direction: Tensor, *, token_chunk: int,
+                      entropies: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Forward-mode derivatives of the chunk's per-token log-probs, each row along ITS OWN direction in LoRA space.
+
+    Row i of the chunk is differentiated along ``directions[row_direction[i]]`` (dicts keyed and shaped like
+    ``params``). For a plain LoRA layer b = B A x, the first-order change of b under (A + ε dA, B + ε dB) is
+    ε (dB A x + B dA x); adding ε times that term, with each row's own (dA, dB), to every layer's b and taking one
+    ``torch.func.jvp`` in the scalar ε at ε = 0 gives d_{row}·∇ℓ for every token of every row from ONE forward of the
+    chunk — where :meth:`Policy.token_logprob_jvp` needs one forward per direction. The rows do not interact (each
+    sequence attends to itself), so row i's derivative is exactly its direction's (the terms ε·O(ε) vanish at 0).
+
+    Returns (ℓ [T], d·∇ℓ [T], H [T] or None) as ``Policy.token_logprob_jvp``: float64, row-major over the chunk's
+    response tokens. Needs attention with a forward-mode rule (eager on the CPU). Raises ValueError when the adapter
+    cannot be tapped (:func:`unsupported_reason`).
+    """
+    from .logprobs import token_entropies, token_logprobs
+
+    layers, reason = _layers(policy)
+    if reason is not None:
+        raise ValueError(f"per-row LoRA tangents do not apply to this adapter: {reason}.")
+    rows = int(chunk.input_ids.shape[0])
+    row_direction = torch.as_tensor(row_direction, dtype=torch.long)
+    if tuple(row_direction.shape) != (rows,):
+        raise ValueError(f"row_direction must hold one direction index per row of the chunk ({rows}); got shape "
+                         f"{tuple(row_direction.shape)}.")
+    device = policy.device
+    index = row_direction.to(device)
+    row_A, row_B = [], []
+    for layer in layers:
+        for name, out in ((layer.name_A, row_A), (layer.name_B, row_B)):
+            reference = params[name]
+            stacked = torch.stack([d[name].to(dtype=reference.dtype, device=device) for d in directions])
+            out.append(stacked.index_select(0, index))
+    head = policy.lm_head
+    dtype = head.weight.dtype
+
+    def forward(epsilon):
+        taps = _TangentTaps(layers, row_A, row_B, epsilon)
+        with taps.recording():
+            hidden, targets, _ = policy._response_rows(params, chunk)
+        values = token_logprobs(hidden, head.weight, head.bias, targets, temperature=policy.temperature,
+                                token_chunk=token_chunk, logsoftmax_dtype=policy.logsoftmax_dtype)
+        return values, hidden.detach()
+
+    zero = torch.zeros((), dtype=dtype, device=device)
+    values, derivative, hidden = torch.func.jvp(forward, (zero,), (torch.ones_like(zero),), has_aux=True)
+    entropy = None
+    if entropies:
+        entropy = token_entropies(hidden, head.weight, head.bias, temperature=policy.temperature,
+                                  token_chunk=token_chunk, logsoftmax_dtype=policy.logsoftmax_dtype)
+    return values.detach(), derivative.detach(), entropy

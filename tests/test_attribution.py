@@ -153,6 +153,46 @@ def test_tokens_match_naive_reference(models, policies, tied, side, seq_chunk, t
     assert torch.allclose(result.logprobs, logprobs, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("units", ["prompt", 2])
+def test_one_direction_per_forward_path_agrees(policies, batch, units, monkeypatch):
+    """Adapters without per-layer taps take one jvp per unit chunk (``Policy.token_logprob_jvp``); plain LoRA takes
+    one forward per chunk with per-row directions (``lora_grads.row_direction_jvp``): the same a, ℓ, H and c."""
+    import importlib
+
+    module = importlib.import_module("funcprobe.attribution")
+    policy = policies[True]
+    adam = warm_state(policy.params, seed=3)
+    rows = attribute(policy.params, batch, policy=policy, adam=adam, units=units, seq_chunk=5)
+    monkeypatch.setattr(module, "_force_unit_jvps", True)
+    units_path = attribute(policy.params, batch, policy=policy, adam=adam, units=units, seq_chunk=5)
+    scale = float(rows.token.abs().max())
+    assert torch.allclose(rows.token, units_path.token, rtol=0, atol=1e-12 * scale)
+    for name in ("logprobs", "entropy", "cotangent"):
+        assert torch.allclose(getattr(rows, name), getattr(units_path, name), rtol=0, atol=1e-12), name
+
+
+def test_row_direction_jvp_is_each_rows_own_direction(policies, batch):
+    """A chunk whose rows carry different directions: each row's d·∇ℓ equals token_logprob_jvp along its own."""
+    from funcprobe.lora_grads import row_direction_jvp
+
+    policy = policies[False]
+    generator = torch.Generator().manual_seed(4)
+    directions = [{n: torch.randn(t.shape, generator=generator, dtype=torch.float64) for n, t in policy.params.items()}
+                  for _ in range(3)]
+    chunk = next(iter(batch.iter_sequence_chunks(7)))
+    row_direction = torch.tensor([0, 2, 1, 1, 0, 2, 0])
+    values, derivative, _ = row_direction_jvp(policy, policy.params, chunk, directions, row_direction, token_chunk=4)
+    rows = chunk.response_mask.nonzero(as_tuple=True)[0]
+    for k, direction in enumerate(directions):
+        expected_values, expected, _ = policy.token_logprob_jvp(policy.params, chunk, direction, token_chunk=4)
+        mine = row_direction[rows] == k
+        assert mine.any()
+        assert torch.allclose(derivative[mine], expected[mine], rtol=0, atol=1e-10 * float(expected.abs().max()))
+        assert torch.allclose(values, expected_values, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="one direction index per row"):
+        row_direction_jvp(policy, policy.params, chunk, directions, row_direction[:3], token_chunk=4)
+
+
 def test_entropy_matches_full_softmax(models, policies, batch):
     policy, model = policies[False], models[False]
     result = attribute(policy.params, batch, policy=policy, adam=warm_state(policy.params))
