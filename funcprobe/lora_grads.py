@@ -99,14 +99,11 @@ def unsupported_reason(policy) -> str | None:
     return cached
 
 
-class _Taps:
-    """Forward hooks that record each LoRA call and hook its b; ``combine`` and ``out`` are set per backward."""
+class _LoraHooks:
+    """Forward hooks on every LoRA layer: lora_A's input x is kept for lora_B's hook (:meth:`_on_B`, per subclass)."""
 
-    def __init__(self, layers: list[_Layer], rows: int):
+    def __init__(self, layers: list[_Layer]):
         self.layers = layers
-        self.rows = rows
-        self.combine: Tensor | None = None
-        self.out: dict[str, Tensor] = {}
         self._x: dict[int, Tensor] = {}
 
     @contextlib.contextmanager
@@ -126,6 +123,19 @@ class _Taps:
         def hook(module, inputs, output):
             self._x[index] = inputs[0]
         return hook
+
+    def _on_B(self, index: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _Taps(_LoraHooks):
+    """Forward hooks that record each LoRA call and hook its b; ``combine`` and ``out`` are set per backward."""
+
+    def __init__(self, layers: list[_Layer], rows: int):
+        super().__init__(layers)
+        self.rows = rows
+        self.combine: Tensor | None = None
+        self.out: dict[str, Tensor] = {}
 
     def _on_B(self, index: int):
         def hook(module, inputs, output):
@@ -228,30 +238,12 @@ def tapped_forward(policy, params: Mapping[str, Tensor], chunk: SequenceChunk, t
 
 
 # ------------------------------------------------------------------------------------- forward mode, per row
-class _TangentTaps:
+class _TangentTaps(_LoraHooks):
     """Forward hooks that add ε·(dB a + B dA x) to every LoRA layer's b, with (dA, dB) the direction of each row."""
 
     def __init__(self, layers: list[_Layer], row_A: list[Tensor], row_B: list[Tensor], epsilon: Tensor):
-        self.layers, self.row_A, self.row_B, self.epsilon = layers, row_A, row_B, epsilon
-        self._x: dict[int, Tensor] = {}
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        handles = []
-        try:
-            for index, layer in enumerate(self.layers):
-                handles.append(layer.lora_A.register_forward_hook(self._on_A(index)))
-                handles.append(layer.lora_B.register_forward_hook(self._on_B(index)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            self._x.clear()
-
-    def _on_A(self, index: int):
-        def hook(module, inputs, output):
-            self._x[index] = inputs[0]
-        return hook
+        super().__init__(layers)
+        self.row_A, self.row_B, self.epsilon = row_A, row_B, epsilon
 
     def _on_B(self, index: int):
         def hook(module, inputs, output):
