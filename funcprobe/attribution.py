@@ -11,12 +11,14 @@ over tokens,
     a_{n,g,k} = −(B/m) / (U(U−1)) · c_{n,g,k} · d_w·∇ℓ_{n,g,k}      (n in unit w),      Σ a = grad_term.
 
 For prompt units m = 1 and B/m = B (spec §8's "B c"); for blocks B/m = U. d_w·∇ℓ for all tokens of a sequence
-chunk at once is one forward-mode jvp of the per-token log-probs along d_w (``Policy.token_logprob_jvp``): memory of
-one forward, no per-token gradient is ever formed. The state term −X̄·Δθ_state belongs to no token.
+chunk at once is one forward-mode derivative of the per-token log-probs: memory of one forward, no per-token gradient
+is ever formed. The state term −X̄·Δθ_state belongs to no token.
 
 Passes: (1) the unit vectors (X_w kept, float64 CPU: U parameter-sized vectors) and ΣY → P, η_g, Δθ_state;
-(2) one jvp per sequence chunk of each unit (chunks never straddle a unit), which also yields ℓ and the next-token
-entropies.
+(2) one forward-mode pass per ``seq_chunk`` sequences of the batch, each row along its own unit's d_w
+(``lora_grads.row_direction_jvp``: per-layer LoRA tangents), which also yields ℓ and the next-token entropies.
+Adapters the taps do not cover (``lora_grads.unsupported_reason``) take one ``Policy.token_logprob_jvp`` per sequence
+chunk of each unit instead. Cost on SmolLM2-135M: ≈ 2.6× a ``delta_h1`` (bench/RESULTS.md).
 """
 
 from __future__ import annotations
