@@ -1,6 +1,6 @@
 """Which tokens drive the entropy change of a run's next step, and what token-selection fixes would do.
 
-    make demo                                   # trains runs/demo/run/checkpoint-4 (SmolLM2-135M-Instruct + LoRA)
+    make demo                                   # trains runs/demo/run/checkpoint-3 (SmolLM2-135M-Instruct + LoRA)
     python examples/attribution.py runs/demo/run --out runs/attribution
 
 What ``funcprobe attribute`` does, written out with the library API (spec §8 in funcprobe's docs/estimators.md):
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
 
     run = Path(args.run)
     if not run.exists():
-        raise SystemExit(f"{run} does not exist: run `make demo` first (it trains runs/demo/run), or pass a "
-                         "checkpoint folder.")
+        parser.error(f"{run} does not exist: run `make demo` first (it trains runs/demo/run), or pass a checkpoint "
+                     "folder.")
 
     # 1. The checkpoint and the step its trainer takes.
     checkpoint = load_checkpoint(run, attn_implementation="eager")
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
         echo(f"  a = {float(result.token[n, g, k]) + 0.0:.3g}  prompt {n}, response {g}: …{before!r} → "
              f"{tokenizer.decode([int(ids[k])])!r} (A = {float(update.batch.advantages[n, g]):.2f}, "
              f"H = {float(result.entropy[n, g, k]):.2f} nats, cov = {float(result.covariance[n, g, k]):.3g})")
-    echo("\nintervention      tokens kept   δH₁          ΔĤ on E (± SE)          objective gain   kept/given up")
+    echo("\nintervention      tokens kept   δH₁          ΔĤ on E (± SE)          objective gain   kept/given up: "
+         "predicted, realised")
     unchanged = f"{result.realised_delta_h:+.4g} ± {result.realised_se:.2g}"
     echo(f"{'(unchanged)':<17} {int(response.sum()):>11}   {result.deltaH1:<+11.4g}  {unchanged:<23} "
          f"{result.objective_gain:<+16.4g}")
@@ -133,10 +134,12 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
         given_up = result.objective_gain - row["objective_gain"]
         kept = row["deltaH1"] - result.deltaH1
         ratio = kept / given_up if given_up else math.nan
+        realised_ratio = ((row["realised_delta_h"] - result.realised_delta_h) / given_up
+                          if given_up and row["realised_delta_h"] is not None else math.nan)
         realised = ("–" if row["realised_delta_h"] is None
                     else f"{row['realised_delta_h']:+.4g} ± {row['realised_se']:.2g}")
         echo(f"{name:<17} {row['tokens_kept']:>11.0f}   {row['deltaH1']:<+11.4g}  {realised:<23} "
-             f"{row['objective_gain']:<+16.4g} {ratio:.3g}")
+             f"{row['objective_gain']:<+16.4g} {ratio:.3g}, {realised_ratio:.3g}")
 
     results = to_jsonable({"checkpoint": {"path": str(checkpoint.path), "step": checkpoint.step},
                            "objective": objective.to_dict(), "attribution": result.to_dict(),

@@ -97,6 +97,8 @@ class AttributionResult:
     entropy: Tensor
     cotangent: Tensor
     response_mask: Tensor
+    se_grad_term: float = math.nan
+    se_deltaH1: float = math.nan
     objective_gain: float = math.nan
     realised_delta_h: float | None = None
     realised_se: float | None = None
@@ -110,6 +112,7 @@ class AttributionResult:
         """Standard JSON types: per-token arrays as nested lists [B][G][L] (0 off the response)."""
         return {
             "grad_term": self.grad_term, "state_term": self.state_term, "deltaH1": self.deltaH1,
+            "se_grad_term": _finite(self.se_grad_term), "se_deltaH1": _finite(self.se_deltaH1),
             "objective_gain": self.objective_gain, "realised_delta_h": self.realised_delta_h,
             "realised_se": self.realised_se, "eta_g": self.eta_g, "n_units": self.n_units, "units": self.units,
             "B": self.B, "G": self.G,
@@ -122,14 +125,35 @@ class AttributionResult:
         }
 
     def __str__(self) -> str:
-        lines = [f"δH₁ = {self.deltaH1:.6g} = grad_term {self.grad_term:.6g} + state_term {self.state_term:.6g} "
-                 f"(U = {self.n_units}, units = {self.units}); objective gain Ȳ·Δθ = {self.objective_gain:.6g}"]
-        for name, value in self.summary.get("correlations", {}).items():
-            lines.append(f"  corr(a, {name}) = {value:.4g}")
-        for name, row in self.interventions.items():
-            lines.append(f"  {name}: δH₁ = {row['deltaH1']:.6g}, objective gain = {row['objective_gain']:.6g}"
-                         + (f", ΔĤ = {row['realised_delta_h']:.6g}" if row.get("realised_delta_h") is not None
-                            else ""))
+        def se(value):
+            return "" if value is None or not math.isfinite(value) else f" ± {value:.2g}"
+
+        lines = [f"δH₁ = {self.deltaH1:.6g}{se(self.se_deltaH1)} nats/sequence = grad_term {self.grad_term:.6g}"
+                 f"{se(self.se_grad_term)} + state_term {self.state_term:.6g} (U = {self.n_units}, units = "
+                 f"{self.units}; jackknife SEs)"]
+        if self.realised_delta_h is not None:
+            lines.append(f"realised ΔĤ of this step on the evaluation batch = {self.realised_delta_h:.6g}"
+                         f"{se(self.realised_se)}")
+        corr = self.summary.get("correlations", {})
+        if corr:
+            lines.append(f"a vs Cui et al.'s −η·cov: Pearson {corr['pearson_cov']:.3f}, Spearman "
+                         f"{corr['spearman_cov']:.3f}; a vs next-token entropy: Pearson {corr['pearson_entropy']:.3f}, "
+                         f"Spearman {corr['spearman_entropy']:.3f}  ({self.summary.get('tokens')} tokens)")
+        if "down_total" in self.summary:
+            lines.append(f"tokens pushing entropy down sum to {-self.summary['down_total']:.4g}, up to "
+                         f"{self.summary['up_total']:.4g}")
+            for q, row in self.summary.get("top_q", {}).items():
+                lines.append(f"  top {float(q):.3g} ({row['k']} tokens): share of the downward push — by −a "
+                             f"{row['share_down_a']:.3f}, by cov {row['share_down_cov']:.3f}, by entropy "
+                             f"{row['share_down_entropy']:.3f}; Jaccard with a's top: cov {row['jaccard_cov']:.3f}, "
+                             f"entropy {row['jaccard_entropy']:.3f}")
+        if self.interventions:
+            lines.append(f"interventions (objective gain of the unchanged step Ȳ·Δθ = {self.objective_gain:.4g}):")
+            for name, row in self.interventions.items():
+                realised = ("" if row.get("realised_delta_h") is None else
+                            f", ΔĤ = {row['realised_delta_h']:.6g}{se(row.get('realised_se'))}")
+                lines.append(f"  {name}: {row['tokens_kept']:.0f}/{row['tokens']} tokens, δH₁ = {row['deltaH1']:.6g}"
+                             f"{realised}, objective gain = {row['objective_gain']:.4g}")
         return "\n".join(lines)
 
 
@@ -220,13 +244,14 @@ def _uniform_or_none(decomposition) -> float | None:
 @dataclass(frozen=True)
 class _Pass1:
     x_units: list
+    y_units: list
     sum_x: dict
     sum_y: dict
 
 
 def _pass1(policy, params, batch, cotangent, partition, seq_chunk, token_chunk, progress) -> _Pass1:
-    """X_w kept for every unit, ΣX, ΣY (spec §5's pass 1, with delta_h1's own unit_vectors)."""
-    sum_x, sum_y, kept = _zeros_like(params), _zeros_like(params), []
+    """X_w and Y_w kept for every unit, ΣX, ΣY (spec §5's pass 1, with delta_h1's own unit_vectors)."""
+    sum_x, sum_y, kept, kept_y = _zeros_like(params), _zeros_like(params), [], []
     for index in progress_bar(partition, total=len(partition), desc="attribution pass 1", enabled=progress):
         x_unit, y_unit = unit_vectors(policy, params, batch.select_prompts(index),
                                       cotangent.select_prompts(index).scaled(batch.B / len(index)),
@@ -235,7 +260,8 @@ def _pass1(policy, params, batch, cotangent, partition, seq_chunk, token_chunk, 
             sum_x[name] += x_unit[name]
             sum_y[name] += y_unit[name]
         kept.append(x_unit)
-    return _Pass1(kept, sum_x, sum_y)
+        kept_y.append(y_unit)
+    return _Pass1(kept, kept_y, sum_x, sum_y)
 
 
 def _y_units(policy, params, batch, cotangent, partition, seq_chunk, token_chunk) -> list[dict]:
@@ -250,6 +276,33 @@ def _y_units(policy, params, batch, cotangent, partition, seq_chunk, token_chunk
                 total[name] += grad.to("cpu", torch.float64)
         out.append(total)
     return out
+
+
+def _standard_errors(first: _Pass1, eta_p: dict, delta_state: dict) -> tuple[float, float]:
+    """Jackknife SEs of the gradient term and of δH₁, exactly as ``delta_h1`` reports them (spec §5): the U-statistic's
+    delete-one values from the kept X_u, Y_u with the ηP weight; δH₁'s combine −U_(−u) with −X̄_(−u)·Δθ_state. NaN
+    below 3 units."""
+    from .delta_h1 import ustatistic_summary
+
+    U = len(first.x_units)
+    if U < 3:
+        return math.nan, math.nan
+    weighted_sum_y = {n: eta_p[n] * first.sum_y[n] for n in eta_p}
+    weighted_sum_x = {n: eta_p[n] * first.sum_x[n] for n in eta_p}
+    diag, x_sum_y, y_sum_x, state = (torch.zeros(U, dtype=torch.float64) for _ in range(4))
+    for u, (x, y) in enumerate(zip(first.x_units, first.y_units)):
+        diag[u] = _dot(x, {n: eta_p[n] * y[n] for n in eta_p})
+        x_sum_y[u] = _dot(x, weighted_sum_y)
+        y_sum_x[u] = _dot(y, weighted_sum_x)
+        state[u] = _dot(x, delta_state)
+    scaled = ustatistic_summary(_dot(first.sum_x, weighted_sum_y), diag, x_sum_y, y_sum_x)
+    delta_leave_one_out = -scaled.leave_one_out - (state.sum() - state) / (U - 1)
+    return scaled.se_jack, math.sqrt((U - 1) / U * float(((delta_leave_one_out - delta_leave_one_out.mean()) ** 2)
+                                                         .sum()))
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _delta_h1_from_vectors(x_units: list, y_units: list, decomposition) -> tuple[float, float]:
@@ -327,6 +380,7 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     response = batch.response_mask.to(torch.bool)
     grad_term = float(token.sum())
     state_term = -_dot(first.sum_x, delta_state) / U
+    se_grad_term, se_delta_h1 = _standard_errors(first, eta_p, delta_state)
     covariance = token_covariance(logprobs, objective.token_advantages(batch), response)
     summary = proxy_summary(token, covariance, entropy, response, eta=_uniform_or_none(decomposition),
                             quantiles=quantiles)
@@ -351,7 +405,8 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     sequence = token.sum(-1)
     return AttributionResult(
         token=token, sequence=sequence, prompt=sequence.sum(-1), grad_term=grad_term, state_term=state_term,
-        deltaH1=grad_term + state_term, objective_gain=objective_gain,
+        deltaH1=grad_term + state_term, se_grad_term=se_grad_term, se_deltaH1=se_delta_h1,
+        objective_gain=objective_gain,
         realised_delta_h=None if realised is None else float(realised.deltaH),
         realised_se=None if realised is None else float(realised.se), eta_g=_uniform_or_none(decomposition),
         n_units=U,
@@ -433,7 +488,10 @@ def proxy_summary(attribution: Tensor, covariance: Tensor, entropy: Tensor, resp
     rates — a scale does not change a correlation, the sign does) and with the next-token entropy.
     top_q[q]: rankings "a" by −a (the tokens that push entropy down most first), "cov" by cov (Clip-Cov's order:
     largest predicted decrease −η·cov first), "entropy" by H (largest first); for each, the share of grad_term carried
-    by its top ⌈q·T⌉ tokens (Σ_top a / Σ a), and the Jaccard overlap of the proxies' top sets with a's.
+    by its top ⌈q·T⌉ tokens (``share_*`` = Σ_top a / Σ a: unbounded when the tokens' pushes cancel, as they mostly
+    do), the share of the downward push they carry (``share_down_*`` = Σ_top max(−a, 0) / Σ max(−a, 0), in [0, 1]:
+    how much of what drives the entropy down a ranking's top set would catch), and the Jaccard overlap of the proxies'
+    top sets with a's. Also ``down_total`` = Σ max(−a, 0) and ``up_total`` = Σ max(a, 0) (Σ a = up − down).
     """
     mask = response_mask.to(torch.bool)
     a = attribution[mask]
@@ -441,7 +499,10 @@ def proxy_summary(attribution: Tensor, covariance: Tensor, entropy: Tensor, resp
     pred = -(1.0 if eta is None else eta) * cov
     h = entropy[mask]
     total = float(a.sum())
-    summary: dict = {"tokens": int(a.numel()), "grad_term": total, "correlations": {
+    down = (-a).clamp_min(0)
+    down_total = float(down.sum())
+    summary: dict = {"tokens": int(a.numel()), "grad_term": total, "down_total": down_total,
+                     "up_total": float(a.clamp_min(0).sum()), "correlations": {
         "pearson_cov": pearson(a, pred), "spearman_cov": spearman(a, pred),
         "pearson_entropy": pearson(a, h), "spearman_entropy": spearman(a, h)}, "top_q": {}}
     for q in quantiles:
@@ -452,6 +513,9 @@ def proxy_summary(attribution: Tensor, covariance: Tensor, entropy: Tensor, resp
             "share_a": float(a[tops["a"]].sum()) / total if total else math.nan,
             "share_cov": float(a[tops["cov"]].sum()) / total if total else math.nan,
             "share_entropy": float(a[tops["entropy"]].sum()) / total if total else math.nan,
+            "share_down_a": float(down[tops["a"]].sum()) / down_total if down_total else math.nan,
+            "share_down_cov": float(down[tops["cov"]].sum()) / down_total if down_total else math.nan,
+            "share_down_entropy": float(down[tops["entropy"]].sum()) / down_total if down_total else math.nan,
             "jaccard_cov": jaccard(tops["a"], tops["cov"]),
             "jaccard_entropy": jaccard(tops["a"], tops["entropy"]),
         }

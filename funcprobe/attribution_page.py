@@ -104,14 +104,19 @@ def _summary_tables(att: dict) -> str:
              f"<td>{_num(corr.get('spearman_entropy'))}</td></tr></table>"]
     top_q = summary.get("top_q") or {}
     if top_q:
-        parts.append("<h3>Top-q tokens: share of grad_term they carry, and overlap with a's own top set</h3>"
+        down, up = summary.get("down_total"), summary.get("up_total")
+        parts.append("<h3>Top-q tokens: how much of the downward push they carry, and overlap with a's own top set</h3>"
+                     "<p class='note'>Tokens pushing entropy down sum to "
+                     f"{_num(-down if down is not None else None)}, those pushing it up to {_num(up)}; the gradient "
+                     "term is what is left of the two. Each share is the part of the downward push (Σ max(−a, 0)) "
+                     "carried by the top ⌈q·T⌉ tokens of a ranking (1 = all of it).</p>"
                      "<table class='num'><tr><th>q</th><th>k tokens</th><th>share, top by −a</th>"
                      "<th>share, top by cov</th><th>share, top by entropy</th><th>Jaccard(a, cov)</th>"
                      "<th>Jaccard(a, entropy)</th></tr>")
         for q, row in top_q.items():
             parts.append(f"<tr><td>{html.escape(str(q))}</td><td>{_num(row.get('k'))}</td>"
-                         f"<td>{_num(row.get('share_a'))}</td><td>{_num(row.get('share_cov'))}</td>"
-                         f"<td>{_num(row.get('share_entropy'))}</td><td>{_num(row.get('jaccard_cov'))}</td>"
+                         f"<td>{_num(row.get('share_down_a'))}</td><td>{_num(row.get('share_down_cov'))}</td>"
+                         f"<td>{_num(row.get('share_down_entropy'))}</td><td>{_num(row.get('jaccard_cov'))}</td>"
                          f"<td>{_num(row.get('jaccard_entropy'))}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts)
@@ -129,27 +134,33 @@ def _interventions_table(results: dict, att: dict) -> str:
     parts = ["<h2>Token-selection interventions</h2>",
              "<p class='note'>Each row re-runs the step with a token mask on its cotangent: δH₁ of the changed step, "
              "realised ΔĤ on the evaluation batch (± SE), and the first-order gain of the original objective. "
-             "“Entropy kept per objective given up” = (δH₁′ − δH₁) / (gain − gain′)"
+             "“Entropy kept per objective given up” = (δH₁′ − δH₁) / (gain − gain′), predicted; and the same from the "
+             "realised changes, (ΔĤ′ − ΔĤ) / (gain − gain′). Where the two disagree, trust the realised one only "
+             "beyond its SEs (the rows share one evaluation batch); δH₁′ includes the optimizer-state term, which "
+             "grows when a smaller gradient shrinks AdamW's v′"
              + ("" if base_gain is not None else
                 " — needs the unchanged step's objective gain, which these results do not carry") + ".</p>",
              "<table class='num'><tr><th>intervention</th><th>tokens kept</th><th>δH₁</th><th>realised ΔĤ</th>"
-             "<th>objective gain</th><th>entropy kept per objective given up</th></tr>",
+             "<th>objective gain</th><th>entropy kept per objective given up: predicted</th><th>realised</th></tr>",
              f"<tr class='base'><td>(unchanged step)</td><td>all</td><td>{_num(base_h)}</td><td>{base_realised}</td>"
-             f"<td>{_num(base_gain)}</td><td>—</td></tr>"]
+             f"<td>{_num(base_gain)}</td><td>—</td><td>—</td></tr>"]
     for name, row in rows.items():
         realised = row.get("realised_delta_h")
         realised_text = _num(realised) + ("" if realised is None or row.get("realised_se") is None
                                           else f" ± {_num(row.get('realised_se'), 2)}")
-        ratio = None
-        if base_gain is not None and base_h is not None and row.get("deltaH1") is not None:
-            given_up = base_gain - float(row.get("objective_gain", math.nan))
-            kept = float(row["deltaH1"]) - float(base_h)
-            ratio = kept / given_up if given_up != 0 else None
+        ratio = realised_ratio = None
+        if base_gain is not None and row.get("objective_gain") is not None:
+            given_up = base_gain - float(row["objective_gain"])
+            if given_up != 0 and base_h is not None and row.get("deltaH1") is not None:
+                ratio = (float(row["deltaH1"]) - float(base_h)) / given_up
+            if given_up != 0 and realised is not None and realised_h is not None:
+                realised_ratio = (float(realised) - float(realised_h)) / given_up
         kept_tokens = row.get("tokens_kept")
         total = row.get("tokens")
         kept_text = f"{_num(kept_tokens, 6)} / {_num(total, 6)}" if total else _num(kept_tokens, 6)
         parts.append(f"<tr><td>{html.escape(str(name))}</td><td>{kept_text}</td><td>{_num(row.get('deltaH1'))}</td>"
-                     f"<td>{realised_text}</td><td>{_num(row.get('objective_gain'))}</td><td>{_num(ratio)}</td></tr>")
+                     f"<td>{realised_text}</td><td>{_num(row.get('objective_gain'))}</td><td>{_num(ratio)}</td>"
+                     f"<td>{_num(realised_ratio)}</td></tr>")
     parts.append("</table>")
     return "\n".join(parts)
 
@@ -168,7 +179,7 @@ def _tokens_section(results: dict, att: dict) -> tuple[str, dict]:
     eta = 1.0 if eta is None else float(eta)
     scale = max((abs(v) for p in tokens for s in p for v in s if isinstance(v, (int, float)) and math.isfinite(v)),
                 default=0.0)
-    grad_term = att.get("grad_term") or 0.0
+    abs_total = sum(abs(v) for p in tokens for s in p for v in s if isinstance(v, (int, float)) and math.isfinite(v))
     data: dict = {"scale": scale, "prompts": []}
     parts = ["<h2>Tokens</h2>",
              "<p class='note'>Each response token coloured by its attribution a (its share of δH₁'s gradient term): "
@@ -184,10 +195,12 @@ def _tokens_section(results: dict, att: dict) -> tuple[str, dict]:
              "<div id='prompts'>"]
     for b, prompt_tokens in enumerate(tokens):
         prompt_sum = float(_get(att, "prompt", b, default=sum(sum(s) for s in prompt_tokens)))
-        share = prompt_sum / grad_term if grad_term else math.nan
+        prompt_abs = sum(abs(v) for seq in prompt_tokens for v in seq)
+        share = prompt_abs / abs_total if abs_total else math.nan
         prompt_data = {"index": b, "contribution": prompt_sum, "sequences": []}
         parts.append(f"<div class='prompt' data-index='{b}' data-contribution='{prompt_sum!r}'>"
-                     f"<h3>prompt {b}: contribution {_num(prompt_sum)} ({_num(100 * share, 3)}% of grad_term)</h3>"
+                     f"<h3>prompt {b}: contribution {_num(prompt_sum)} (its tokens carry {_num(100 * share, 3)}% "
+                     "of Σ|a|)</h3>"
                      + (f"<div class='ptext'>{html.escape(str(prompt_texts[b]))}</div>"
                         if b < len(prompt_texts) and prompt_texts[b] else "")
                      + "<div class='seqs'>")
@@ -273,6 +286,15 @@ def batch_text(batch, tokenizer) -> dict:
             "rewards": None if batch.rewards is None else batch.rewards.tolist()}
 
 
+def _se_note(att: dict) -> str:
+    """" (SE …)" of δH₁ and the gradient term, when the results carry them."""
+    se, se_grad = att.get("se_deltaH1"), att.get("se_grad_term")
+    if se is None and se_grad is None:
+        return ""
+    return (f"<br><span class='note'>jackknife SE: δH₁ ± {_num(se, 2)}, grad_term ± {_num(se_grad, 2)} — a token's "
+            "share of a term this uncertain is a statement about this batch, not about the policy</span>")
+
+
 def render_attribution_html(results: dict) -> str:
     """The page for one ``funcprobe attribute`` results dict (see the module docstring); returns the HTML text.
 
@@ -290,10 +312,11 @@ def render_attribution_html(results: dict) -> str:
               f" (step {html.escape(str(checkpoint.get('step', '?')))}) · B = {html.escape(str(att.get('B')))}"
               f" prompts (<span id='n-prompts'>{len(data['prompts'])}</span> shown), G = "
               f"{html.escape(str(att.get('G')))} · units {html.escape(str(att.get('units')))}, U = "
-              f"{html.escape(str(att.get('n_units')))} · η<sub>g</sub> = {_num(att.get('eta_g'))}</p>"
+              f"{html.escape(str(att.get('n_units')))} · η<sub>g</sub> = lr(1 − β₁)/(1 − β₁<sup>t</sup>) = "
+              f"{_num(att.get('eta_g'))} (AdamW's effective rate on the gradient)</p>"
               f"<p class='big'>δH₁ = {_num(att.get('deltaH1'), 6)} = grad_term {_num(att.get('grad_term'), 6)} + "
-              f"state_term {_num(att.get('state_term'), 6)} <span class='note'>(nats per step; the state term "
-              "belongs to no token)</span></p>")
+              f"state_term {_num(att.get('state_term'), 6)} <span class='note'>(nats per sequence, for this one step; the "
+              "state term belongs to no token)</span>" + _se_note(att) + "</p>")
     body = "\n".join([header, _summary_tables(att), _interventions_table(results, att), tokens_html])
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n{body}\n"

@@ -347,7 +347,7 @@ def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str
             _symlog_if_heavy(ax.set_xscale, x)
         _symlog_if_heavy(ax.set_yscale, a)
         ax.set_xlabel(label)
-        ax.set_ylabel("attribution a (nats per step)")
+        ax.set_ylabel("attribution a (nats/sequence)")
         ax.set_title(f"a vs {'−η·cov' if key == 'cov' else 'entropy'}: Pearson {fmt(corr.get(f'pearson_{key}'), '.3g')}, "
                      f"Spearman {fmt(corr.get(f'spearman_{key}'), '.3g')}", fontsize=10)
         ax.grid(alpha=0.25)

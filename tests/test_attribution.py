@@ -119,6 +119,11 @@ def test_sum_equals_delta_h1_grad_term(policies, batch, units):
     assert float(result.token.sum()) == pytest.approx(reference.grad_term, rel=1e-10, abs=0)
     assert result.state_term == pytest.approx(reference.state_term, rel=1e-10, abs=0)
     assert result.deltaH1 == pytest.approx(reference.deltaH1, rel=1e-10, abs=0)
+    if result.n_units >= 3:  # the jackknife SEs, as delta_h1 reports them
+        assert result.se_grad_term == pytest.approx(reference.se_grad_jack, rel=1e-9, abs=0)
+        assert result.se_deltaH1 == pytest.approx(reference.se_deltaH1, rel=1e-9, abs=0)
+    else:
+        assert math.isnan(result.se_grad_term) and math.isnan(result.se_deltaH1)
     assert torch.allclose(result.sequence, result.token.sum(-1), rtol=0, atol=0)
     assert torch.allclose(result.prompt, result.sequence.sum(-1), rtol=0, atol=0)
     assert (result.token[~batch.response_mask.bool()] == 0).all()
@@ -269,6 +274,10 @@ def test_proxy_summary_by_hand():
     assert top["jaccard_cov"] == 1.0
     assert top["share_entropy"] == pytest.approx((2.0 - 1.0) / total)  # largest entropy: indices 4, 3
     assert top["jaccard_entropy"] == pytest.approx(1 / 3)
+    # The downward push Σ max(−a, 0) = 4 (tokens −3 and −1); up 3.5; shares of the push in [0, 1].
+    assert summary["down_total"] == 4.0 and summary["up_total"] == 3.5
+    assert top["share_down_a"] == 1.0 and top["share_down_cov"] == 1.0
+    assert top["share_down_entropy"] == pytest.approx(1.0 / 4.0)   # entropy's top two: a = 2 (no push down), −1
 
 
 # ------------------------------------------------------------------------------------------------ interventions
