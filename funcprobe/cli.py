@@ -412,6 +412,22 @@ def draw_eval_prompts(pool_size: int, B: int, *, seed: int) -> list[int]:
     return random.Random(seed).choices(range(pool_size), k=B)
 
 
+def _check_plot_format(path) -> None:
+    """Refuse a --plot file type matplotlib cannot write, before anything runs (the plot is drawn last)."""
+    if path is None:
+        return
+    suffix = Path(path).suffix.lstrip(".").lower()
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return  # reported when the plot is drawn, with the install command
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        kind = f".{suffix} files" if suffix else "a file without an extension"
+        known = ", ".join("." + f for f in sorted(formats))
+        raise ValueError(f"--plot {path}: matplotlib cannot write {kind}; use one of {known} (e.g. sweep.png).")
+
+
 def _check_probe_args(args: argparse.Namespace) -> None:
     """Cheap checks before anything is loaded."""
     from .sampling import _TRUNCATION_REASON
@@ -457,6 +473,12 @@ def _check_probe_args(args: argparse.Namespace) -> None:
                                     else None)
     except ValueError as error:
         raise ValueError(f"--memory-budget: {error}") from None
+    bare = args.memory_budget is not None and str(args.memory_budget).strip().replace(".", "", 1).isdigit()
+    if bare and args.memory_budget_bytes < 2 ** 20:
+        raise ValueError(f"--memory-budget {args.memory_budget} is {args.memory_budget_bytes} bytes, too small for any "
+                         f"model; a number without a unit is bytes — write e.g. {args.memory_budget}GB or "
+                         f"{args.memory_budget}GiB.")
+    _check_plot_format(getattr(args, "plot", None))
     args.units_value = parse_units(args.units)
     if getattr(args, "command", "probe") == "probe" and args.plot is not None and args.etas is None:
         raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "

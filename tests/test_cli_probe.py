@@ -278,6 +278,15 @@ def test_memory_budget_too_small(checkpoint_dir, capsys):
 
 def test_bad_memory_budget(checkpoint_dir, capsys):
     _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--memory-budget", "lots"], "--memory-budget")
+    # A bare number is bytes: 12 cannot be meant, and is refused before loading (not after, as "0.0 MiB").
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--memory-budget", "12"], "12 bytes", "12GB")
+
+
+@pytest.mark.parametrize("plot", ["sweep.svgx", "sweep"])
+def test_plot_format_is_checked_before_the_run(checkpoint_dir, tmp_path, capsys, plot):
+    """The plot is drawn last: a file type matplotlib cannot write must not cost a whole run first."""
+    _fails(capsys, ["probe", str(checkpoint_dir), *SMALL, "--eta-sweep", "1e-3", "--plot", str(tmp_path / plot)],
+           "matplotlib cannot write", ".png")
 
 
 def test_no_memory_plan_without_a_budget(checkpoint_dir, tmp_path, capsys):
