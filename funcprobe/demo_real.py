@@ -362,9 +362,14 @@ def _reading_guide(results: dict) -> str:
         verdict = "agree within their combined SE" if abs(difference) <= 2 * se else "differ by more than 2 SE"
         lines.append(f"Here δH₁ = {s['deltaH1']:.3g} ± {s['se_deltaH1']:.2g} and ΔH = {s['deltaH']:.3g} ± "
                      f"{s['se_deltaH']:.2g}: they {verdict} ({difference / se:+.1f} SE)." if se > 0 else "")
+        snis = (results.get("realised") or {}).get("snis") or {}
+        if snis.get("reliable") is False:
+            lines.append("At the step's own lr the importance weights are heavy-tailed (reliable: NO above), so that ΔH "
+                         "is indicative only; the sweep's smaller η, where the weights are reliable, are the test of "
+                         "the prediction.")
     if results.get("lr_sweep") is not None:
         lines.append("The sweep repeats the measurement for the same step direction at other learning rates η: in the "
-                     "first-order regime ΔĤ(η) follows the straight line (η/lr)·δH₁; where it bends away, the step is "
-                     "too large for a first-order prediction." + (" Plot: " + results["config"]["plot"]
+                     "first-order regime ΔĤ(η) follows the line (η/lr)·δH₁ (a curve on the plot's log η axis); where "
+                     "it bends away, the step is too large for a first-order prediction." + (" Plot: " + results["config"]["plot"]
                                                                   if results["config"].get("plot") else ""))
     return "\n".join(line for line in lines if line)
