@@ -90,8 +90,8 @@ def benchmark(key: str, batch_shape: dict, repeats: int, warmup: bool, log) -> d
     for _ in range(repeats - (0 if warmup else 1)):
         for m in methods:
             out = once(*m)
-            for key, values in timed.items():
-                values[m].append(out[key])
+            for measure, values in timed.items():
+                values[m].append(out[measure])
     walls, cpus = timed["wall_s"], timed["cpu_s"]
     base = first[("per-sequence", 1)]
     # δH₁ = −η_g U_cross + state term: its float32 error is on the scale of the terms it is computed from.
