@@ -10,10 +10,10 @@ random float32 Qwen2 + LoRA (``funcprobe.testing.tiny_peft_model``), the same ra
 same warm AdamW state, then times ``delta_h1(..., world=world)`` (units="prompt", seq_chunk=G) after a barrier.
 
 Bytes: ``funcprobe.distributed.COMM`` counts the payload each rank hands to the collectives during one δH₁:
-an all_reduce of ΣX and ΣY (2 · n_lora float64) and one all_gather of the 7 per-unit scalars of the rank's shard,
-padded to the largest shard (7 · ceil(U/W) float64). Formula per rank: 16·n_lora + 56·ceil(U/W) bytes; over all W
+an all_reduce of ΣX and ΣY (2 · n_lora float64) and one all_gather of the 8 per-unit scalars of the rank's shard,
+padded to the largest shard (8 · ceil(U/W) float64). Formula per rank: 16·n_lora + 64·ceil(U/W) bytes; over all W
 ranks W times that (gloo's ring all_reduce moves about 2(W−1)/W of the payload per rank on the wire).
-Nothing per-unit is sent beyond the 7 scalars; the LoRA-sized part does not depend on B.
+Nothing per-unit is sent beyond the 8 scalars; the LoRA-sized part does not depend on B.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def run(config: dict, world: int, threads: int, timeout: float = 600) -> dict:
 
 
 def formula_bytes(n_lora: int, U: int, world: int) -> int:
-    return 16 * n_lora + 56 * -(-U // world)
+    return 16 * n_lora + 64 * -(-U // world)
 
 
 def main(argv=None) -> int:
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     rs = [2, 4] if args.quick else [4, 16, 64]
     rows = []
     print(f"bytes per δH₁, 2 processes (gloo, CPU; {cores} cores)")
-    print("| B | LoRA r | LoRA scalars | bytes/rank measured | formula 16·n + 56·ceil(B/2) | bytes, both ranks |")
+    print("| B | LoRA r | LoRA scalars | bytes/rank measured | formula 16·n + 64·ceil(B/2) | bytes, both ranks |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in ([] if args.skip_bytes else rs):
         for B in Bs:

@@ -48,7 +48,8 @@ def summary(prediction, realised=None, in_sample=None) -> dict[str, Any]:
     ``in_sample``: an in-sample ``SNISResult`` on the update batch (a biased diagnostic), or None.
 
     Keys: ``B``, ``G`` (the update batch), ``lr``, ``eta_g``, ``units``, ``n_units``; ``deltaH1``, ``se_deltaH1``,
-    ``grad_term``, ``se_grad_term``, ``state_term``, ``deltaH1_plugin``; with a realised change: ``realised_method``
+    ``grad_term``, ``se_grad_term``, ``state_term``, ``deltaH1_plugin``, ``deltaH1_loo`` (the leave-one-unit-out
+    step: unbiased while AdamW is young); with a realised change: ``realised_method``
     (SNIS when both ran, unless only SNIS is flagged unreliable), ``eval_B``, ``eval_G``, ``H_before``, ``H_after``, ``deltaH``, ``se_deltaH`` (of that
     method), ``difference`` = ΔH − δH₁, ``ratio`` = ΔH / δH₁ (None when δH₁ = 0, with ``ratio_note``); per method
     ``crn_deltaH``, ``crn_se``, ``crn_changed_fraction``, ``crn_reliable``, ``crn_reason`` and ``snis_deltaH``, ``snis_se``, ``normalize``,
@@ -62,6 +63,7 @@ def summary(prediction, realised=None, in_sample=None) -> dict[str, Any]:
         "deltaH1": prediction.deltaH1, "se_deltaH1": prediction.se_deltaH1,
         "grad_term": prediction.grad_term, "se_grad_term": prediction.se_grad_jack,
         "state_term": prediction.state_term, "deltaH1_plugin": prediction.deltaH1_plugin,
+        "deltaH1_loo": getattr(prediction, "deltaH1_loo", None),
     }
     methods = _realised_map(realised)
     if methods:
@@ -119,6 +121,8 @@ def summary_table(prediction, realised=None, in_sample=None, *, title: str | Non
              _row("  gradient term −η_g·U_cross", s["grad_term"], s["se_grad_term"]),
              _row("  optimizer-state term", s["state_term"]),
              _row("  plug-in −X̄·Δθ (biased)", s["deltaH1_plugin"])]
+    if s.get("deltaH1_loo") is not None:
+        lines.append(_row("δH₁, leave-one-unit-out step", s["deltaH1_loo"]))
     if "realised_method" in s:
         lines += [f"realised on the evaluation batch (B={s['eval_B']} × G={s['eval_G']}, drawn independently of "
                   "the update batch):",
