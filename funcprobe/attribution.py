@@ -1,7 +1,7 @@
 """Attribution of δH₁'s gradient term to the update batch's tokens (spec §8, built on §3–§5).
 
 For units w = 1..U (single prompts, or M equal blocks of m = B/M prompts) with unit vectors X_w, Y_w
-(``funcprobe.delta_h1.unit_vectors``), ΣX = Σ_w X_w, and the step's decomposition Δθ = η_g P ⊙ Ȳ + Δθ_state:
+(``funcprobe.delta_h1.iter_unit_vectors``), ΣX = Σ_w X_w, and the step's decomposition Δθ = η_g P ⊙ Ȳ + Δθ_state:
 
     grad_term = −η_g/(U(U−1)) Σ_w (ΣX − X_w)·P·Y_w,      Y_w = (B/m) Σ_{n∈w} Σ_{g,k} c_{n,g,k} ∇ℓ_{n,g,k}
 
@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .adam import AdamState, update_decomposition
 from .batch import RolloutBatch
-from .delta_h1 import unit_partition, unit_vectors
+from .delta_h1 import (_cpu64, _dot, _uniform_or_none, _zeros_like, delta_h1_terms, iter_unit_vectors, unit_partition,
+                       unit_scalars)
 from .lora_grads import row_direction_jvp, unsupported_reason
 from .objective import Objective
 from .policy import ChunkLogprobs, Policy
@@ -46,18 +47,6 @@ __all__ = ["AttributionResult", "attribute", "token_covariance", "pearson", "spe
 
 ParamsDict = Mapping[str, Tensor]
 DEFAULT_QUANTILES = (0.002, 0.02, 0.2)
-
-
-def _zeros_like(params: ParamsDict) -> dict[str, Tensor]:
-    return {name: torch.zeros(tensor.shape, dtype=torch.float64) for name, tensor in params.items()}
-
-
-def _cpu64(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {name: tensor.detach().to("cpu", torch.float64) for name, tensor in tensors.items()}
-
-
-def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    return float(sum(torch.dot(a[name].reshape(-1), b[name].reshape(-1)) for name in a))
 
 
 def _nested(tensor: Tensor) -> list:
@@ -234,13 +223,6 @@ def _check_chunks(policy: Policy, seq_chunk, token_chunk) -> tuple[int, int]:
     return seq_chunk, token_chunk
 
 
-def _uniform_or_none(decomposition) -> float | None:
-    try:
-        return float(decomposition.eta_g)
-    except ValueError:
-        return None
-
-
 @dataclass(frozen=True)
 class _Pass1:
     x_units: list
@@ -250,12 +232,11 @@ class _Pass1:
 
 
 def _pass1(policy, params, batch, cotangent, partition, seq_chunk, token_chunk, progress) -> _Pass1:
-    """X_w and Y_w kept for every unit, ΣX, ΣY (spec §5's pass 1, with delta_h1's own unit_vectors)."""
+    """X_w and Y_w kept for every unit, ΣX, ΣY (spec §5's pass 1: delta_h1's own unit-vector stream)."""
     sum_x, sum_y, kept, kept_y = _zeros_like(params), _zeros_like(params), [], []
-    for index in progress_bar(partition, total=len(partition), desc="attribution pass 1", enabled=progress):
-        x_unit, y_unit = unit_vectors(policy, params, batch.select_prompts(index),
-                                      cotangent.select_prompts(index).scaled(batch.B / len(index)),
-                                      seq_chunk=seq_chunk, token_chunk=token_chunk)
+    stream = iter_unit_vectors(policy, params, batch, cotangent, partition, range(len(partition)), seq_chunk=seq_chunk,
+                               token_chunk=token_chunk)
+    for x_unit, y_unit in progress_bar(stream, total=len(partition), desc="attribution pass 1", enabled=progress):
         for name in sum_x:
             sum_x[name] += x_unit[name]
             sum_y[name] += y_unit[name]
@@ -278,45 +259,14 @@ def _y_units(policy, params, batch, cotangent, partition, seq_chunk, token_chunk
     return out
 
 
-def _standard_errors(first: _Pass1, eta_p: dict, delta_state: dict) -> tuple[float, float]:
-    """Jackknife SEs of the gradient term and of δH₁, exactly as ``delta_h1`` reports them (spec §5): the U-statistic's
-    delete-one values from the kept X_u, Y_u with the ηP weight; δH₁'s combine −U_(−u) with −X̄_(−u)·Δθ_state. NaN
-    below 3 units."""
-    from .delta_h1 import ustatistic_summary
-
-    U = len(first.x_units)
-    if U < 3:
-        return math.nan, math.nan
-    weighted_sum_y = {n: eta_p[n] * first.sum_y[n] for n in eta_p}
-    weighted_sum_x = {n: eta_p[n] * first.sum_x[n] for n in eta_p}
-    diag, x_sum_y, y_sum_x, state = (torch.zeros(U, dtype=torch.float64) for _ in range(4))
-    for u, (x, y) in enumerate(zip(first.x_units, first.y_units)):
-        diag[u] = _dot(x, {n: eta_p[n] * y[n] for n in eta_p})
-        x_sum_y[u] = _dot(x, weighted_sum_y)
-        y_sum_x[u] = _dot(y, weighted_sum_x)
-        state[u] = _dot(x, delta_state)
-    scaled = ustatistic_summary(_dot(first.sum_x, weighted_sum_y), diag, x_sum_y, y_sum_x)
-    delta_leave_one_out = -scaled.leave_one_out - (state.sum() - state) / (U - 1)
-    return scaled.se_jack, math.sqrt((U - 1) / U * float(((delta_leave_one_out - delta_leave_one_out.mean()) ** 2)
-                                                         .sum()))
+def _terms(x_units: list, y_units: list, sum_x: dict, sum_y: dict, decomposition):
+    """δH₁'s terms and SEs (spec §5, ``delta_h1_terms``) from kept unit vectors, at ``decomposition``'s step."""
+    eta_p, delta_state = _cpu64(decomposition.eta_preconditioner()), _cpu64(decomposition.delta_state)
+    return delta_h1_terms(*unit_scalars(x_units, y_units, sum_x, sum_y, eta_p, delta_state), warn=False)
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-def _delta_h1_from_vectors(x_units: list, y_units: list, decomposition) -> tuple[float, float]:
-    """(grad_term, state_term) of spec §5 from kept unit vectors: −[ΣX·ηP·ΣY − Σ X_u·ηP·Y_u]/(U(U−1)), −X̄·Δθ_state."""
-    U = len(x_units)
-    eta_p = _cpu64(decomposition.eta_preconditioner())
-    delta_state = _cpu64(decomposition.delta_state)
-    sum_x = {n: sum(x[n] for x in x_units) for n in eta_p}
-    sum_y = {n: sum(y[n] for y in y_units) for n in eta_p}
-    total = _dot(sum_x, {n: eta_p[n] * sum_y[n] for n in eta_p})
-    diag = sum(_dot(x, {n: eta_p[n] * y[n] for n in eta_p}) for x, y in zip(x_units, y_units))
-    grad_term = -(total - diag) / (U * (U - 1))
-    state_term = -_dot(sum_x, delta_state) / U
-    return grad_term, state_term
 
 
 def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: AdamState,
@@ -363,7 +313,6 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     ybar = {name: value / U for name, value in first.sum_y.items()}
     decomposition = update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=objective.max_grad_norm)
     eta_p = _cpu64(decomposition.eta_preconditioner())
-    delta_state = _cpu64(decomposition.delta_state)
     objective_gain = _dot(ybar, _cpu64(decomposition.delta_theta()))
 
     phase = time.perf_counter()
@@ -379,10 +328,10 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
 
     response = batch.response_mask.to(torch.bool)
     grad_term = float(token.sum())
-    state_term = -_dot(first.sum_x, delta_state) / U
-    se_grad_term, se_delta_h1 = _standard_errors(first, eta_p, delta_state)
+    terms = _terms(first.x_units, first.y_units, first.sum_x, first.sum_y, decomposition)
+    state_term, se_grad_term, se_delta_h1 = terms.state_term, terms.scaled.se_jack, terms.se_deltaH1
     covariance = token_covariance(logprobs, objective.token_advantages(batch), response)
-    summary = proxy_summary(token, covariance, entropy, response, eta=_uniform_or_none(decomposition),
+    summary = proxy_summary(token, covariance, entropy, response, eta=_uniform_or_none(decomposition, "eta_g"),
                             quantiles=quantiles)
     realised = before = None
     if evaluation is not None:
@@ -397,7 +346,7 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
         phase = time.perf_counter()
         result_interventions = _run_interventions(
             interventions, params=params, batch=batch, policy=policy, adam=adam, objective=objective, lr=lr,
-            partition=partition, cotangent=cotangent, x_units=first.x_units, ybar=ybar, covariance=covariance,
+            partition=partition, cotangent=cotangent, x_units=first.x_units, sum_x=first.sum_x, ybar=ybar, covariance=covariance,
             entropy=entropy, response=response, evaluation=evaluation, before=before, seq_chunk=seq_chunk,
             token_chunk=token_chunk)
         timings["interventions_s"] = time.perf_counter() - phase
@@ -408,7 +357,7 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
         deltaH1=grad_term + state_term, se_grad_term=se_grad_term, se_deltaH1=se_delta_h1,
         objective_gain=objective_gain,
         realised_delta_h=None if realised is None else float(realised.deltaH),
-        realised_se=None if realised is None else float(realised.se), eta_g=_uniform_or_none(decomposition),
+        realised_se=None if realised is None else float(realised.se), eta_g=_uniform_or_none(decomposition, "eta_g"),
         n_units=U,
         units="prompt" if units == "prompt" else f"blocks:{units}", B=B, G=G, logprobs=logprobs,
         covariance=covariance, entropy=entropy, cotangent=c_tokens, response_mask=response, summary=summary,
@@ -587,7 +536,7 @@ def _realised(params, decomposition, adam, lr, objective, policy, evaluation, be
 
 
 def _run_interventions(interventions, *, params, batch, policy, adam, objective, lr, partition, cotangent, x_units,
-                       ybar, covariance, entropy, response, evaluation, before, seq_chunk, token_chunk) -> dict:
+                       sum_x, ybar, covariance, entropy, response, evaluation, before, seq_chunk, token_chunk) -> dict:
     U = len(partition)
     out = {}
     for name, spec in interventions.items():
@@ -598,7 +547,8 @@ def _run_interventions(interventions, *, params, batch, policy, adam, objective,
         ybar_changed = {n: sum(y[n] for y in y_units) / U for n in ybar}
         decomposition = update_decomposition(params, ybar_changed, adam, lr=lr,
                                              max_grad_norm=objective.max_grad_norm)
-        grad_term, state_term = _delta_h1_from_vectors(x_units, y_units, decomposition)
+        terms = _terms(x_units, y_units, sum_x, {n: sum(y[n] for y in y_units) for n in ybar}, decomposition)
+        grad_term, state_term = terms.grad_term, terms.state_term
         delta = _cpu64(decomposition.delta_theta())
         row = {"tokens_kept": float((weights * response).sum()), "tokens": int(response.sum()),
                "grad_term": grad_term, "state_term": state_term, "deltaH1": grad_term + state_term,

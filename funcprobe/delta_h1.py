@@ -200,10 +200,12 @@ class UStatistic:
     se_jack: float
 
 
-def ustatistic_summary(total: float, diag: Tensor, x_dot_sum_y: Tensor, y_dot_sum_x: Tensor) -> UStatistic:
+def ustatistic_summary(total: float, diag: Tensor, x_dot_sum_y: Tensor, y_dot_sum_x: Tensor, *,
+                       warn: bool = True) -> UStatistic:
     """The cross-unit U-statistic from per-unit bilinear forms (spec §5), float64.
 
     total = ΣX·P·ΣY; diag[u] = X_u·P·Y_u; x_dot_sum_y[u] = X_u·P·ΣY; y_dot_sum_x[u] = Y_u·P·ΣX (all [U]).
+    Below 3 units the jackknife is NaN (with a RuntimeWarning unless ``warn=False``).
     """
     U = diag.numel()
     value = (total - float(diag.sum())) / (U * (U - 1))
@@ -214,11 +216,47 @@ def ustatistic_summary(total: float, diag: Tensor, x_dot_sum_y: Tensor, y_dot_su
         leave_one_out = (U * value - 2 * row_means) / (U - 2)
         se_jack = _jackknife(leave_one_out)
     else:
-        warnings.warn("jackknife standard errors need at least 3 units; reporting NaN. Use more prompts.",
-                      RuntimeWarning, stacklevel=3)
+        if warn:
+            warnings.warn("jackknife standard errors need at least 3 units; reporting NaN. Use more prompts.",
+                          RuntimeWarning, stacklevel=3)
         leave_one_out = torch.full((U,), math.nan, dtype=torch.float64)
         se_jack = math.nan
     return UStatistic(value, row_means, zeta1, se_plugin, leave_one_out, se_jack)
+
+
+@dataclass(frozen=True)
+class DeltaH1Terms:
+    """δH₁'s terms from the per-unit scalars (spec §5): the ηP-weighted U-statistic ``scaled``, grad_term = −U_cross,
+    state_term = −X̄·Δθ_state and the jackknife SE of δH₁ (each delete-one value −U_(−u) − X̄_(−u)·Δθ_state)."""
+
+    scaled: UStatistic
+    grad_term: float
+    state_term: float
+    se_deltaH1: float
+
+
+def delta_h1_terms(weighted_total: float, weighted: Tensor, state_dots: Tensor, *, warn: bool = True) -> DeltaH1Terms:
+    """``weighted_total`` = ΣX·(ηP)·ΣY; ``weighted`` [3, U] = X_u·(ηP)·Y_u, X_u·(ηP)·ΣY, Y_u·(ηP)·ΣX;
+    ``state_dots`` [U] = X_u·Δθ_state. NaN SEs below 3 units (warning unless ``warn=False``)."""
+    U = state_dots.numel()
+    scaled = ustatistic_summary(weighted_total, *weighted, warn=warn)
+    state_leave_one_out = -(state_dots.sum() - state_dots) / (U - 1)
+    se = _jackknife(-scaled.leave_one_out + state_leave_one_out) if U >= 3 else math.nan
+    return DeltaH1Terms(scaled, -scaled.value, -float(state_dots.sum()) / U, se)
+
+
+def unit_scalars(x_units, y_units, sum_x, sum_y, eta_preconditioner, delta_state) -> tuple[float, Tensor, Tensor]:
+    """The per-unit scalars :func:`delta_h1_terms` takes, from kept unit vectors (float64 CPU dicts)."""
+    U = len(x_units)
+    weighted_sum_x, weighted_sum_y = _weighted(eta_preconditioner, sum_x), _weighted(eta_preconditioner, sum_y)
+    weighted = torch.zeros(3, U, dtype=torch.float64)
+    state_dots = torch.zeros(U, dtype=torch.float64)
+    for u, (x_unit, y_unit) in enumerate(zip(x_units, y_units)):
+        weighted[0, u] = _dot(x_unit, _weighted(eta_preconditioner, y_unit))
+        weighted[1, u] = _dot(x_unit, weighted_sum_y)
+        weighted[2, u] = _dot(y_unit, weighted_sum_x)
+        state_dots[u] = _dot(x_unit, delta_state)
+    return _dot(sum_x, weighted_sum_y), weighted, state_dots
 
 
 def _jackknife(values: Tensor) -> float:
@@ -309,6 +347,27 @@ def unit_vectors(policy: Policy, params: ParamsDict, unit_batch: RolloutBatch, c
             _add_(y_total, item.token_vjp(prompt_cotangent.for_chunk(item)))
             counts.backward_passes += 2
     return x_total, y_total
+
+
+def iter_unit_vectors(policy: Policy, params: ParamsDict, batch: RolloutBatch, cotangent: StepCotangent,
+                      partition: Sequence[Tensor], units: Sequence[int], *, seq_chunk: int, token_chunk: int,
+                      counts: _Counts | None = None) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """(X_u, Y_u) of ``units`` (indices into ``partition``, equal units) in order, with Y_u = (B/m) Σ c∇ℓ over the
+    unit (spec §3): batched forwards with per-layer taps when the adapter allows (several units per forward, one
+    backward per chunk), else :func:`unit_vectors` one unit at a time."""
+    counts = _Counts() if counts is None else counts
+    if _can_tap(policy):
+        scaled = cotangent.scaled(batch.B / len(partition[0]))
+        for _, x_unit, y_unit in _tapped_units(policy, params, batch,
+                                               [(unit, partition[unit].tolist()) for unit in units], scaled,
+                                               seq_chunk=seq_chunk, token_chunk=token_chunk, counts=counts):
+            yield x_unit, y_unit
+    else:
+        for unit in units:
+            index = partition[unit]
+            yield unit_vectors(policy, params, batch.select_prompts(index),
+                               cotangent.select_prompts(index).scaled(batch.B / len(index)), seq_chunk=seq_chunk,
+                               token_chunk=token_chunk, counts=counts)
 
 
 def _per_sequence_prompt(policy: Policy, params: ParamsDict, prompt_batch: RolloutBatch, y_weights: Tensor,
@@ -544,25 +603,9 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
         timings["reference_s"] = time.perf_counter() - phase
         counts.forward_passes += -(-len(my_prompts) * batch.G // seq_chunk)
 
-    def vectors_of(unit):
-        index = partition[unit]
-        return unit_vectors(policy, params, batch.select_prompts(index),
-                            cotangent.select_prompts(index).scaled(batch.B / len(index)), seq_chunk=seq_chunk,
-                            token_chunk=token_chunk, counts=counts)
-
     def unit_stream():
-        """(X_u, Y_u) of this rank's units in order: batched forwards with per-layer taps when the adapter allows
-        (several units per forward, one backward per chunk), else one unit at a time."""
-        if _can_tap(policy):
-            # Equal units, so one scale: Y_u = Σ c∇ℓ over the unit, scaled by B/m (spec §3).
-            scaled = cotangent.scaled(batch.B / len(partition[0]))
-            for _, x_unit, y_unit in _tapped_units(policy, params, batch,
-                                                   [(unit, partition[unit].tolist()) for unit in my_units], scaled,
-                                                   seq_chunk=seq_chunk, token_chunk=token_chunk, counts=counts):
-                yield x_unit, y_unit
-        else:
-            for unit in my_units:
-                yield vectors_of(unit)
+        return iter_unit_vectors(policy, params, batch, cotangent, partition, my_units, seq_chunk=seq_chunk,
+                                 token_chunk=token_chunk, counts=counts)
 
     # Pass 1: ΣX, ΣY (and the unit vectors when kept).
     sum_x, sum_y, kept = _zeros_like(params), _zeros_like(params), []
@@ -622,13 +665,9 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     timings["pass2_s"] = time.perf_counter() - phase
 
     plain = ustatistic_summary(_dot(sum_x, weighted_sum_y["plain"]), *scalars["plain"])
-    scaled = ustatistic_summary(_dot(sum_x, weighted_sum_y["eta"]), *scalars["eta"])
-    grad_term = -scaled.value
-    state_term = -float(state_dots.sum()) / U
+    terms = delta_h1_terms(_dot(sum_x, weighted_sum_y["eta"]), scalars["eta"], state_dots)
+    grad_term, state_term, se_delta = terms.grad_term, terms.state_term, terms.se_deltaH1
     delta = grad_term + state_term
-    state_leave_one_out = -(state_dots.sum() - state_dots) / (U - 1)
-    delta_leave_one_out = -scaled.leave_one_out + state_leave_one_out
-    se_delta = _jackknife(delta_leave_one_out) if U >= 3 else math.nan
     bars_dot = _dot(sum_x, weighted_sum_y["plain"]) / U ** 2
     plugin_grad = -_dot(sum_x, weighted_sum_y["eta"]) / U ** 2
     eta_g, lr_used = _uniform_or_none(decomposition, "eta_g"), _uniform_or_none(decomposition, "lr")
