@@ -73,7 +73,7 @@ class DeltaH1Result:
 
     ``deltaH1_loo`` = −(1/U) Σ_u X_u·Δθ₋ᵤ, each unit's X against the whole AdamW step (its P, clipping and state term
     included) that the other U − 1 units' Ȳ₋ᵤ = (ΣY − Y_u)/(U − 1) would make. For a P that does not depend on the
-    batch it equals ``deltaH1`` exactly (Σ_u X_u·P·Ȳ₋ᵤ/U is the U-statistic); while AdamW is young
+    batch (and no clipping) it equals ``deltaH1`` exactly (Σ_u X_u·P·Ȳ₋ᵤ/U is the U-statistic); while AdamW is young
     (the batch's Ȳ² a large part of v′, about 1/t of it) ``deltaH1``'s U-statistic no longer removes the same-sample
     terms through P and is biased — wrong sign at t = 0, −14 % at t = 3, −3 % at t = 30 on an enumerable policy — while
     this form stays unbiased (≤ 1 %; bench/young_adam_bias.py, bench/RESULTS.md). It has no SE of its own yet: read
@@ -145,7 +145,7 @@ class DeltaH1Result:
             ("  grad_term", self.grad_term, self.se_grad_jack),
             ("  state_term", self.state_term, None),
             ("deltaH1_plugin", self.deltaH1_plugin, None),
-            ("deltaH1_loo (young Adam)", self.deltaH1_loo, None),
+            ("deltaH1_loo (LOO step)", self.deltaH1_loo, None),
             ("seed_deltaH1 (−lr·U)", self.seed_deltaH1, None),
             ("U_cross", self.U_cross, self.se_jack),
             ("bars_dot X̄·P·Ȳ", self.bars_dot, None),
