@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ChunkedTokenLogprob", "chunk_logits", "token_logprobs", "token_entropies", "token_logprobs_and_entropies",
+__all__ = ["ChunkedTokenLogprob", "ChunkedTokenLogprobEntropy", "token_logprobs_with_entropies", "chunk_logits", "token_logprobs", "token_entropies", "token_logprobs_and_entropies",
            "naive_token_logprobs"]
 
 
@@ -114,6 +114,97 @@ class ChunkedTokenLogprob(torch.autograd.Function):
         else:
             logprob_tangent = (hidden_tangent.to(direction.dtype) * direction).sum(1).to(torch.float64)
         return logprob_tangent, None
+
+
+class ChunkedTokenLogprobEntropy(torch.autograd.Function):
+    """(log π(target | hidden), H(π(· | hidden))) for T rows, both differentiable in ``hidden``: spec §9's ℓ and h.
+
+    Inputs as :class:`ChunkedTokenLogprob`. Outputs: log-probabilities float64 [T], next-token entropies float64 [T],
+    and the two row directions (non-differentiable) [T, H]:
+
+        D_t = ∂ℓ_t / ∂h_t = (W[t_k] − Σ_v p_v W[v]) / τ,
+        E_t = ∂H_t / ∂h_t = −(1/τ) Σ_v p_v (log p_v + H_t) W[v]        (dH/dz_v = −p_v (log p_v + H), z = W h / τ).
+
+    Both are contracted from each chunk's softmax while it is in memory, so the backward is
+    grad_h = g_ℓ · D + g_H · E and the forward-mode rule (dℓ, dH) = (dh·D, dh·E): no vocabulary work after the
+    forward, under ``torch.func`` too. Two [token_chunk, V] blocks alive in the forward; O(T × H) saved per direction.
+    H is computed as in ``_chunked_values`` (log Σe − Σ e(z − m)/Σe), so it equals the no-grad entropies bit for bit.
+    """
+
+    @staticmethod
+    def forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temperature: float,
+                token_chunk: int, logsoftmax_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        direction_dtype = torch.promote_types(hidden.dtype, logsoftmax_dtype)
+        logprob_pieces, entropy_pieces, score_pieces, entropy_direction_pieces = [], [], [], []
+        for start in range(0, hidden.shape[0], token_chunk):
+            stop = start + token_chunk
+            row_targets = targets[start:stop]
+            shifted = chunk_logits(hidden[start:stop], weight, bias, inv_temperature, logsoftmax_dtype)
+            maxima = shifted.amax(dim=1, keepdim=True)
+            picked = shifted.gather(1, row_targets[:, None])
+            shifted.sub_(maxima)
+            probs = shifted.exp()
+            totals = probs.sum(dim=1, keepdim=True)
+            log_totals = totals.log()
+            logprob_pieces.append((picked - (maxima + log_totals)).squeeze(1).to(torch.float64))
+            entropy = log_totals - (probs * shifted).sum(dim=1, keepdim=True) / totals
+            entropy_pieces.append(entropy.squeeze(1).to(torch.float64))
+            probs.div_(totals)
+            expected_row = (probs.to(weight.dtype) @ weight).to(direction_dtype)
+            score_pieces.append((weight[row_targets].to(direction_dtype) - expected_row) * inv_temperature)
+            # p ⊙ (log p + H), in the logits' storage: log p = (z − m) − log Σe.
+            weighted = shifted.sub_(log_totals - entropy).mul_(probs)
+            del probs
+            entropy_direction_pieces.append(-(weighted.to(weight.dtype) @ weight).to(direction_dtype)
+                                            * inv_temperature)
+            del shifted, weighted
+        width = hidden.shape[1]
+        return (_concat_rows(logprob_pieces, hidden, torch.float64),
+                _concat_rows(entropy_pieces, hidden, torch.float64),
+                _concat_rows(score_pieces, hidden, direction_dtype, width),
+                _concat_rows(entropy_direction_pieces, hidden, direction_dtype, width))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, score, entropy_direction = output
+        ctx.mark_non_differentiable(score, entropy_direction)
+        ctx.save_for_backward(score, entropy_direction)
+        ctx.save_for_forward(score, entropy_direction)
+        ctx.hidden_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor, *_):
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            score, entropy_direction = ctx.saved_tensors
+            grad_hidden = (grad_logprob[:, None].to(score.dtype) * score
+                           + grad_entropy[:, None].to(score.dtype) * entropy_direction).to(ctx.hidden_dtype)
+        return grad_hidden, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, hidden_tangent, *_):
+        score, entropy_direction = ctx.saved_tensors
+        if hidden_tangent is None:
+            zero = torch.zeros(score.shape[0], dtype=torch.float64, device=score.device)
+            return zero, zero.clone(), None, None
+        tangent = hidden_tangent.to(score.dtype)
+        return ((tangent * score).sum(1).to(torch.float64), (tangent * entropy_direction).sum(1).to(torch.float64),
+                None, None)
+
+
+def token_logprobs_with_entropies(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                                  temperature: float = 1.0, token_chunk: int = 256,
+                                  logsoftmax_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(ℓ, H) per row, float64 [T] each, both differentiable in ``hidden`` (reverse and forward mode): the per-token
+    log-probabilities and next-token entropies of spec §9's held-out entropy gradient. Memory O(token_chunk × V)
+    transient; under ``torch.no_grad`` it is :func:`token_logprobs_and_entropies`."""
+    _check_projection_args(hidden, weight, targets, temperature, token_chunk, logsoftmax_dtype)
+    if not torch.is_grad_enabled():
+        return _chunked_values(hidden, weight, bias, targets, 1.0 / temperature, int(token_chunk), logsoftmax_dtype,
+                               entropies=True)
+    logprobs, entropies, _, _ = ChunkedTokenLogprobEntropy.apply(hidden, weight, bias, targets, 1.0 / temperature,
+                                                                 int(token_chunk), logsoftmax_dtype)
+    return logprobs, entropies
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,

@@ -32,7 +32,7 @@ both compute ∂/∂A and ∂/∂B of the same function (tests/test_delta_h1.py 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +136,10 @@ class _Taps(_LoraHooks):
         self.rows = rows
         self.combine: Tensor | None = None
         self.out: dict[str, Tensor] = {}
+        # Directional mode: per layer index, {name: [J, numel] float64 on the device}; ``dots`` [rows, J] accumulates
+        # each row's gradient dotted with every direction, so no parameter-sized vector per row leaves the layer.
+        self.directions: dict[str, Tensor] | None = None
+        self.dots: Tensor | None = None
 
     def _on_B(self, index: int):
         def hook(module, inputs, output):
@@ -159,6 +163,11 @@ class _Taps(_LoraHooks):
         per_row_B = torch.bmm(grad.transpose(1, 2), a.detach())  # [rows, out, r]
         per_row_A = torch.bmm(grad_a.transpose(1, 2), x.detach())  # [rows, r, in]
         for name, per_row in ((layer.name_B, per_row_B), (layer.name_A, per_row_A)):
+            if self.directions is not None:
+                row_dots = per_row.reshape(rows, -1).to(torch.float64) @ self.directions[name].T   # [rows, J]
+                self.dots = row_dots if self.dots is None else self.dots + row_dots
+            if self.combine is None or not self.combine.shape[0]:
+                continue
             combined = self.combine @ per_row.reshape(rows, -1).to(torch.float64)
             combined = combined.to("cpu").reshape(self.combine.shape[0], *per_row.shape[1:])
             previous = self.out.get(name)
@@ -185,6 +194,8 @@ class TappedChunk:
     _leaves: list[Tensor]
     _taps: _Taps
     _param_shapes: dict[str, torch.Size]
+    token_entropies: Tensor | None = None
+    _entropy_values: Tensor | None = None
 
     def gather(self, values: Tensor) -> Tensor:
         """The chunk's tokens' entries of a batch-shaped [B, G, L] tensor (CPU), in ``token_logprobs``' order: [T]."""
@@ -197,26 +208,68 @@ class TappedChunk:
 
         cotangent: float [T] per response token; combine: float [J, c] over the chunk's rows.
         """
+        combine = self._combine(combine)
+        out, _ = self._backward(cotangent, None, combine, None, retain_graph)
+        return self._unflatten(out, combine.shape[0])
+
+    def backward_dots(self, cotangent: Tensor, directions: Sequence[Mapping[str, Tensor]], *,
+                      entropy_cotangent: Tensor | None = None, combine: Tensor | None = None,
+                      retain_graph: bool = False) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """One backward of F = Σ_t (cotangent_t ℓ_t + entropy_cotangent_t h_t) (h: the next-token entropies, which
+        needs ``tapped_forward(..., entropies=True)``), returning
+
+            dots [c, J] float64 CPU:  dots[i, j] = ∇_θ F_i · directions[j]   (F_i: row i's part of F),
+
+        i.e. the directional derivative of every row's F along every direction (spec §9's D_n, summed over a prompt's
+        rows), with no parameter-sized vector per row: each layer's per-row gradient is contracted with the directions
+        as it is formed. ``combine`` [K, c] (optional) also returns the K combined gradients as ``backward`` does.
+        """
+        if entropy_cotangent is not None and self._entropy_values is None:
+            raise ValueError("entropy_cotangent needs the entropies' graph: tapped_forward(..., entropies=True).")
+        combine = self._combine(torch.zeros(0, self.chunk.input_ids.shape[0]) if combine is None else combine)
+        device = self._values.device
+        flat = {name: torch.stack([d[name].reshape(-1).to(device, torch.float64) for d in directions])
+                for name in self._param_shapes}
+        out, dots = self._backward(cotangent, entropy_cotangent, combine, flat, retain_graph)
+        if dots is None:
+            dots = torch.zeros(self.chunk.input_ids.shape[0], len(directions), dtype=torch.float64)
+        return dots.to("cpu"), self._unflatten(out, combine.shape[0])
+
+    def _combine(self, combine) -> Tensor:
         rows = self.chunk.input_ids.shape[0]
         combine = torch.as_tensor(combine, dtype=torch.float64)
         if combine.dim() != 2 or combine.shape[1] != rows:
             raise ValueError(f"combine must be [J, {rows}]; got {tuple(combine.shape)}.")
-        J = combine.shape[0]
+        return combine
+
+    def _backward(self, cotangent, entropy_cotangent, combine, directions, retain_graph):
         taps = self._taps
         taps.combine, taps.out = combine.to(self._values.device), {}
-        if self._values.numel():
-            torch.autograd.grad(self._values, self._leaves, grad_outputs=cotangent.to(self._values.device,
-                                                                                       self._values.dtype),
-                                retain_graph=retain_graph, allow_unused=True)
-        out = taps.out
-        taps.combine, taps.out = None, {}
+        taps.directions, taps.dots = directions, None
+        outputs = [self._values]
+        grad_outputs = [cotangent.to(self._values.device, self._values.dtype)]
+        if entropy_cotangent is not None:
+            outputs.append(self._entropy_values)
+            grad_outputs.append(entropy_cotangent.to(self._values.device, self._values.dtype))
+        try:
+            if self._values.numel():
+                torch.autograd.grad(outputs, self._leaves, grad_outputs=grad_outputs, retain_graph=retain_graph,
+                                    allow_unused=True)
+            return taps.out, taps.dots
+        finally:
+            taps.combine, taps.out, taps.directions, taps.dots = None, {}, None, None
+
+    def _unflatten(self, out: dict[str, Tensor], J: int) -> list[dict[str, Tensor]]:
         return [{name: (out[name][j] if name in out else torch.zeros(shape, dtype=torch.float64))
                  for name, shape in self._param_shapes.items()} for j in range(J)]
 
 
-def tapped_forward(policy, params: Mapping[str, Tensor], chunk: SequenceChunk, token_chunk: int) -> TappedChunk:
+def tapped_forward(policy, params: Mapping[str, Tensor], chunk: SequenceChunk, token_chunk: int, *,
+                   entropies: bool = False) -> TappedChunk:
     """The forward of one sequence chunk at θ = ``params`` with the LoRA taps on (see the module docstring).
 
+    ``entropies=True`` also keeps the next-token entropies h_t, differentiable (``TappedChunk.token_entropies``;
+    ``backward_dots(..., entropy_cotangent=...)``), from the same vocabulary projection (spec §9).
     Raises ValueError when the policy's adapter cannot be tapped (:func:`unsupported_reason`).
     """
     layers, reason = _layers(policy)
@@ -226,15 +279,21 @@ def tapped_forward(policy, params: Mapping[str, Tensor], chunk: SequenceChunk, t
     for name, tensor in params.items():
         leaves[name] = tensor.detach().requires_grad_(True) if ".lora_B." in name else tensor.detach()
     taps = _Taps(layers, chunk.input_ids.shape[0])
+    entropy_values = None
     with torch.enable_grad(), taps.recording():
-        values = policy._chunk_token_logprobs(leaves, chunk, token_chunk)
+        if entropies:
+            values, entropy_values = policy._chunk_token_logprobs_entropies(leaves, chunk, token_chunk)
+        else:
+            values = policy._chunk_token_logprobs(leaves, chunk, token_chunk)
     rows, cols = chunk.response_mask.nonzero(as_tuple=True)
     detached = values.detach()
     sums = torch.zeros(chunk.input_ids.shape[0], dtype=detached.dtype, device=detached.device)
     sums = sums.index_add(0, rows.to(detached.device), detached)
     return TappedChunk(chunk=chunk, token_logprobs=detached, token_rows=rows, token_columns=cols + chunk.columns[0],
                        logprobs=sums, _values=values, _leaves=[leaves[layer.name_B] for layer in layers], _taps=taps,
-                       _param_shapes={name: tensor.shape for name, tensor in params.items()})
+                       _param_shapes={name: tensor.shape for name, tensor in params.items()},
+                       token_entropies=None if entropy_values is None else entropy_values.detach(),
+                       _entropy_values=entropy_values)
 
 
 # ------------------------------------------------------------------------------------- forward mode, per row

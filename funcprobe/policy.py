@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .batch import RolloutBatch, SequenceChunk
-from .logprobs import token_entropies, token_logprobs, token_logprobs_and_entropies
+from .logprobs import token_entropies, token_logprobs, token_logprobs_and_entropies, token_logprobs_with_entropies
 from .progress import progress_bar
 
 __all__ = ["Policy", "load_policy", "load_base_model", "ChunkLogprobs", "LORA_NAME_MARKERS", "DEFAULT_MAX_TRAINABLE"]
@@ -249,6 +249,15 @@ class Policy:
         head = self._lm_head
         return token_logprobs(hidden, head.weight, head.bias, targets, temperature=self.temperature,
                               token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
+
+    def _chunk_token_logprobs_entropies(self, params: ParamsDict, chunk: SequenceChunk,
+                                        token_chunk: int) -> tuple[Tensor, Tensor]:
+        """(ℓ_t, h_t): log-probabilities and next-token entropies H(π_θ(· | t_<k)) of the chunk's response tokens,
+        row-major, float64 [T] each, both differentiable in θ (spec §9; one vocabulary projection per row chunk)."""
+        hidden, targets, _ = self._response_rows(params, chunk)
+        head = self._lm_head
+        return token_logprobs_with_entropies(hidden, head.weight, head.bias, targets, temperature=self.temperature,
+                                             token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
 
     def _chunk_logprobs(self, params: ParamsDict, chunk: SequenceChunk, token_chunk: int) -> Tensor:
         """S_i = Σ_k response_mask[i, k] log π_θ(t_k | t_<k) for the chunk's c sequences: float64 [c] (spec §1)."""

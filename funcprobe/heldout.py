@@ -1,0 +1,480 @@
+"""δĤ₁(E): the first-order entropy change of THIS step, from an evaluation batch independent of it (spec §9).
+
+The step's batch U builds Δθ; the evaluation batch E (B_E prompts × G draws from π_θ, independent of U) estimates the
+entropy gradient, and the two meet in one directional derivative. Per response token k of draw g of prompt n (response
+mask m; ℓ and h at the temperature τ of the batch):
+
+    ℓ_{n,g,k} = log π_θ(y_k | p_n, y_<k),         h_{n,g,k} = H(π_θ(· | p_n, y_<k))       (next-token entropy)
+    R_{n,g,k} = Σ_{j>k} m_{n,g,j} h_{n,g,j}                                                  (entropy still to come)
+    b_{n,g,k} = (1/(G−1)) Σ_{g′≠g} R_{n,g′,k}                     (the other draws at the same response position k)
+    D_n(Δ)    = (1/G) Σ_g Σ_k m_{n,g,k} [ ∂h_{n,g,k}·Δ + (R_{n,g,k} − b_{n,g,k}) ∂ℓ_{n,g,k}·Δ ]
+    δĤ₁(E)    = (1/B_E) Σ_n D_n(Δθ),      SE = sd_n(D_n) / √B_E
+
+Unbiased for ∇H·Δθ whatever Δθ is (any optimizer state, clipping, optimizer, or the step a trainer really took):
+H_n = E[Σ_k h_k] by the chain rule of entropy, so ∇H_n = E[Σ_k ∇h_k + Σ_k R_k ∇ℓ_k] (a token's score multiplies only
+the entropy after it), b uses other draws only (E[b ∇ℓ_k] = 0), and E is independent of Δθ. This Rao-Blackwell
+integrand is the default; ``integrand="sequence"`` is §2's form D_n = −(1/G) Σ_g (S_g − S̄_{−g}) ∂S_g·Δ, the same
+expectation with more variance (2–3× the spread on the exact-enumeration policy).
+
+D_n is linear in Δ. With Δθ = η_g P ⊙ Ȳ + Δθ_state (an ``UpdateDecomposition``, spec §4) the gradient term D(η_g P⊙Ȳ)
+and the state term D(Δθ_state) are reported per prompt too, with their SEs.
+
+How it is computed — reverse mode, so it runs with any attention (SDPA, flash, eager): D_n(Δ) = ∇F_n·Δ with the
+surrogate F_n = (1/G) Σ_{g,k} m [h_k + sg[R_k − b_k] ℓ_k]. One forward of a chunk of whole prompts gives ℓ and h (the
+chunked vocabulary projection keeps each row's ∂ℓ/∂hidden and ∂h/∂hidden, ``ChunkedTokenLogprobEntropy``), the
+cotangents R − b and 1 follow from those values, and one backward with per-layer LoRA taps
+(``lora_grads.TappedChunk.backward_dots``) contracts every row's gradient with Δ as it is formed — nothing
+parameter-sized per sequence, memory O(chunk). A prompt with more draws than ``seq_chunk`` gets its values from a
+no-grad forward first. Adapters the taps cannot follow (DoRA, …) take one vjp per prompt of a chunk instead.
+The same backward can return ĝ_E = ∇_θ (1/B_E) Σ_n F_n, the held-out entropy gradient that attribution uses (§9).
+
+The paired comparison with the realised change on the same E (:func:`paired_difference`):
+ΔĤ − δĤ₁(E) = (1/B_E) Σ_n (ΔĤ_n − D_n), SE = sd_n(ΔĤ_n − D_n)/√B_E — how far the step is from its first-order regime.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adam import UpdateDecomposition
+from .batch import RolloutBatch, SequenceChunk
+from .formatting import fmt
+from .lora_grads import tapped_forward, unsupported_reason
+from .policy import Policy
+from .progress import progress_bar
+
+__all__ = ["INTEGRANDS", "FIRST_ORDER_Z", "HeldoutResult", "delta_h1_heldout", "PairedDifference",
+           "paired_difference", "heldout_cotangents"]
+
+ParamsDict = Mapping[str, Tensor]
+
+#: The integrands of the held-out entropy gradient: spec §9's Rao-Blackwell (entropy-to-go) form and §2's sequence form.
+INTEGRANDS = ("rao_blackwell", "sequence")
+
+#: |ΔĤ − δĤ₁(E)| below this many paired SEs reads "in its first-order regime". 3 rather than 2 because a probe
+#: tests several step sizes (the sweep) and the verdict should not cry wolf once in twenty.
+FIRST_ORDER_Z = 3.0
+
+
+# ------------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class HeldoutResult:
+    """δĤ₁(E) of spec §9 and how it was computed. JSON-ready through ``to_dict()``; nats per response.
+
+    Fields:
+        deltaH1, se: δĤ₁(E) = mean_n D_n and sd_n(D_n)/√B_E (NaN for B_E < 2).
+        per_prompt: D_n [B_E], in E's prompt order.
+        grad_term, se_grad, per_prompt_grad; state_term, se_state, per_prompt_state: D(η_g P⊙Ȳ) and D(Δθ_state) when
+            the step was given as an ``UpdateDecomposition`` (else None); grad_term + state_term = deltaH1.
+        integrand: "rao_blackwell" or "sequence".
+        entropy, entropy_se: the Rao-Blackwell entropy Ĥ(θ) = mean_n (1/G) Σ_{g,k} m h (nats per response) on E, from
+            the same forward; entropy_per_token: Σ m h / Σ m (nats per token, TRL's ``entropy`` on these samples).
+        B, G: E's shape. route: how the gradient was formed. forward_passes, backward_passes; timings (seconds).
+        gradient: ĝ_E (float64 CPU dict shaped like θ) when asked for (``entropy_gradient=True``); not in to_dict.
+    """
+
+    deltaH1: float
+    se: float
+    per_prompt: tuple[float, ...]
+    integrand: str
+    grad_term: float | None
+    se_grad: float | None
+    per_prompt_grad: tuple[float, ...] | None
+    state_term: float | None
+    se_state: float | None
+    per_prompt_state: tuple[float, ...] | None
+    entropy: float
+    entropy_se: float
+    entropy_per_token: float
+    B: int
+    G: int
+    route: str
+    forward_passes: int
+    backward_passes: int
+    timings: dict[str, float] = field(default_factory=dict)
+    gradient: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def scaled(self, factor: float) -> "HeldoutResult":
+        """The same estimate for the step factor·Δθ (D is linear in Δ): the sweep's prediction at η = factor·lr."""
+        def times(value):
+            if value is None:
+                return None
+            if isinstance(value, tuple):
+                return tuple(factor * v for v in value)
+            return factor * value
+        changes = {name: times(getattr(self, name)) for name in (
+            "deltaH1", "per_prompt", "grad_term", "per_prompt_grad", "state_term", "per_prompt_state")}
+        changes.update(se=abs(factor) * self.se,
+                       se_grad=None if self.se_grad is None else abs(factor) * self.se_grad,
+                       se_state=None if self.se_state is None else abs(factor) * self.se_state)
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "gradient"}
+        for name in ("per_prompt", "per_prompt_grad", "per_prompt_state"):
+            data[name] = None if data[name] is None else list(data[name])
+        data["timings"] = dict(self.timings)
+        notes = {"what": "the first-order entropy change ∇H·Δθ of this step, with ∇H estimated on the evaluation "
+                         "batch E (independent of the step): unbiased at any optimizer age (spec §9)"}
+        if not math.isfinite(self.se):
+            notes["se"] = f"a standard error over prompts needs B_E ≥ 2; E has B_E={self.B}"
+        if self.grad_term is None:
+            notes["grad_term"] = "the step was given as a plain Δθ, not as an AdamW decomposition"
+        data["notes"] = notes
+        return data
+
+    def __str__(self) -> str:
+        lines = [f"δĤ₁(E): first-order change of this step, ∇H from the evaluation batch ({self.integrand} "
+                 f"integrand), B_E={self.B}, G={self.G}",
+                 f"{'quantity':<24}{'value':>14}{'SE':>12}",
+                 f"{'δĤ₁(E)':<24}{fmt(self.deltaH1, '>14.6g')}{fmt(self.se, '>12.4g')}"]
+        if self.grad_term is not None:
+            lines.append(f"{'  gradient term':<24}{fmt(self.grad_term, '>14.6g')}{fmt(self.se_grad, '>12.4g')}")
+            lines.append(f"{'  state term':<24}{fmt(self.state_term, '>14.6g')}{fmt(self.se_state, '>12.4g')}")
+        lines.append(f"{'Ĥ(θ) on E':<24}{fmt(self.entropy, '>14.6g')}{fmt(self.entropy_se, '>12.4g')}"
+                     f"   ({fmt(self.entropy_per_token, '.4g')} nats/token)")
+        lines.append(f"{self.forward_passes} forward, {self.backward_passes} backward ({self.route}); "
+                     + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def _mean_se(values: Tensor) -> tuple[float, float]:
+    n = values.numel()
+    mean = float(values.mean()) if n else math.nan
+    se = float(values.std(unbiased=True)) / math.sqrt(n) if n >= 2 else math.nan
+    return mean, se
+
+
+# ---------------------------------------------------------------------------------------------------- cotangents
+def heldout_cotangents(token_logprobs: Tensor, token_entropies: Tensor, response_mask: Tensor,
+                       integrand: str = "rao_blackwell") -> tuple[Tensor, Tensor]:
+    """The cotangents (on ℓ, on h) of spec §9's surrogate F_n for one prompt group: float64 [m, G, L] each.
+
+    token_logprobs, token_entropies: ℓ and h at every response token, any value elsewhere, [m, G, L];
+    response_mask: {0,1} [m, G, L]. Rao-Blackwell: on ℓ (R − b)/G, on h 1/G, with R the masked entropy after each
+    token and b its mean over the other G − 1 draws at the same response position (R = 0 past a response's end).
+    Sequence: on ℓ −(S_g − S̄_{−g})/G, on h 0. Zero off the response tokens. Raises ValueError for G < 2.
+    """
+    if integrand not in INTEGRANDS:
+        raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
+    mask = response_mask.to(torch.float64)
+    m, G, L = mask.shape
+    if G < 2:
+        raise ValueError(f"the held-out entropy gradient's baseline needs G ≥ 2 draws per prompt; got G={G}.")
+    ell = token_logprobs.to(torch.float64) * mask
+    if integrand == "sequence":
+        S = ell.sum(-1)
+        centred = S - (S.sum(-1, keepdim=True) - S) / (G - 1)
+        return -(centred / G)[..., None] * mask, torch.zeros_like(mask)
+    h = token_entropies.to(torch.float64) * mask
+    # Positions: the k-th response token of each draw (responses are contiguous runs of the mask).
+    position = (response_mask.to(torch.long).cumsum(-1) - 1).clamp(min=0)
+    length = int(mask.sum(-1).max()) if mask.numel() else 0
+    by_position = torch.zeros(m, G, max(length, 1), dtype=torch.float64)
+    by_position.scatter_add_(2, position, h)
+    to_come = by_position.sum(-1, keepdim=True) - by_position.cumsum(-1)      # R_k = Σ_{j>k} h_j
+    baseline = (to_come.sum(1, keepdim=True) - to_come) / (G - 1)
+    centred = to_come - baseline
+    on_logprob = centred.gather(2, position) * mask / G
+    return on_logprob, mask / G
+
+
+# ----------------------------------------------------------------------------------------------------- estimator
+def _directions(delta: Any, params: ParamsDict) -> tuple[list[dict[str, Tensor]], bool]:
+    """[Δθ] for a plain step, [η_g P⊙Ȳ, Δθ_state] for an ``UpdateDecomposition``: float64 CPU dicts."""
+    if isinstance(delta, UpdateDecomposition):
+        eta_p = delta.eta_preconditioner()
+        grad = {n: (eta_p[n].to(torch.float64) * delta.ybar[n].to(torch.float64)).cpu() for n in params}
+        state = {n: delta.delta_state[n].detach().to("cpu", torch.float64) for n in params}
+        return [grad, state], True
+    if not isinstance(delta, Mapping):
+        raise TypeError(f"delta must be the step Δθ as a dict shaped like params (e.g. θ_{{t+1}} − θ_t, or "
+                        f"decomposition.delta_theta()) or an UpdateDecomposition; got {type(delta).__name__}.")
+    missing = [n for n in params if n not in delta]
+    extra = [n for n in delta if n not in params]
+    if missing or extra:
+        raise ValueError(f"delta must hold exactly the policy's {len(params)} LoRA tensors; missing {missing[:3]} "
+                         f"({len(missing)}), extra {extra[:3]} ({len(extra)}). Build it from policy.params, e.g. "
+                         "{n: new[n] - old[n] for n in old}.")
+    out = {}
+    for name, tensor in params.items():
+        step = torch.as_tensor(delta[name])
+        if tuple(step.shape) != tuple(tensor.shape):
+            raise ValueError(f"delta['{name}'] has shape {tuple(step.shape)}; the parameter has "
+                             f"{tuple(tensor.shape)}.")
+        step = step.detach().to("cpu", torch.float64)
+        if not torch.isfinite(step).all():
+            raise ValueError(f"delta['{name}'] holds NaN or inf; the step must be finite.")
+        out[name] = step
+    return [out], False
+
+
+def _eval_batch(eval_batch: Any) -> RolloutBatch:
+    batch = getattr(eval_batch, "batch", eval_batch) if not isinstance(eval_batch, RolloutBatch) else eval_batch
+    if not isinstance(batch, RolloutBatch):
+        raise TypeError(f"eval_batch must be the evaluation batch E (a RolloutBatch, or the SampledBatch that "
+                        f"sample_batch returns); got {type(eval_batch).__name__}.")
+    return batch
+
+
+@dataclass
+class _Counts:
+    forward_passes: int = 0
+    backward_passes: int = 0
+
+
+def _group_values(policy, params, group: RolloutBatch, seq_chunk: int, token_chunk: int,
+                  counts: _Counts) -> tuple[Tensor, Tensor]:
+    """ℓ and h at every response token of a prompt group, no grad: float64 [m, G, L] each (0 elsewhere)."""
+    ell = torch.zeros(group.num_sequences, group.L, dtype=torch.float64)
+    ent = torch.zeros_like(ell)
+    with torch.no_grad():
+        for chunk in group.iter_sequence_chunks(seq_chunk):
+            values, entropies = policy._chunk_token_logprobs_entropies(params, chunk, token_chunk)
+            counts.forward_passes += 1
+            _scatter(chunk, values, ell)
+            _scatter(chunk, entropies, ent)
+    return ell.reshape(group.B, group.G, group.L), ent.reshape(group.B, group.G, group.L)
+
+
+def _scatter(chunk: SequenceChunk, values: Tensor, target: Tensor) -> None:
+    rows, cols = chunk.response_mask.cpu().nonzero(as_tuple=True)
+    target[chunk.flat_index.cpu()[rows], cols + chunk.columns[0]] = values.detach().to("cpu", torch.float64)
+
+
+def _gather(chunk: SequenceChunk, values: Tensor) -> Tensor:
+    """The chunk's response tokens' entries of a [m·G, L] tensor, row-major: [T]."""
+    rows, cols = chunk.response_mask.cpu().nonzero(as_tuple=True)
+    return values[chunk.flat_index.cpu()[rows], cols + chunk.columns[0]]
+
+
+def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions, want_gradient: bool, *,
+                seq_chunk: int, token_chunk: int, counts: _Counts, tap: bool):
+    """(D [m, J] per prompt and direction, Σ_rows ∇F_row (dict) or None, h [m, G, L]) for one group of prompts."""
+    G, m = group.G, group.B
+    dots = torch.zeros(m, len(directions), dtype=torch.float64)
+    gradient = None
+    single = group.num_sequences <= seq_chunk
+    entropies_tokens = None
+    cot_l = cot_h = None
+    if not single:  # a prompt's draws span chunks: its cotangents need every draw's values first
+        ell, ent = _group_values(policy, params, group, seq_chunk, token_chunk, counts)
+        cot_l, cot_h = heldout_cotangents(ell, ent, group.response_mask, integrand)
+        entropies_tokens = ent
+    for chunk in group.iter_sequence_chunks(seq_chunk):
+        prompt_of_row = (chunk.flat_index.cpu() // G)
+        if tap:
+            tapped = tapped_forward(policy, params, chunk, token_chunk, entropies=True)
+            values, entropies = tapped.token_logprobs, tapped.token_entropies
+        else:
+            values_and_entropies, vjp_fn = torch.func.vjp(
+                lambda p, c=chunk: policy._chunk_token_logprobs_entropies(p, c, token_chunk), dict(params))
+            values, entropies = (v.detach() for v in values_and_entropies)
+        counts.forward_passes += 1
+        if single:
+            ell = torch.zeros(group.num_sequences, group.L, dtype=torch.float64)
+            ent = torch.zeros_like(ell)
+            _scatter(chunk, values, ell)
+            _scatter(chunk, entropies, ent)
+            ell, ent = ell.reshape(m, G, group.L), ent.reshape(m, G, group.L)
+            cot_l, cot_h = heldout_cotangents(ell, ent, group.response_mask, integrand)
+            entropies_tokens = ent
+        token_cot_l = _gather(chunk, cot_l.reshape(-1, group.L))
+        token_cot_h = _gather(chunk, cot_h.reshape(-1, group.L))
+        rows = chunk.num_sequences
+        if tap:
+            combine = torch.ones(1 if want_gradient else 0, rows, dtype=torch.float64)
+            row_dots, combined = tapped.backward_dots(token_cot_l, directions, entropy_cotangent=token_cot_h,
+                                                      combine=combine)
+            counts.backward_passes += 1
+            dots.index_add_(0, prompt_of_row, row_dots)
+            if want_gradient:
+                gradient = _accumulate(gradient, combined[0])
+            del tapped
+        else:
+            token_rows = chunk.response_mask.cpu().nonzero(as_tuple=True)[0]
+            for p in prompt_of_row.unique().tolist():
+                keep = (prompt_of_row[token_rows] == p).to(torch.float64)
+                grads = vjp_fn((token_cot_l * keep, token_cot_h * keep))[0]
+                counts.backward_passes += 1
+                grads = {n: g.detach().to("cpu", torch.float64) for n, g in grads.items()}
+                dots[p] += torch.tensor([_dot(grads, d) for d in directions], dtype=torch.float64)
+                if want_gradient:
+                    gradient = _accumulate(gradient, grads)
+            del vjp_fn
+    return dots, gradient, entropies_tokens
+
+
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    return float(sum(torch.dot(a[n].reshape(-1), b[n].reshape(-1)) for n in b))
+
+
+def _accumulate(total: dict[str, Tensor] | None, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if total is None:
+        return {n: g.to("cpu", torch.float64).clone() for n, g in grads.items()}
+    for n, g in grads.items():
+        total[n] += g.to("cpu", torch.float64)
+    return total
+
+
+def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDecomposition, eval_batch: Any, *,
+                     policy: Policy, integrand: str = "rao_blackwell", seq_chunk: int | None = None,
+                     token_chunk: int | None = None, entropy_gradient: bool = False, progress: bool | None = False,
+                     world=None) -> HeldoutResult:
+    """δĤ₁(E) = (1/B_E) Σ_n D_n(Δθ) of spec §9 at θ = ``params`` along the step ``delta``, on the evaluation batch.
+
+    params: θ (the policy's LoRA tensors). delta: the step Δθ — any dict shaped like params (funcprobe's AdamW step
+    ``decomposition.delta_theta()``, or θ_{t+1} − θ_t of a real run) — or an ``UpdateDecomposition`` (then the
+    gradient and state terms are reported too). eval_batch: E, a ``RolloutBatch`` (or the ``SampledBatch`` holding
+    it) of responses drawn from π_θ independently of the samples that built the step; G ≥ 2 draws per prompt.
+    integrand: "rao_blackwell" (default) or "sequence" (spec §2's form, for comparison).
+    seq_chunk: sequences per forward (default the policy's; whole prompts per forward when G ≤ seq_chunk, else a
+    prompt's values from a no-grad forward first). entropy_gradient: also return ĝ_E (``result.gradient``).
+    world: a ``funcprobe.distributed.World``: every rank passes the whole E and computes its contiguous shard of
+    prompts; the D_n are gathered (and ĝ_E all-reduced), so every estimate equals the single-process one.
+    Units: nats per response. Memory O(chunk): no parameter-sized tensor per sequence.
+    Pure: nothing passed in is modified.
+
+    Raises TypeError for a wrong kind of input (delta, eval_batch), ValueError for a mismatched or non-finite step,
+    an unknown integrand, G < 2, or a batch the policy refuses (another temperature or tokenizer).
+    """
+    from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
+
+    started = time.perf_counter()
+    world = SINGLE if world is None else world
+    if not isinstance(policy, Policy):
+        raise TypeError(f"delta_h1_heldout needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); got "
+                        f"{type(policy).__name__}.")
+    if integrand not in INTEGRANDS:
+        raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
+    batch = _eval_batch(eval_batch)
+    policy.check_params(params)
+    policy._check_batch(batch)
+    if batch.G < 2:
+        raise ValueError(f"the held-out entropy gradient's baseline needs G ≥ 2 draws per prompt of E; got "
+                         f"G={batch.G}. Draw more responses per evaluation prompt (--eval-G).")
+    directions, decomposed = _directions(delta, params)
+    seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
+    token_chunk = policy.token_chunk if token_chunk is None else token_chunk
+    for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    tap = unsupported_reason(policy) is None
+    route = "reverse mode, per-layer LoRA taps" if tap else "reverse mode, one vjp per prompt"
+    counts = _Counts()
+    G = batch.G
+    mine = world.shard(batch.B)
+    prompts_per_group = max(1, seq_chunk // G)
+    local_dots = torch.zeros(len(mine), len(directions), dtype=torch.float64)
+    local_entropy = torch.zeros(len(mine), 2, dtype=torch.float64)      # Σ_{g,k} m h / G and Σ m (tokens)
+    gradient = None
+    groups = [list(mine[i:i + prompts_per_group]) for i in range(0, len(mine), prompts_per_group)]
+    offset = 0
+    for prompts in progress_bar(groups, total=len(groups), desc="δĤ₁(E)", enabled=progress):
+        group = batch.select_prompts(prompts)
+        dots, grads, entropies = _group_dots(policy, params, group, integrand, directions, entropy_gradient,
+                                             seq_chunk=seq_chunk, token_chunk=token_chunk, counts=counts, tap=tap)
+        mask = group.response_mask.to(torch.float64)
+        local_dots[offset:offset + len(prompts)] = dots
+        local_entropy[offset:offset + len(prompts), 0] = (entropies * mask).sum((1, 2)) / G
+        local_entropy[offset:offset + len(prompts), 1] = mask.sum((1, 2))
+        offset += len(prompts)
+        if entropy_gradient and grads is not None:
+            gradient = _accumulate(gradient, grads)
+    counts_by_rank = shard_counts(batch.B, world.size)
+    rows = gather_rows(world, torch.cat([local_dots, local_entropy], dim=1), counts_by_rank,
+                       "δĤ₁(E) all_gather of the per-prompt values")
+    dots, entropy_rows = rows[:, :len(directions)], rows[:, len(directions):]
+    if entropy_gradient:
+        gradient = gradient if gradient is not None else {n: torch.zeros(t.shape, dtype=torch.float64)
+                                                          for n, t in params.items()}
+        all_reduce_sum_(world, gradient, "δĤ₁(E) all_reduce of ĝ_E")
+        gradient = {n: g / batch.B for n, g in gradient.items()}
+    per_prompt = dots.sum(1)
+    value, se = _mean_se(per_prompt)
+    terms: dict[str, Any] = dict(grad_term=None, se_grad=None, per_prompt_grad=None, state_term=None, se_state=None,
+                                 per_prompt_state=None)
+    if decomposed:
+        for index, name in ((0, "grad"), (1, "state")):
+            mean, term_se = _mean_se(dots[:, index])
+            terms[f"{name}_term"], terms[f"se_{name}"] = mean, term_se
+            terms[f"per_prompt_{name}"] = tuple(float(x) for x in dots[:, index])
+    entropy, entropy_se = _mean_se(entropy_rows[:, 0])
+    tokens = float(entropy_rows[:, 1].sum())
+    per_token = float((entropy_rows[:, 0] * G).sum()) / tokens if tokens else math.nan
+    return HeldoutResult(
+        deltaH1=value, se=se, per_prompt=tuple(float(x) for x in per_prompt), integrand=integrand, **terms,
+        entropy=entropy, entropy_se=entropy_se, entropy_per_token=per_token, B=batch.B, G=G, route=route,
+        forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
+        timings={"total_s": time.perf_counter() - started}, gradient=gradient)
+
+
+# ------------------------------------------------------------------------------------------- paired with ΔĤ
+@dataclass(frozen=True)
+class PairedDifference:
+    """ΔĤ − δĤ₁(E) on the same evaluation prompts and draws (spec §9), nats per response. JSON via ``to_dict()``.
+
+    difference = (1/B_E) Σ_n (ΔĤ_n − D_n); se = sd_n(ΔĤ_n − D_n)/√B_E; z = difference/se; first_order: |z| <
+    ``FIRST_ORDER_Z`` (the step is in its first-order regime); verdict: the plain sentence. realised, predicted: the
+    two means beside it; scale: η/lr when the prediction was scaled to another step size (the sweep); method: the
+    realised estimator; realised_reliable: its own verdict (an unreliable ΔĤ makes the comparison unreliable too).
+    """
+
+    difference: float
+    se: float
+    z: float
+    first_order: bool | None
+    verdict: str
+    realised: float
+    predicted: float
+    scale: float
+    method: str
+    realised_reliable: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1.0,
+                      threshold: float = FIRST_ORDER_Z) -> PairedDifference:
+    """ΔĤ − scale·δĤ₁(E) with the paired SE sd_n(ΔĤ_n − scale·D_n)/√B_E (spec §9).
+
+    realised: an ``SNISResult`` or ``CRNResult`` (per-prompt ``deltaH_per_prompt``) on the SAME evaluation batch as
+    ``heldout``, per sequence (not ``per_token``). Raises ValueError when the two do not share E's shape or units.
+    """
+    per_prompt = getattr(realised, "deltaH_per_prompt", None)
+    if per_prompt is None or not isinstance(heldout, HeldoutResult):
+        raise TypeError("paired_difference needs a realised result (snis_delta_h / crn_delta_h) and a HeldoutResult "
+                        "(delta_h1_heldout) on the same evaluation batch.")
+    if getattr(realised, "per_token", False):
+        raise ValueError("the realised change is per token but δĤ₁(E) is per response: compute ΔĤ per sequence "
+                         "(per_token=False) to pair them.")
+    if (realised.B, realised.G) != (heldout.B, heldout.G):
+        raise ValueError(f"the realised change was measured on a {realised.B}×{realised.G} batch and δĤ₁(E) on a "
+                         f"{heldout.B}×{heldout.G} one: pair estimates of the same evaluation batch.")
+    diff = torch.tensor(per_prompt, dtype=torch.float64) - scale * torch.tensor(heldout.per_prompt,
+                                                                                dtype=torch.float64)
+    difference, se = _mean_se(diff)
+    z = difference / se if se > 0 else (0.0 if difference == 0 else math.nan)
+    reliable = bool(getattr(realised, "reliable", True))
+    if not math.isfinite(z):
+        first_order, verdict = None, "no verdict: the paired SE needs B_E ≥ 2 prompts"
+    else:
+        first_order = abs(z) < threshold
+        gap = f"ΔĤ − δĤ₁(E) = {fmt(difference, '.4g')} ± {fmt(se, '.3g')} (z = {z:+.1f})"
+        verdict = (f"the step is in its first-order regime: {gap}" if first_order else
+                   f"the step is beyond its first-order regime: {gap}; the realised change departs from ∇H·Δθ")
+        if not reliable:
+            verdict += " — but the realised estimate is flagged unreliable, so this comparison is too"
+    return PairedDifference(difference=difference, se=se, z=z, first_order=first_order, verdict=verdict,
+                            realised=float(realised.deltaH), predicted=scale * heldout.deltaH1, scale=float(scale),
+                            method=getattr(realised, "method", type(realised).__name__), realised_reliable=reliable)
