@@ -95,6 +95,9 @@ class AttributionResult:
     interventions: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     objective: dict = field(default_factory=dict)
+    basis: str = "ustatistic"
+    paired: dict | None = None
+    heldout: Any = field(default=None, repr=False)
     step: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -110,19 +113,27 @@ class AttributionResult:
             "entropy": _nested(self.entropy), "cotangent": _nested(self.cotangent),
             "response_mask": _nested(self.response_mask.to(torch.int64)),
             "summary": self.summary, "interventions": self.interventions, "timings": dict(self.timings),
-            "objective": dict(self.objective),
+            "objective": dict(self.objective), "basis": self.basis, "paired": self.paired,
+            "delta_h1_heldout": None if self.heldout is None else self.heldout.to_dict(),
         }
 
     def __str__(self) -> str:
         def se(value):
             return "" if value is None or not math.isfinite(value) else f" ± {value:.2g}"
 
-        lines = [f"δH₁ = {self.deltaH1:.6g}{se(self.se_deltaH1)} nats/sequence = grad_term {self.grad_term:.6g}"
-                 f"{se(self.se_grad_term)} + state_term {self.state_term:.6g} (U = {self.n_units}, units = "
-                 f"{self.units}; jackknife SEs)"]
+        if self.basis == "heldout":
+            lines = [f"δĤ₁(E) = {self.deltaH1:.6g}{se(self.se_deltaH1)} nats/sequence = grad_term "
+                     f"{self.grad_term:.6g}{se(self.se_grad_term)} + state_term {self.state_term:.6g} (∇H from the "
+                     "evaluation batch, spec §9; per-prompt SEs over E)"]
+        else:
+            lines = [f"δH₁ = {self.deltaH1:.6g}{se(self.se_deltaH1)} nats/sequence = grad_term {self.grad_term:.6g}"
+                     f"{se(self.se_grad_term)} + state_term {self.state_term:.6g} (U = {self.n_units}, units = "
+                     f"{self.units}; jackknife SEs)"]
         if self.realised_delta_h is not None:
             lines.append(f"realised ΔĤ of this step on the evaluation batch = {self.realised_delta_h:.6g}"
                          f"{se(self.realised_se)}")
+        if self.paired is not None:
+            lines.append(self.paired["verdict"])
         corr = self.summary.get("correlations", {})
         if corr:
             lines.append(f"a vs Cui et al.'s −η·cov: Pearson {corr['pearson_cov']:.3f}, Spearman "
@@ -273,8 +284,20 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
               objective: Objective | None = None, units: str | int = "prompt", lr: float | None = None,
               seq_chunk: int | None = None, token_chunk: int | None = None,
               quantiles: tuple[float, ...] = DEFAULT_QUANTILES, interventions: Mapping[str, Any] | None = None,
-              evaluation: RolloutBatch | None = None, progress: bool | None = False) -> AttributionResult:
-    """Per-token attributions a [B, G, L] of δH₁'s gradient term (spec §8) for the AdamW step on ``batch``.
+              evaluation: RolloutBatch | None = None, integrand: str = "rao_blackwell",
+              progress: bool | None = False) -> AttributionResult:
+    """Per-token attributions a [B, G, L] of the gradient term of the AdamW step on ``batch`` (spec §8, §9).
+
+    With an evaluation batch E (``evaluation``, drawn independently of ``batch``; the default of ``funcprobe
+    attribute``) the attribution is on spec §9's footing: one direction d = (η_g P) ⊙ ĝ_E for every token of the
+    update batch, ĝ_E the held-out entropy gradient (``integrand`` as for ``delta_h1_heldout``),
+
+        a_{n,g,k} = c_{n,g,k} · d·∇ℓ_{n,g,k},      Σ a = ĝ_E·(η_g P⊙Ȳ) = δĤ₁(E)'s gradient term,
+
+    unbiased at any optimizer age; a token's attribution holds no entropy gradient of its own sample (E is
+    independent of U). Each intervention's changed step is predicted on the same E (δĤ₁(E) along its Δθ′) and paired
+    with its realised ΔĤ there (``paired_difference``, ``paired_se``), with the importance weights' diagnostics.
+    Without ``evaluation`` the §8 U-statistic footing below is used (``basis`` "ustatistic").
 
     a_{n,g,k} = −(B/m)/(U(U−1)) · c_{n,g,k} · d_w·∇ℓ_{n,g,k},  d_w = (η_g P) ⊙ (ΣX − X_w),  n ∈ unit w of m prompts
     (module docstring); Σ a = ``delta_h1(...).grad_term`` to float64 rounding. Arguments as for ``delta_h1``
@@ -291,7 +314,8 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     response), tokens, grad_term, state_term, deltaH1 (nats), objective_gain (first-order change of the original
     surrogate objective, Ȳ·Δθ'), realised_delta_h and realised_se (None without ``evaluation``). An all-ones mask
     reproduces the plain step; an all-zeros one gives grad_term 0 and δH₁ = the state term at P' (v' = β2 v).
-    Needs attention with a forward-mode rule (load the model with attn_implementation="eager" on the CPU).
+    The forward-mode pass runs under ``Policy.forward_mode_attention`` (eager attention for the jvp), so a model
+    loaded with SDPA or flash attention works as loaded.
     Pure: params, batch, policy and state are untouched. Raises ValueError for a bad units/chunk/intervention.
     """
     from .delta_h1 import _require_policy
@@ -299,6 +323,11 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     objective = Objective() if objective is None else objective
     _require_policy(policy, "attribute")
     policy.check_params(params)
+    if evaluation is not None:
+        return _attribute_heldout(params, batch, policy=policy, adam=adam, objective=objective, lr=lr,
+                                  seq_chunk=seq_chunk, token_chunk=token_chunk, quantiles=quantiles,
+                                  interventions=interventions, evaluation=evaluation, integrand=integrand,
+                                  progress=progress)
     batch.require_prompts(2, "attribution (a cross-prompt U-statistic)")
     partition = unit_partition(batch.B, units)
     seq_chunk, token_chunk = _check_chunks(policy, seq_chunk, token_chunk)
@@ -560,3 +589,150 @@ def _run_interventions(interventions, *, params, batch, policy, adam, objective,
             row["realised_se"] = float(realised.se)
         out[name] = row
     return out
+
+
+# --------------------------------------------------------------------------------------- spec §9's footing
+def _values_and_gradients(policy, params, batch, cotangents, seq_chunk, token_chunk, progress):
+    """(ℓ [B, G, L], h [B, G, L], [Ȳ_j = Σ c_j∇ℓ for each cotangent]) from one forward per sequence chunk and one
+    vjp per cotangent: the step gradients of spec §3 with U's log-probs and next-token entropies (float64 CPU)."""
+    B, G, L = batch.B, batch.G, batch.L
+    ell = torch.zeros(B, G, L, dtype=torch.float64)
+    ent = torch.zeros(B, G, L, dtype=torch.float64)
+    totals = [_zeros_like(params) for _ in cotangents]
+    chunks = list(batch.iter_sequence_chunks(seq_chunk))
+    for chunk in progress_bar(chunks, total=len(chunks), desc="attribution: the step", enabled=progress):
+        (values, entropies), vjp_fn = torch.func.vjp(
+            lambda p, c=chunk: policy._chunk_token_logprobs_entropies(p, c, token_chunk), dict(params))
+        item = _chunk_item(chunk, values.detach().to("cpu", torch.float64))
+        _scatter(ell, chunk, item, values.detach())
+        _scatter(ent, chunk, item, entropies.detach())
+        zero = torch.zeros_like(entropies)
+        for total, cotangent in zip(totals, cotangents):
+            grads = vjp_fn((cotangent.for_chunk(item).to(values.device), zero))[0]
+            for name, grad in grads.items():
+                total[name] += grad.to("cpu", torch.float64)
+        del vjp_fn, values, entropies
+    return ell, ent, totals
+
+
+def _jvp_along(policy, params, batch, direction, seq_chunk, token_chunk, progress) -> Tensor:
+    """d·∇ℓ [B, G, L] for every response token of ``batch`` along ONE direction d: one forward-mode pass per chunk
+    (per-layer LoRA tangents when the adapter allows, else ``Policy.token_logprob_jvp``)."""
+    B, G, L = batch.B, batch.G, batch.L
+    out = torch.zeros(B, G, L, dtype=torch.float64)
+    tap = unsupported_reason(policy) is None and not _force_unit_jvps
+    chunks = list(batch.iter_sequence_chunks(seq_chunk))
+    for chunk in progress_bar(chunks, total=len(chunks), desc="attribution jvps", enabled=progress):
+        if tap:
+            values, derivative, _ = row_direction_jvp(policy, params, chunk, [direction],
+                                                      torch.zeros(chunk.num_sequences, dtype=torch.long),
+                                                      token_chunk=token_chunk)
+        else:
+            values, derivative, _ = policy.token_logprob_jvp(params, chunk, direction, token_chunk=token_chunk)
+        item = _chunk_item(chunk, values.to("cpu", torch.float64))
+        _scatter(out, chunk, item, derivative)
+    return out
+
+
+def _realised_row(realised, paired) -> dict:
+    return {"realised_delta_h": float(realised.deltaH), "realised_se": float(realised.se),
+            "realised_reliable": bool(realised.reliable), "realised_reason": realised.reason,
+            "ess_min_fraction": float(realised.ess_min_fraction), "khat": _finite(realised.khat),
+            "paired_difference": paired.difference, "paired_se": _finite(paired.se), "paired_z": _finite(paired.z),
+            "first_order": paired.first_order}
+
+
+def _attribute_heldout(params, batch, *, policy, adam, objective, lr, seq_chunk, token_chunk, quantiles,
+                       interventions, evaluation, integrand, progress) -> AttributionResult:
+    """``attribute`` on spec §9's footing (see its docstring): passes (1) U: ℓ, h and Ȳ (one forward, one vjp);
+    (2) with interventions, U again for every changed Ȳ′ (one forward, one vjp each); (3) E: one forward and one
+    backward for ĝ_E and D_n along every step's gradient and state parts at once; (4) U: one forward-mode pass along
+    d = (η_g P) ⊙ ĝ_E; (5) E at θ once and at each θ⁺ for the realised changes."""
+    from .heldout import heldout_pass, heldout_result, paired_difference, step_directions
+
+    evaluation_batch = evaluation if isinstance(evaluation, RolloutBatch) else getattr(evaluation, "batch", None)
+    if not isinstance(evaluation_batch, RolloutBatch):
+        raise TypeError(f"evaluation must be the evaluation batch E (a RolloutBatch or the SampledBatch holding it); "
+                        f"got {type(evaluation).__name__}.")
+    seq_chunk, token_chunk = _check_chunks(policy, seq_chunk, token_chunk)
+    B, G = batch.B, batch.G
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    cotangent = step_cotangent(params, batch, policy=policy, objective=objective, seq_chunk=seq_chunk,
+                               token_chunk=token_chunk)
+    logprobs, entropy, (ybar,) = _values_and_gradients(policy, params, batch, [cotangent], seq_chunk, token_chunk,
+                                                       progress)
+    response = batch.response_mask.to(torch.bool)
+    covariance = token_covariance(logprobs, objective.token_advantages(batch), response)
+    steps = {"": update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=objective.max_grad_norm)}
+    masks = {}
+    if interventions:
+        masks = {name: intervention_mask(spec, batch=batch, covariance=covariance, entropy=entropy,
+                                         response=response, name=name) for name, spec in interventions.items()}
+        changed = [masked_cotangent(cotangent, weights) for weights in masks.values()]
+        _, _, ybars = _values_and_gradients(policy, params, batch, changed, seq_chunk, token_chunk, False)
+        for name, changed_ybar in zip(masks, ybars):
+            steps[name] = update_decomposition(params, changed_ybar, adam, lr=lr,
+                                               max_grad_norm=objective.max_grad_norm)
+    timings["step_s"] = time.perf_counter() - started
+
+    phase = time.perf_counter()
+    directions = [d for step in steps.values() for d in step_directions(step, params)[0]]
+    measured = heldout_pass(params, directions, evaluation_batch, policy=policy, integrand=integrand,
+                            seq_chunk=seq_chunk, token_chunk=token_chunk, entropy_gradient=True, progress=progress)
+    heldout = {name: heldout_result(measured, (2 * i, 2 * i + 1), decomposed=True, integrand=integrand)
+               for i, name in enumerate(steps)}
+    timings["heldout_s"] = time.perf_counter() - phase
+
+    phase = time.perf_counter()
+    decomposition = steps[""]
+    eta_p = _cpu64(decomposition.eta_preconditioner())
+    direction = {n: eta_p[n] * measured.gradient[n] for n in eta_p}
+    derivative = _jvp_along(policy, params, batch, direction, seq_chunk, token_chunk, progress)
+    c_tokens = torch.zeros_like(derivative)
+    for chunk in batch.iter_sequence_chunks(seq_chunk):
+        item = _chunk_item(chunk, _gather_tokens(logprobs, chunk))
+        _scatter(c_tokens, chunk, item, cotangent.for_chunk(item))
+    token = c_tokens * derivative
+    timings["jvp_s"] = time.perf_counter() - phase
+
+    phase = time.perf_counter()
+    before = _evaluation_before(params, evaluation_batch, policy, seq_chunk, token_chunk)
+    rows = {}
+    base_row = None
+    for name, step in steps.items():
+        realised = _realised(params, step, adam, lr, objective, policy, evaluation_batch, before, seq_chunk,
+                             token_chunk)
+        paired = paired_difference(realised, heldout[name])
+        row = _realised_row(realised, paired)
+        if name == "":
+            base_row, base_paired = row, paired
+            continue
+        weights = masks[name]
+        prediction = heldout[name]
+        rows[name] = {"tokens_kept": float((weights * response).sum()), "tokens": int(response.sum()),
+                      "grad_term": prediction.grad_term, "state_term": prediction.state_term,
+                      "deltaH1": prediction.deltaH1, "deltaH1_se": _finite(prediction.se),
+                      "objective_gain": _dot(ybar, _cpu64(step.delta_theta())), **row}
+    timings["realised_s"] = time.perf_counter() - phase
+    timings["total_s"] = time.perf_counter() - started
+    base = heldout[""]
+    summary = proxy_summary(token, covariance, entropy, response, eta=_uniform_or_none(decomposition, "eta_g"),
+                            quantiles=quantiles)
+    sequence = token.sum(-1)
+    return AttributionResult(
+        token=token, sequence=sequence, prompt=sequence.sum(-1), grad_term=float(token.sum()),
+        state_term=base.state_term, deltaH1=float(token.sum()) + base.state_term, se_grad_term=base.se_grad,
+        se_deltaH1=base.se, objective_gain=_dot(ybar, _cpu64(decomposition.delta_theta())),
+        realised_delta_h=base_row["realised_delta_h"], realised_se=base_row["realised_se"],
+        eta_g=_uniform_or_none(decomposition, "eta_g"), n_units=B, units="heldout", B=B, G=G, logprobs=logprobs,
+        covariance=covariance, entropy=entropy, cotangent=c_tokens, response_mask=response, summary=summary,
+        interventions=rows, timings=timings, objective=objective.to_dict(), basis="heldout",
+        paired={**base_paired.to_dict(), **base_row}, heldout=base, step=decomposition)
+
+
+def _gather_tokens(values: Tensor, chunk) -> Tensor:
+    """A [B, G, L] tensor's entries at the chunk's response tokens, row-major: [T]."""
+    B, G, L = values.shape
+    rows, cols = chunk.response_mask.cpu().nonzero(as_tuple=True)
+    return values.reshape(B * G, L)[chunk.flat_index.cpu()[rows], cols + chunk.columns[0]]

@@ -51,7 +51,8 @@ from .policy import Policy
 from .progress import progress_bar
 
 __all__ = ["INTEGRANDS", "FIRST_ORDER_Z", "HeldoutResult", "delta_h1_heldout", "PairedDifference",
-           "paired_difference", "heldout_cotangents"]
+           "paired_difference", "heldout_cotangents", "HeldoutPass", "heldout_pass", "heldout_result",
+           "step_directions"]
 
 ParamsDict = Mapping[str, Tensor]
 
@@ -326,34 +327,36 @@ def _accumulate(total: dict[str, Tensor] | None, grads: Mapping[str, Tensor]) ->
     return total
 
 
-def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDecomposition, eval_batch: Any, *,
-                     policy: Policy, integrand: str = "rao_blackwell", seq_chunk: int | None = None,
-                     token_chunk: int | None = None, entropy_gradient: bool = False, progress: bool | None = False,
-                     world=None) -> HeldoutResult:
-    """δĤ₁(E) = (1/B_E) Σ_n D_n(Δθ) of spec §9 at θ = ``params`` along the step ``delta``, on the evaluation batch.
+@dataclass(frozen=True)
+class HeldoutPass:
+    """One pass of spec §9's surrogate over E along J directions: what :func:`delta_h1_heldout` and attribution read.
 
-    params: θ (the policy's LoRA tensors). delta: the step Δθ — any dict shaped like params (funcprobe's AdamW step
-    ``decomposition.delta_theta()``, or θ_{t+1} − θ_t of a real run) — or an ``UpdateDecomposition`` (then the
-    gradient and state terms are reported too). eval_batch: E, a ``RolloutBatch`` (or the ``SampledBatch`` holding
-    it) of responses drawn from π_θ independently of the samples that built the step; G ≥ 2 draws per prompt.
-    integrand: "rao_blackwell" (default) or "sequence" (spec §2's form, for comparison).
-    seq_chunk: sequences per forward (default the policy's; whole prompts per forward when G ≤ seq_chunk, else a
-    prompt's values from a no-grad forward first). entropy_gradient: also return ĝ_E (``result.gradient``).
-    world: a ``funcprobe.distributed.World``: every rank passes the whole E and computes its contiguous shard of
-    prompts; the D_n are gathered (and ĝ_E all-reduced), so every estimate equals the single-process one.
-    Units: nats per response. Memory O(chunk): no parameter-sized tensor per sequence.
-    Pure: nothing passed in is modified.
-
-    Raises TypeError for a wrong kind of input (delta, eval_batch), ValueError for a mismatched or non-finite step,
-    an unknown integrand, G < 2, or a batch the policy refuses (another temperature or tokenizer).
+    dots [B_E, J] float64: D_n along each direction; entropy_rows [B_E, 2]: (1/G) Σ_{g,k} m h and Σ m per prompt;
+    gradient: ĝ_E (or None); route, forward_passes, backward_passes; B, G.
     """
+
+    dots: Tensor
+    entropy_rows: Tensor
+    gradient: dict[str, Tensor] | None
+    route: str
+    forward_passes: int
+    backward_passes: int
+    B: int
+    G: int
+
+
+def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]], eval_batch: Any, *, policy: Policy,
+                 integrand: str = "rao_blackwell", seq_chunk: int | None = None, token_chunk: int | None = None,
+                 entropy_gradient: bool = False, progress: bool | None = False, world=None) -> HeldoutPass:
+    """D_n(d_j) of spec §9 for every prompt n of E and every direction d_j (float64 CPU dicts shaped like θ), from
+    one forward and one backward per chunk of whole prompts (module docstring); ĝ_E with ``entropy_gradient``.
+    Arguments and errors as :func:`delta_h1_heldout`."""
     from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
 
-    started = time.perf_counter()
     world = SINGLE if world is None else world
     if not isinstance(policy, Policy):
-        raise TypeError(f"delta_h1_heldout needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); got "
-                        f"{type(policy).__name__}.")
+        raise TypeError(f"the held-out estimate needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); "
+                        f"got {type(policy).__name__}.")
     if integrand not in INTEGRANDS:
         raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
     batch = _eval_batch(eval_batch)
@@ -362,14 +365,12 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
     if batch.G < 2:
         raise ValueError(f"the held-out entropy gradient's baseline needs G ≥ 2 draws per prompt of E; got "
                          f"G={batch.G}. Draw more responses per evaluation prompt (--eval-G).")
-    directions, decomposed = _directions(delta, params)
     seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
     token_chunk = policy.token_chunk if token_chunk is None else token_chunk
     for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
     tap = unsupported_reason(policy) is None
-    route = "reverse mode, per-layer LoRA taps" if tap else "reverse mode, one vjp per prompt"
     counts = _Counts()
     G = batch.G
     mine = world.shard(batch.B)
@@ -390,15 +391,24 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
         offset += len(prompts)
         if entropy_gradient and grads is not None:
             gradient = _accumulate(gradient, grads)
-    counts_by_rank = shard_counts(batch.B, world.size)
-    rows = gather_rows(world, torch.cat([local_dots, local_entropy], dim=1), counts_by_rank,
+    rows = gather_rows(world, torch.cat([local_dots, local_entropy], dim=1), shard_counts(batch.B, world.size),
                        "δĤ₁(E) all_gather of the per-prompt values")
-    dots, entropy_rows = rows[:, :len(directions)], rows[:, len(directions):]
     if entropy_gradient:
         gradient = gradient if gradient is not None else {n: torch.zeros(t.shape, dtype=torch.float64)
                                                           for n, t in params.items()}
         all_reduce_sum_(world, gradient, "δĤ₁(E) all_reduce of ĝ_E")
         gradient = {n: g / batch.B for n, g in gradient.items()}
+    route = "reverse mode, per-layer LoRA taps" if tap else "reverse mode, one vjp per prompt"
+    return HeldoutPass(dots=rows[:, :len(directions)], entropy_rows=rows[:, len(directions):], gradient=gradient,
+                       route=route, forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
+                       B=batch.B, G=G)
+
+
+def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: bool, integrand: str,
+                   timings: dict[str, float] | None = None) -> HeldoutResult:
+    """The :class:`HeldoutResult` of the step whose directions are ``columns`` of ``result.dots``: one column (a
+    plain Δθ) or two (its gradient and state parts, ``decomposed``)."""
+    dots = result.dots[:, list(columns)]
     per_prompt = dots.sum(1)
     value, se = _mean_se(per_prompt)
     terms: dict[str, Any] = dict(grad_term=None, se_grad=None, per_prompt_grad=None, state_term=None, se_state=None,
@@ -408,14 +418,54 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
             mean, term_se = _mean_se(dots[:, index])
             terms[f"{name}_term"], terms[f"se_{name}"] = mean, term_se
             terms[f"per_prompt_{name}"] = tuple(float(x) for x in dots[:, index])
-    entropy, entropy_se = _mean_se(entropy_rows[:, 0])
-    tokens = float(entropy_rows[:, 1].sum())
-    per_token = float((entropy_rows[:, 0] * G).sum()) / tokens if tokens else math.nan
+    entropy, entropy_se = _mean_se(result.entropy_rows[:, 0])
+    tokens = float(result.entropy_rows[:, 1].sum())
+    per_token = float((result.entropy_rows[:, 0] * result.G).sum()) / tokens if tokens else math.nan
     return HeldoutResult(
         deltaH1=value, se=se, per_prompt=tuple(float(x) for x in per_prompt), integrand=integrand, **terms,
-        entropy=entropy, entropy_se=entropy_se, entropy_per_token=per_token, B=batch.B, G=G, route=route,
-        forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
-        timings={"total_s": time.perf_counter() - started}, gradient=gradient)
+        entropy=entropy, entropy_se=entropy_se, entropy_per_token=per_token, B=result.B, G=result.G,
+        route=result.route, forward_passes=result.forward_passes, backward_passes=result.backward_passes,
+        timings=dict(timings or {}), gradient=result.gradient)
+
+
+def step_directions(delta: Any, params: ParamsDict) -> tuple[list[dict[str, Tensor]], bool]:
+    """The directions of a step for :func:`heldout_pass`: [Δθ] for a dict shaped like params, [η_g P⊙Ȳ, Δθ_state]
+    for an ``UpdateDecomposition`` (then ``True``). Raises TypeError / ValueError for a wrong or non-finite step."""
+    return _directions(delta, params)
+
+
+def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDecomposition, eval_batch: Any, *,
+                     policy: Policy, integrand: str = "rao_blackwell", seq_chunk: int | None = None,
+                     token_chunk: int | None = None, entropy_gradient: bool = False, progress: bool | None = False,
+                     world=None) -> HeldoutResult:
+    """δĤ₁(E) = (1/B_E) Σ_n D_n(Δθ) of spec §9 at θ = ``params`` along the step ``delta``, on the evaluation batch.
+
+    params: θ (the policy's LoRA tensors). delta: the step Δθ — any dict shaped like params (funcprobe's AdamW step
+    ``decomposition.delta_theta()``, or θ_{t+1} − θ_t of a real run) — or an ``UpdateDecomposition`` (then the
+    gradient and state terms are reported too). eval_batch: E, a ``RolloutBatch`` (or the ``SampledBatch`` holding
+    it) of responses drawn from π_θ independently of the samples that built the step; G ≥ 2 draws per prompt.
+    integrand: "rao_blackwell" (default) or "sequence" (spec §2's form, for comparison).
+    seq_chunk: sequences per forward (default the policy's; whole prompts per forward when G ≤ seq_chunk, else a
+    prompt's values from a no-grad forward first). entropy_gradient: also return ĝ_E (``result.gradient``).
+    world: a ``funcprobe.distributed.World``: every rank passes the whole E and computes its contiguous shard of
+    prompts; the D_n are gathered (and ĝ_E all-reduced), so every estimate equals the single-process one.
+    Units: nats per response. Memory O(chunk): no parameter-sized tensor per sequence.
+    Pure: nothing passed in is modified.
+
+    Raises TypeError for a wrong kind of input (delta, eval_batch, policy), ValueError for a mismatched or
+    non-finite step, an unknown integrand, G < 2, or a batch the policy refuses (another temperature or tokenizer).
+    """
+    started = time.perf_counter()
+    if not isinstance(policy, Policy):
+        raise TypeError(f"delta_h1_heldout needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); got "
+                        f"{type(policy).__name__}.")
+    policy.check_params(params)
+    directions, decomposed = _directions(delta, params)
+    result = heldout_pass(params, directions, eval_batch, policy=policy, integrand=integrand, seq_chunk=seq_chunk,
+                          token_chunk=token_chunk, entropy_gradient=entropy_gradient, progress=progress,
+                          world=world)
+    return heldout_result(result, range(len(directions)), decomposed=decomposed, integrand=integrand,
+                          timings={"total_s": time.perf_counter() - started})
 
 
 # ------------------------------------------------------------------------------------------- paired with ΔĤ

@@ -331,8 +331,8 @@ def row_direction_jvp(policy, params: Mapping[str, Tensor], chunk: SequenceChunk
     sequence attends to itself), so row i's derivative is exactly its direction's (the terms ε·O(ε) vanish at 0).
 
     Returns (ℓ [T], d·∇ℓ [T], H [T] or None) as ``Policy.token_logprob_jvp``: float64, row-major over the chunk's
-    response tokens. Needs attention with a forward-mode rule (eager on the CPU). Raises ValueError when the adapter
-    cannot be tapped (:func:`unsupported_reason`).
+    response tokens. Runs under ``Policy.forward_mode_attention`` (eager attention for the jvp: SDPA and flash have
+    no forward-mode rule). Raises ValueError when the adapter cannot be tapped (:func:`unsupported_reason`).
     """
     from .logprobs import token_entropies, token_logprobs
 
@@ -364,7 +364,8 @@ def row_direction_jvp(policy, params: Mapping[str, Tensor], chunk: SequenceChunk
         return values, hidden.detach()
 
     zero = torch.zeros((), dtype=dtype, device=device)
-    values, derivative, hidden = torch.func.jvp(forward, (zero,), (torch.ones_like(zero),), has_aux=True)
+    with policy.forward_mode_attention():
+        values, derivative, hidden = torch.func.jvp(forward, (zero,), (torch.ones_like(zero),), has_aux=True)
     entropy = None
     if entropies:
         entropy = token_entropies(hidden, head.weight, head.bias, temperature=policy.temperature,

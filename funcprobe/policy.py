@@ -16,6 +16,7 @@ accumulators live on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -217,6 +218,47 @@ class Policy:
             raise ValueError("the policy's module was put back in training mode (dropout on), which makes "
                              "log-probabilities random. Call policy.module.eval().")
 
+    @contextlib.contextmanager
+    def forward_mode_attention(self) -> Iterator[None]:
+        """Attention with a forward-mode AD rule for the duration of the block: eager attention, the same function
+        as SDPA and flash attention (softmax(QKᵀ/√d + mask) V), which have no forward-mode rule (CPU SDPA, flash).
+
+        The model's attention implementation is switched with transformers' ``set_attn_implementation`` (or its
+        config field on versions without it) and restored on exit, whatever happens inside; a model already on eager
+        attention is left alone. Raises ValueError, naming the fix, for a model whose attention cannot be switched.
+        """
+        from .precision import EXACT_EAGER, _register_exact_eager
+
+        base = self.module.get_base_model()
+        config = getattr(base, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if current in (None, "eager", EXACT_EAGER):
+            yield
+            return
+        # A float64 model keeps float64 softmax in its eager attention (funcprobe.precision.exact_float64).
+        target = EXACT_EAGER if self.dtype == torch.float64 and _register_exact_eager() else "eager"
+        setter = getattr(base, "set_attn_implementation", None)
+        configs = {id(m.config): m.config for m in base.modules()
+                   if getattr(getattr(m, "config", None), "_attn_implementation", None) is not None}
+        saved = [(c, c._attn_implementation) for c in configs.values()]
+        try:
+            if setter is not None and target == "eager":
+                setter(target)
+            else:
+                for c, _ in saved:
+                    c._attn_implementation = target
+            if getattr(config, "_attn_implementation", None) != target:
+                raise ValueError(
+                    f"this model's attention ({current}) has no forward-mode derivative and could not be switched to "
+                    "eager attention for the forward-mode pass. Load the model with attn_implementation='eager' "
+                    "(load_checkpoint(..., attn_implementation='eager')).")
+            yield
+        finally:
+            if setter is not None and getattr(config, "_attn_implementation", None) != current:
+                setter(current)
+            for c, value in saved:
+                c._attn_implementation = value
+
     # ------------------------------------------------------------------------------------------------ internals
     def _final_hidden(self, params: ParamsDict, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Final hidden states [c, L', H] of the decoder at θ = params, via ``torch.func.functional_call``.
@@ -387,7 +429,8 @@ class Policy:
         the chunk's forward: memory of one forward, no per-token gradient is formed (the vocabulary projection's
         jvp rule is dh·D). ``tangent`` is keyed and shaped like ``params`` (cast to their dtype and device).
         ``entropies=True`` adds the full next-token entropies H(π_θ(·|t_<k)) from the same hidden states.
-        Needs attention with a forward-mode rule (eager attention; CPU SDPA has none).
+        Runs under :meth:`forward_mode_attention` (eager attention for the jvp: SDPA and flash have no forward-mode
+        rule), so it works on a model loaded the ordinary way.
         """
         self.check_params(params)
         token_chunk = self.token_chunk if token_chunk is None else token_chunk
@@ -402,7 +445,8 @@ class Policy:
                                     token_chunk=token_chunk, logsoftmax_dtype=self.logsoftmax_dtype)
             return values, hidden.detach()
 
-        values, derivative, hidden = torch.func.jvp(forward, (params,), (tangent,), has_aux=True)
+        with self.forward_mode_attention():
+            values, derivative, hidden = torch.func.jvp(forward, (params,), (tangent,), has_aux=True)
         entropy = None
         if entropies:
             entropy = token_entropies(hidden, head.weight, head.bias, temperature=self.temperature,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from funcprobe import Objective, Policy, delta_h1, rl_update, snis_delta_h
 from funcprobe.adam import update_decomposition
+from funcprobe.heldout import delta_h1_heldout, paired_difference
 from funcprobe.attribution import (attribute, average_ranks, jaccard, pearson, proxy_summary, spearman,
                                    token_covariance, top_fraction)
 from funcprobe.testing import random_batch, tiny_peft_model
@@ -291,10 +292,19 @@ def test_interventions_all_ones_and_all_zeros(policies, batch):
     plain = delta_h1(policy.params, batch, policy=policy, adam=adam)
     updated, _ = rl_update(policy.params, batch, policy=policy, adam=adam)
     realised = snis_delta_h(policy.params, updated, policy=policy, batch=evaluation)
+    # With E the attribution is on spec §9's footing: the prediction is δĤ₁(E) along the step taken.
+    heldout = delta_h1_heldout(policy.params, plain.step, evaluation, policy=policy)
     ones, zeros = result.interventions["ones"], result.interventions["zeros"]
-    assert ones["grad_term"] == pytest.approx(plain.grad_term, rel=1e-10, abs=0)
-    assert ones["deltaH1"] == pytest.approx(plain.deltaH1, rel=1e-10, abs=0)
+    assert result.basis == "heldout"
+    assert ones["grad_term"] == pytest.approx(heldout.grad_term, rel=1e-10, abs=0)
+    assert ones["deltaH1"] == pytest.approx(heldout.deltaH1, rel=1e-10, abs=0)
+    assert result.deltaH1 == pytest.approx(heldout.deltaH1, rel=1e-10, abs=0)
     assert ones["realised_delta_h"] == pytest.approx(realised.deltaH, rel=1e-9, abs=0)
+    paired = paired_difference(realised, heldout)
+    assert ones["paired_difference"] == pytest.approx(paired.difference, rel=1e-9, abs=1e-15)
+    assert ones["paired_se"] == pytest.approx(paired.se, rel=1e-9, abs=0)
+    assert ones["realised_reliable"] == realised.reliable
+    assert ones["ess_min_fraction"] == pytest.approx(realised.ess_min_fraction, rel=1e-12)
     # The unchanged step's own realised ΔĤ (E's values at θ shared with the interventions).
     assert result.realised_delta_h == pytest.approx(realised.deltaH, rel=1e-9, abs=0)
     assert result.realised_se == pytest.approx(realised.se, rel=1e-9, abs=0)
@@ -382,3 +392,47 @@ def test_per_group_learning_rates(policies, batch):
     assert result.grad_term == pytest.approx(reference.grad_term, rel=1e-10, abs=0)
     assert result.state_term == pytest.approx(reference.state_term, rel=1e-10, abs=0)
     assert math.isfinite(result.summary["correlations"]["pearson_cov"])
+
+
+# ------------------------------------------------------------------------------------- spec §9's footing
+@pytest.fixture(scope="module")
+def sdpa_policy():
+    model = tiny_peft_model("qwen2", dtype=torch.float64, seed=21, r=2, num_layers=1, hidden_size=16,
+                            target_modules=TARGETS, attn_implementation="sdpa")
+    return Policy.from_peft(model, logsoftmax_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("objective", [Objective(), Objective(loss_type="grpo", beta=0.04, max_grad_norm=1e-3),
+                                       Objective(loss_type="dapo", scale_rewards="none")])
+def test_heldout_footing_sums_to_the_heldout_gradient_term_on_sdpa(sdpa_policy, batch, objective):
+    """Σ a = δĤ₁(E)'s gradient term (1e-10), on a model loaded with SDPA attention (the forward-mode pass switches to
+    eager for its duration and back)."""
+    policy = sdpa_policy
+    adam = warm_state(policy.params)
+    evaluation = random_batch(4, 3, vocab_size=VOCAB, prompt_len=(2, 4), response_len=(1, 5), seed=98)
+    result = attribute(policy.params, batch, policy=policy, adam=adam, objective=objective, evaluation=evaluation)
+    heldout = delta_h1_heldout(policy.params, result.step, evaluation, policy=policy)
+    assert abs(heldout.grad_term) > 1e-9
+    assert result.grad_term == pytest.approx(heldout.grad_term, rel=1e-10, abs=0)
+    assert result.deltaH1 == pytest.approx(heldout.deltaH1, rel=1e-10, abs=0)
+    assert result.se_grad_term == pytest.approx(heldout.se_grad, rel=1e-10)
+    assert policy.module.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_heldout_footing_per_token_equals_the_naive_reference(models, policies, batch):
+    """a_{n,g,k} = c_{n,g,k} ∇ℓ_{n,g,k}·(ηP ⊙ ĝ_E) with ∇ℓ by plain autograd, one backward per token (1e-10)."""
+    policy = policies[False]
+    adam = warm_state(policy.params)
+    evaluation = random_batch(3, 3, vocab_size=VOCAB, prompt_len=(2, 4), response_len=(1, 5), seed=97)
+    result = attribute(policy.params, batch, policy=policy, adam=adam, evaluation=evaluation)
+    heldout = delta_h1_heldout(policy.params, result.step, evaluation, policy=policy, entropy_gradient=True)
+    eta_p = result.step.eta_preconditioner()
+    d = torch.cat([(eta_p[n].double() * heldout.gradient[n]).reshape(-1) for n in policy.params])
+    _, grads = naive_token_grads(models[False], policy.params, batch)
+    B, G, L = batch.input_ids.shape
+    c = batch.advantages[..., None].double() / (B * G * batch.length_norm[:, None, None].double())
+    expected = torch.zeros(B, G, L, dtype=torch.float64)
+    for (n, g, k), grad in grads.items():
+        expected[n, g, k] = c[n, g, 0] * torch.dot(d, grad)
+    assert expected.abs().max() > 1e-12
+    torch.testing.assert_close(result.token, expected, rtol=1e-10, atol=1e-16)

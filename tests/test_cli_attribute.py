@@ -65,9 +65,17 @@ def test_attribute_json_matches_delta_h1(checkpoint_dir, tmp_path, capsys):
     # Same responses (sampling does not depend on the reward); the command's rewards give its advantages.
     batch = dataclasses.replace(batch, advantages=torch.tensor(results["advantages"], dtype=torch.float64))
     assert attribution["grad_term"] != 0
+    # The command attributes on spec §9's footing: Σ a (one forward-mode pass over U along ηP⊙ĝ_E) is the held-out
+    # gradient term (reverse mode over E), and the step is the library's step on the same U.
+    assert attribution["basis"] == "heldout"
+    heldout = attribution["delta_h1_heldout"]
+    assert math.isclose(attribution["grad_term"], heldout["grad_term"], rel_tol=1e-5)
+    assert attribution["state_term"] == heldout["state_term"]
+    assert attribution["paired"]["verdict"].startswith("the step is")
     reference = delta_h1(params, batch, policy=policy, adam=adam)
-    assert math.isclose(attribution["grad_term"], reference.grad_term, rel_tol=1e-6)
-    assert math.isclose(attribution["state_term"], reference.state_term, rel_tol=1e-6)
+    step = reference.step.delta_theta()
+    gain = sum(float((reference.step.ybar[n].double() * step[n].double()).sum()) for n in step)
+    assert math.isclose(attribution["objective_gain"], gain, rel_tol=1e-6)
     texts = results["token_text"]
     assert len(texts) == 4 and all(len(seq) == batch.L for prompt in texts for seq in prompt)
 
