@@ -23,6 +23,7 @@ torch.set_num_threads(1)
 
 from funcprobe import Policy  # noqa: E402
 from funcprobe.delta_h1 import delta_h1  # noqa: E402
+from funcprobe.heldout import delta_h1_heldout  # noqa: E402
 from funcprobe.distributed import COMM, init_from_env, record_failure, shutdown  # noqa: E402
 from funcprobe.realised import crn_delta_h, snis_delta_h  # noqa: E402
 from funcprobe.sampling import gather_sampled, sample_batch  # noqa: E402
@@ -65,6 +66,12 @@ def compute(world) -> dict:
                                                 world=world).to_dict()
     out["snis_rb_global_tok"] = snis_delta_h(params, big, policy=policy, batch=batch, normalize="global",
                                              estimator="rao_blackwell", per_token=True, world=world).to_dict()
+    # δĤ₁(E) along the same step (spec §9): each rank its shard of E's prompts, the D_n gathered, ĝ_E all-reduced.
+    decomposition = delta_h1(params, batch, policy=policy, adam=adam).step
+    evaluation = random_batch(5, 3, vocab_size=VOCAB, prompt_len=(2, 4), response_len=(1, 5), seed=8)
+    heldout = delta_h1_heldout(params, decomposition, evaluation, policy=policy, entropy_gradient=True, world=world,
+                               seq_chunk=6)
+    out["heldout"] = {**heldout.to_dict(), "gradient": heldout.gradient}
     # Sampling: each rank samples its shard of prompts; the global batch is gathered.
     sampler = Policy.from_peft(tiny_peft_model("qwen2", seed=3, vocab_size=80, dtype=torch.float64),
                              logsoftmax_dtype=torch.float64)

@@ -134,6 +134,20 @@ def test_single_process_world_is_a_no_op():
 
 # ------------------------------------------------------------------------------------------------ 2 and 3 ranks
 @pytest.mark.parametrize("world", [2, 3])
+def test_heldout_equals_single_process(outputs, world):
+    """δĤ₁(E) of spec §9 on 2 and 3 ranks (B_E = 5 prompts, shards of unequal size) = 1 process to 1e-9."""
+    got, want = outputs[world]["heldout"], outputs[1]["heldout"]
+    assert want["deltaH1"] != 0 and want["grad_term"] != 0
+    for key in ("deltaH1", "se", "grad_term", "state_term", "se_grad", "se_state", "entropy", "entropy_per_token"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=0), key
+    for key in ("per_prompt", "per_prompt_grad", "per_prompt_state"):
+        torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64),
+                                   torch.tensor(want[key], dtype=torch.float64), rtol=1e-9, atol=0)
+    for name, tensor in want["gradient"].items():
+        torch.testing.assert_close(got["gradient"][name], tensor, rtol=1e-9, atol=1e-18)
+
+
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("key", ["prompt_B5", "blocks_B6"])
 def test_delta_h1_equals_single_process(outputs, world, key):
     """B=5 prompt units (not divisible by 2 or 3) and B=6 in 3 blocks of 2 (2 ranks: 2+1 blocks)."""
