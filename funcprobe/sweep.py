@@ -228,7 +228,7 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
         before = values_before(params, batch, policy=policy, logprobs=True, entropies=estimator == "rao_blackwell",
                                chunks=chunks, world=world)
         timings["before_snis"] = time.perf_counter() - start
-        forward_passes += 1  # S and, for Rao-Blackwell, the entropies: one pass (realised._values)
+        forward_passes += 1  # S and, for Rao-Blackwell, the entropies: one pass (realised.passes._values)
     if run_crn:
         start = time.perf_counter()
         crn_before = integrand_values(policy, params, batch, integrand, world=world, **chunks)

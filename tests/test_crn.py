@@ -129,7 +129,7 @@ def test_redraws_change_more_as_the_step_grows_and_few_changes_are_flagged(polic
 
 def test_a_heavy_tailed_difference_is_flagged():
     """One draw carrying most of the variance of the differences (a path switch) flags the SE as unreliable."""
-    from funcprobe.realised import CRN_MAX_TOP_SHARE, _crn_verdict
+    from funcprobe.realised.crn import CRN_MAX_TOP_SHARE, _crn_verdict
 
     calm = torch.full((4, 8), 0.01, dtype=torch.float64) + 1e-3 * torch.arange(32, dtype=torch.float64).reshape(4, 8)
     assert _crn_verdict(calm, changed_count=20, num_sequences=32)[0]
