@@ -23,8 +23,7 @@ How the vectors are formed (all accumulators on the CPU in float64, nothing para
   one backward per sequence serving both).
 * P depends on this batch's v' and hence on Ȳ, which is known only after every unit has been seen: pass 1
   accumulates ΣX, ΣY (and keeps the unit vectors when they fit the memory budget); pass 2, only when they were not
-  kept, recomputes each unit's vectors to form the per-unit scalars X_u·P·Y_u, X_u·P·ΣY, Y_u·P·ΣX and X_u·Δθ_state
-  (and X_u·Δθ₋ᵤ for ``deltaH1_loo``, the step of the other units).
+  kept, recomputes each unit's vectors to form the per-unit scalars X_u·P·Y_u, X_u·P·ΣY, Y_u·P·ΣX and X_u·Δθ_state.
   Both modes give the same numbers.
 
 With per-group learning rates (η_g differing between tensors) the gradient term uses X·(η P)·Y, which is what the
@@ -71,20 +70,18 @@ class DeltaH1Result:
     combines −η_g U_(−u) with the state term recomputed from X̄_(−u)). ``zeta1_jack`` = U·se_jack²/4, the ζ₁ that the
     jackknife variance implies (Var U_cross ≈ 4ζ₁/U), for comparison with ``zeta1_plugin``.
 
-    ``deltaH1_loo`` = −(1/U) Σ_u X_u·Δθ₋ᵤ, each unit's X against the whole AdamW step (its P, clipping and state term
-    included) that the other U − 1 units' Ȳ₋ᵤ = (ΣY − Y_u)/(U − 1) would make. For a P that does not depend on the
-    batch (and no clipping) it equals ``deltaH1`` exactly (Σ_u X_u·P·Ȳ₋ᵤ/U is the U-statistic); while AdamW is young
-    (the batch's Ȳ² a large part of v′, about 1/t of it) ``deltaH1``'s U-statistic no longer removes the same-sample
-    terms through P and is biased — wrong sign at t = 0, −14 % at t = 3, −3 % at t = 30 on an enumerable policy — while
-    this form stays unbiased (≤ 1 %; bench/young_adam_bias.py, bench/RESULTS.md). It has no SE of its own yet: read
-    ``se_deltaH1`` as its scale.
+    What it estimates: the first-order change expected over update batches, E_U[∇H·Δθ(U)] — and only once the
+    optimizer state no longer depends on the batch. While AdamW is young the batch's own Ȳ² is a large part of v′
+    (about 1/t of it), P depends on the samples the X_u come from, and the cross-unit pairing no longer removes the
+    same-sample terms: on an enumerable policy the gradient term has the wrong sign at t = 0 and is −30 % at t = 3,
+    −7 % at t = 30 (tests/test_heldout_exact.py). The first-order change of THIS step, unbiased at any optimizer age,
+    is ``funcprobe.delta_h1_heldout`` on an evaluation batch (spec §9), the probe's headline.
     """
 
     deltaH1: float
     grad_term: float
     state_term: float
     deltaH1_plugin: float
-    deltaH1_loo: float
     seed_deltaH1: float
     U_cross: float
     bars_dot: float
@@ -145,7 +142,6 @@ class DeltaH1Result:
             ("  grad_term", self.grad_term, self.se_grad_jack),
             ("  state_term", self.state_term, None),
             ("deltaH1_plugin", self.deltaH1_plugin, None),
-            ("deltaH1_loo (LOO step)", self.deltaH1_loo, None),
             ("seed_deltaH1 (−lr·U)", self.seed_deltaH1, None),
             ("U_cross", self.U_cross, self.se_jack),
             ("bars_dot X̄·P·Ȳ", self.bars_dot, None),
@@ -549,8 +545,8 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
 
     world: a ``funcprobe.distributed.World`` (issue 6). Every rank passes the whole batch and computes only its
     contiguous shard of units (``shard_prompts(U, rank, size)``; a block never straddles ranks); ΣX, ΣY are
-    all-reduced in float64, P, η_g and Δθ_state come from the global Ȳ (identical on every rank), and the 8 per-unit
-    scalars are computed locally against the global sums and all-gathered (U·8 float64 — no unit vector is sent).
+    all-reduced in float64, P, η_g and Δθ_state come from the global Ȳ (identical on every rank), and the 7 per-unit
+    scalars are computed locally against the global sums and all-gathered (U·7 float64 — no unit vector is sent).
     Every estimate field then equals the single-process one up to float64 rounding of the sums; ``timings``,
     ``peak_memory_*``, ``chunk_peak_bytes`` and the pass counts (``forward_passes``, ``backward_passes``,
     ``sequences_forwarded``) are this rank's own. ``store_unit_vectors="auto"`` budgets for this rank's units.
@@ -634,13 +630,6 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     local = len(my_units)
     scalars = {key: torch.zeros(3, local, dtype=torch.float64) for key in weights}
     state_dots = torch.zeros(local, dtype=torch.float64)
-    loo_dots = torch.full((local,), math.nan, dtype=torch.float64)
-
-    def loo_step(y_unit):
-        """Δθ of the step the other U − 1 units would make (spec §4 on Ȳ₋ᵤ), float64 CPU."""
-        ybar_minus = {n: (sum_y[n] - y_unit[n].to(sum_y[n].dtype)) / (U - 1) for n in sum_y}
-        return _cpu64(update_decomposition(params, ybar_minus, adam, lr=lr,
-                                           max_grad_norm=objective.max_grad_norm).delta_theta())
 
     def recomputed():
         for vectors in unit_stream():
@@ -655,13 +644,11 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
             scalars[key][1, unit] = _dot(x_unit, weighted_sum_y[key])
             scalars[key][2, unit] = _dot(y_unit, weighted_sum_x[key])
         state_dots[unit] = _dot(x_unit, delta_state)
-        loo_dots[unit] = _dot(x_unit, loo_step(y_unit))
-    if world.distributed:  # the 8 per-unit scalars of every rank, in global unit order: [U, 8]
-        rows = torch.cat([scalars["plain"].T, scalars["eta"].T, state_dots[:, None], loo_dots[:, None]], dim=1)
+    if world.distributed:  # the 7 per-unit scalars of every rank, in global unit order: [U, 7]
+        rows = torch.cat([scalars["plain"].T, scalars["eta"].T, state_dots[:, None]], dim=1)
         rows = gather_rows(world, rows, unit_counts, "δH₁ all_gather of the per-unit scalars")
         scalars = {"plain": rows[:, 0:3].T.contiguous(), "eta": rows[:, 3:6].T.contiguous()}
         state_dots = rows[:, 6].contiguous()
-        loo_dots = rows[:, 7].contiguous()
     timings["pass2_s"] = time.perf_counter() - phase
 
     plain = ustatistic_summary(_dot(sum_x, weighted_sum_y["plain"]), *scalars["plain"])
@@ -676,7 +663,6 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     timings["total_s"] = time.perf_counter() - started
     return DeltaH1Result(
         deltaH1=delta, grad_term=grad_term, state_term=state_term, deltaH1_plugin=plugin_grad + state_term,
-        deltaH1_loo=-float(loo_dots.mean()),
         seed_deltaH1=-(lr_used if lr_used is not None else math.nan) * plain.value, U_cross=plain.value,
         bars_dot=bars_dot, diag_sum=float(scalars["plain"][0].sum()), eta_g=eta_g, lr=lr_used,
         clip_coef=decomposition.clip_coef, n_units=U, units="prompt" if units == "prompt" else f"blocks:{units}",
