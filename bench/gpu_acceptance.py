@@ -11,7 +11,8 @@ configuration runs in a fresh process:
 1. ``funcprobe.memory.plan_for_policy`` chooses seq_chunk, token_chunk, prompt_chunk and the store mode for a 40 GB
    budget (the seed's card; ``--budget``) and predicts each phase's peak;
 2. each phase runs with those settings, ``torch.cuda.reset_peak_memory_stats`` before and
-   ``torch.cuda.max_memory_allocated`` after: sampling (``sample_batch``), δH₁ (``delta_h1``), the realised change
+   ``torch.cuda.max_memory_allocated`` after: sampling (``sample_batch``), δH₁ (``delta_h1``), δĤ₁(E)
+   (``delta_h1_heldout`` along δH₁'s step, with the model's SDPA attention; no planner phase yet), the realised change
    (``snis_delta_h`` — on the update batch itself here, which has the evaluation batch's shape; memory and time do
    not depend on which batch it is), and the plain step;
 3. the plain step is what a trainer does for the same batch: the PEFT module's forward (``logits_to_keep``: the
@@ -194,6 +195,14 @@ def run_config(B: int, G: int, new_tokens: int, *, smoke: bool, budget_bytes: in
             device, tracker, lambda: plain_step(peft_model, batch, plan.seq_chunk, device))
         prediction, seconds["delta_h1"], measured["delta_h1"] = _phase(device, tracker, lambda: delta_h1(
             params, batch, policy=policy, adam=adam, store_unit_vectors=plan.store_unit_vectors))
+        # δĤ₁(E) (spec §9) along the step, reverse mode with the model's own (SDPA) attention — on the update batch
+        # here, which has the evaluation batch's shape (time and memory do not depend on which batch it is).
+        from funcprobe.heldout import delta_h1_heldout
+
+        heldout, seconds["heldout"], measured["heldout"] = _phase(device, tracker, lambda: delta_h1_heldout(
+            params, prediction.step, batch, policy=policy))
+        result["deltaH1_heldout"] = heldout.deltaH1
+        result["ratio_heldout_to_plain_step"] = seconds["heldout"] / seconds["plain_step"]
         new_params, _ = apply_step(params, adam, prediction.step)
         _, seconds["delta_h"], measured["delta_h"] = _phase(device, tracker, lambda: snis_delta_h(
             params, new_params, policy=policy, batch=batch, in_sample=True))
@@ -215,7 +224,8 @@ def table(results: list[dict]) -> str:
     lines = [f"| B | G | new tokens | seq_chunk / token_chunk / prompt_chunk / store | phase | predicted | measured "
              f"({unit}) | measured / predicted | planner total | wall s |",
              "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
-    names = {"sampling": "sampling", "delta_h1": "delta_h1_pass1", "delta_h": "delta_h", "plain_step": None}
+    names = {"sampling": "sampling", "delta_h1": "delta_h1_pass1", "heldout": None, "delta_h": "delta_h",
+             "plain_step": None}
     for r in results:
         settings = f"{r['seq_chunk']} / {r['token_chunk']} / {r['prompt_chunk']} / {'stored' if r['store_unit_vectors'] else 'recomputed'}"
         for phase, planned in names.items():
@@ -237,7 +247,8 @@ def table(results: list[dict]) -> str:
         ratio = r.get("ratio_delta_h1_to_plain_step")
         lines.append(f"- B={r['B']}, G={r['G']}, {r['new_tokens']} new tokens: "
                      + (f"δH₁ / plain step = {ratio:.2f} ({r['seconds']['delta_h1']:.1f} s / "
-                        f"{r['seconds']['plain_step']:.2f} s); mean response {r['mean_response_tokens']:.0f} tokens; "
+                        f"{r['seconds']['plain_step']:.2f} s); δĤ₁(E) / plain step = "
+                        f"{r['ratio_heldout_to_plain_step']:.2f}; mean response {r['mean_response_tokens']:.0f} tokens; "
                         f"budget {r['budget_bytes'] / 1e9:.0f} GB"
                         if ratio is not None else r["status"]))
     return "\n".join(lines)

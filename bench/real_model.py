@@ -29,6 +29,10 @@ Measured (each a ratio of two calls in this process):
     ``logits_to_keep`` = the response span). θ⁺ = ``apply_step`` of δH₁'s step. Also without ``before=`` (both θ
     and θ⁺ evaluated: two forwards by necessity).
 
+(d) δĤ₁(E): ``delta_h1_heldout(θ, step, E)`` (spec §9, Rao-Blackwell integrand, reverse mode with SDPA attention)
+    along δH₁'s step / one plain training step's gradient work on E (as in (b), on E's B·G sequences). Also the
+    sequence integrand, for its SE.
+
 The script checks that δH₁ agrees between its chunkings and exits 1 if not.
 """
 
@@ -64,7 +68,7 @@ SHORT = dict(B=4, G=4, new=24)
 LONG = dict(B=3, G=8, new=256)
 QUICK_SHORT = dict(B=3, G=2, new=6)
 QUICK_LONG = dict(B=3, G=4, new=16)
-TARGETS = {"sampling": 1.0, "delta_h1": 2.0, "delta_h1_long": 2.0, "snis": 1.15}
+TARGETS = {"sampling": 1.0, "delta_h1": 2.0, "delta_h1_long": 2.0, "snis": 1.15, "heldout": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------------- setup
@@ -250,8 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine more threads than free cores make "
                         "OpenMP spin and wall times erratic)")
-    parser.add_argument("--only", default="sampling,delta_h1,long,snis",
-                        help="comma-separated parts: sampling, delta_h1, long, snis")
+    parser.add_argument("--only", default="sampling,delta_h1,long,snis,heldout",
+                        help="comma-separated parts: sampling, delta_h1, long, snis, heldout")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
     parser.add_argument("--profile", action="store_true", help="print a torch profile of each funcprobe call")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
             results["profiles"]["generate"] = profile_top(hf_sample, "generate", 15, log)
 
     # (b) δH₁ at the short shape
-    if "delta_h1" in parts or "snis" in parts:
+    if "delta_h1" in parts or "snis" in parts or "heldout" in parts:
         batch = sample(prompts, answers, 0).batch
         log(f"(b) δH₁, B={short['B']} G={short['G']} new={short['new']}: batch L={batch.L}, "
             f"{int(batch.response_lengths.sum())} response tokens")
@@ -385,6 +389,28 @@ def main(argv=None) -> int:
                 params, new_params, policy=policy, batch=evaluation, before=before), "snis (before given)", 15, log)
             results["profiles"]["plain_forward"] = profile_top(lambda: plain_forward(model, evaluation),
                                                                "plain forward", 15, log)
+
+    # (d) δĤ₁(E): the held-out first-order change along the step, against one plain training step on E
+    if "heldout" in parts:
+        from funcprobe.heldout import delta_h1_heldout
+
+        if "snis" not in parts:
+            evaluation = sample(eval_prompts, eval_answers, 1).batch
+        step = outcome["default"].step
+        got = {}
+        times = round_robin({
+            "heldout": lambda: got.__setitem__("rb", delta_h1_heldout(params, step, evaluation, policy=policy)),
+            "heldout sequence": lambda: got.__setitem__("seq", delta_h1_heldout(
+                params, step, evaluation, policy=policy, integrand="sequence")),
+            "plain step": lambda: plain_step(model, evaluation)}, repeats, log)
+        record("heldout", "δĤ₁(E) / plain fwd+bwd of E", times["heldout"], times["plain step"],
+               f"E: B={evaluation.B}, G={evaluation.G}, {short['new']} new tokens (L={evaluation.L})",
+               f"passes {got['rb'].forward_passes} F / {got['rb'].backward_passes} B; δĤ₁(E) "
+               f"{got['rb'].deltaH1:.4e} ± {got['rb'].se:.2e}, sequence integrand {got['seq'].deltaH1:.4e} ± "
+               f"{got['seq'].se:.2e}")
+        if args.profile:
+            results["profiles"]["heldout"] = profile_top(lambda: delta_h1_heldout(params, step, evaluation,
+                                                                                  policy=policy), "heldout", 15, log)
 
     # (b') δH₁ at the long-response shape
     if "long" in parts:

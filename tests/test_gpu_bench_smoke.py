@@ -22,6 +22,6 @@ def test_gpu_script_smoke_on_the_cpu(tmp_path):
     text = table.read_text()
     assert "CPU smoke, reduced shapes" in text
     phases = [line.split("|")[5].strip() for line in text.splitlines() if line.startswith("| 3 | 2 | 4 |")]
-    assert phases == ["sampling", "delta h1", "delta h", "plain step"]
+    assert phases == ["sampling", "delta h1", "heldout", "delta h", "plain step"]
     assert "δH₁ / plain step = " in text
     assert results.read_bytes() == before  # a smoke run never appends to RESULTS.md
