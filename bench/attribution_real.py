@@ -1,18 +1,22 @@
-"""Token attribution (spec §8) on the real SmolLM2-135M-Instruct: wall time against δH₁, correlations with the
-proxies, and the intervention table.
+"""Token attribution on the real SmolLM2-135M-Instruct (spec §8 on §9's footing): wall time against the probe's
+prediction, correlations with the proxies, and the intervention table.
 
-    python bench/attribution_real.py                    # B=8, G=4, 24 new tokens, 3 timing repeats
+    python bench/attribution_real.py                    # U 8×4, E 16×4, 24 new tokens, 3 timing repeats
     python bench/attribution_real.py --B 4 --G 4 --repeats 1 --json out.json
 
-Setup (everything offline, CPU): the model from ``funcprobe.models.smollm2_135m()`` loaded with eager attention
-(forward-mode AD needs it) in float32 with a float64 log-softmax; a LoRA adapter r=8 on q/k/v/o whose B matrices are
+Setup (everything offline, CPU): the model from ``funcprobe.models.smollm2_135m()`` loaded as a user loads it (SDPA
+attention; the forward-mode pass switches to eager for its duration) in float32 with a float64 log-softmax; a LoRA adapter r=8 on q/k/v/o whose B matrices are
 set to 0.02·N(0,1) (seeded: PEFT's B = 0 would make the entropy gradient of A vanish); a fresh AdamW state
 (t = 0, lr 1e-5, weight decay 0). Prompts: "a+b=" arithmetic through the chat template; reward 1 for the exact
 answer + 0.5 × the fraction of digit characters (``funcprobe.demo.demo_reward``), Dr. GRPO advantages. Update batch
-seed 0, evaluation batch (same prompts count, other prompts) seed 1.
+U (``--B`` prompts) seed 0, evaluation batch E (``--eval-B`` other prompts, twice U's by default as in ``make demo``)
+seed 1.
 
-Timing: ``delta_h1`` (stored unit vectors) and ``attribute`` (no interventions) alternate ``--repeats`` times after a
-warm-up; medians. Then one ``attribute`` with the interventions and the evaluation batch gives the table.
+Timing: the probe's prediction — ``delta_h1`` on U (the U-statistic and the step's Ȳ, stored unit vectors) then
+``delta_h1_heldout`` on E along that step — against ``attribute(U, evaluation=E)`` without interventions (its own Ȳ,
+ĝ_E, the forward-mode pass over U and the realised ΔĤ of the step on E), alternating ``--repeats`` times after a
+warm-up; medians (target attribute / prediction ≤ 1.5). Then one ``attribute`` with the interventions gives the
+table.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--G", type=int, default=4)
+    parser.add_argument("--eval-B", type=int, default=None, help="prompts of E (default 2·B)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -48,13 +53,14 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from funcprobe import AdamState, Policy, attribute, delta_h1
+    from funcprobe.heldout import delta_h1_heldout
     from funcprobe.demo import arithmetic_prompts, demo_reward
     from funcprobe.models import smollm2_135m
     from funcprobe.sampling import sample_batch
 
     folder = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                           "o_proj"]))
     generator = torch.Generator().manual_seed(0)
@@ -66,28 +72,33 @@ def main(argv=None) -> dict:
     params = policy.params
     adam = AdamState.zeros(params, lr=1e-5, weight_decay=0.0)
 
-    def batch_of(seed):
-        prompts, answers = arithmetic_prompts(args.B, seed=100 + seed)
+    def batch_of(seed, count):
+        prompts, answers = arithmetic_prompts(count, seed=100 + seed)
         chat = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                               add_generation_prompt=True) for p in prompts]
         return sample_batch(policy, params, chat, G=args.G, reward_fn=demo_reward, max_new_tokens=args.max_new_tokens,
                             seed=seed, tokenizer=tokenizer, meta={"answers": answers}).batch
 
     started = time.perf_counter()
-    batch, evaluation = batch_of(0), batch_of(1)
+    batch, evaluation = batch_of(0, args.B), batch_of(1, args.eval_B or 2 * args.B)
     sampling_s = time.perf_counter() - started
     print(f"sampled in {sampling_s:.1f} s", file=sys.stderr, flush=True)
-    delta_h1(params, batch, policy=policy, adam=adam, store_unit_vectors=True)  # warm-up
-    times = {"delta_h1": [], "attribute": []}
+    def predict():
+        prediction = delta_h1(params, batch, policy=policy, adam=adam, store_unit_vectors=True)
+        return prediction, delta_h1_heldout(params, prediction.step, evaluation, policy=policy)
+
+    predict()  # warm-up
+    attribute(params, batch, policy=policy, adam=adam, evaluation=evaluation)
+    times = {"prediction": [], "attribute": []}
     for _ in range(args.repeats):
         start = time.perf_counter()
-        reference = delta_h1(params, batch, policy=policy, adam=adam, store_unit_vectors=True)
-        times["delta_h1"].append(time.perf_counter() - start)
+        reference, heldout = predict()
+        times["prediction"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        result = attribute(params, batch, policy=policy, adam=adam)
+        result = attribute(params, batch, policy=policy, adam=adam, evaluation=evaluation)
         times["attribute"].append(time.perf_counter() - start)
-        print(f"delta_h1 {times['delta_h1'][-1]:.1f} s, attribute {times['attribute'][-1]:.1f} s", file=sys.stderr,
-              flush=True)
+        print(f"prediction {times['prediction'][-1]:.1f} s, attribute {times['attribute'][-1]:.1f} s "
+              f"({ {k: round(v, 1) for k, v in result.timings.items()} })", file=sys.stderr, flush=True)
     medians = {k: statistics.median(v) for k, v in times.items()}
     full = attribute(params, batch, policy=policy, adam=adam, evaluation=evaluation,
                      interventions={"plain": torch.ones(batch.input_ids.shape), "clip_cov_0.2%": ("clip_cov", 0.002),
@@ -95,10 +106,13 @@ def main(argv=None) -> dict:
                                     "positive_only": "positive_only"})
     out = {
         "B": batch.B, "G": batch.G, "tokens": int(batch.response_mask.sum()), "sampling_s": sampling_s,
-        "delta_h1_s": medians["delta_h1"], "attribute_s": medians["attribute"],
-        "ratio": medians["attribute"] / medians["delta_h1"], "times": times,
-        "grad_term": result.grad_term, "delta_h1_grad_term": reference.grad_term,
-        "sum_rel_diff": abs(result.grad_term - reference.grad_term) / abs(reference.grad_term),
+        "eval_B": evaluation.B, "prediction_s": medians["prediction"], "attribute_s": medians["attribute"],
+        "ratio": medians["attribute"] / medians["prediction"], "times": times,
+        "attribute_timings": result.timings,
+        "grad_term": result.grad_term, "heldout_grad_term": heldout.grad_term,
+        "sum_rel_diff": abs(result.grad_term - heldout.grad_term) / abs(heldout.grad_term),
+        "ustatistic_deltaH1": reference.deltaH1, "heldout_deltaH1": heldout.deltaH1, "heldout_se": heldout.se,
+        "realised": result.realised_delta_h, "realised_se": result.realised_se, "paired": result.paired,
         "deltaH1": full.deltaH1, "state_term": full.state_term,
         "summary": full.summary, "interventions": full.interventions,
     }
