@@ -10,7 +10,7 @@ v = (1 − β₂^t)·v₀, v₀ the mean Ȳ² of pilot batches; t = 0: v = 0) an
 truth is the exact first-order change of that step, ∇H·Δθ (∇H exact, H the pool mean of sequence entropies).
 
 Rows per t: δĤ₁(E) with the Rao-Blackwell and the sequence integrand; for comparison δH₁'s gradient term
-−η_g U_cross(P) (spec §5, on U itself), deltaH1_loo's leave-one-unit-out step (on U) and the Rao-Blackwell D_n
+−η_g U_cross(P) (spec §5, on U itself), the retired deltaH1_loo's leave-one-unit-out step (on U) and the Rao-Blackwell D_n
 evaluated on U itself instead of E (what independence buys). Columns: bias = mean(estimate − truth) in units of
 |mean truth|, its z (over the Monte-Carlo SE), the spread sd(estimate − truth) and, where the estimator reports an
 SE, calibration = spread / rms(SE) (1 = the SE is right).
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         ustat = hx.u_statistic(b["X"], b["Y"], b["P"], b["eta_g"])
         rows.append(_row("δH₁ grad term −η_g U_cross (on U)", ustat - truth, scale))
         loo = hx.leave_one_unit_out(b["X"], b["Y"], t, data, b["eta_g"])
-        rows.append(_row("deltaH1_loo step (on U)", loo - truth, scale))
+        rows.append(_row("leave-one-unit-out step (on U; the retired deltaH1_loo)", loo - truth, scale))
         own = hx.heldout_lookup(data, b["delta"], b["u_prompt"], b["u_response"])["rao_blackwell"]
         rows.append(_row("Rao-Blackwell D_n on U itself", own["value"] - truth, scale, own["se"]))
         ages[t] = dict(mean_truth=float(truth.mean()), eta_g=b["eta_g"], rows=rows,
