@@ -73,8 +73,8 @@ class DeltaH1Result:
     What it estimates: the first-order change expected over update batches, E_U[∇H·Δθ(U)] — and only once the
     optimizer state no longer depends on the batch. While AdamW is young the batch's own Ȳ² is a large part of v′
     (about 1/t of it), P depends on the samples the X_u come from, and the cross-unit pairing no longer removes the
-    same-sample terms: on an enumerable policy the gradient term has the wrong sign at t = 0 and is −30 % at t = 3,
-    −7 % at t = 30 (tests/test_heldout_exact.py). The first-order change of THIS step, unbiased at any optimizer age,
+    same-sample terms: on an enumerable policy the gradient term was off by 26× the step's first-order change at
+    t = 0 and missed 55 % of it at t = 3 (bench/heldout_exact.py; asserted in tests/test_heldout_exact.py). The first-order change of THIS step, unbiased at any optimizer age,
     is ``funcprobe.delta_h1_heldout`` on an evaluation batch (spec §9), the probe's headline.
     """
 
