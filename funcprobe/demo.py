@@ -22,15 +22,13 @@ from pathlib import Path
 import torch
 
 from .adam import AdamState
-from .delta_h1 import delta_h1
+from .pipeline import Chunking, EstimateConfig, measure
 from .policy import Policy
-from .realised import crn_delta_h, snis_delta_h
-from .report import format_report, plot_lr_sweep, summary, versions, write_json
+from .report import plot_lr_sweep, summary, versions, write_json
 from .rewards import answer_match
 from .sampling import sample_batch
-from .sweep import lr_sweep
 from .testing import char_tokenizer, tiny_peft_model
-from .update import apply_step, rl_update
+from .update import rl_update
 
 __all__ = ["DemoConfig", "WarmedPolicy", "arithmetic_prompts", "demo_reward", "warmed_policy", "run_demo"]
 
@@ -132,15 +130,13 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
                         meta={"answers": eval_answers})
     echo(f"evaluation batch: B={evaluation.batch.B} prompts × G={evaluation.batch.G} responses (independent draws)")
 
-    prediction = delta_h1(params, batch, policy=policy, adam=adam, seq_chunk=1, progress=progress)
-    new_params, _ = apply_step(params, adam, prediction.step)
-    realised = {"crn": crn_delta_h(params, new_params, policy=policy, sample=evaluation),
-                "snis": snis_delta_h(params, new_params, policy=policy, batch=evaluation.batch)}
-    in_sample = snis_delta_h(params, new_params, policy=policy, batch=batch, in_sample=True)
-    etas = [factor * config.lr for factor in config.eta_factors]
-    sweep = lr_sweep(params, evaluation, policy=policy, step=prediction.step, etas=etas, prediction=prediction,
-                     method="both", progress=progress)
-    echo("\n" + format_report(prediction, realised, sweep, in_sample=in_sample, details=True))
+    etas = tuple(factor * config.lr for factor in config.eta_factors)
+    measured = measure(params, batch, evaluation, policy=policy, adam=adam,
+                       estimate=EstimateConfig(realised="both", in_sample=True, etas=etas),
+                       chunks=Chunking(delta_h1_seq_chunk=1), progress=progress, echo=echo)
+    prediction, realised, in_sample, sweep = (measured.prediction, measured.realised, measured.in_sample,
+                                              measured.sweep)
+    echo("\n" + measured.report(details=True))
 
     results = {"config": config.__dict__ | {"eta_factors": list(config.eta_factors)},
                "versions": versions(), "summary": summary(prediction, realised, in_sample),

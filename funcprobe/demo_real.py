@@ -17,7 +17,7 @@ then probed with ``funcprobe probe`` exactly as a user would probe their own run
    and ``trainer_config.json`` (the run's GRPOConfig fields, which the probe reads with ``--trainer-config``, so it
    predicts the step this trainer takes).
 3. **The probe**: ``funcprobe probe OUT/checkpoint-N --trainer-config OUT/trainer_config.json --reward
-   funcprobe.demo_real:arithmetic_reward …`` through the command's own code path (``cli.run_probe``): the update batch
+   funcprobe.demo_real:arithmetic_reward …`` through the command's own pipeline (``pipeline.run_probe``): the update batch
    U (B prompts of the pool × G responses from the checkpoint's policy), δH₁ with its standard errors, the AdamW step
    of that batch, the realised ΔĤ on an independent evaluation batch E, the learning-rate sweep ΔĤ(η) beside
    (η/lr)·δH₁ and its plot, and ``results.json``.
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RealDemoConfig", "arithmetic_pool", "arithmetic_reward", "trainer_config", "train", "TrainedRun",
-           "probe_argv", "run_real_demo", "SYSTEM_PROMPT"]
+           "probe_argv", "probe_config", "run_real_demo", "SYSTEM_PROMPT"]
 
 #: The system message of every prompt: a short one keeps the prompts short (the model's default system prompt,
 #: inserted by its chat template when there is none, is 20 tokens longer).
@@ -300,11 +300,17 @@ def _short(prompt: str, limit: int = 60) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ probing
+def _etas(config: RealDemoConfig) -> tuple[float, ...]:
+    """The sweep's learning rates, as the printed command line writes them (6 significant digits)."""
+    return tuple(float(f"{factor * config.lr:.6g}") for factor in config.eta_factors)
+
+
 def probe_argv(config: RealDemoConfig, run: TrainedRun, out: str | Path, *, plot: bool = True,
                quiet: bool = False) -> list[str]:
-    """The ``funcprobe probe`` command line the demo runs on the trained checkpoint (printed, so it can be rerun)."""
+    """The ``funcprobe probe`` command line of the demo's probe (printed, so it can be rerun): it builds the same
+    config as :func:`probe_config`."""
     out = Path(out)
-    etas = ",".join(f"{factor * config.lr:.6g}" for factor in config.eta_factors)
+    etas = ",".join(f"{eta:.6g}" for eta in _etas(config))
     argv = ["probe", str(run.checkpoint), "--trainer-config", str(run.trainer_config), "--reward", REWARD_SPEC,
             "-B", str(config.B), "--eval-B", str(config.eval_B), "--eval-G", str(config.eval_G),
             "--seed", str(config.seed), "--eta-sweep", etas, "--out", str(out / "results.json")]
@@ -315,13 +321,36 @@ def probe_argv(config: RealDemoConfig, run: TrainedRun, out: str | Path, *, plot
     return argv
 
 
+def probe_config(config: RealDemoConfig, run: TrainedRun, out: str | Path, *, plot: bool = True):
+    """The demo's probe of the trained checkpoint as a ``ProbeConfig`` (what :func:`probe_argv`'s command line
+    resolves to): the run's trainer config (the objective, G, the budget), -B, the evaluation batch, the sweep."""
+    from .probe_config import (BatchConfig, EstimateConfig, OutputConfig, ProbeConfig, StepConfig, derive_seed,
+                               settle_sizes)
+    from .trainer_config import read_trainer_config, trainer_settings
+
+    out = Path(out)
+    settings = trainer_settings(read_trainer_config(run.trainer_config), source=str(run.trainer_config))
+    sizes, sources = settle_sizes(settings, B=config.B)
+    sources.update(eval_B="flag", eval_G="flag")
+    return ProbeConfig(
+        checkpoint=str(run.checkpoint), sources=sources,
+        batch=BatchConfig(B=sizes["B"], G=sizes["G"], eval_B=config.eval_B, eval_G=config.eval_G, seed=config.seed,
+                          eval_seed=derive_seed(config.seed, "evaluation"), max_new_tokens=sizes["max_new_tokens"],
+                          temperature=sizes["temperature"], rewards=(REWARD_SPEC,)),
+        step=StepConfig(objective=settings.objective, trainer_settings=settings),
+        estimate=EstimateConfig(etas=_etas(config)),
+        output=OutputConfig(out=str(out / "results.json"), plot=str(out / "sweep.png") if plot else None))
+
+
 def run_real_demo(config: RealDemoConfig = RealDemoConfig(), *, out_dir: str | Path = "runs/demo", plot: bool = True,
                   progress: bool | None = None, echo=print, model_dir: str | Path | None = None) -> dict:
     """Train (:func:`train`) into ``out_dir/run``, then probe the checkpoint with the ``funcprobe probe`` command's
-    own code path; print every stage; write ``out_dir/results.json`` (and ``sweep.png``). Returns the probe's
-    results dict with ``training`` (the run's log) and ``demo`` (config, timings) added."""
-    from .cli import parse_args, run_probe
+    own pipeline (``pipeline.run_probe`` on :func:`probe_config`, the config of the printed command line); print
+    every stage; write ``out_dir/results.json`` (and ``sweep.png``). Returns the probe's results dict with
+    ``training`` (the run's log) and ``demo`` (config, timings) added."""
     from .models import smollm2_135m
+    from .pipeline import run_probe
+    from .report import write_probe_outputs
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -334,23 +363,21 @@ def run_real_demo(config: RealDemoConfig = RealDemoConfig(), *, out_dir: str | P
     trained_s = time.perf_counter() - started
     argv = probe_argv(config, run, out_dir, plot=plot, quiet=progress is False)
     echo(f"\n[3/3] probing the checkpoint as a user would:\n  funcprobe {' '.join(argv)}\n")
-    args = parse_args(argv)
-    results = run_probe(args, progress=progress, echo=echo)
+    probe = probe_config(config, run, out_dir, plot=plot)
+    probed = run_probe(probe, progress=progress, echo=echo)
+    results = probed.results
     results["training"] = {"log_history": run.log_history, "checkpoint": run.checkpoint,
                            "lora_A_norm": run.lora_A_norm, "lora_B_norm": run.lora_B_norm, "seconds": run.seconds}
     total = time.perf_counter() - started
     results["demo"] = {"config": config.to_dict(), "probe_command": ["funcprobe", *argv],
                        "seconds": {"model_and_training": trained_s, "probe": total - trained_s, "total": total}}
-    if args.out is not None:
-        from .report import write_json
-
-        write_json(args.out, results)
-    echo(_reading_guide(results))
+    write_probe_outputs(results, probed.measurements.sweep, out=probe.output.out, plot=probe.output.plot, echo=echo)
+    echo(_reading_guide(results, plot=probe.output.plot))
     echo(f"\ndemo finished in {total:.0f} s (model + training {trained_s:.0f} s, probe {total - trained_s:.0f} s)")
     return results
 
 
-def _reading_guide(results: dict) -> str:
+def _reading_guide(results: dict, *, plot: str | None = None) -> str:
     """A few lines on how to read the numbers just printed."""
     s = results["summary"]
     lines = ["\nHow to read this: δH₁ is the first-order prediction of how much the policy's entropy (nats per "
@@ -370,6 +397,6 @@ def _reading_guide(results: dict) -> str:
     if results.get("lr_sweep") is not None:
         lines.append("The sweep repeats the measurement for the same step direction at other learning rates η: in the "
                      "first-order regime ΔĤ(η) follows the line (η/lr)·δH₁ (a curve on the plot's log η axis); where "
-                     "it bends away, the step is too large for a first-order prediction." + (" Plot: " + results["config"]["plot"]
-                                                                  if results["config"].get("plot") else ""))
+                     "it bends away, the step is too large for a first-order prediction."
+                     + (" Plot: " + plot if plot else ""))
     return "\n".join(line for line in lines if line)

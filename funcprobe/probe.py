@@ -30,7 +30,7 @@ from .delta_h1 import DeltaH1Result, delta_h1
 from .objective import Objective
 from .policy import Policy
 from .realised import CRNResult, SNISResult, crn_delta_h, snis_delta_h
-from .sweep import METHODS, LRSweepResult, lr_sweep
+from .sweep import METHODS, LRSweepResult, lr_sweep, realised_changes
 from .update import apply_step, rl_update, update_direction
 
 __all__ = ["Probe"]
@@ -119,12 +119,9 @@ class Probe:
         ``options`` may hold ``snis={...}`` and ``crn={...}``, each method's keyword arguments."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
-        out: dict[str, SNISResult | CRNResult] = {}
-        if method in ("crn", "both"):
-            out["crn"] = self.crn_delta_h(params, update, eval_sample, **options.get("crn", {}))
-        if method in ("snis", "both"):
-            out["snis"] = self.snis_delta_h(params, update, eval_sample, **options.get("snis", {}))
-        return out
+        self._evaluation(eval_sample, "crn_delta_h" if method in ("crn", "both") else "snis_delta_h")
+        return realised_changes(params, update, eval_sample, method=method, policy=self.policy,
+                                snis=options.get("snis"), crn=options.get("crn"), **self._chunks())
 
     def in_sample_delta_h(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor], **options) -> SNISResult:
         """SNIS on the update batch itself: a *biased diagnostic* (labelled ``in_sample``), never the realised

@@ -22,7 +22,7 @@ import torch
 from .formatting import fmt
 
 __all__ = ["summary", "summary_table", "format_report", "plot_lr_sweep", "versions", "peak_memory",
-           "reset_peak_memory", "to_jsonable", "write_json"]
+           "reset_peak_memory", "to_jsonable", "write_json", "write_probe_outputs"]
 
 
 # ------------------------------------------------------------------------------------------------------ the summary
@@ -238,6 +238,16 @@ def write_json(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
     partial.write_text(text + "\n", encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def write_probe_outputs(results: Mapping[str, Any], sweep=None, *, out=None, plot=None, echo=print) -> None:
+    """Write a probe run's results JSON to ``out`` and the sweep's plot (:func:`plot_lr_sweep`) to ``plot`` (each
+    when not None), echoing each path written."""
+    if out is not None:
+        echo(f"\nwrote {write_json(out, results)}")
+    if plot is not None:
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        echo(f"wrote {plot_lr_sweep(sweep, plot)}")
 
 
 # ----------------------------------------------------------------------------------------------------------- plots

@@ -36,17 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from .batch import RolloutBatch
 from .objective import compute_advantages
 from .prompts import check_prompt, is_conversational, iter_jsonl, prompt_text, render_prompts, trl_prompts
+from .rollouts_file import ROLLOUT_KEYS, save_rollouts
 
 __all__ = ["RolloutRecord", "load_rollouts", "save_rollouts", "rollouts_batch", "rollout_rewards", "batch_tokens",
            "ROLLOUT_KEYS"]
 
-#: The keys of a rollouts line that are not columns.
-ROLLOUT_KEYS = ("prompt", "completions", "rewards", "prompt_ids", "completion_ids", "finished")
 _FORMAT = ('Each line is {"prompt": str or messages, "completions": [G ≥ 2 strings or message lists], "rewards": '
            '[G floats] or [G lists of F floats] (optional), "prompt_ids": [ints] (optional), "completion_ids": '
            '[G lists of ints] (optional), "finished": [G booleans] (optional), other keys: columns}.')
@@ -175,54 +173,6 @@ def _width(record: RolloutRecord) -> int | None:
     if record.rewards is None:
         return None
     return len(record.rewards[0]) if isinstance(record.rewards[0], list) else 1
-
-
-def _json_reward(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_json_reward(v) for v in value]
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def save_rollouts(path: str | os.PathLike, prompts: Sequence[Any], completions: Sequence[Sequence[Any]],
-                  completion_ids: Sequence[Sequence[Sequence[int]]] | None = None, *,
-                  rewards: Tensor | Sequence | None = None, prompt_ids: Sequence[Sequence[int]] | None = None,
-                  finished: Sequence[Sequence[bool]] | None = None,
-                  columns: Mapping[str, Sequence[Any]] | None = None) -> None:
-    """Write B prompts with their G completions as a rollouts JSONL that :func:`load_rollouts` reads back.
-
-    Args:
-        prompts: B prompts (strings or message lists); completions: [B][G] strings or message lists;
-        completion_ids: [B][G] token ids (stop token included) or None; rewards: [B, G] or [B, G, F] (NaN → null) or
-        None; prompt_ids: [B] id lists or None; finished: [B][G] booleans or None; columns: {name: [B values]}.
-    """
-    B = len(prompts)
-    if len(completions) != B:
-        raise ValueError(f"save_rollouts: {len(completions)} completion groups for {B} prompts.")
-    if rewards is not None:
-        rewards = rewards.tolist() if isinstance(rewards, Tensor) else [list(r) for r in rewards]
-    columns = dict(columns or {})
-    clash = sorted(set(columns) & set(ROLLOUT_KEYS))
-    if clash:
-        raise ValueError(f"save_rollouts: columns {clash} collide with the format's own keys {ROLLOUT_KEYS}.")
-    optional = {"rewards": rewards, "prompt_ids": prompt_ids, "completion_ids": completion_ids, "finished": finished}
-    for name, values in list(optional.items()) + list(columns.items()):
-        if values is not None and len(values) != B:
-            raise ValueError(f"save_rollouts: {name} has {len(values)} entries for {B} prompts.")
-    with open(path, "w", encoding="utf-8") as file:
-        for n in range(B):
-            line: dict[str, Any] = {"prompt": prompts[n], "completions": list(completions[n])}
-            if rewards is not None:
-                line["rewards"] = _json_reward(rewards[n])
-            if prompt_ids is not None:
-                line["prompt_ids"] = [int(t) for t in prompt_ids[n]]
-            if completion_ids is not None:
-                line["completion_ids"] = [[int(t) for t in ids] for ids in completion_ids[n]]
-            if finished is not None:
-                line["finished"] = [bool(f) for f in finished[n]]
-            for name, values in columns.items():
-                line[name] = values[n]
-            file.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def batch_tokens(batch: RolloutBatch) -> tuple[list[list[int]], list[list[list[int]]]]:
@@ -387,7 +337,7 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
         answers = [r.columns.get("answer") for r in records]
         meta = {"response_ids": completion_ids,
                 "answers": [None if a is None or isinstance(a, str) else str(a) for a in answers]}
-        from .rewards import check_rewards
+        from .scoring import check_rewards
 
         raw = check_rewards(reward_fn(list(prompt_texts), [list(g) for g in responses], meta), B, G, reward_fn)
     else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,12 +31,40 @@ from .policy import Policy
 from .realised import (INTEGRANDS, CRNResult, SNISResult, check_snis_options, crn_delta_h, default_estimator,
                        integrand_values, snis_delta_h, values_before)
 
-__all__ = ["METHODS", "LRSweepRow", "LRSweepResult", "lr_sweep"]
+__all__ = ["METHODS", "LRSweepRow", "LRSweepResult", "lr_sweep", "realised_changes"]
 
 #: Realised-change estimators a sweep (and the command) can run: importance sampling, common random numbers, both.
 METHODS = ("snis", "crn", "both")
 
 ParamsDict = Mapping[str, Tensor]
+
+
+def realised_changes(params: ParamsDict, update: ParamsDict, sample: Any, *, method: str, policy: Policy,
+                     snis: Mapping[str, Any] | None = None, crn: Mapping[str, Any] | None = None,
+                     timed: Callable[[str, Callable[[], Any]], Any] | None = None,
+                     **options: Any) -> dict[str, SNISResult | CRNResult]:
+    """The realised change ΔĤ from θ = ``params`` to θ⁺ = ``update`` on the evaluation sample E by ``method``
+    ("snis", "crn" or "both"; spec §6): {"crn": CRNResult, "snis": SNISResult}, the methods run, in that order.
+
+    The one place that turns a method name into estimator calls (the command, the demos, ``Probe.realised`` and
+    ``lr_sweep`` all go through it; a new estimator of the realised change is added here). ``sample``: a
+    ``SampledBatch`` (or ``Responses``), which CRN needs for its redraw, or a bare ``RolloutBatch`` for SNIS.
+    ``options`` (seq_chunk, token_chunk, progress, world) go to every method; ``snis`` and ``crn`` are each method's
+    own keyword arguments (e.g. ``crn={"prompt_chunk": 4}``, ``snis={"before": ...}``), and win over ``options``.
+    ``timed(phase, fn)``: runs each method, e.g. to time it as ``realised_crn`` / ``realised_snis``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    timed = timed or (lambda phase, fn: fn())
+    batch = sample if isinstance(sample, RolloutBatch) else getattr(sample, "batch", None)
+    out: dict[str, SNISResult | CRNResult] = {}
+    if method in ("crn", "both"):
+        out["crn"] = timed("realised_crn", lambda: crn_delta_h(params, update, policy=policy, sample=sample,
+                                                               **{**options, **(crn or {})}))
+    if method in ("snis", "both"):
+        out["snis"] = timed("realised_snis", lambda: snis_delta_h(params, update, policy=policy, batch=batch,
+                                                                  **{**options, **(snis or {})}))
+    return out
 
 
 @dataclass(frozen=True)
@@ -240,15 +268,13 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
     for eta in eta_values:
         factor = eta / lr
         update = scaled_update(params, delta, factor)
-        snis = crn = None
-        if run_snis:
-            snis = snis_delta_h(params, update, policy=policy, batch=batch, normalize=normalize, per_token=per_token,
-                                estimator=estimator, clip=clip, before=before, world=world, **chunks)
-            snis_results.append(snis)
-        if run_crn:
-            crn = crn_delta_h(params, update, policy=policy, sample=sample, integrand=integrand, before=crn_before,
-                              prompt_chunk=prompt_chunk, world=world, **chunks)
-            crn_results.append(crn)
+        changes = realised_changes(
+            params, update, sample, method=method, policy=policy, world=world, **chunks,
+            snis=dict(normalize=normalize, per_token=per_token, estimator=estimator, clip=clip, before=before),
+            crn=dict(integrand=integrand, before=crn_before, prompt_chunk=prompt_chunk))
+        snis, crn = changes.get("snis"), changes.get("crn")
+        snis_results += [snis] if snis is not None else []
+        crn_results += [crn] if crn is not None else []
         for result in (snis, crn):
             if result is None:
                 continue

@@ -84,7 +84,7 @@ def _builtin(name: str, scorer: Callable) -> Callable:
 
 
 def _builtins() -> dict[str, Callable]:
-    from .rewards import answer_match, tag_format
+    from .scoring import answer_match, tag_format
 
     return {"answer": _builtin("answer", answer_match), "tag": _builtin("tag", tag_format)}
 
@@ -231,7 +231,7 @@ class RewardFunctionError(ValueError):
 
     def save_rollouts(self, path: str | os.PathLike) -> None:
         """Write the sampled prompts and completions (with their token ids, no rewards) to a rollouts JSONL."""
-        from .rollouts import save_rollouts
+        from .rollouts_file import save_rollouts
 
         save_rollouts(path, self.prompts, self.completions, self.completion_ids, prompt_ids=self.prompt_ids,
                       columns=self.columns)

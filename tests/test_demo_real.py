@@ -89,3 +89,24 @@ def test_probe_command_parses(tmp_path):
     assert [float(eta) for eta in args.eta_sweep.split(",")] == pytest.approx(
         [factor * config.lr for factor in config.eta_factors])
     assert parse_args(["demo"]).quick is False and parse_args(["demo", "--quick"]).quick is True
+
+
+def test_probe_config_is_the_printed_command_line(tmp_path):
+    """The demo probes with pipeline.run_probe on probe_config(...), not through the command line; the command it
+    prints must resolve to the same config (the record of the options as typed aside)."""
+    import dataclasses
+    import json
+
+    from funcprobe.cli import parse_args, probe_config_from_args
+    from funcprobe.demo_real import probe_config
+
+    config = RealDemoConfig()
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "trainer_config.json").write_text(json.dumps(trainer_config(config)))
+    run = TrainedRun(out=tmp_path, checkpoint=tmp_path / "checkpoint-3", prompts=tmp_path / "prompts.jsonl",
+                     trainer_config=tmp_path / "trainer_config.json", log_history=[], lora_A_norm=1.0,
+                     lora_B_norm=1.0, seconds=0.0)
+    for plot in (True, False):
+        from_cli = probe_config_from_args(parse_args(probe_argv(config, run, tmp_path / "out", plot=plot)))
+        assert from_cli.record is not None
+        assert dataclasses.replace(from_cli, record=None) == probe_config(config, run, tmp_path / "out", plot=plot)
