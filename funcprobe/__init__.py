@@ -8,6 +8,7 @@ from .attribution import AttributionResult, attribute
 from .batch import RolloutBatch, SequenceChunk
 from .checkpoints import Checkpoint, load_adam_state, load_checkpoint
 from .delta_h1 import DeltaH1Result, delta_h1
+from .heldout import HeldoutResult, PairedDifference, delta_h1_heldout, paired_difference
 from .memory import MemoryPlan, plan_memory
 from .objective import Objective, compute_advantages
 from .policy import Policy, load_policy
@@ -22,5 +23,6 @@ __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState"
            "policy_gradient", "delta_h1", "DeltaH1Result", "snis_delta_h", "SNISResult", "crn_delta_h", "CRNResult",
            "entropy", "EntropyResult", "lr_sweep", "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint",
            "sample_batch", "SampledBatch", "draw_responses", "redraw", "DrawSpec", "plan_memory", "MemoryPlan",
-           "Objective", "compute_advantages", "attribute", "AttributionResult"]
+           "Objective", "compute_advantages", "attribute", "AttributionResult", "delta_h1_heldout", "HeldoutResult",
+           "paired_difference", "PairedDifference"]
 __version__ = "0.1.0"

@@ -180,6 +180,10 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
                             help="estimator of the realised change: importance sampling with the Rao-Blackwell "
                             "integrand (snis), common random numbers (crn), or both; the README says why snis is the "
                             "default and when to use crn (default %(default)s)")
+    evaluation.add_argument("--integrand", choices=("rao_blackwell", "sequence"), default="rao_blackwell",
+                            help="integrand of δĤ₁(E), the first-order change with ∇H from the evaluation batch: the "
+                            "entropy still to come after each token (rao_blackwell, lower variance) or the sequence "
+                            "log-probability (sequence) (default %(default)s)")
     if only_probe:
         evaluation.add_argument("--in-sample", action="store_true",
                             help="also report importance sampling on the update batch itself: a biased diagnostic "
@@ -485,7 +489,8 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
                           chat_template=args.chat_template, replace=args.replace, top_p=args.top_p,
                           stop_token=None if args.stop_token is None else tuple(args.stop_token)),
         step=StepConfig(objective=objective, lr=args.lr, units=units, trainer_settings=settings),
-        estimate=EstimateConfig(realised=args.realised, in_sample=args.in_sample, etas=etas),
+        estimate=EstimateConfig(realised=getattr(args, "realised", "snis"), in_sample=getattr(args, "in_sample", False),
+                                etas=etas, integrand=args.integrand),
         compute=ComputeConfig(device=args.device, dtype=args.dtype, logsoftmax_dtype=args.logsoftmax_dtype,
                               seq_chunk=args.seq_chunk, token_chunk=args.token_chunk,
                               memory_budget_bytes=memory_budget_bytes),
@@ -522,13 +527,15 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     started = time.perf_counter()
     timings: dict[str, float] = {}
     timed = timer(timings)
-    loaded = load_and_sample(config, progress=progress, echo=echo, timed=timed,
-                             policy_extra={"attn_implementation": "eager"})
+    # The model as the user loads it (SDPA by default): the attribution's forward-mode pass switches to eager
+    # attention for its own duration (Policy.forward_mode_attention); everything else runs on the model's attention.
+    loaded = load_and_sample(config, progress=progress, echo=echo, timed=timed)
     batch, step = loaded.batch, config.step
     result = timed("attribute", lambda: attribute(
         loaded.params, batch, policy=loaded.policy, adam=loaded.adam, objective=step.objective, units=step.units,
         lr=step.lr, seq_chunk=loaded.chunks.seq_chunk, token_chunk=loaded.chunks.token_chunk, quantiles=quantiles,
-        interventions=interventions, evaluation=loaded.evaluation.batch, progress=progress))
+        interventions=interventions, evaluation=loaded.evaluation.batch, integrand=config.estimate.integrand,
+        progress=progress))
     echo("\n" + str(result))
     timings["total"] = time.perf_counter() - started
     results = {

@@ -139,10 +139,13 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
     echo("\n" + measured.report(details=True))
 
     results = {"config": config.__dict__ | {"eta_factors": list(config.eta_factors)},
-               "versions": versions(), "summary": summary(prediction, realised, in_sample),
+               "versions": versions(),
+               "summary": summary(prediction, realised, in_sample, measured.heldout, measured.paired),
                "batch": {"prompts": sampled.prompts, "responses": sampled.responses, "rewards": batch.rewards},
                "eval_batch": {"prompts": evaluation.prompts, "responses": evaluation.responses,
                               "rewards": evaluation.batch.rewards},
+               "delta_h1_heldout": measured.heldout.to_dict(),
+               "paired": {k: v.to_dict() for k, v in measured.paired.items()},
                "delta_h1": prediction.to_dict(), "realised": {k: v.to_dict() for k, v in realised.items()},
                "in_sample": in_sample.to_dict(), "lr_sweep": sweep.to_dict(),
                "wall_s": time.perf_counter() - started}

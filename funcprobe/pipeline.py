@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -406,12 +406,15 @@ class Measurements:
     precision: dict
     in_sample: Any = None
     sweep: Any = None
+    heldout: Any = None
+    paired: dict[str, Any] = field(default_factory=dict)
 
     def report(self, *, details: bool = False) -> str:
         """The printed tables (``report.format_report``)."""
         from .report import format_report
 
-        return format_report(self.prediction, self.realised, self.sweep, in_sample=self.in_sample, details=details)
+        return format_report(self.prediction, self.realised, self.sweep, in_sample=self.in_sample,
+                             heldout=self.heldout, paired=self.paired, details=details)
 
 
 def _pass_options(chunks: Chunking, progress, world) -> dict[str, Any]:
@@ -429,6 +432,24 @@ def predict(params, batch, *, policy, adam, step: StepConfig = StepConfig(), chu
         params, batch, policy=policy, adam=adam, units=step.units, store_unit_vectors=chunks.store_unit_vectors,
         world=world, lr=step.lr, objective=step.objective, seq_chunk=seq_chunk, token_chunk=chunks.token_chunk,
         progress=progress))
+
+
+def first_order_change(params, evaluation, prediction, *, policy, estimate: EstimateConfig = EstimateConfig(),
+                       chunks: Chunking = Chunking(), progress=False, world=None):
+    """δĤ₁(E): the first-order change of THIS step (δH₁'s Ȳ, P and state term) with ∇H from the evaluation batch
+    (spec §9, ``heldout.delta_h1_heldout``) — the headline, unbiased at any optimizer age."""
+    from .heldout import delta_h1_heldout
+
+    return delta_h1_heldout(params, prediction.step, evaluation, policy=policy, integrand=estimate.integrand,
+                            **_pass_options(chunks, progress, world))
+
+
+def paired_changes(realised: dict, heldout) -> dict:
+    """{method: ΔĤ − δĤ₁(E) with its paired SE and verdict} for each per-sequence realised estimate (spec §9)."""
+    from .heldout import paired_difference
+
+    return {method: paired_difference(result, heldout) for method, result in realised.items()
+            if not getattr(result, "per_token", False)}
 
 
 def take_step(params, adam, prediction, step: StepConfig = StepConfig()):
@@ -458,13 +479,14 @@ def in_sample_change(params, new_params, batch, *, policy, chunks: Chunking = Ch
 
 
 def sweep_changes(params, evaluation, prediction, *, policy, estimate: EstimateConfig,
-                  chunks: Chunking = Chunking(), progress=False, world=None):
-    """ΔĤ(η) on E at ``estimate.etas`` beside (η/lr)·δH₁, by the same method(s) (``sweep.lr_sweep``)."""
+                  chunks: Chunking = Chunking(), progress=False, world=None, heldout=None):
+    """ΔĤ(η) on E at ``estimate.etas`` beside (η/lr)·δĤ₁(E) (and (η/lr)·δH₁), paired per η, by the same method(s)
+    (``sweep.lr_sweep``)."""
     from .sweep import lr_sweep
 
     return lr_sweep(params, evaluation, policy=policy, step=prediction.step, etas=list(estimate.etas),
-                    prediction=prediction, method=estimate.realised, prompt_chunk=chunks.prompt_chunk,
-                    **_pass_options(chunks, progress, world))
+                    prediction=prediction, heldout=heldout, method=estimate.realised,
+                    prompt_chunk=chunks.prompt_chunk, **_pass_options(chunks, progress, world))
 
 
 def measure(params, batch, evaluation, *, policy, adam, step: StepConfig = StepConfig(),
@@ -475,9 +497,13 @@ def measure(params, batch, evaluation, *, policy, adam, step: StepConfig = StepC
     prediction = timed("delta_h1", lambda: predict(params, batch, policy=policy, adam=adam, step=step, chunks=chunks,
                                                    progress=progress, world=world, echo=echo))
     new_params = timed("update", lambda: take_step(params, adam, prediction, step))
+    heldout = timed("delta_h1_heldout", lambda: first_order_change(
+        params, evaluation, prediction, policy=policy, estimate=estimate, chunks=chunks, progress=progress,
+        world=world))
     realised = realised_changes(params, new_params, evaluation, method=estimate.realised, policy=policy,
                                 crn={"prompt_chunk": chunks.prompt_chunk}, timed=timed,
                                 **_pass_options(chunks, progress, world))
+    paired = paired_changes(realised, heldout)
     precision = check_precision_of(prediction, policy, realised, echo)
     in_sample = None
     if estimate.in_sample:
@@ -487,9 +513,9 @@ def measure(params, batch, evaluation, *, policy, adam, step: StepConfig = StepC
     if estimate.etas is not None:
         sweep = timed("lr_sweep", lambda: sweep_changes(params, evaluation, prediction, policy=policy,
                                                         estimate=estimate, chunks=chunks, progress=progress,
-                                                        world=world))
+                                                        world=world, heldout=heldout))
     return Measurements(prediction=prediction, realised=realised, precision=precision, in_sample=in_sample,
-                        sweep=sweep)
+                        sweep=sweep, heldout=heldout, paired=paired)
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -601,8 +627,12 @@ def probe_results(config: ProbeConfig, loaded: Loaded, measured: Measurements, *
         "eval_batch": _batch_section(loaded.evaluation, chosen, chosen["eval_indices"], b.eval_seed,
                                      source=f"sampled from {chosen['path']}"),
         "settings": _settings_section(config, loaded),
-        "summary": summary(m.prediction, m.realised, m.in_sample),
-        "delta_h1": m.prediction.to_dict(),
+        "summary": summary(m.prediction, m.realised, m.in_sample, m.heldout, m.paired),
+        "delta_h1_heldout": None if m.heldout is None else m.heldout.to_dict(),
+        "paired": {method: pair.to_dict() for method, pair in m.paired.items()},
+        "delta_h1": {**m.prediction.to_dict(), "what": (
+            "the seed's cross-prompt U-statistic on the update batch: the first-order change expected over "
+            "update batches, unbiased only once the optimizer state no longer depends on the batch (spec §5, §9)")},
         "step": m.prediction.step.to_dict(),
         "objective": config.step.objective.to_dict(),
         "realised": {method: result.to_dict() for method, result in m.realised.items()},

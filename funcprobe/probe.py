@@ -2,8 +2,10 @@
 
     probe = Probe(policy, adam, batch=update_batch)             # U: the batch the step is built from
     prediction = probe.delta_h1(params)                          # δH₁ (spec §5), with the step's Ȳ
+    first_order = probe.delta_h1_heldout(params, prediction, eval_sample)  # δĤ₁(E): this step's (spec §9)
     new_params, _ = probe.update(params, prediction)             # θ⁺ of that AdamW step (spec §4), no second pass
     realised = probe.realised(params, new_params, eval_sample)   # ΔH on an independent evaluation batch (spec §6)
+    paired = paired_difference(realised["snis"], first_order)    # ΔĤ − δĤ₁(E), paired per prompt
 
 The realised change is measured on an evaluation sample E drawn independently of U (``sample_batch`` with another
 seed and independent prompt draws); on U itself it would carry the same-sample bias that δH₁'s U-statistic
@@ -27,6 +29,7 @@ from torch import Tensor
 from .adam import AdamState
 from .batch import RolloutBatch
 from .delta_h1 import DeltaH1Result, delta_h1
+from .heldout import HeldoutResult, delta_h1_heldout
 from .objective import Objective
 from .policy import Policy
 from .realised import CRNResult, SNISResult, crn_delta_h, snis_delta_h
@@ -88,6 +91,16 @@ class Probe:
                         **self._chunks())
         settings.update(options)
         return delta_h1(params, self._batch(batch), policy=self.policy, adam=self.adam, **settings)
+
+    def delta_h1_heldout(self, params: Mapping[str, Tensor], step: Any, eval_sample: Any,
+                         **options) -> HeldoutResult:
+        """δĤ₁(E): the first-order change of the step with ∇H from the evaluation sample (spec §9,
+        ``funcprobe.delta_h1_heldout``). ``step``: a ``DeltaH1Result`` (its step), an ``UpdateDecomposition`` or any
+        Δθ dict (e.g. θ_{t+1} − θ_t of a real run)."""
+        self._evaluation(eval_sample, "delta_h1_heldout")
+        delta = step.step if isinstance(step, DeltaH1Result) else step
+        chunks = {k: v for k, v in self._chunks().items()}
+        return delta_h1_heldout(params, delta, eval_sample, policy=self.policy, **{**chunks, **options})
 
     def update(self, params: Mapping[str, Tensor], prediction: DeltaH1Result | None = None,
                batch: RolloutBatch | None = None):

@@ -69,12 +69,14 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class EstimateConfig:
-    """What is measured beside δH₁: the realised change on E by ``realised`` ("snis", "crn" or "both"), the biased
-    in-sample diagnostic on U (``in_sample``), and the learning-rate sweep at ``etas`` (None: no sweep)."""
+    """What is measured on the evaluation batch E: the first-order change of the step δĤ₁(E) with ``integrand``
+    ("rao_blackwell" or "sequence", spec §9), the realised change by ``realised`` ("snis", "crn" or "both"), the
+    biased in-sample diagnostic on U (``in_sample``), and the learning-rate sweep at ``etas`` (None: no sweep)."""
 
     realised: str = "snis"
     in_sample: bool = False
     etas: tuple[float, ...] | None = None
+    integrand: str = "rao_blackwell"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""The learning-rate sweep: ΔĤ(η) on the evaluation batch beside the first-order prediction (η/lr)·δH₁ (spec §4–§6).
+"""The learning-rate sweep: ΔĤ(η) on the evaluation batch beside the first-order prediction (η/lr)·δĤ₁(E) (spec §4–§6,
+§9).
 
 Every term of the AdamW step Δθ is proportional to its learning rate (spec §4), so the step at another learning rate η
 is θ(η) = θ + (η/lr)·Δθ (``adam.scaled_update``), and the first-order prediction scales the same way:
-δH₁(η) = (η/lr)·δH₁. The sweep evaluates the realised change ΔĤ(η) = Ĥ(θ(η)) − Ĥ(θ) on the evaluation batch E — by
+δĤ₁(E)(η) = (η/lr)·δĤ₁(E) (the held-out estimate of spec §9, on the same E: each η's realised change is paired with it
+per prompt, ``heldout.paired_difference``); the U-statistic δH₁ is scaled beside it when given. The sweep evaluates the realised change ΔĤ(η) = Ĥ(θ(η)) − Ĥ(θ) on the evaluation batch E — by
 importance sampling, by common random numbers, or both (``funcprobe.realised``) — at each η, and sets it beside
 the prediction: where the two part, the step has left the first-order regime (or the importance weights have
 degenerated, which the SNIS diagnostics say).
@@ -27,6 +29,7 @@ from torch import Tensor
 from .adam import UpdateDecomposition, scaled_update
 from .batch import RolloutBatch
 from .formatting import fmt as _fmt
+from .heldout import FIRST_ORDER_Z, HeldoutResult, paired_difference
 from .policy import Policy
 from .realised import (INTEGRANDS, CRNResult, SNISResult, check_snis_options, crn_delta_h, default_estimator,
                        integrand_values, snis_delta_h, values_before)
@@ -71,9 +74,12 @@ def realised_changes(params: ParamsDict, update: ParamsDict, sample: Any, *, met
 class LRSweepRow:
     """One learning rate of a sweep: the prediction and the realised change by each method run.
 
-    ``predicted``/``predicted_se``/``predicted_plugin``: (η/lr)·δH₁, (η/lr)·SE(δH₁) and (η/lr)·deltaH1_plugin (None
-    without a prediction). ``snis_*``: ΔĤ, SE and the weight diagnostics of importance sampling (None when not run);
-    ``crn_*``: ΔĤ, SE and the fraction of changed draws of common random numbers (None when not run).
+    ``predicted``/``predicted_se``: (η/lr)·δĤ₁(E) and its SE when the held-out estimate was given, else (η/lr)·δH₁;
+    ``predicted_ustatistic``, ``predicted_plugin``: (η/lr)·δH₁ and (η/lr)·deltaH1_plugin (None without a U-statistic
+    prediction). ``paired_difference``, ``paired_se``, ``paired_z``, ``first_order``: ΔĤ − (η/lr)·δĤ₁(E) on the same
+    prompts with its paired SE and the verdict (spec §9), for the realised method shown first (SNIS when run, else CRN;
+    None without the held-out estimate). ``snis_*``: ΔĤ, SE and the weight diagnostics of importance sampling (None
+    when not run); ``crn_*``: ΔĤ, SE and the fraction of changed draws of common random numbers (None when not run).
     """
 
     eta: float
@@ -81,6 +87,11 @@ class LRSweepRow:
     predicted: float | None
     predicted_se: float | None
     predicted_plugin: float | None
+    predicted_ustatistic: float | None = None
+    paired_difference: float | None = None
+    paired_se: float | None = None
+    paired_z: float | None = None
+    first_order: bool | None = None
     snis_deltaH: float | None = None
     snis_se: float | None = None
     ess_min_fraction: float | None = None
@@ -100,8 +111,10 @@ class LRSweepResult:
 
     Fields: ``lr`` the step's own learning rate (Δθ is the step at lr); ``rows`` one :class:`LRSweepRow` per η (in
     the order given); ``snis`` and ``crn`` the full results of each method per η (empty when not run); ``method``;
-    ``H_before`` Ĥ(θ) on the evaluation batch; ``prediction`` "deltaH1" or "none"; ``deltaH1``, ``deltaH1_se``,
-    ``deltaH1_plugin`` the prediction at η = lr; the settings; ``B``, ``G`` of the evaluation batch; pass counts.
+    ``H_before`` Ĥ(θ) on the evaluation batch; ``prediction`` "deltaH1_heldout" (the rows' ``predicted`` is
+    (η/lr)·δĤ₁(E)), "deltaH1" (the U-statistic) or "none"; ``deltaH1``, ``deltaH1_se``, ``deltaH1_plugin`` the
+    U-statistic at η = lr and ``heldout``, ``heldout_se`` the held-out estimate there (None when not given); the
+    settings; ``B``, ``G`` of the evaluation batch; pass counts.
     """
 
     lr: float
@@ -123,6 +136,8 @@ class LRSweepResult:
     forward_passes: int
     sampling_passes: int
     timings: dict[str, float] = field(default_factory=dict)
+    heldout: float | None = None
+    heldout_se: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("rows", "snis", "crn")}
@@ -133,9 +148,14 @@ class LRSweepResult:
         return data
 
     def __str__(self) -> str:
+        what = {"deltaH1_heldout": "(η/lr)·δĤ₁(E)", "deltaH1": "(η/lr)·δH₁ (U-statistic)"}.get(self.prediction,
+                                                                                               self.prediction)
         head = (f"ΔH(η) sweep on the evaluation batch — lr={_fmt(self.lr, '.4g')}, method={self.method}, "
-                f"B={self.B}, G={self.G}, Ĥ(θ)={_fmt(self.H_before)}; prediction: {self.prediction}")
+                f"B={self.B}, G={self.G}, Ĥ(θ)={_fmt(self.H_before)}; prediction: {what}")
         columns = ["η", "η/lr", "predicted", "pred. SE"]
+        paired = any(r.paired_difference is not None for r in self.rows)
+        if paired:
+            columns += ["ΔH − pred.", "paired SE"]
         if self.snis:
             columns += ["ΔH SNIS", "SE", "ESS/G min", "k̂", "reliable"]
         if self.crn:
@@ -143,6 +163,8 @@ class LRSweepResult:
         lines = [head, "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in self.rows:
             cells = [_fmt(r.eta, ".4g"), _fmt(r.factor, ".4g"), _fmt(r.predicted), _fmt(r.predicted_se, ".3g")]
+            if paired:
+                cells += [_fmt(r.paired_difference, ".4g"), _fmt(r.paired_se, ".3g")]
             if self.snis:
                 cells += [_fmt(r.snis_deltaH), _fmt(r.snis_se, ".3g"), _fmt(r.ess_min_fraction, ".3f"),
                           _fmt(r.khat, ".3f") if r.khat_assessed else "n/a", "yes" if r.reliable else "NO"]
@@ -150,6 +172,10 @@ class LRSweepResult:
                 cells += [_fmt(r.crn_deltaH), _fmt(r.crn_se, ".3g"), _fmt(r.changed_fraction, ".3f"),
                           "yes" if r.crn_reliable else "NO"]
             lines.append("| " + " | ".join(cells) + " |")
+        beyond = [r for r in self.rows if r.first_order is False]
+        if beyond:
+            lines.append(f"beyond the first-order regime (|ΔH − pred.| ≥ {FIRST_ORDER_Z:g} paired SEs) at η = "
+                         f"{', '.join(_fmt(r.eta, '.4g') for r in beyond)}")
         unreliable = [r for r in self.rows if r.reliable is False]
         if unreliable:
             lines.append(f"SNIS unreliable at η = {', '.join(_fmt(r.eta, '.4g') for r in unreliable)}: "
@@ -189,7 +215,8 @@ def step_learning_rate(step: UpdateDecomposition) -> float:
 
 
 def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDecomposition, etas: Sequence[float],
-             prediction: Any = None, method: str = "snis", normalize: str = "prompt", estimator: str | None = None,
+             prediction: Any = None, heldout: Any = None, method: str = "snis", normalize: str = "prompt",
+             estimator: str | None = None,
              per_token: bool = False, clip: float | None = None, integrand: str = "rao_blackwell",
              seq_chunk: int | None = None, token_chunk: int | None = None, prompt_chunk: int = 8,
              progress: bool | None = False, world=None) -> LRSweepResult:
@@ -205,7 +232,10 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
             update_batch, ...)``, or ``DeltaH1Result.step`` from δH₁'s own pass): θ(η) = θ + (η/lr)·Δθ.
         etas: the learning rates (≥ 0).
         prediction: δH₁ of the same step (a ``DeltaH1Result``, or anything with ``deltaH1``, ``se_deltaH1``,
-            ``deltaH1_plugin`` and ``lr``): predicted(η) = (η/lr)·δH₁, SE (η/lr)·SE. None: no prediction.
+            ``deltaH1_plugin`` and ``lr``): (η/lr)·δH₁ in ``predicted_ustatistic`` (and in ``predicted`` without
+            ``heldout``). None: none.
+        heldout: δĤ₁(E) of the same step on the same evaluation batch (``delta_h1_heldout``, a ``HeldoutResult``):
+            predicted(η) = (η/lr)·δĤ₁(E), SE (η/lr)·SE, and each η's realised change paired with it per prompt.
         method: "snis", "crn" or "both"; normalize, estimator, per_token, clip: the SNIS options (estimator None:
             ``realised.default_estimator``); integrand: CRN's.
         seq_chunk, token_chunk, prompt_chunk, progress, world: as for ``snis_delta_h`` and ``crn_delta_h``.
@@ -246,6 +276,14 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
         h1, h1_se, h1_plugin = (float(prediction.deltaH1), float(prediction.se_deltaH1),
                                 float(prediction.deltaH1_plugin))
 
+    if heldout is not None:
+        if not isinstance(heldout, HeldoutResult):
+            raise TypeError(f"heldout must be the HeldoutResult of delta_h1_heldout on the same evaluation batch; got "
+                            f"{type(heldout).__name__}.")
+        if (heldout.B, heldout.G) != (batch.B, batch.G):
+            raise ValueError(f"heldout was computed on a {heldout.B}×{heldout.G} batch, the sweep's evaluation batch "
+                             f"is {batch.B}×{batch.G}: pass δĤ₁(E) of the same evaluation batch.")
+
     started = time.perf_counter()
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
     timings: dict[str, float] = {}
@@ -283,10 +321,21 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
                 if phase != "total":
                     key = f"{result.method}_{phase}"
                     timings[key] = timings.get(key, 0.0) + seconds
+        predicted = None if h1 is None else factor * h1
+        predicted_se = None if h1_se is None else abs(factor) * h1_se
+        pair = None
+        if heldout is not None:
+            predicted, predicted_se = factor * heldout.deltaH1, abs(factor) * heldout.se
+            primary = snis if snis is not None else crn
+            if not per_token:
+                pair = paired_difference(primary, heldout, scale=factor)
         rows.append(LRSweepRow(
-            eta=eta, factor=factor, predicted=None if h1 is None else factor * h1,
-            predicted_se=None if h1_se is None else abs(factor) * h1_se,
+            eta=eta, factor=factor, predicted=predicted, predicted_se=predicted_se,
             predicted_plugin=None if h1_plugin is None else factor * h1_plugin,
+            predicted_ustatistic=None if h1 is None else factor * h1,
+            paired_difference=None if pair is None else pair.difference,
+            paired_se=None if pair is None else pair.se, paired_z=None if pair is None else pair.z,
+            first_order=None if pair is None else pair.first_order,
             snis_deltaH=None if snis is None else snis.deltaH, snis_se=None if snis is None else snis.se,
             ess_min_fraction=None if snis is None else snis.ess_min_fraction,
             khat=None if snis is None else snis.khat, khat_assessed=None if snis is None else snis.khat_assessed,
@@ -297,7 +346,10 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
     timings["total"] = time.perf_counter() - started
     H_before = snis_results[0].H_before if snis_results else crn_results[0].H_before
     return LRSweepResult(lr=lr, rows=tuple(rows), snis=tuple(snis_results), crn=tuple(crn_results), method=method,
-                         H_before=H_before, prediction="none" if h1 is None else "deltaH1", deltaH1=h1,
+                         H_before=H_before,
+                         prediction="deltaH1_heldout" if heldout is not None else ("none" if h1 is None else "deltaH1"),
+                         heldout=None if heldout is None else heldout.deltaH1,
+                         heldout_se=None if heldout is None else heldout.se, deltaH1=h1,
                          deltaH1_se=h1_se, deltaH1_plugin=h1_plugin, normalize=normalize, estimator=estimator,
                          integrand=integrand, per_token=per_token, B=batch.B, G=batch.G,
                          forward_passes=forward_passes, sampling_passes=len(crn_results), timings=timings)

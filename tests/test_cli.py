@@ -23,7 +23,13 @@ def test_demo_quick_writes_consistent_json(tmp_path, capsys):
     assert at_lr and math.isclose(at_lr[0]["snis_deltaH"], realised["snis"]["deltaH"], rel_tol=1e-3)
     # CRN's ΔĤ here is ~2e-5, a difference of summed entropies of ~25 nats in float32: 1e-6 absolute is the rounding.
     assert math.isclose(at_lr[0]["crn_deltaH"], realised["crn"]["deltaH"], rel_tol=1e-3, abs_tol=1e-6)
-    assert math.isclose(at_lr[0]["predicted"], delta["deltaH1"], rel_tol=1e-12)
+    # The sweep's line is the held-out first-order change of the step (spec §9); the U-statistic's beside it.
+    heldout = results["delta_h1_heldout"]
+    assert math.isclose(at_lr[0]["predicted"], heldout["deltaH1"], rel_tol=1e-12)
+    assert math.isclose(at_lr[0]["predicted_ustatistic"], delta["deltaH1"], rel_tol=1e-12)
+    assert math.isclose(heldout["deltaH1"], heldout["grad_term"] + heldout["state_term"], rel_tol=1e-9)
+    assert math.isclose(at_lr[0]["paired_difference"], results["paired"]["snis"]["difference"], rel_tol=1e-3,
+                        abs_tol=1e-6)
     assert results["eval_batch"]["prompts"] != results["batch"]["prompts"]
     assert results["in_sample"]["in_sample"] is True
     assert results["versions"]["torch"]

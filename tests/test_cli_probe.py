@@ -16,6 +16,7 @@ from conftest import cli_fails as _fails
 from funcprobe.checkpoints import load_checkpoint
 from funcprobe.cli import derive_seed, draw_eval_prompts, main, select_prompts
 from funcprobe.delta_h1 import delta_h1
+from funcprobe.heldout import delta_h1_heldout, paired_difference
 from funcprobe.realised import crn_delta_h, snis_delta_h
 from funcprobe.rewards import load_prompts_jsonl
 from funcprobe.sampling import sample_batch
@@ -52,7 +53,8 @@ def test_probe_json_matches_the_library(checkpoint_dir, tmp_path, capsys):
             "--in-sample", "--eta-sweep", ",".join(map(str, etas)), "--out", str(out), "--plot", str(plot)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "δH₁ predicted" in printed and "ΔH realised, common random numbers" in printed
+    assert "δĤ₁(E) first-order change of this step" in printed and "δH₁ U-statistic" in printed
+    assert "ΔH realised, common random numbers" in printed and "first-order regime" in printed
     assert "ΔH realised, importance sampling" in printed and "(BIASED)" in printed and "ΔH(η) sweep" in printed
     assert "-0 " not in printed and " nan" not in printed.lower()
     assert plot.is_file() and plot.stat().st_size > 0
@@ -87,11 +89,20 @@ def test_probe_json_matches_the_library(checkpoint_dir, tmp_path, capsys):
     assert results["eval_batch"]["rewards"] == evaluation.batch.rewards.tolist()
     assert math.isclose(results["delta_h1"]["deltaH1"], prediction.deltaH1, rel_tol=1e-12, abs_tol=1e-300)
     assert math.isclose(results["delta_h1"]["se_deltaH1"], prediction.se_deltaH1, rel_tol=1e-12)
+    # The headline: δĤ₁(E) along that step on the evaluation batch (spec §9), paired with the realised change.
+    heldout = delta_h1_heldout(params, prediction.step, evaluation.batch, policy=policy)
+    assert math.isclose(results["delta_h1_heldout"]["deltaH1"], heldout.deltaH1, rel_tol=1e-9)
+    assert math.isclose(results["delta_h1_heldout"]["se"], heldout.se, rel_tol=1e-9)
+    assert math.isclose(results["summary"]["heldout"], heldout.deltaH1, rel_tol=1e-9)
     # The command's θ⁺ comes from δH₁'s own Ȳ (no second gradient pass); rl_update's differs by Ȳ's summation order.
     for name, result in (("crn", crn), ("snis", snis)):
         assert math.isclose(results["realised"][name]["deltaH"], result.deltaH, rel_tol=1e-9), name
         assert math.isclose(results["realised"][name]["se"], result.se, rel_tol=1e-9), name
     assert math.isclose(results["summary"]["deltaH"], snis.deltaH, rel_tol=1e-9)
+    paired = paired_difference(snis, heldout)
+    assert math.isclose(results["paired"]["snis"]["difference"], paired.difference, rel_tol=1e-9, abs_tol=1e-15)
+    assert math.isclose(results["paired"]["snis"]["se"], paired.se, rel_tol=1e-9)
+    assert results["summary"]["verdict"] == results["paired"]["snis"]["verdict"]
     assert results["summary"]["realised_method"] == "snis" and results["realised"]["crn"]["B"] == 5
     assert results["realised"]["snis"]["estimator"] == "rao_blackwell"
     assert math.isclose(results["in_sample"]["deltaH"], in_sample.deltaH, rel_tol=1e-9)
@@ -100,8 +111,11 @@ def test_probe_json_matches_the_library(checkpoint_dir, tmp_path, capsys):
 
     sweep = results["lr_sweep"]
     assert [row["eta"] for row in sweep["rows"]] == etas and sweep["B"] == 5 and sweep["method"] == "both"
+    assert sweep["prediction"] == "deltaH1_heldout"
     for row in sweep["rows"]:
-        assert math.isclose(row["predicted"], row["eta"] / sweep["lr"] * prediction.deltaH1, rel_tol=1e-9)
+        assert math.isclose(row["predicted"], row["eta"] / sweep["lr"] * heldout.deltaH1, rel_tol=1e-9)
+        assert math.isclose(row["predicted_ustatistic"], row["eta"] / sweep["lr"] * prediction.deltaH1, rel_tol=1e-9)
+        assert row["paired_se"] is not None and row["first_order"] in (True, False)
 
     assert results["seed"] == 0 and results["config"]["B"] == 4 and results["config"]["eta_sweep"]
     assert set(results["versions"]) >= {"funcprobe", "torch", "transformers", "peft", "python"}
