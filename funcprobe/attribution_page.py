@@ -1,4 +1,5 @@
-"""A self-contained HTML page of one ``funcprobe attribute`` run: which tokens drive δH₁ (spec §8).
+"""A self-contained HTML page of one ``funcprobe attribute`` run: which tokens drive the step's first-order entropy
+change (spec §8, on §9's held-out footing when the results say ``basis: heldout``).
 
 ``render_attribution_html(results)`` takes the command's results dict (``cli.run_attribute``: "attribution" =
 ``AttributionResult.to_dict()``, "token_text" [B][G][L], "advantages" [B][G], "rewards", "checkpoint") and returns
@@ -131,19 +132,27 @@ def _interventions_table(results: dict, att: dict) -> str:
     realised_h, realised_se = att.get("realised_delta_h"), att.get("realised_se")
     base_realised = "—" if realised_h is None else _num(realised_h) + (
         "" if realised_se is None else f" ± {_num(realised_se, 2)}")
+    heldout = att.get("basis") == "heldout"
+    name = "δĤ₁(E)" if heldout else "δH₁"
+    paired_note = (" “ΔĤ − δĤ₁(E)” pairs each step's realised change with its prediction on the same evaluation "
+                   "prompts (± the paired SE; ✗ marks an importance-sampling estimate flagged unreliable)."
+                   if heldout else "")
     parts = ["<h2>Token-selection interventions</h2>",
-             "<p class='note'>Each row re-runs the step with a token mask on its cotangent: δH₁ of the changed step, "
+             f"<p class='note'>Each row re-runs the step with a token mask on its cotangent: {name} of the changed step, "
              "realised ΔĤ on the evaluation batch (± SE), and the first-order gain of the original objective. "
              "“Entropy kept per objective given up” = (δH₁′ − δH₁) / (gain − gain′), predicted; and the same from the "
              "realised changes, (ΔĤ′ − ΔĤ) / (gain − gain′). Where the two disagree, trust the realised one only "
              "beyond its SEs (the rows share one evaluation batch); δH₁′ includes the optimizer-state term, which "
              "grows when a smaller gradient shrinks AdamW's v′"
              + ("" if base_gain is not None else
-                " — needs the unchanged step's objective gain, which these results do not carry") + ".</p>",
-             "<table class='num'><tr><th>intervention</th><th>tokens kept</th><th>δH₁</th><th>realised ΔĤ</th>"
-             "<th>objective gain</th><th>entropy kept per objective given up: predicted</th><th>realised</th></tr>",
+                " — needs the unchanged step's objective gain, which these results do not carry") + "."
+             + paired_note + "</p>",
+             f"<table class='num'><tr><th>intervention</th><th>tokens kept</th><th>{name}</th><th>realised ΔĤ</th>"
+             + ("<th>ΔĤ − δĤ₁(E)</th>" if heldout else "")
+             + "<th>objective gain</th><th>entropy kept per objective given up: predicted</th><th>realised</th></tr>",
              f"<tr class='base'><td>(unchanged step)</td><td>all</td><td>{_num(base_h)}</td><td>{base_realised}</td>"
-             f"<td>{_num(base_gain)}</td><td>—</td><td>—</td></tr>"]
+             + (f"<td>{_paired_cell(att.get('paired') or {})}</td>" if heldout else "")
+             + f"<td>{_num(base_gain)}</td><td>—</td><td>—</td></tr>"]
     for name, row in rows.items():
         realised = row.get("realised_delta_h")
         realised_text = _num(realised) + ("" if realised is None or row.get("realised_se") is None
@@ -159,10 +168,21 @@ def _interventions_table(results: dict, att: dict) -> str:
         total = row.get("tokens")
         kept_text = f"{_num(kept_tokens, 6)} / {_num(total, 6)}" if total else _num(kept_tokens, 6)
         parts.append(f"<tr><td>{html.escape(str(name))}</td><td>{kept_text}</td><td>{_num(row.get('deltaH1'))}</td>"
-                     f"<td>{realised_text}</td><td>{_num(row.get('objective_gain'))}</td><td>{_num(ratio)}</td>"
+                     f"<td>{realised_text}</td>" + (f"<td>{_paired_cell(row)}</td>" if heldout else "")
+                     + f"<td>{_num(row.get('objective_gain'))}</td><td>{_num(ratio)}</td>"
                      f"<td>{_num(realised_ratio)}</td></tr>")
     parts.append("</table>")
     return "\n".join(parts)
+
+
+def _paired_cell(row: dict) -> str:
+    """"difference ± paired SE" of a row (spec §9), with ✗ when the realised estimate was flagged unreliable."""
+    difference = row.get("paired_difference", row.get("difference"))
+    if difference is None:
+        return "—"
+    se = row.get("paired_se", row.get("se"))
+    flag = "" if row.get("realised_reliable", True) else " ✗"
+    return _num(difference) + ("" if se is None else f" ± {_num(se, 2)}") + flag
 
 
 def _tokens_section(results: dict, att: dict) -> tuple[str, dict]:
@@ -291,7 +311,9 @@ def _se_note(att: dict) -> str:
     se, se_grad = att.get("se_deltaH1"), att.get("se_grad_term")
     if se is None and se_grad is None:
         return ""
-    return (f"<br><span class='note'>jackknife SE: δH₁ ± {_num(se, 2)}, grad_term ± {_num(se_grad, 2)} — a token's "
+    kind, name = (("SE over the evaluation prompts", "δĤ₁(E)") if att.get("basis") == "heldout"
+                  else ("jackknife SE", "δH₁"))
+    return (f"<br><span class='note'>{kind}: {name} ± {_num(se, 2)}, grad_term ± {_num(se_grad, 2)} — a token's "
             "share of a term this uncertain is a statement about this batch, not about the policy</span>")
 
 
@@ -306,7 +328,9 @@ def render_attribution_html(results: dict) -> str:
                          f"{type(results).__name__}{' without attribution' if isinstance(results, dict) else ''}.")
     checkpoint = results.get("checkpoint") or {}
     tokens_html, data = _tokens_section(results, att)
-    title = "funcprobe attribute — which tokens drive δH₁"
+    heldout = att.get("basis") == "heldout"
+    name = "δĤ₁(E)" if heldout else "δH₁"
+    title = f"funcprobe attribute — which tokens drive {name}"
     header = (f"<h1>{html.escape(title)}</h1>"
               f"<p class='note'>checkpoint {html.escape(str(checkpoint.get('path', '?')))}"
               f" (step {html.escape(str(checkpoint.get('step', '?')))}) · B = {html.escape(str(att.get('B')))}"
@@ -314,9 +338,11 @@ def render_attribution_html(results: dict) -> str:
               f"{html.escape(str(att.get('G')))} · units {html.escape(str(att.get('units')))}, U = "
               f"{html.escape(str(att.get('n_units')))} · η<sub>g</sub> = lr(1 − β₁)/(1 − β₁<sup>t</sup>) = "
               f"{_num(att.get('eta_g'))} (AdamW's effective rate on the gradient)</p>"
-              f"<p class='big'>δH₁ = {_num(att.get('deltaH1'), 6)} = grad_term {_num(att.get('grad_term'), 6)} + "
+              f"<p class='big'>{name} = {_num(att.get('deltaH1'), 6)} = grad_term {_num(att.get('grad_term'), 6)} + "
               f"state_term {_num(att.get('state_term'), 6)} <span class='note'>(nats per sequence, for this one step; the "
-              "state term belongs to no token)</span>" + _se_note(att) + "</p>")
+              "state term belongs to no token"
+              + ("; ∇H estimated on the evaluation batch, independent of the step" if heldout else "")
+              + ")</span>" + _se_note(att) + "</p>")
     body = "\n".join([header, _summary_tables(att), _interventions_table(results, att), tokens_html])
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n{body}\n"
