@@ -355,13 +355,27 @@ class EntropyChangeCallback(_CallbackBase):
 
     @contextlib.contextmanager
     def _eval_mode(self):
+        """The model in eval mode, without transformers' ``make_inputs_require_grads`` hooks (gradient
+        checkpointing, TRL's default, installs them; ``requires_grad_`` inside ``torch.func.vjp`` is an error), for
+        the duration of the block; mode and hooks are restored exactly (same dict, same order)."""
         model = self.model
         was_training = model.training
+        suspended = []
+        for module in model.modules():
+            hooks = module._forward_hooks
+            found = [k for k, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]
+            if found:
+                suspended.append((hooks, dict(hooks)))
+                for k in found:
+                    del hooks[k]
         model.eval()
         try:
             yield
         finally:
             model.train(was_training)
+            for hooks, saved in suspended:
+                hooks.clear()
+                hooks.update(saved)
 
     def _probed(self, step: int) -> bool:
         return (step - 1) % self.every == 0
