@@ -315,6 +315,7 @@ class EntropyChangeCallback(_CallbackBase):
         self._objective = None
         self._pending: _Pending | None = None
         self._last_buffer: Any = None      # the generation (list object) the previous step used; held for identity
+        self._reliable_reason: str | None = None
         self._reset_step()
 
     # ------------------------------------------------------------------------------------------------ plumbing
@@ -462,6 +463,9 @@ class EntropyChangeCallback(_CallbackBase):
             if key in row and row[key] is None:
                 reason = getattr(self, f"{name}_reason") or "not computed"
                 row[PREFIX + name + "_reason"] = reason
+        reliable = row.get(PREFIX + "reliable")
+        if reliable is not None and reliable < 1 and self._reliable_reason:
+            row[PREFIX + "reliable_reason"] = self._reliable_reason
 
     # ------------------------------------------------------------------------------------------- the step's work
     def _step_end(self, args, step: int, record: dict[str, Any]) -> None:
@@ -474,11 +478,16 @@ class EntropyChangeCallback(_CallbackBase):
         fresh = [buffer for buffer, _ in self._micro if buffer is not buffers_before]
         new_generation = fresh[0] if fresh else None
         self._last_buffer = self._micro[-1][0]
-        own = rollout_batch_from_trl([buffer[index] for buffer, index in self._micro], **convert)
+        probed = self._probed(step)
+        measure = new_generation is not None and self._pending is not None
+        if not (probed or measure):
+            return
+        whole = [buffer[index] for buffer, index in self._micro]     # this step's micro-batches, in order
+        own = rollout_batch_from_trl(whole, **convert)
         theta_b = self._theta_begin
         own_sums = None
-        if new_generation is not None and self._pending is not None:
-            whole = [self._micro[k][0][self._micro[k][1]] for k in range(len(self._micro))]
+        if measure:
+            # the evaluation batch is the whole new generation: this step's micro-batches when it serves one step
             same = len(new_generation) == len(whole) and all(
                 any(mb is entry for mb in whole) for entry in new_generation)
             evaluation = own if same else rollout_batch_from_trl(list(new_generation), **convert)
@@ -486,7 +495,7 @@ class EntropyChangeCallback(_CallbackBase):
             if same:
                 own_sums = change.token_entropy_sums_after
             self._pending = None
-        if self._probed(step):
+        if probed:
             if own_sums is None:
                 own_sums = policy.token_entropies(self._on_device(theta_b), own.batch, **self.chunks)
             record["entropy_per_token"] = trl_entropy_per_token(own_sums, own)
@@ -519,7 +528,7 @@ class EntropyChangeCallback(_CallbackBase):
             "reliable": 1.0 if change.reliable else 0.0,
         })
         if not change.reliable:
-            record["reliable_reason"] = diag.reason
+            record["reliable_reason"] = self._reliable_reason = diag.reason
         if self.keep_tensors:
             record["theta_a"], record["theta_b"], record["evaluation_batch"] = theta_a, theta_b, batch
         return change

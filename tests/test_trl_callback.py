@@ -327,3 +327,44 @@ def test_gradient_accumulation_and_checkpointing():
                for s in by_step)
     assert all(torch.equal(a, b) for a, b in zip(lora(trainer).values(), lora(run(callback=False, **config)[0])
                                                  .values()))
+
+
+def test_rollout_batch_from_trl_groups_rows_by_prompt():
+    """TRL's shuffled rows regrouped by prompt; a prompt drawn twice gives two groups; a split group is refused."""
+    from funcprobe.trl import rollout_batch_from_trl, trl_entropy_per_token
+
+    def micro(prompts, completions, advantages):
+        P = max(map(len, prompts))
+        C = max(map(len, completions))
+        return {"prompt_ids": torch.tensor([[0] * (P - len(p)) + p for p in prompts]),
+                "prompt_mask": torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts]),
+                "completion_ids": torch.tensor([c + [0] * (C - len(c)) for c in completions]),
+                "completion_mask": torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions]),
+                "advantages": torch.tensor(advantages, dtype=torch.float32)}
+
+    a, b = [5, 6], [7]
+    first = micro([a, b, a, a], [[9, 2], [10], [11, 12, 2], [13]], [0.5, -1.0, 0.25, 1.0])
+    second = micro([b, a, a, a], [[14, 2], [15], [16], [17, 18]], [1.0, 2.0, 3.0, 4.0])
+    out = rollout_batch_from_trl([first, second], G=2, pad_token_id=0, temperature=0.7, length_norm=8)
+    batch = out.batch
+    assert (batch.B, batch.G, batch.temperature) == (4, 2, 0.7)  # a: 6 rows → 3 groups of 2; b: 1 group
+    # each TRL row is where the map says, with its prompt, completion and advantage
+    for mb, rows_of in zip((first, second), out.rows):
+        for r, (n, g) in enumerate(rows_of):
+            ids, response = batch.input_ids[n, g], batch.response_mask[n, g]
+            prompt = mb["prompt_ids"][r][mb["prompt_mask"][r].bool()].tolist()
+            completion = mb["completion_ids"][r][mb["completion_mask"][r].bool()].tolist()
+            assert ids[response].tolist() == completion
+            start = int(response.nonzero()[0])
+            assert ids[start - len(prompt):start].tolist() == prompt
+            assert batch.attention_mask[n, g].sum() == len(prompt) + len(completion)
+            assert batch.advantages[n, g] == float(mb["advantages"][r])
+    assert sorted(out.rows[0] + out.rows[1]) == [(n, g) for n in range(4) for g in range(2)]
+    # TRL's entropy metric: the mean over micro-batches of each one's token-weighted mean
+    sums = torch.arange(8, dtype=torch.float64).reshape(4, 2) + 1
+    def mean_of(mb_rows):
+        return sum(float(sums[n, g]) for n, g in mb_rows) / sum(float(out.lengths[n, g]) for n, g in mb_rows)
+    expected = (mean_of(out.rows[0]) + mean_of(out.rows[1])) / 2
+    assert trl_entropy_per_token(sums, out) == pytest.approx(expected, rel=1e-15)
+    with pytest.raises(ValueError, match="not a multiple of G=2"):
+        rollout_batch_from_trl([first], G=2, pad_token_id=0, temperature=0.7, length_norm=8)
