@@ -1,0 +1,622 @@
+"""The entropy change of every step of a running TRL ``GRPOTrainer``: :class:`EntropyChangeCallback` (issue 18).
+
+Usage — three lines in a TRL script (a LoRA adapter, ``peft_config=``, is required: funcprobe's policy is the
+base model plus its LoRA tensors)::
+
+    from funcprobe.trl import EntropyChangeCallback
+
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(..., logging_steps=1), peft_config=lora)
+    trainer.add_callback(EntropyChangeCallback(trainer))          # every=1: every optimizer step
+    trainer.train()                                               # entropy_change/* in trainer.state.log_history
+
+Nothing is generated. In a GRPO run the next generation's rollouts are drawn at θ_{t+1}, after step t and
+independently of it, so they are an evaluation batch E for step t (spec §6, §9). Notation: optimizer step s (the
+``global_step`` after it, 1, 2, …) takes θ_{s−1} to θ_s on rollouts drawn at θ_{s−1}; H(θ) = E_p E_{y∼π_θ(·|p)}
+[−log π_θ(y|p)] is the mean entropy of a response (nats per response), H_tok the entropy per response token (nats
+per token, TRL's ``entropy`` unit). On E, drawn at θ_b (B prompts × G completions, TRL's own):
+
+* ``realised`` = Ĥ(θ_b) − Ĥ(θ_a), the realised change, by importance sampling *back* from θ_b to θ_a: log w_{n,g} =
+  S_{θ_a} − S_{θ_b} (S the completion's log-probability at the trainer's temperature), per-prompt self-normalised
+  w̃, Rao-Blackwell integrand f = Σ_k h_k (h_k the full next-token entropy along the sampled prefix):
+  ΔĤ_n = (1/G) Σ_g f_{θ_b}(y_{n,g}) − Σ_g w̃_{n,g} f_{θ_a}(y_{n,g}), realised = mean_n ΔĤ_n, ``realised_se`` =
+  sd_n(ΔĤ_n)/√B. One extra no-grad forward at θ_a (the LoRA snapshot). Diagnostics of the weights: ``ess_min`` /
+  ``ess_mean`` (Kish ESS/G per prompt, min and mean), ``khat`` (PSIS k̂ over all B·G log-weights; NaN where it is
+  not assessed), ``reliable`` (1/0, ``funcprobe.realised.weight_diagnostics``' verdict). ``realised_per_token``
+  (± ``realised_per_token_se``): the same with the per-prompt token-weighted entropy Σ_g w̃ f / Σ_g w̃ T.
+* ``first_order`` = δĤ₁(E) = ∇Ĥ(θ_b)·(θ_b − θ_a) of spec §9 along the step really taken (``delta_h1_heldout``,
+  Rao-Blackwell integrand by default), ± ``first_order_se``; ``difference`` = realised − first_order with the
+  paired SE ``difference_se`` = sd_n(ΔĤ_n − D_n)/√B (``paired_difference``): how far the step is from its
+  first-order regime.
+* ``entropy`` = Ĥ(θ_b) on E (Rao-Blackwell, nats per response).
+
+For each probed step s, on step s's own rollouts at θ_{s−1}:
+
+* ``entropy_per_token``: TRL's ``entropy`` definition — per micro-batch, Σ m h / Σ m over its completion tokens (h
+  the next-token entropy of logits/temperature, m the completion mask), then the mean over the step's micro-batches
+  (TRL appends one value per ``training_step`` and averages them at logging time). Nats per token.
+* ``step_match`` = ‖clip(∇ℒ_funcprobe) − g_trainer‖ / ‖g_trainer‖: funcprobe's gradient of this step's batch under the
+  trainer's settings (``Objective`` from ``trainer.args`` through ``funcprobe.trainer_config.trainer_settings``; the
+  trainer's own advantages), clipped at ``max_grad_norm`` as ``clip_grad_norm_`` does, against the trainer's clipped
+  gradient at ``on_pre_optimizer_step``. NaN (null in the log) where funcprobe cannot model the step
+  (num_iterations > 1, an entropy bonus, …); the reason is in ``callback.step_match_reason``, warned once, and
+  written beside it into ``log_history`` as ``entropy_change/step_match_reason``. The measurement itself needs only
+  Δθ and is unaffected.
+* ``update_match`` = ‖Δθ_funcprobe − Δθ_trainer‖ / ‖Δθ_trainer‖: funcprobe's pure AdamW step (``adamw_update``) from
+  the optimizer state before the step and the trainer's clipped gradient, against θ_s − θ_{s−1}. NaN with
+  ``callback.update_match_reason`` for an optimizer funcprobe does not model.
+* ``overhead_s``: wall seconds the callback spent during step s (snapshots, conversions and all of the above).
+
+**Which row holds what.** Everything is appended to TRL's own metrics before the step's log, so it lands in the
+row of ``log_history`` (and wandb / tensorboard) whose ``step`` is s: ``entropy_per_token``, ``step_match``,
+``update_match`` and ``overhead_s`` describe step s itself; ``realised*``, ``first_order*``, ``difference*``,
+``ess_*``, ``khat``, ``reliable`` and ``entropy`` describe the change of steps ``first_step`` … ``last_step``
+(normally the single step s − 1), measured on step s's rollouts (drawn at θ_{s−1} = θ_b, θ_a = θ before
+``first_step``). So a row's entropy_change values are all computed on that row's rollouts, and ``realised_per_token``
+in row s estimates what TRL's ``entropy`` row s minus row s − 1 estimates, on one sample. The last step of a run is
+never measured (no later rollouts). With ``logging_steps`` > 1 a row holds TRL's average over its window, as for
+TRL's own metrics; :attr:`EntropyChangeCallback.history` keeps every step's values (and their reasons).
+
+**Generations that serve several steps** (``num_iterations`` > 1, ``steps_per_generation`` >
+``gradient_accumulation_steps``): rollouts reused by a later step predate it. A measurement waits for the first
+generation drawn after the probed step (a new ``trainer._buffered_inputs`` list) and uses all of it; it then measures
+the change from θ before the probed step to θ where that generation was drawn, and ``first_step`` / ``last_step``
+say which steps that spans. At most one measurement is pending at a time.
+
+TRL facts relied on (trl 1.16, ``trl/trainer/grpo_trainer.py``): ``_prepare_inputs`` stores a new list in
+``_buffered_inputs`` for each generation and hands out ``_buffered_inputs[_step % steps_per_generation]`` per
+micro-batch (keys ``prompt_ids``, ``prompt_mask``, ``completion_ids``, ``completion_mask``, ``advantages``); the
+``entropy`` metric is ``global_masked_mean`` of the fused LM head's entropies, one value per ``training_step``;
+``GRPOTrainer.log`` averages ``_metrics["train"]`` over the logging window (NaN ignored, None when none is left) and
+clears it. Transformers' loop: ``on_step_begin`` → micro-batches (``on_substep_end`` after each but the last) →
+clipping → ``on_pre_optimizer_step`` (clipped gradients in place) → ``optimizer.step()`` → scheduler → ``zero_grad``
+→ ``global_step += 1`` → ``on_step_end`` → the step's log.
+
+The callback never changes the training: it reads parameters, gradients and the optimizer state and copies them to
+the CPU, computes with ``torch.func.functional_call`` on its own tensors (no ``.grad`` is written), switches the
+model to eval mode only while it computes and restores its mode, and draws no random numbers. A failure inside it
+is warned about once (``warnings`` and the ``funcprobe.trl`` logger), switches the callback off for the rest of the
+run (``callback.error`` keeps it), and never stops training. Several processes are not supported yet (refused at
+the start of training, the same way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import traceback
+import types
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .batch import RolloutBatch
+from .heldout import delta_h1_heldout, paired_difference
+from .policy import Policy
+from .realised import importance_weighted_delta_h, weight_diagnostics
+
+__all__ = ["EntropyChangeCallback", "rollout_batch_from_trl", "TRLRollouts", "reverse_importance_change",
+           "ReverseChange", "trl_entropy_per_token", "PREFIX"]
+
+logger = logging.getLogger("funcprobe.trl")
+
+#: The prefix of every key the callback logs.
+PREFIX = "entropy_change/"
+
+try:  # the callback is a real TrainerCallback when transformers is installed (it always is next to TRL)
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # pragma: no cover - funcprobe itself does not need transformers' Trainer
+    _CallbackBase = object
+
+
+# ---------------------------------------------------------------------------------------------- TRL's batch → ours
+@dataclass(frozen=True)
+class TRLRollouts:
+    """TRL micro-batches as one :class:`RolloutBatch`, grouped by prompt, and where each TRL row went.
+
+    ``batch``: [B, G, P + C], each prompt left-padded to P, then its completion (TRL's ids and mask) right-padded to
+    C. ``rows``: for micro-batch i, a list of the (n, g) of each of its rows. ``lengths`` float64 [B, G]: completion
+    tokens (Σ completion_mask).
+    """
+
+    batch: RolloutBatch
+    rows: tuple[tuple[tuple[int, int], ...], ...]
+    lengths: Tensor
+
+
+def rollout_batch_from_trl(micro_batches: Sequence[Mapping[str, Any]], *, G: int, pad_token_id: int,
+                           temperature: float, length_norm: float) -> TRLRollouts:
+    """A :class:`RolloutBatch` of TRL ``GRPOTrainer`` micro-batches (``_buffered_inputs`` entries).
+
+    Rows are grouped by their prompt's token ids, in order of first appearance (TRL shuffles the rows of a
+    generation). A prompt seen k·G times (the same prompt drawn k times) gives k groups of G, in order. Advantages
+    are TRL's (float32, stored as float64); ``length_norm`` is the generation budget (``max_completion_length``).
+
+    Raises ValueError for a prompt whose number of rows is not a multiple of G (its group is split across steps or
+    processes), for per-token advantages, and for ``tool_mask`` (tool-call tokens masked out of the loss).
+    """
+    entries: dict[tuple[int, ...], list[tuple[list[int], list[int], float, int, int]]] = {}
+    C = 1
+    for i, mb in enumerate(micro_batches):
+        if "tool_mask" in mb and mb["tool_mask"] is not None:
+            raise ValueError("the rollouts carry a tool_mask (tool-call tokens out of the loss); not modelled yet")
+        prompt_ids, prompt_mask = mb["prompt_ids"].detach().cpu(), mb["prompt_mask"].detach().cpu().bool()
+        completion_ids = mb["completion_ids"].detach().cpu()
+        completion_mask = mb["completion_mask"].detach().cpu().bool()
+        advantages = mb["advantages"].detach().cpu()
+        if advantages.dim() != 1:
+            raise ValueError(f"per-token advantages (shape {tuple(advantages.shape)}) are not modelled yet")
+        C = max(C, completion_ids.shape[1])
+        for r in range(prompt_ids.shape[0]):
+            prompt = prompt_ids[r][prompt_mask[r]].tolist()
+            entries.setdefault(tuple(prompt), []).append(
+                (completion_ids[r].tolist(), completion_mask[r].tolist(), float(advantages[r]), i, r))
+    groups = []
+    for prompt, rows in entries.items():
+        if len(rows) % G:
+            raise ValueError(f"a prompt has {len(rows)} completions in these rollouts, not a multiple of "
+                             f"G={G}: its group is split (several processes, or steps_per_generation > "
+                             "gradient_accumulation_steps without the whole generation)")
+        groups.extend((list(prompt), rows[k:k + G]) for k in range(0, len(rows), G))
+    B = len(groups)
+    P = max(len(prompt) for prompt, _ in groups)
+    input_ids = torch.full((B, G, P + C), int(pad_token_id), dtype=torch.long)
+    attention = torch.zeros((B, G, P + C), dtype=torch.bool)
+    response = torch.zeros_like(attention)
+    advantages = torch.zeros((B, G), dtype=torch.float64)
+    where: dict[tuple[int, int], tuple[int, int]] = {}
+    for n, (prompt, rows) in enumerate(groups):
+        for g, (ids, mask, advantage, i, r) in enumerate(rows):
+            input_ids[n, g, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
+            attention[n, g, P - len(prompt):P] = True
+            input_ids[n, g, P:P + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention[n, g, P:P + len(mask)] = torch.tensor(mask, dtype=torch.bool)
+            response[n, g, P:P + len(mask)] = torch.tensor(mask, dtype=torch.bool)
+            advantages[n, g] = advantage
+            where[(i, r)] = (n, g)
+    batch = RolloutBatch(input_ids=input_ids, attention_mask=attention, response_mask=response,
+                         advantages=advantages, length_norm=torch.full((B,), float(length_norm), dtype=torch.float64),
+                         pad_token_id=int(pad_token_id), temperature=float(temperature))
+    rows_of = tuple(tuple(where[(i, r)] for r in range(mb["prompt_ids"].shape[0]))
+                    for i, mb in enumerate(micro_batches))
+    return TRLRollouts(batch=batch, rows=rows_of, lengths=response.sum(-1).to(torch.float64))
+
+
+def trl_entropy_per_token(token_entropy_sums: Tensor, rollouts: TRLRollouts) -> float:
+    """TRL's ``entropy`` metric of one optimizer step from funcprobe's summed next-token entropies Σ_k m h [B, G]:
+    per micro-batch Σ m h / Σ m (``global_masked_mean``, one process), then the mean over the micro-batches (TRL
+    appends one value per ``training_step``; ``GRPOTrainer.log`` averages them). Nats per token."""
+    values = []
+    for rows in rollouts.rows:
+        index = torch.tensor(rows, dtype=torch.long)
+        total = float(token_entropy_sums[index[:, 0], index[:, 1]].sum())
+        count = float(rollouts.lengths[index[:, 0], index[:, 1]].sum())
+        values.append(total / max(count, 1.0))
+    return sum(values) / len(values)
+
+
+# ------------------------------------------------------------------------------------- the realised change, reversed
+@dataclass(frozen=True)
+class ReverseChange:
+    """H(θ_b) − H(θ_a) by importance sampling from samples drawn at θ_b (see the module docstring). Nats per
+    response, except the ``*_per_token`` fields (nats per token).
+
+    ``deltaH``, ``se``, ``deltaH_per_prompt`` (ΔĤ_n [B]); ``per_token``, ``per_token_se``; ``H_after`` = Ĥ(θ_b)
+    (Rao-Blackwell mean on E), ``H_before`` = Ĥ(θ_a) (weighted); ``diagnostics``: the
+    :class:`~funcprobe.realised.WeightDiagnostics` of log w = S_{θ_a} − S_{θ_b}; ``B``, ``G``.
+    """
+
+    deltaH: float
+    se: float
+    deltaH_per_prompt: tuple[float, ...]
+    per_token: float
+    per_token_se: float
+    H_before: float
+    H_after: float
+    diagnostics: Any
+    B: int
+    G: int
+    token_entropy_sums_after: Tensor = field(repr=False, compare=False)
+
+    @property
+    def reliable(self) -> bool:
+        return bool(self.diagnostics.reliable)
+
+    def pairing(self) -> Any:
+        """This result in the shape ``funcprobe.heldout.paired_difference`` reads (per sequence)."""
+        return types.SimpleNamespace(deltaH_per_prompt=self.deltaH_per_prompt, deltaH=self.deltaH, B=self.B,
+                                     G=self.G, per_token=False, reliable=self.reliable,
+                                     method="reverse importance sampling")
+
+
+def reverse_importance_change(params_before: Mapping[str, Tensor], params_after: Mapping[str, Tensor],
+                              batch: RolloutBatch, *, policy: Policy, seq_chunk: int | None = None,
+                              token_chunk: int | None = None) -> ReverseChange:
+    """ΔĤ = Ĥ(θ_b) − Ĥ(θ_a) on ``batch`` drawn from π at ``params_after`` = θ_b, by importance sampling back to
+    ``params_before`` = θ_a (per-prompt self-normalised, Rao-Blackwell integrand; two no-grad forwards).
+
+    It is ``funcprobe.realised.importance_weighted_delta_h`` with the roles of θ and θ⁺ exchanged (the samples'
+    θ is θ_b), negated: log w = S_{θ_a} − S_{θ_b}, ΔĤ_n = (1/G) Σ_g f_b − Σ_g w̃ f_a. Per-prompt values, SE and the
+    weight diagnostics carry over unchanged (the SE of −X is that of X).
+    """
+    chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk)
+    S_b, E_b = policy.sequence_logprobs_and_entropies(params_after, batch, **chunks)
+    S_a, E_a = policy.sequence_logprobs_and_entropies(params_before, batch, **chunks)
+    # importance_weighted_delta_h(S, S⁺) estimates H(θ⁺) − H(θ) from samples at θ: here θ = θ_b, θ⁺ = θ_a.
+    back = importance_weighted_delta_h(S_b, S_a, normalize="prompt", values_before=E_b, values_after=E_a)
+    lengths = batch.response_lengths.to("cpu", torch.float64)
+    back_tok = importance_weighted_delta_h(S_b, S_a, normalize="prompt", per_token=True, lengths=lengths,
+                                           values_before=E_b, values_after=E_a)
+    diagnostics = weight_diagnostics(back.log_weights, normalize="prompt")
+    return ReverseChange(deltaH=-back.deltaH, se=back.se,
+                         deltaH_per_prompt=tuple(float(-x) for x in back.deltaH_per_prompt),
+                         per_token=-back_tok.deltaH, per_token_se=back_tok.se, H_before=back.H_after,
+                         H_after=back.H_before, diagnostics=diagnostics, B=batch.B, G=batch.G,
+                         token_entropy_sums_after=E_b)
+
+
+# ---------------------------------------------------------------------------------------------------- the callback
+@dataclass
+class _Pending:
+    """A probed step waiting for the first generation drawn after it."""
+
+    theta: dict[str, Tensor]     # θ before ``first_step`` (CPU)
+    first_step: int
+
+
+def _rel_l2(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    num = sum(float(((a[n].double() - b[n].double()) ** 2).sum()) for n in b)
+    den = sum(float((b[n].double() ** 2).sum()) for n in b)
+    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+class EntropyChangeCallback(_CallbackBase):
+    """A ``transformers.TrainerCallback`` for TRL's ``GRPOTrainer``: each probed step's entropy change, its
+    first-order part, the paired difference and whether the trainer's step is funcprobe's (module docstring).
+
+    Args:
+        trainer: the ``GRPOTrainer`` (its model must be a PEFT LoRA model).
+        every: probe optimizer steps 1, 1 + every, 1 + 2·every, … (1: every step).
+        integrand: δĤ₁(E)'s integrand, "rao_blackwell" (default) or "sequence".
+        keep_tensors: also keep, in :attr:`history`, θ_a, θ_b (CPU LoRA dicts) and the evaluation batch of each
+            measurement, and each probed step's own batch (for offline checks; memory grows with the run).
+        seq_chunk, token_chunk: funcprobe's chunk sizes (default the policy's: 8 sequences, 512 rows).
+
+    Attributes:
+        history: one dict per step the callback did something at: ``step`` and the values it logged for it (floats,
+            NaN where null) plus ``step_match_reason`` / ``update_match_reason`` where null.
+        step_match_reason, update_match_reason: why that value is null, or None.
+        error: the first failure's traceback (the callback is off from then on), or None.
+    """
+
+    def __init__(self, trainer: Any, every: int = 1, integrand: str = "rao_blackwell", *, keep_tensors: bool = False,
+                 seq_chunk: int | None = None, token_chunk: int | None = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer (probe every k-th optimizer step); got {every!r}.")
+        from .heldout import INTEGRANDS
+
+        if integrand not in INTEGRANDS:
+            raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
+        self.trainer = trainer
+        self.every = every
+        self.integrand = integrand
+        self.keep_tensors = bool(keep_tensors)
+        self.chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk)
+        self.history: list[dict[str, Any]] = []
+        self.step_match_reason: str | None = None
+        self.update_match_reason: str | None = None
+        self.error: str | None = None
+        self._policy: Policy | None = None
+        self._objective = None
+        self._pending: _Pending | None = None
+        self._last_buffer: Any = None      # the generation (list object) the previous step used; held for identity
+        self._reliable_reason: str | None = None
+        self._reset_step()
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    def _reset_step(self) -> None:
+        self._micro: list[tuple[Any, int]] = []
+        self._theta_begin: dict[str, Tensor] | None = None
+        self._clipped: dict[str, Tensor] | None = None
+        self._optimizer_state: dict[str, Any] | None = None
+        self._elapsed = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.error is None
+
+    @property
+    def model(self):
+        model = self.trainer.model
+        accelerator = getattr(self.trainer, "accelerator", None)
+        return accelerator.unwrap_model(model) if accelerator is not None else model
+
+    @contextlib.contextmanager
+    def _guard(self, what: str):
+        """Time the block; a failure is warned about once and switches the callback off (training goes on)."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - nothing in here may stop the training run
+            self.error = f"{what}: {type(error).__name__}: {error}\n{traceback.format_exc()}"
+            message = (f"funcprobe EntropyChangeCallback failed in {what} ({type(error).__name__}: {error}); it is "
+                       "off for the rest of this run, training continues. callback.error has the traceback.")
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            self._pending = None
+            self._last_buffer = None
+            self._reset_step()
+        finally:
+            self._elapsed += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """The model in eval mode, without transformers' ``make_inputs_require_grads`` hooks (gradient
+        checkpointing, TRL's default, installs them; ``requires_grad_`` inside ``torch.func.vjp`` is an error), for
+        the duration of the block; mode and hooks are restored exactly (same dict, same order)."""
+        model = self.model
+        was_training = model.training
+        suspended = []
+        for module in model.modules():
+            hooks = module._forward_hooks
+            found = [k for k, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]
+            if found:
+                suspended.append((hooks, dict(hooks)))
+                for k in found:
+                    del hooks[k]
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            for hooks, saved in suspended:
+                hooks.clear()
+                hooks.update(saved)
+
+    def _probed(self, step: int) -> bool:
+        return (step - 1) % self.every == 0
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach().to("cpu", copy=True) for n in self._policy.param_names}
+
+    def _on_device(self, theta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        device = self._policy.device
+        return {n: t.to(device) for n, t in theta.items()}
+
+    def _current_micro_batch(self) -> None:
+        trainer = self.trainer
+        buffer = trainer._buffered_inputs
+        index = (trainer._step - 1) % trainer.args.steps_per_generation
+        self._micro.append((buffer, index))
+
+    # --------------------------------------------------------------------------------------------- the events
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.active:
+            return
+        with self._guard("on_train_begin"):
+            trainer = self.trainer
+            accelerator = getattr(trainer, "accelerator", None)
+            if accelerator is not None and accelerator.num_processes > 1:
+                raise NotImplementedError(f"{accelerator.num_processes} processes: each holds a shard of the "
+                                          "rollouts, and gathering them is not implemented yet")
+            with self._eval_mode():
+                self._policy = Policy.from_peft(self.model, temperature=float(args.temperature))
+            self._objective, self.step_match_reason = _trainer_objective(args)
+            if self.step_match_reason is not None:
+                logger.warning("funcprobe EntropyChangeCallback: step_match is null for this run: %s",
+                               self.step_match_reason)
+        self._elapsed = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.active or self._policy is None:
+            return
+        self._reset_step()
+        with self._guard("on_step_begin"):
+            self._theta_begin = self._snapshot()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if not self.active or self._theta_begin is None:
+            return
+        with self._guard("on_substep_end"):
+            self._current_micro_batch()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.active or self._theta_begin is None:
+            return
+        with self._guard("on_pre_optimizer_step"):
+            self._current_micro_batch()
+            if self._probed(state.global_step + 1):
+                named = dict(self.model.named_parameters())
+                self._clipped = {n: (named[n].grad.detach().to("cpu", copy=True) if named[n].grad is not None
+                                     else torch.zeros_like(self._theta_begin[n])) for n in self._policy.param_names}
+                self._optimizer_state = _optimizer_snapshot(self.trainer.optimizer, self.model,
+                                                            self._policy.param_names)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.active or self._theta_begin is None:
+            return
+        step = state.global_step
+        record: dict[str, Any] = {"step": step}
+        with self._guard("on_step_end"):
+            with self._eval_mode():
+                self._step_end(args, step, record)
+        if not self.active:
+            return
+        record["overhead_s"] = self._elapsed
+        self._emit(record)
+        self._reset_step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Write the reasons for null values beside them in ``log_history`` (strings cannot go through TRL's
+        averaged metrics)."""
+        if not state.log_history:
+            return
+        row = state.log_history[-1]
+        for name in ("step_match", "update_match"):
+            key = PREFIX + name
+            if key in row and row[key] is None:
+                reason = getattr(self, f"{name}_reason") or "not computed"
+                row[PREFIX + name + "_reason"] = reason
+        reliable = row.get(PREFIX + "reliable")
+        if reliable is not None and reliable < 1 and self._reliable_reason:
+            row[PREFIX + "reliable_reason"] = self._reliable_reason
+
+    # ------------------------------------------------------------------------------------------- the step's work
+    def _step_end(self, args, step: int, record: dict[str, Any]) -> None:
+        policy = self._policy
+        trainer = self.trainer
+        G = int(args.num_generations)
+        convert = dict(G=G, pad_token_id=_pad_id(trainer), temperature=float(args.temperature),
+                       length_norm=float(args.max_completion_length))
+        buffers_before = self._last_buffer
+        fresh = [buffer for buffer, _ in self._micro if buffer is not buffers_before]
+        new_generation = fresh[0] if fresh else None
+        self._last_buffer = self._micro[-1][0]
+        probed = self._probed(step)
+        measure = new_generation is not None and self._pending is not None
+        if not (probed or measure):
+            return
+        whole = [buffer[index] for buffer, index in self._micro]     # this step's micro-batches, in order
+        own = rollout_batch_from_trl(whole, **convert)
+        theta_b = self._theta_begin
+        own_sums = None
+        if measure:
+            # the evaluation batch is the whole new generation: this step's micro-batches when it serves one step
+            same = len(new_generation) == len(whole) and all(
+                any(mb is entry for mb in whole) for entry in new_generation)
+            evaluation = own if same else rollout_batch_from_trl(list(new_generation), **convert)
+            change = self._measure(self._pending, theta_b, evaluation.batch, step - 1, record)
+            if same:
+                own_sums = change.token_entropy_sums_after
+            self._pending = None
+        if probed:
+            if own_sums is None:
+                own_sums = policy.token_entropies(self._on_device(theta_b), own.batch, **self.chunks)
+            record["entropy_per_token"] = trl_entropy_per_token(own_sums, own)
+            record["step_match"] = self._step_match(theta_b, own.batch, record)
+            record["update_match"] = self._update_match(theta_b, record)
+            if self.keep_tensors:
+                record["own_batch"] = own
+                record["theta_before"] = theta_b
+            if self._pending is None:
+                self._pending = _Pending(theta=theta_b, first_step=step)
+
+    def _measure(self, pending: _Pending, theta_b: dict[str, Tensor], batch: RolloutBatch, last_step: int,
+                 record: dict[str, Any]) -> ReverseChange:
+        policy = self._policy
+        theta_a, theta_b_dev = pending.theta, self._on_device(theta_b)
+        change = reverse_importance_change(self._on_device(theta_a), theta_b_dev, batch, policy=policy, **self.chunks)
+        delta = {n: theta_b[n].to(torch.float64) - theta_a[n].to(torch.float64) for n in theta_b}
+        first = delta_h1_heldout(theta_b_dev, delta, batch, policy=policy, integrand=self.integrand, **self.chunks)
+        paired = paired_difference(change.pairing(), first)
+        diag = change.diagnostics
+        record.update({
+            "first_step": float(pending.first_step), "last_step": float(last_step),
+            "realised": change.deltaH, "realised_se": change.se,
+            "realised_per_token": change.per_token, "realised_per_token_se": change.per_token_se,
+            "first_order": first.deltaH1, "first_order_se": first.se,
+            "difference": paired.difference, "difference_se": paired.se,
+            "entropy": change.H_after,
+            "ess_min": diag.ess_min_fraction, "ess_mean": diag.ess_mean_fraction,
+            "khat": diag.khat if diag.khat_assessed else math.nan,
+            "reliable": 1.0 if change.reliable else 0.0,
+        })
+        if not change.reliable:
+            record["reliable_reason"] = self._reliable_reason = diag.reason
+        if self.keep_tensors:
+            record["theta_a"], record["theta_b"], record["evaluation_batch"] = theta_a, theta_b, batch
+        return change
+
+    def _step_match(self, theta: dict[str, Tensor], batch: RolloutBatch, record: dict[str, Any]) -> float:
+        if self._objective is None or self._clipped is None:
+            record["step_match_reason"] = self.step_match_reason or "the clipped gradient was not captured"
+            return math.nan
+        from .adam import grad_clip_coef
+        from .update import policy_gradient
+
+        try:
+            _, ybar = policy_gradient(self._on_device(theta), batch, policy=self._policy,
+                                      objective=self._objective, **self.chunks)
+        except ValueError as error:  # a setting the Objective holds but the policy refuses (e.g. DoRA with β > 0)
+            self.step_match_reason = f"funcprobe's gradient of this batch: {error}"
+            record["step_match_reason"] = self.step_match_reason
+            return math.nan
+        grad = {n: -y for n, y in ybar.items()}
+        if self._objective.max_grad_norm is not None:
+            _, coef = grad_clip_coef(grad, self._objective.max_grad_norm)
+            grad = {n: g * float(coef) for n, g in grad.items()}
+        return _rel_l2(grad, self._clipped)
+
+    def _update_match(self, theta: dict[str, Tensor], record: dict[str, Any]) -> float:
+        state = self._optimizer_state
+        if isinstance(state, str) or state is None:
+            self.update_match_reason = state or "the optimizer state was not captured"
+            record["update_match_reason"] = self.update_match_reason
+            return math.nan
+        from .adam import AdamState, adamw_update
+
+        try:
+            adam = AdamState.from_torch(state["state_dict"], state["names"], theta)
+        except ValueError as error:
+            self.update_match_reason = f"funcprobe's AdamW cannot read this optimizer's state: {error}"
+            record["update_match_reason"] = self.update_match_reason
+            return math.nan
+        after, _ = adamw_update(theta, self._clipped, adam)
+        named = dict(self.model.named_parameters())
+        taken = {n: named[n].detach().to("cpu", torch.float64) - theta[n].double() for n in theta}
+        return _rel_l2({n: after[n].double() - theta[n].double() for n in theta}, taken)
+
+    # --------------------------------------------------------------------------------------------------- logging
+    def _emit(self, record: dict[str, Any]) -> None:
+        """Append the step's values to TRL's metrics, which ``GRPOTrainer.log`` writes into this step's row."""
+        self.history.append(record)
+        metrics = getattr(self.trainer, "_metrics", None)
+        if metrics is None or "train" not in metrics:
+            return
+        for key, value in record.items():
+            if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            value = float(value)
+            metrics["train"][PREFIX + key].append(value if math.isfinite(value) else math.nan)
+
+
+def _trainer_objective(args) -> tuple[Any, str | None]:
+    """(the Objective of the trainer's step, None) or (None, why funcprobe cannot model it)."""
+    from .trainer_config import trainer_settings
+
+    try:
+        settings = trainer_settings(args.to_dict(), source="trainer.args")
+    except ValueError as error:
+        return None, str(error)
+    return settings.objective, None
+
+
+def _optimizer_snapshot(optimizer, model, names: Sequence[str]) -> dict[str, Any] | str:
+    """The optimizer's state before its step, on the CPU, with the names of its parameters; or why not."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if type(inner).__name__ not in ("AdamW", "Adam"):
+        return f"the optimizer is {type(inner).__name__}; funcprobe models AdamW only"
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    order = [by_id.get(id(p)) for group in inner.param_groups for p in group["params"]]
+    if any(n is None for n in order) or set(order) != set(names):
+        return "the optimizer's parameters are not exactly the LoRA tensors"
+    state_dict = inner.state_dict()
+    copied = {"state": {k: {key: (v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v)
+                            for key, v in entry.items()} for k, entry in state_dict["state"].items()},
+              "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+    return {"state_dict": copied, "names": order}
+
+
+def _pad_id(trainer) -> int:
+    tokenizer = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(trainer, "pad_token_id", None)
+    return int(pad if pad is not None else 0)
