@@ -13,7 +13,8 @@ For each seed s: the probe's own loading and sampling (``pipeline.load_and_sampl
     ΔĤ − δĤ₁(E) ± its paired SE;
   * at η/lr = 1/16 (where the weights are near 1 and ΔH is first order): ΔĤ − (1/16)·δĤ₁(E) for per-prompt
     self-normalised IS (the default) and for ordinary IS (``normalize="none"``, unbiased for any step), paired. A
-    difference that is linear in η at small η is a first-order disagreement: self-normalisation's O(Δ/G) bias.
+    difference that is linear in η at small η is a first-order disagreement: self-normalisation's O(Δ/G) bias; and
+    ordinary IS with a leave-one-out control variate (``normalize="loo"``: unbiased, as smooth as SNIS), also at lr.
 Prints a markdown table (and --json).
 """
 
@@ -77,25 +78,32 @@ def main(argv=None) -> list[dict]:
         small = scaled_update(params, step.delta_theta(), 1 / 16)
         small_snis = snis_delta_h(params, small, policy=policy, batch=E)
         small_is = snis_delta_h(params, small, policy=policy, batch=E, normalize="none")
+        small_loo = snis_delta_h(params, small, policy=policy, batch=E, normalize="loo")
+        loo = snis_delta_h(params, new_params, policy=policy, batch=E, normalize="loo")
         row = dict(seed=seed, t=int(min(adam.step.values())), U=f"{loaded.batch.B}×{loaded.batch.G}",
                    E=f"{E.B}×{E.G}", ustat=prediction.deltaH1, ustat_se=prediction.se_deltaH1,
                    seq=seq.deltaH1, seq_se=seq.se, rb=rb.deltaH1, rb_se=rb.se, realised=realised.deltaH,
                    realised_se=realised.se, paired=paired.difference, paired_se=paired.se, paired_z=paired.z,
                    small_snis=paired_difference(small_snis, rb, scale=1 / 16).to_dict(),
                    small_is=paired_difference(small_is, rb, scale=1 / 16).to_dict(),
+                   small_loo=paired_difference(small_loo, rb, scale=1 / 16).to_dict(),
+                   loo=loo.deltaH, loo_se=loo.se, loo_paired=paired_difference(loo, rb).to_dict(),
                    seconds=time.perf_counter() - started)
         rows.append(row)
         print(f"seed {seed}: {json.dumps(row)}", file=sys.stderr, flush=True)
     print("| seed | U-statistic δH₁ ± SE | δĤ₁(E) sequence ± SE | δĤ₁(E) Rao-Blackwell ± SE | realised ΔĤ ± SE | "
-          "ΔĤ − δĤ₁(E) ± paired SE (z) | at η/lr = 1/16: SNIS − pred. ± SE (z) | ordinary IS − pred. ± SE (z) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "ΔĤ − δĤ₁(E) ± paired SE (z) | at η/lr = 1/16: SNIS − pred. ± SE (z) | ordinary IS − pred. ± SE (z) | "
+          "LOO-control-variate IS − pred. ± SE (z) | at lr: LOO-CV ΔĤ ± SE, − δĤ₁(E) ± paired SE (z) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         s, o = r["small_snis"], r["small_is"]
         print(f"| {r['seed']} | {r['ustat']:.3f} ± {r['ustat_se']:.3f} | {r['seq']:.3f} ± {r['seq_se']:.3f} | "
               f"{r['rb']:.3f} ± {r['rb_se']:.3f} | {r['realised']:.3f} ± {r['realised_se']:.3f} | "
               f"{r['paired']:.3f} ± {r['paired_se']:.3f} ({r['paired_z']:+.1f}) | "
               f"{s['difference']:.4f} ± {s['se']:.4f} ({s['z']:+.1f}) | {o['difference']:.4f} ± {o['se']:.4f} "
-              f"({o['z']:+.1f}) |")
+              f"({o['z']:+.1f}) | {r['small_loo']['difference']:.4f} ± {r['small_loo']['se']:.4f} "
+              f"({r['small_loo']['z']:+.1f}) | {r['loo']:.3f} ± {r['loo_se']:.3f}, {r['loo_paired']['difference']:.3f} ± "
+              f"{r['loo_paired']['se']:.3f} ({r['loo_paired']['z']:+.1f}) |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

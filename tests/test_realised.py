@@ -28,7 +28,8 @@ from funcprobe.update import rl_update, update_direction
 
 VOCAB = 32
 MODEL = dict(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, dtype=torch.float64)
-ALL_OPTIONS = [(n, e, p) for n in NORMALIZATIONS for e in ESTIMATORS for p in (False, True)]
+ALL_OPTIONS = [(n, e, p) for n in NORMALIZATIONS for e in ESTIMATORS for p in (False, True)
+               if not (n == "loo" and p)]   # "loo" is per sequence only
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,6 +88,10 @@ def naive_delta_h(S, S_plus, normalize, per_token=False, lengths=None, f=None, f
             elif normalize == "prompt":
                 after = sum(w[n][g] * f_plus[n][g] for g in range(G)) / sum(w[n])
                 before = sum(f[n]) / G
+            elif normalize == "loo":   # (1/G) Σ_g [w_g (f⁺_g − c_g) + c_g], c_g the other draws' mean
+                others = [(sum(f_plus[n]) - f_plus[n][g]) / (G - 1) for g in range(G)]
+                after = sum(w[n][g] * (f_plus[n][g] - others[g]) + others[g] for g in range(G)) / G
+                before = sum(f[n]) / G
             else:
                 after = sum(w[n][g] * f_plus[n][g] for g in range(G)) / G
                 before = sum(f[n]) / G
@@ -142,6 +147,10 @@ def test_identity_update_gives_exactly_zero_and_full_ess(cached):
 @pytest.mark.parametrize("clip", [None, 0.4])
 def test_pure_estimator_matches_naive_reference(normalize, per_token, rao_blackwell, clip):
     S, S_plus, T, f, f_plus = _synthetic()
+    if normalize == "loo" and per_token:
+        with pytest.raises(ValueError, match="per sequence"):
+            importance_weighted_delta_h(S, S_plus, normalize=normalize, per_token=True, lengths=T, clip=clip)
+        return
     kwargs = dict(f=f, f_plus=f_plus) if rao_blackwell else {}
     expected = naive_delta_h(S, S_plus, normalize, per_token, T, clip=clip, **kwargs)
     got = importance_weighted_delta_h(
@@ -497,6 +506,7 @@ def exact_setting():
         bias[("global", name)] = float((-(p * w * w * (f_plus - H_plus_n.mean())).sum(1)).mean()
                                        / (B_EXACT * G_EXACT))
         bias[("none", name)] = 0.0
+        bias[("loo", name)] = 0.0   # ordinary IS with a control variate independent of each draw: unbiased
 
     variants = [(n, e) for n in NORMALIZATIONS for e in ESTIMATORS]
     estimates = {v: [] for v in variants}
@@ -590,3 +600,33 @@ def test_entropy_matches_exact_entropy(exact_setting):
         values = torch.tensor(values, dtype=torch.float64)
         mc_se = float(values.std()) / math.sqrt(count)
         assert abs(float(values.mean()) - exact) <= 3 * mc_se, (estimator, float(values.mean()), exact, mc_se)
+
+
+# ------------------------------------------------------------------------ the leave-one-out control variate ("loo")
+def test_loo_is_ordinary_is_with_a_leave_one_out_control_variate():
+    """normalize="loo": Ĥ_n(θ⁺) = (1/G) Σ_g [w_g (f⁺_g − c_g) + c_g], c_g the mean of the other draws' f⁺ (written out
+    by hand); a zero step gives exactly 0; per-token estimates are refused (a ratio)."""
+    from funcprobe.realised import importance_weighted_delta_h
+
+    generator = torch.Generator().manual_seed(3)
+    S = -4 - torch.rand(5, 4, generator=generator, dtype=torch.float64)
+    S_plus = S + 0.2 * torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    f = 3 + torch.rand(5, 4, generator=generator, dtype=torch.float64)
+    f_plus = f + 0.05 * torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    result = importance_weighted_delta_h(S, S_plus, normalize="loo", values_before=f, values_after=f_plus)
+    w = (S_plus - S).exp()
+    G = 4
+    expected = []
+    for n in range(5):
+        others = [(f_plus[n].sum() - f_plus[n, g]) / (G - 1) for g in range(G)]
+        after = sum(w[n, g] * (f_plus[n, g] - others[g]) + others[g] for g in range(G)) / G
+        expected.append(float(after - f[n].mean()))
+    torch.testing.assert_close(result.deltaH_per_prompt, torch.tensor(expected, dtype=torch.float64), rtol=1e-12,
+                               atol=1e-14)
+    assert result.deltaH != importance_weighted_delta_h(S, S_plus, values_before=f, values_after=f_plus).deltaH
+    zero = importance_weighted_delta_h(S, S, normalize="loo", values_before=f, values_after=f)
+    assert zero.deltaH == 0.0 and bool((zero.deltaH_per_prompt == 0).all())
+    with pytest.raises(ValueError, match="per_token"):
+        importance_weighted_delta_h(S, S_plus, normalize="loo", per_token=True, lengths=torch.ones(5, 4))
+    with pytest.raises(ValueError, match="overflows"):
+        importance_weighted_delta_h(S, S + 800.0, normalize="loo")

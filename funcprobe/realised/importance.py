@@ -13,6 +13,16 @@
     the batch (the seed's choice). For the SE, ΔĤ is a difference of two ratio estimators R = Σ_n a_n / Σ_n b_n
     (a_n = Σ_g u_{n,g} f⁺_{n,g}, b_n = Σ_g u_{n,g}); its per-prompt contributions are the delta-method pseudo-values
     R + (a_n − R b_n) / b̄, which average exactly to ΔĤ.
+  * ``normalize="loo"``: ordinary importance sampling with a leave-one-out control variate, per prompt,
+
+        Ĥ_n(θ⁺) = (1/G) Σ_g [ w_g (f⁺_g − c_g) + c_g ],   c_g = (1/(G−1)) Σ_{j≠g} f⁺_j
+                = f̄⁺_n + (1/(G−1)) Σ_g w_g (f⁺_g − f̄⁺_n),
+
+    unbiased at any step size (E_θ[w_g] = 1 and c_g is independent of draw g, so E[w_g c_g] = E[c_g]) and as smooth
+    as "prompt" (the same deviations f⁺_g − f̄⁺ are weighted; "prompt" divides their weighted sum by Σ_j w_j where
+    this divides by G − 1). "prompt"'s self-normalisation is biased at first order in the step: its derivative
+    along Δθ is (1 − 1/G)·E[(∇S·Δθ)(f − E f)] + E[∇f·Δθ] against the true ∇H·Δθ, a shortfall of 1/G of the score
+    part (25 % at G = 4) that a paired comparison with δĤ₁(E) resolves (bench/RESULTS.md). Not with ``per_token``.
   * ``normalize="none"``: ordinary importance sampling, Ĥ_n(θ⁺) = −(1/G) Σ_g w_{n,g} S⁺_{n,g}; unbiased since
     E_θ[w] = 1 per prompt, but its variance grows with the scale of the weights. Weights are applied as
     exp(m_n)·exp(log w − m_n), m_n = max_g log w_{n,g}, so no intermediate overflows.
@@ -52,7 +62,7 @@ from .recorded import LogprobCheck
 __all__ = ["NORMALIZATIONS", "ESTIMATORS", "default_estimator", "check_snis_options", "WeightedEstimate",
            "importance_weighted_delta_h", "SNISResult", "snis_delta_h"]
 
-NORMALIZATIONS = ("prompt", "global", "none")
+NORMALIZATIONS = ("prompt", "global", "none", "loo")
 ESTIMATORS = ("sequence", "rao_blackwell")
 
 
@@ -71,7 +81,11 @@ def check_snis_options(normalize: str, estimator: str, per_token: bool, clip: fl
     """Validate the importance-sampling options (spec §6); returns ``clip`` as a float or None."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS} ; got {normalize!r}. Use 'prompt' "
-                         "(per-prompt self-normalised, the default), 'global' or 'none' (ordinary IS).")
+                         "(per-prompt self-normalised, the default), 'global', 'none' (ordinary IS) or 'loo' "
+                         "(ordinary IS with a leave-one-out control variate: unbiased, as smooth as 'prompt').")
+    if normalize == "loo" and per_token:
+        raise ValueError("normalize='loo' estimates the entropy per sequence; per-token entropy is a ratio "
+                         "(Σ w f / Σ w T): use normalize='prompt' with per_token=True.")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}. Use 'sequence' (−S) or "
                          "'rao_blackwell' (summed next-token entropies).")
@@ -149,7 +163,7 @@ def importance_weighted_delta_h(logp_before: Tensor, logp_after: Tensor, *, norm
 
     Args:
         logp_before, logp_after: S and S⁺, float [B, G] (any float dtype; computed in float64).
-        normalize: "prompt" (default), "global" or "none" — see the module docstring.
+        normalize: "prompt" (default), "global", "none" or "loo" — see the module docstring.
         per_token: divide by the weighted response lengths (``lengths`` [B, G], required then, Σ_g T > 0 per prompt).
         values_before, values_after: the integrands f, f⁺ [B, G]; default −S and −S⁺ (the sequence estimator). The
             Rao-Blackwell estimator passes the summed next-token entropies at θ and θ⁺.
@@ -203,6 +217,17 @@ def importance_weighted_delta_h(logp_before: Tensor, logp_after: Tensor, *, norm
             after_n = _prompt_ratio(u, f_plus, T)
             before_n = _prompt_ratio(ones, f, T)
             weights = u / u.sum(dim=1, keepdim=True) if normalize == "prompt" else torch.exp(log_w)
+        elif normalize == "loo":
+            # f̄⁺ + (1/(G−1)) Σ_g (w_g − 1)(f⁺_g − f̄⁺): the same number as Σ_g w_g (f⁺_g − f̄⁺)/(G−1) (the deviations
+            # sum to 0), with w − 1 = expm1(log w) exact near w = 1, so S⁺ = S gives exactly 0.
+            if bool((log_w > 700).any()):
+                raise ValueError("normalize='loo': a log-weight above 700 overflows the unnormalised weight; the step "
+                                 "is far outside importance sampling's reach. Use crn_delta_h (no weights), a "
+                                 "smaller η, or normalize='prompt'.")
+            mean_after = f_plus.mean(dim=1)
+            after_n = mean_after + (torch.expm1(log_w) * (f_plus - mean_after[:, None])).sum(dim=1) / (G - 1)
+            before_n = f.mean(dim=1)
+            weights = torch.exp(log_w)
         else:  # ordinary IS: (1/G) Σ_g w f⁺ = exp(m) · (1/G) Σ_g exp(log w − m) f⁺
             inner = (u * f_plus).sum(dim=1) / G
             scale = torch.exp(m.squeeze(1))
