@@ -192,7 +192,10 @@ def summary_table(prediction, realised=None, in_sample=None, *, heldout=None, pa
             khat = (f"k̂ {fmt(s['khat'], '.3f')} (threshold {fmt(s['khat_threshold'], '.3f')})" if s["khat_assessed"]
                     else "k̂ not assessed (B·G < 21 or log-weights within 0.05)")
             integrand = "Rao-Blackwell" if s["estimator"] == "rao_blackwell" else "−S"
-            lines.append(f"SNIS ({s['normalize']}-normalised, {integrand}): ESS/G min {fmt(s['ess_min_fraction'], '.3f')}, ESS/(BG) "
+            from .realised import NORMALIZATION_LABELS
+
+            label = NORMALIZATION_LABELS.get(s["normalize"], s["normalize"])
+            lines.append(f"importance sampling ({label}, {integrand}): ESS/G min {fmt(s['ess_min_fraction'], '.3f')}, ESS/(BG) "
                          f"{fmt(s['ess_global_fraction'], '.3f')}, {khat}; reliable: "
                          + ("yes" if s["reliable"] else f"NO — {s['reason']}"))
     if "in_sample_deltaH" in s:
@@ -354,7 +357,7 @@ def plot_lr_sweep(result, path: str | os.PathLike, *, z: float = 1.96) -> str:
             if chosen:
                 ax.errorbar([r.eta * offset for r in chosen], [r.snis_deltaH for r in chosen],
                             yerr=[z * r.snis_se if math.isfinite(r.snis_se) else 0 for r in chosen], capsize=3,
-                            label=f"ΔĤ realised, importance sampling ({result.normalize})"
+                            label=f"ΔĤ realised, importance sampling ({_normalization_label(result.normalize)})"
                                   + ("" if reliable else ", unreliable"), **style)
     ax.axhline(0.0, color="0.6", lw=0.8)
     ax.axvline(result.lr, color="0.75", lw=0.8, ls=":")
@@ -371,6 +374,12 @@ def plot_lr_sweep(result, path: str | os.PathLike, *, z: float = 1.96) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return os.fspath(path)
+
+
+def _normalization_label(normalize: str) -> str:
+    from .realised import NORMALIZATION_LABELS
+
+    return NORMALIZATION_LABELS.get(normalize, normalize)
 
 
 def _symlog_if_heavy(axis_set, values) -> None:

@@ -32,6 +32,7 @@ from .formatting import fmt as _fmt
 from .heldout import FIRST_ORDER_Z, HeldoutResult, paired_difference
 from .policy import Policy
 from .realised import (INTEGRANDS, CRNResult, SNISResult, check_snis_options, crn_delta_h, default_estimator,
+                       default_normalize,
                        integrand_values, snis_delta_h, values_before)
 
 __all__ = ["METHODS", "LRSweepRow", "LRSweepResult", "lr_sweep", "realised_changes"]
@@ -215,7 +216,7 @@ def step_learning_rate(step: UpdateDecomposition) -> float:
 
 
 def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDecomposition, etas: Sequence[float],
-             prediction: Any = None, heldout: Any = None, method: str = "snis", normalize: str = "prompt",
+             prediction: Any = None, heldout: Any = None, method: str = "snis", normalize: str | None = None,
              estimator: str | None = None,
              per_token: bool = False, clip: float | None = None, integrand: str = "rao_blackwell",
              seq_chunk: int | None = None, token_chunk: int | None = None, prompt_chunk: int = 8,
@@ -247,6 +248,7 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    normalize = default_normalize(normalize, per_token)
     estimator = default_estimator(normalize, estimator)
     clip = check_snis_options(normalize, estimator, per_token, clip)
     if integrand not in INTEGRANDS:

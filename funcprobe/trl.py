@@ -238,17 +238,19 @@ def reverse_importance_change(params_before: Mapping[str, Tensor], params_after:
                               batch: RolloutBatch, *, policy: Policy, seq_chunk: int | None = None,
                               token_chunk: int | None = None) -> ReverseChange:
     """ΔĤ = Ĥ(θ_b) − Ĥ(θ_a) on ``batch`` drawn from π at ``params_after`` = θ_b, by importance sampling back to
-    ``params_before`` = θ_a (per-prompt self-normalised, Rao-Blackwell integrand; two no-grad forwards).
+    ``params_before`` = θ_a (Rao-Blackwell integrand; two no-grad forwards): per sequence by ordinary importance
+    sampling with a leave-one-out control variate (``normalize="loo"``, unbiased at any step size), per token by the
+    per-prompt self-normalised ratio (``normalize="prompt"``).
 
     It is ``funcprobe.realised.importance_weighted_delta_h`` with the roles of θ and θ⁺ exchanged (the samples'
-    θ is θ_b), negated: log w = S_{θ_a} − S_{θ_b}, ΔĤ_n = (1/G) Σ_g f_b − Σ_g w̃ f_a. Per-prompt values, SE and the
-    weight diagnostics carry over unchanged (the SE of −X is that of X).
+    θ is θ_b), negated: log w = S_{θ_a} − S_{θ_b}, ΔĤ_n = f̄_b − [f̄_a + (1/(G−1)) Σ_g w_g (f_a,g − f̄_a)]. Per-prompt
+    values, SE and the weight diagnostics carry over unchanged (the SE of −X is that of X).
     """
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk)
     S_b, E_b = policy.sequence_logprobs_and_entropies(params_after, batch, **chunks)
     S_a, E_a = policy.sequence_logprobs_and_entropies(params_before, batch, **chunks)
     # importance_weighted_delta_h(S, S⁺) estimates H(θ⁺) − H(θ) from samples at θ: here θ = θ_b, θ⁺ = θ_a.
-    back = importance_weighted_delta_h(S_b, S_a, normalize="prompt", values_before=E_b, values_after=E_a)
+    back = importance_weighted_delta_h(S_b, S_a, normalize="loo", values_before=E_b, values_after=E_a)
     lengths = batch.response_lengths.to("cpu", torch.float64)
     back_tok = importance_weighted_delta_h(S_b, S_a, normalize="prompt", per_token=True, lengths=lengths,
                                            values_before=E_b, values_after=E_a)

@@ -153,11 +153,15 @@ def independent_batch(buffer):
 
 def offline(policy, theta_a, theta_b, batch):
     """(realised, its SE, first-order, its SE) of the change θ_a → θ_b on a batch drawn at θ_b: the reverse
-    self-normalised importance-sampling estimate written out from its formula, and δĤ₁(E)."""
+    importance-sampling estimate (ordinary IS with a leave-one-out control variate) written out from its formula,
+    and δĤ₁(E)."""
     S_b, E_b = policy.sequence_logprobs_and_entropies(theta_b, batch)
     S_a, E_a = policy.sequence_logprobs_and_entropies(theta_a, batch)
-    weights = torch.softmax(S_a - S_b, dim=1)             # w ∝ π_a / π_b, self-normalised per prompt
-    per_prompt = E_b.mean(1) - (weights * E_a).sum(1)     # Ĥ_n(θ_b) − Ĥ_n(θ_a)
+    weights = torch.exp(S_a - S_b)                        # w = π_a / π_b
+    G = weights.shape[1]
+    others = (E_a.sum(1, keepdim=True) - E_a) / (G - 1)   # c_g: the other draws' mean
+    H_a = (weights * (E_a - others) + others).mean(1)     # Ĥ_n(θ_a), unbiased
+    per_prompt = E_b.mean(1) - H_a                        # Ĥ_n(θ_b) − Ĥ_n(θ_a)
     B = per_prompt.numel()
     first = delta_h1_heldout(theta_b, {n: theta_b[n] - theta_a[n] for n in theta_b}, batch, policy=policy)
     return (float(per_prompt.mean()), float(per_prompt.std()) / math.sqrt(B), first.deltaH1, first.se)

@@ -35,7 +35,8 @@ from .diagnostics import (KHAT_MIN_LOG_WEIGHT_RANGE, MIN_ESS_FRACTION, PSIS_MIN_
                           weight_diagnostics)
 from .entropy_estimate import EntropyResult, entropy
 from .importance import (ESTIMATORS, NORMALIZATIONS, SNISResult, WeightedEstimate, check_snis_options,
-                         default_estimator, importance_weighted_delta_h, snis_delta_h)
+                         default_estimator, default_normalize, importance_weighted_delta_h, snis_delta_h,
+                         NORMALIZATION_LABELS)
 from .passes import Before, sharded_pass, values_before
 from .recorded import RECORDED_LOGPROB_TOLERANCE, LogprobCheck, LogprobMismatchWarning, check_recorded_logprobs
 
@@ -58,6 +59,8 @@ __all__ = [
     "check_recorded_logprobs",
     "check_snis_options",
     "default_estimator",
+    "default_normalize",
+    "NORMALIZATION_LABELS",
     "Before",
     "values_before",
     "integrand_values",

@@ -8,12 +8,14 @@
 
   Forward passes only. The options of spec §6, all in :func:`importance_weighted_delta_h` (a pure function of S, S⁺):
 
-  * ``normalize="prompt"`` (default): per-prompt self-normalised. Consistent; its bias is O(1/G).
+  * ``normalize="prompt"``: per-prompt self-normalised (the default of the pure function, and of ``snis_delta_h``
+    per token). Consistent, bounded (a convex combination), but biased at first order in the step (below).
   * ``normalize="global"``: one normalisation over all B·G samples, Ĥ(θ⁺) = Σ_i w̃_i f⁺_i with w̃ summing to 1 over
     the batch (the seed's choice). For the SE, ΔĤ is a difference of two ratio estimators R = Σ_n a_n / Σ_n b_n
     (a_n = Σ_g u_{n,g} f⁺_{n,g}, b_n = Σ_g u_{n,g}); its per-prompt contributions are the delta-method pseudo-values
     R + (a_n − R b_n) / b̄, which average exactly to ΔĤ.
-  * ``normalize="loo"``: ordinary importance sampling with a leave-one-out control variate, per prompt,
+  * ``normalize="loo"`` (``snis_delta_h``'s default per sequence): ordinary importance sampling with a leave-one-out
+    control variate, per prompt,
 
         Ĥ_n(θ⁺) = (1/G) Σ_g [ w_g (f⁺_g − c_g) + c_g ],   c_g = (1/(G−1)) Σ_{j≠g} f⁺_j
                 = f̄⁺_n + (1/(G−1)) Σ_g w_g (f⁺_g − f̄⁺_n),
@@ -59,7 +61,7 @@ from .diagnostics import weight_diagnostics
 from .passes import Before, _values, values_before
 from .recorded import LogprobCheck
 
-__all__ = ["NORMALIZATIONS", "ESTIMATORS", "default_estimator", "check_snis_options", "WeightedEstimate",
+__all__ = ["NORMALIZATIONS", "NORMALIZATION_LABELS", "ESTIMATORS", "default_normalize", "default_estimator", "check_snis_options", "WeightedEstimate",
            "importance_weighted_delta_h", "SNISResult", "snis_delta_h"]
 
 NORMALIZATIONS = ("prompt", "global", "none", "loo")
@@ -67,6 +69,19 @@ ESTIMATORS = ("sequence", "rao_blackwell")
 
 
 # ------------------------------------------------------------------------------------------------------ validation
+#: How each normalisation is named in tables and plots.
+NORMALIZATION_LABELS = {"loo": "leave-one-out control variate", "prompt": "per-prompt self-normalised",
+                        "global": "globally self-normalised", "none": "ordinary"}
+
+
+def default_normalize(normalize: str | None, per_token: bool = False) -> str:
+    """The normalisation when none is asked for: "loo" (unbiased at any step, module docstring) for the entropy per
+    sequence, "prompt" for the entropy per token (a ratio, which "loo" does not estimate)."""
+    if normalize is not None:
+        return normalize
+    return "prompt" if per_token else "loo"
+
+
 def default_estimator(normalize: str, estimator: str | None) -> str:
     """The integrand when none is asked for: Rao-Blackwell for the self-normalised estimators (lower variance, and in
     the exact-enumeration study of bench/RESULTS.md no measurable O(1/G) bias, where −S carried −0.59× the change at
@@ -81,8 +96,8 @@ def check_snis_options(normalize: str, estimator: str, per_token: bool, clip: fl
     """Validate the importance-sampling options (spec §6); returns ``clip`` as a float or None."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS} ; got {normalize!r}. Use 'prompt' "
-                         "(per-prompt self-normalised, the default), 'global', 'none' (ordinary IS) or 'loo' "
-                         "(ordinary IS with a leave-one-out control variate: unbiased, as smooth as 'prompt').")
+                         "(per-prompt self-normalised), 'global', 'none' (ordinary IS) or 'loo' (ordinary IS with a "
+                         "leave-one-out control variate: unbiased, as smooth as 'prompt'; the default per sequence).")
     if normalize == "loo" and per_token:
         raise ValueError("normalize='loo' estimates the entropy per sequence; per-token entropy is a ratio "
                          "(Σ w f / Σ w T): use normalize='prompt' with per_token=True.")
@@ -406,7 +421,7 @@ def _snis(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: Roll
 
 
 def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | None = None, batch: RolloutBatch,
-                 normalize: str = "prompt", per_token: bool = False, estimator: str | None = None,
+                 normalize: str | None = None, per_token: bool = False, estimator: str | None = None,
                  clip: float | None = None, in_sample: bool = False, before: "Before | None" = None,
                  seq_chunk: int | None = None, token_chunk: int | None = None, progress: bool | None = False,
                  world=None) -> SNISResult:
@@ -418,10 +433,11 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | Non
         policy: the ``Policy`` (required: S(θ) and S(θ⁺) both come from its teacher-forced path).
         batch: the evaluation batch E, drawn independently of the batch that built the step (spec §6); its
             recorded ``logprobs`` are only checked (``recorded_logprobs`` in the result), never used.
-        normalize: "prompt" (default) | "global" | "none"; per_token: entropy per response token;
-        estimator: "sequence" | "rao_blackwell" | None (default: Rao-Blackwell for "prompt"/"global", −S for
-            "none"; :func:`default_estimator`); clip: clip |log w| at this level (biased; reported) — all as in
-            the module docstring.
+        normalize: "loo" | "prompt" | "global" | "none" | None (default: "loo", unbiased at any step size; "prompt"
+            with ``per_token``; :func:`default_normalize`); per_token: entropy per response token;
+        estimator: "sequence" | "rao_blackwell" | None (default: Rao-Blackwell, −S for "none";
+            :func:`default_estimator`); clip: clip |log w| at this level (biased; reported) — all as in the module
+            docstring.
         in_sample: say that ``batch`` is the update batch itself: the result is then labelled a biased diagnostic.
         before: S(θ) (and for Rao-Blackwell the entropies at θ) on this batch from :func:`values_before`, when
             several updates are compared on one batch (a sweep); computed here when None.
@@ -440,6 +456,7 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | Non
     or dtypes differ from the policy's, a missing policy, a batch drawn at another τ, and NaN/inf log-weights
     (naming the sequences).
     """
+    normalize = default_normalize(normalize, per_token)
     estimator = default_estimator(normalize, estimator)
     clip = check_snis_options(normalize, estimator, per_token, clip)
     _check_batch(batch, "snis_delta_h")
