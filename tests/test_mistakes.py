@@ -1,0 +1,139 @@
+"""A researcher's mistakes (issue 19), one test per kind: each is refused (or told the truth) as a mechanism, not as
+the one case the issue found."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from funcprobe import (Objective, Policy, RolloutBatch, attribute, crn_delta_h, delta_h1, delta_h1_heldout,
+                       entropy, lr_sweep, policy_gradient, rl_update, sample_batch, snis_delta_h, update_direction)
+from funcprobe.testing import char_tokenizer, tiny_peft_model, warm_adam_state
+
+TOKENIZER = char_tokenizer()
+VOCAB = len(TOKENIZER)
+PROMPTS = ["1+1=", "22*3=?", "7", "(5-2)*4="]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lengths_reward(prompts, responses, meta):
+    return [[float(len(text)) for text in group] for group in responses]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return Policy.from_peft(tiny_peft_model("qwen2", vocab_size=VOCAB, seed=7))
+
+
+@pytest.fixture(scope="module")
+def sampled(policy):
+    return sample_batch(policy, policy.params, PROMPTS, G=3, reward_fn=lengths_reward, max_new_tokens=6, seed=0,
+                        tokenizer=TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def adam(policy):
+    return warm_adam_state(policy.params, step=3)
+
+
+# ------------------------------------------------------------------------------- kind 1: batch ↔ step mismatches
+def test_kind1_every_estimator_refuses_a_batch_made_for_another_objective(policy, sampled, adam, tmp_path):
+    batch = sampled.batch
+    assert batch.advantage_recipe is not None and batch.advantage_recipe.scale_rewards == "none"
+    group = Objective(scale_rewards="group")
+    calls = {
+        "delta_h1": lambda: delta_h1(policy.params, batch, policy=policy, adam=adam, objective=group),
+        "attribute": lambda: attribute(policy.params, batch, policy=policy, adam=adam, objective=group),
+        "policy_gradient": lambda: policy_gradient(policy.params, batch, policy=policy, objective=group),
+        "rl_update": lambda: rl_update(policy.params, batch, policy=policy, adam=adam, objective=group),
+        "update_direction": lambda: update_direction(policy.params, batch, policy=policy, adam=adam,
+                                                     objective=group),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as error:
+            call()
+        message = str(error.value)
+        assert name in message and "scale_rewards='none'" in message and "'group'" in message, message
+        assert "sample_batch(..., scale_rewards='group')" in message, message
+    # reward weights are part of the recipe too
+    with pytest.raises(ValueError, match=r"reward_weights: the batch's advantages were made with \[1.0\]"):
+        policy_gradient(policy.params, batch, policy=policy, objective=Objective(reward_weights=(2.0,)))
+    # the recipe survives saving (safetensors and JSON) and selecting prompts; new advantages drop it
+    batch.save(tmp_path / "b.safetensors")
+    batch.save_json(tmp_path / "b.json")
+    for loaded in (RolloutBatch.load(tmp_path / "b.safetensors"), RolloutBatch.load_json(tmp_path / "b.json"),
+                   batch.select_prompts([0, 1])):
+        assert loaded.advantage_recipe == batch.advantage_recipe
+    assert batch.replace(advantages=batch.advantages * 2).advantage_recipe is None
+    # agreeing objectives, no objective (adopts the recipe) and user-built batches (no recipe) pass
+    policy_gradient(policy.params, batch, policy=policy, objective=Objective(scale_rewards="none"))
+    grouped = sample_batch(policy, policy.params, PROMPTS, G=3, reward_fn=lengths_reward, max_new_tokens=6, seed=0,
+                           tokenizer=TOKENIZER, scale_rewards="group")
+    policy_gradient(policy.params, grouped, policy=policy)
+    policy_gradient(policy.params, grouped.batch.replace(advantage_recipe=None), policy=policy, objective=Objective())
+
+
+def test_kind1_optimizer_of_another_step_and_non_adamw_optim_are_refused(tiny_run, tmp_path):
+    from funcprobe.checkpoints import load_checkpoint
+    from funcprobe.trainer_config import trainer_settings
+
+    out = Path(tiny_run["out"])
+    second = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", second)
+    shutil.copy(out / "checkpoint-1" / "optimizer.pt", second / "optimizer.pt")
+    base = out / "base"
+    with pytest.raises(ValueError, match=r"after 1 step, but the checkpoint .* is at global_step 2.*--optimizer PATH"):
+        load_checkpoint(second, base=base)
+    with pytest.raises(ValueError, match=r"after 1 step.*global_step 2"):
+        load_checkpoint(out / "checkpoint-2", base=base, optimizer=out / "checkpoint-1" / "optimizer.pt")
+    assert load_checkpoint(out / "checkpoint-2", base=base).step == 2
+    for optim in ("adafactor", "adamw_bnb_8bit", "lion_32bit", "sgd", "paged_adamw_8bit", "OptimizerNames.ADAFACTOR"):
+        with pytest.raises(ValueError, match=r"optim='[a-z_0-9]+': funcprobe models torch's AdamW step"):
+            trainer_settings({"optim": optim}, source="cfg.json")
+    for optim in ("adamw_torch", "adamw_torch_fused", "OptimizerNames.ADAMW_TORCH"):
+        trainer_settings({"optim": optim}, source="cfg.json")
+
+
+# ------------------------------------------------------------------------- kind 4: no false "unreliable" from k̂
+def test_kind4_khat_judges_only_weights_that_can_dominate(policy, sampled, adam):
+    from funcprobe.realised import weight_diagnostics
+
+    generator = torch.Generator().manual_seed(0)
+    # null and tiny steps: weights within a few percent of each other are never "heavy-tailed"
+    for sigma in (0.0, 0.01, 0.03, 0.1):
+        flagged = sum(not weight_diagnostics(sigma * torch.randn(8, 4, generator=generator,
+                                                                 dtype=torch.float64)).reliable for _ in range(200))
+        assert flagged == 0, (sigma, flagged)
+    # the issue's case: log w within [−0.038, 0.063], ESS/G ≈ 1
+    calm = torch.linspace(-0.038, 0.063, 32, dtype=torch.float64)[torch.randperm(32, generator=generator)]
+    assert weight_diagnostics(calm.view(8, 4)).reliable
+    # truly heavy tails are still caught, by k̂
+    caught = 0
+    for _ in range(200):
+        u = torch.rand(8, 4, generator=generator, dtype=torch.float64)
+        diag = weight_diagnostics(-torch.log(u))  # Pareto(α = 1) weights: k = 1
+        caught += (not diag.reliable)
+    assert caught >= 170, caught
+    # `funcprobe attribute`'s interventions carry the same diagnostics and print them
+    evaluation = sample_batch(policy, policy.params, ["3+4=", "9-1=", "2*2=", "8"], G=3, reward_fn=lengths_reward,
+                              max_new_tokens=6, seed=5, tokenizer=TOKENIZER)
+    result = attribute(policy.params, sampled.batch, policy=policy, adam=adam,
+                       interventions={"positive_only": "positive_only"}, evaluation=evaluation.batch)
+    row = result.interventions["positive_only"]
+    for key in ("realised_reliable", "ess_min_fraction", "khat", "khat_assessed", "khat_threshold"):
+        assert key in row, key
+    text = str(result)
+    line = next(line for line in text.splitlines() if line.strip().startswith("positive_only:"))
+    assert "ESS/G min" in line and "k̂" in line and ("reliable" in line or "UNRELIABLE" in line), line
+    assert "ESS/G min" in next(line for line in text.splitlines() if line.startswith("realised ΔĤ"))
