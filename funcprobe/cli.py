@@ -474,6 +474,10 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     _check_numbers(args, sizes["temperature"])
     etas = tuple(parse_etas(args.eta_sweep)) if args.eta_sweep is not None else None
     memory_budget_bytes = _memory_budget(args)
+    from .report import check_output_paths
+
+    check_output_paths({"--out": args.out, "--html": getattr(args, "html", None), "--plot": getattr(args, "plot", None)},
+                       examples={"--html": "attribution.html", "--plot": "plot.png"})
     _check_plot_format(getattr(args, "plot", None))
     units = parse_units(args.units)
     if getattr(args, "command", "probe") == "probe" and args.plot is not None and etas is None:
@@ -552,23 +556,25 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
 
 
 def _write_attribution_outputs(results: dict, args: argparse.Namespace, echo) -> None:
-    """--out (the JSON), --html (the page) and --plot (the scatter), each when given."""
-    from .report import to_jsonable, write_json
+    """--out (the JSON), --html (the page) and --plot (the scatter), each when given; a failed write keeps the
+    results (``report.save_outputs``)."""
+    from .report import save_outputs, to_jsonable
 
-    if args.out is not None:
-        echo(f"\nwrote {write_json(args.out, results)}")
-    if args.html is not None:
+    def page():
         from .attribution_page import render_attribution_html
 
-        page = Path(args.html)
-        page.parent.mkdir(parents=True, exist_ok=True)
-        page.write_text(render_attribution_html(to_jsonable(results)), encoding="utf-8")
-        echo(f"wrote {page}")
-    if args.plot is not None:
+        path = Path(args.html)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_attribution_html(to_jsonable(results)), encoding="utf-8")
+        return path
+
+    def plot():
         from .report import plot_attribution
 
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        echo(f"wrote {plot_attribution(results, args.plot)}")
+        return plot_attribution(results, args.plot)
+
+    save_outputs(results, out=args.out, writers=[("--html", args.html, page), ("--plot", args.plot, plot)], echo=echo)
 
 
 # ----------------------------------------------------------------------------------------------------- entry point
@@ -600,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
             # A transformers deprecation that PEFT triggers on every model load; nothing a user can act on.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
+            if args.command == "demo":
+                from .report import check_output_folder
+
+                check_output_folder("--out", args.out)
             if args.command == "demo" and args.quick:
                 from .demo import DemoConfig, run_demo
 

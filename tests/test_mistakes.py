@@ -137,3 +137,104 @@ def test_kind4_khat_judges_only_weights_that_can_dominate(policy, sampled, adam)
     line = next(line for line in text.splitlines() if line.strip().startswith("positive_only:"))
     assert "ESS/G min" in line and "k̂" in line and ("reliable" in line or "UNRELIABLE" in line), line
     assert "ESS/G min" in next(line for line in text.splitlines() if line.startswith("realised ΔĤ"))
+
+
+# --------------------------------------------------------------- kind 3: the library's inputs, one helper, both forms
+def test_kind3_every_public_function_takes_the_batch_or_its_sample(policy, sampled, adam):
+    import inspect
+
+    from funcprobe.batch import as_rollout_batch
+
+    batch = sampled.batch
+    assert as_rollout_batch(sampled, "x") is batch and as_rollout_batch(batch, "x") is batch
+    params = policy.params
+    new_params, _ = rl_update(params, batch, policy=policy, adam=adam)
+    step = update_direction(params, batch, policy=policy, adam=adam)
+    same = {
+        "delta_h1": lambda b: delta_h1(params, b, policy=policy, adam=adam).deltaH1,
+        "attribute": lambda b: attribute(params, b, policy=policy, adam=adam).grad_term,
+        "policy_gradient": lambda b: float(policy_gradient(params, b, policy=policy)[0].sum()),
+        "rl_update": lambda b: float(sum(t.sum() for t in rl_update(params, b, policy=policy, adam=adam)[0].values())),
+        "snis_delta_h": lambda b: snis_delta_h(params, new_params, policy=policy, batch=b).deltaH,
+        "entropy": lambda b: entropy(params, b, policy=policy).H,
+        "delta_h1_heldout": lambda b: delta_h1_heldout(params, step, b, policy=policy).deltaH1,
+        "lr_sweep": lambda b: lr_sweep(params, b, policy=policy, step=step, etas=[0.0, step.lr_by_name[
+            next(iter(step.lr_by_name))]]).rows[-1].snis_deltaH,
+    }
+    for name, fn in same.items():
+        assert fn(sampled) == fn(batch), name
+    junk = {"input_ids": None}
+    refusals = {
+        "delta_h1": lambda: delta_h1(params, junk, policy=policy, adam=adam),
+        "attribute": lambda: attribute(params, junk, policy=policy, adam=adam),
+        "policy_gradient": lambda: policy_gradient(params, junk, policy=policy),
+        "snis_delta_h": lambda: snis_delta_h(params, new_params, policy=policy, batch=junk),
+        "entropy": lambda: entropy(params, junk, policy=policy),
+        "delta_h1_heldout": lambda: delta_h1_heldout(params, step, junk, policy=policy),
+        "lr_sweep": lambda: lr_sweep(params, junk, policy=policy, step=step, etas=[0.0]),
+        "crn_delta_h": lambda: crn_delta_h(params, new_params, policy=policy, sample=junk),
+    }
+    for name, fn in refusals.items():
+        with pytest.raises(ValueError, match=r"must be a funcprobe.RolloutBatch or the SampledBatch that "
+                                             r"sample_batch returns.*got dict"):
+            fn()
+    # CRN repeats the draw: it needs the sample itself, and says so when given its batch
+    with pytest.raises(ValueError, match=r"not its \.batch"):
+        crn_delta_h(params, new_params, policy=policy, sample=batch)
+    # policy is required where it is required
+    for fn in (snis_delta_h, crn_delta_h, entropy, delta_h1, attribute, delta_h1_heldout, policy_gradient,
+               rl_update, update_direction, lr_sweep):
+        parameter = inspect.signature(fn).parameters["policy"]
+        assert parameter.default is inspect.Parameter.empty and "None" not in str(parameter.annotation), fn
+
+
+# ------------------------------------------------------------------ kind 2: outputs checked before the work, never lost
+@pytest.mark.parametrize("command", ["probe", "attribute"])
+def test_kind2_outputs_are_checked_before_loading_and_never_lost(command, tiny_run, tmp_path, capsys, monkeypatch):
+    import funcprobe.checkpoints as checkpoints
+    from conftest import cli_fails
+    from funcprobe.cli import main
+
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    small = ["-B", "4", "-G", "4", "--max-new-tokens", "4", "--quiet"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    an_existing_dir = tmp_path / "results"
+    an_existing_dir.mkdir()
+    flags = ["--out"] + (["--html", "--plot"] if command == "attribute" else [])
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the outputs were checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "load_checkpoint", no_loading)
+        import funcprobe.pipeline as pipeline
+        patch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+        for flag in flags:
+            name = {"--out": "r.json", "--html": "p.html", "--plot": "p.png"}[flag]
+            cli_fails(capsys, [command, checkpoint, *small, flag, str(an_existing_dir)], flag,
+                      "is an existing directory")
+            cli_fails(capsys, [command, checkpoint, *small, flag, str(a_file / name)], flag, "is a file")
+            cli_fails(capsys, [command, checkpoint, *small, flag, f"/proc/funcprobe-{name}"], flag,
+                      "nothing can be written")
+        if command == "attribute":
+            cli_fails(capsys, [command, checkpoint, *small, "--out", str(tmp_path / "x.json"), "--html",
+                               str(tmp_path / "x.json")], "both name")
+
+    # a write that still fails at the end: the results are saved where the message says, exit 2
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "late" / "r.json"
+    import funcprobe.report as report
+    real = report.write_json
+
+    def disk_full(path, results):
+        if Path(path) == out:
+            raise OSError(28, "No space left on device")
+        return real(path, results)
+
+    monkeypatch.setattr(report, "write_json", disk_full)
+    assert main([command, checkpoint, *small, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "the results are in" in err[0], err
+    saved = Path(err[0].split("the results are in ")[1].rstrip("."))
+    assert saved.parent == tmp_path and json.loads(saved.read_text())["command"] == command
