@@ -418,14 +418,41 @@ def _offline() -> bool:
         return False
 
 
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (a failed name lookup or connection, within
+    ``timeout_s``), or None when it can — or when a proxy is configured (then only a real request can tell)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as error:
+        return f"{endpoint} cannot be reached ({error.strerror or error})"
+
+
 def _check_hub_base(name: str, label: str, local_files_only: bool) -> None:
-    """Offline and the hub id is not in the local cache: say so before trying to load."""
-    if not local_files_only:
-        return
+    """A hub id that is not in the local cache, while offline or with no network: say so at once, before trying to
+    load (``from_pretrained`` would otherwise spend most of a minute in retries before the same conclusion)."""
     try:
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(name, "config.json")
     except Exception:  # noqa: BLE001 - an invalid id etc.: let from_pretrained report it
+        return
+    if isinstance(cached, str):
+        return
+    if not local_files_only:
+        reason = _hub_unreachable()
+        if reason is not None:
+            raise ValueError(f"the base model '{name}' ({label}) is not in the local Hugging Face cache and {reason}. "
+                             "Pass base=PATH (--base PATH: a local model folder), or download it where there is a "
+                             "network first.")
         return
     if not isinstance(cached, str):
         raise ValueError(f"the base model '{name}' ({label}) is not in the local Hugging Face cache and loading is "

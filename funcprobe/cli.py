@@ -628,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         _record(world, error)
         line = _one_line(error)
-        if getattr(error, "traceback_text", None):  # the user's reward function raised: its own traceback matters
+        shown = getattr(error, "traceback_text", None)
+        # the user's reward function raised: its own traceback matters — said only when it is printed
+        if shown and "File " in shown and shown in str(error):
             print(str(error), file=sys.stderr)
             line = f"{error.headline} (the traceback above is the function's own). {_one_line(error.note)}"
         print(f"funcprobe {args.command}: error: {_rank(world)}{line}", file=sys.stderr)

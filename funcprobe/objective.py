@@ -313,20 +313,40 @@ class AdvantageInfo:
     def all_groups_zero_variance(self) -> bool:
         return len(self.zero_variance_groups) == int(self.rewards.shape[0])
 
-    def message(self) -> str:
-        """A note for people, or "" when every group varies."""
+    @property
+    def nothing_scored(self) -> bool:
+        """Every reward function returned None for every completion: there are no rewards at all."""
+        return self.unscorable == int(self.rewards.numel())
+
+    def message(self, beta: float | None = None) -> str:
+        """A note for people, or "" when every group varies. ``beta``: the step's KL coefficient, when known — with
+        β > 0 zero advantages leave the KL term's gradient, so the step is not the optimizer-state term alone."""
         B = int(self.rewards.shape[0])
         count = len(self.zero_variance_groups)
+        if self.nothing_scored:
+            return (f"nothing was scored: every reward function returned None for all {self.unscorable} completions "
+                    "(TRL's 'not scored'), so there are no rewards and every advantage is 0. Check the reward "
+                    "functions (a column they need, the answers they compare with).")
+        unscored = (f" ({self.unscorable} completions were scored by no function: None everywhere, A = 0)"
+                    if self.unscorable else "")
         if count == 0:
-            return ""
+            return unscored.strip(" ()").capitalize() + "." if unscored else ""
         if count == B:
-            return (f"every one of the {B} prompts got equal rewards for all its responses: every advantage is 0, so "
-                    "the gradient term of the step is exactly 0 and δH₁ is the optimizer-state term alone (momentum "
-                    "and weight decay). Use more responses per prompt (-G), other prompts, or a reward that "
-                    "separates the responses.")
+            if beta is not None and beta > 0:
+                rest = (f"so the reward contributes nothing to the step: its gradient term is the KL penalty's alone "
+                        f"(β = {beta:g}) and δH₁ is that and the optimizer-state term (momentum and weight decay).")
+            elif beta is None:
+                rest = ("so the reward contributes nothing to the step: δH₁ is the KL penalty's term (when β > 0) and "
+                        "the optimizer-state term (momentum and weight decay).")
+            else:
+                rest = ("so the gradient term of the step is exactly 0 and δH₁ is the optimizer-state term alone "
+                        "(momentum and weight decay).")
+            return (f"every one of the {B} prompts got equal rewards for all its responses{unscored}: every advantage "
+                    f"is 0, {rest} Use more responses per prompt (-G), other prompts, or a reward that separates the "
+                    "responses.")
         shown = ", ".join(map(str, self.zero_variance_groups[:8])) + ("…" if count > 8 else "")
-        return (f"{count} of {B} prompts (rows {shown}) got equal rewards for all their responses: their advantages "
-                "are 0 and they contribute nothing to the step's gradient.")
+        return (f"{count} of {B} prompts (rows {shown}) got equal rewards for all their responses{unscored}: their "
+                "advantages are 0 and their rewards contribute nothing to the step's gradient.")
 
 
 def compute_advantages(rewards: Tensor, *, scale_rewards: str = "none", weights: Sequence[float] | None = None,

@@ -238,3 +238,68 @@ def test_kind2_outputs_are_checked_before_loading_and_never_lost(command, tiny_r
     assert len(err) == 1 and "No space left on device" in err[0] and "the results are in" in err[0], err
     saved = Path(err[0].split("the results are in ")[1].rstrip("."))
     assert saved.parent == tmp_path and json.loads(saved.read_text())["command"] == command
+
+
+# ---------------------------------------------------------------- kind 5: messages that say nothing untrue, or more
+REWARD_FILE = '''
+def constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def as_text(prompts, completions, **kwargs):
+    return ["1.0"] * len(completions)
+
+
+def unscored(prompts, completions, **kwargs):
+    return [None] * len(completions)
+'''
+
+
+def test_kind5_messages_are_true_and_say_enough(tiny_run, tmp_path, capsys, monkeypatch):
+    from conftest import cli_fails
+    from funcprobe.cli import main
+    from funcprobe.objective import compute_advantages
+
+    out = Path(tiny_run["out"])
+    checkpoint = str(out / "checkpoint-2")
+    small = ["-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet"]
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(REWARD_FILE)
+    # equal rewards with β > 0: the KL term still moves the step — never "the gradient term is exactly 0"
+    _, info = compute_advantages(torch.ones(3, 4), warn=False)
+    assert "exactly 0" in info.message(beta=0.0)
+    assert "exactly 0" not in info.message(beta=0.1) and "KL" in info.message(beta=0.1)
+    assert "exactly 0" not in info.message()
+    assert main(["probe", checkpoint, *small, "--reward", f"{rewards}:constant", "--beta", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "every advantage is 0" in printed and "exactly 0" not in printed and "KL penalty" in printed
+    # a reward function returning strings is refused, as TRL refuses it
+    cli_fails(capsys, ["probe", checkpoint, *small, "--reward", f"{rewards}:as_text"], "returned the string '1.0'",
+              "TRL")
+    # None for everything: "nothing was scored", not "equal rewards"
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--reward", f"{rewards}:unscored"], "nothing was scored")
+    assert "equal rewards" not in line
+    # a missing column: refused before sampling, and no mention of a traceback that is not shown
+    monkeypatch.chdir(tmp_path)
+    pool = tmp_path / "no_answers.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"{n}+1="}) + "\n" for n in range(8)))
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--prompts", str(pool), "--reward", "answer"],
+                     "needs the column 'answer'")
+    assert "traceback" not in line and not list(tmp_path.glob("*failed-rollouts*"))
+    # a missing optimizer.pt: the command line's flag, not the library's argument
+    bare = tmp_path / "adapter"
+    shutil.copytree(out / "checkpoint-2", bare, ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json"))
+    line = cli_fails(capsys, ["probe", str(bare), *small, "--base", str(out / "base")], "--optimizer PATH")
+    # a hub id as the base model with no network: a fast, clear failure (no minute of retries)
+    import time
+
+    import funcprobe.checkpoints as checkpoints
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(checkpoints, "_offline", lambda: False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://funcprobe-no-such-host.invalid")
+    started = time.perf_counter()
+    cli_fails(capsys, ["probe", checkpoint, *small, "--base", "someorg/not-a-cached-model"],
+              "not in the local Hugging Face cache", "cannot be reached", "--base PATH")
+    assert time.perf_counter() - started < 15
+    monkeypatch.setattr(checkpoints, "_offline", lambda: True)  # HF_HUB_OFFLINE=1
+    cli_fails(capsys, ["probe", checkpoint, *small, "--base", "someorg/not-a-cached-model"], "offline")
