@@ -506,6 +506,36 @@ def _symlog_if_heavy(axis_set, values) -> None:
         axis_set("symlog", linthresh=median)
 
 
+def _readable_ticks(axis) -> None:
+    """Tick labels that cannot run into each other: on a linear axis at most 6 ticks with a shared scientific factor
+    (×10⁻⁴ at the axis end, an offset when the values sit far from 0) instead of "-0.00020-0.00015…"; on a
+    symmetric-log axis decade ticks labelled ±10ⁿ, at most 7 of them."""
+    from matplotlib import ticker
+
+    if axis.get_scale() == "linear":
+        formatter = ticker.ScalarFormatter(useMathText=True, useOffset=True)
+        formatter.set_powerlimits((-2, 3))
+        axis.set_major_locator(ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_formatter(formatter)
+    elif axis.get_scale() == "symlog":
+        transform = axis.get_transform()
+        axis.set_major_locator(ticker.SymmetricalLogLocator(transform=transform, subs=[1.0]))
+        axis.set_major_formatter(ticker.LogFormatterSciNotation(base=10, labelOnlyBase=True,
+                                                                linthresh=transform.linthresh))
+        axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _thin_ticks(axis, limit: int) -> None:
+    """Keep every k-th major tick so that at most ``limit`` remain (after the axis limits are known)."""
+    from matplotlib import ticker
+
+    ticks = [t for t in axis.get_majorticklocs() if axis.get_view_interval()[0] <= t <= axis.get_view_interval()[1]]
+    if len(ticks) > limit:
+        step = -(-len(ticks) // limit)
+        keep = [t for i, t in enumerate(ticks) if (i - ticks.index(min(ticks, key=abs))) % step == 0]
+        axis.set_major_locator(ticker.FixedLocator(keep))
+
+
 def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str:
     """Two scatter panels over the update batch's response tokens (spec §8): the attribution a against Cui et al.'s
     covariance proxy −η·cov (η = η_g, or 1 with per-group learning rates, as ``proxy_summary``), and a against the
@@ -545,6 +575,8 @@ def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str
             ax.axvline(0.0, color="0.6", lw=0.8)
             _symlog_if_heavy(ax.set_xscale, x)
         _symlog_if_heavy(ax.set_yscale, a)
+        for axis in (ax.xaxis, ax.yaxis):
+            _readable_ticks(axis)
         ax.set_xlabel(label)
         ax.set_ylabel("attribution a (nats/sequence)")
         ax.set_title(f"a vs {'−η·cov' if key == 'cov' else 'entropy'}: Pearson {fmt(corr.get(f'pearson_{key}'), '.3g')}, "
@@ -552,6 +584,10 @@ def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str
         ax.grid(alpha=0.25)
     fig.suptitle(f"which tokens drive δH₁ = {fmt(attribution.get('deltaH1'), '.4g')} "
                  f"(grad_term {fmt(attribution.get('grad_term'), '.4g')}; {len(a)} response tokens)", fontsize=11)
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "symlog":
+                _thin_ticks(axis, 7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -303,3 +303,47 @@ def test_kind5_messages_are_true_and_say_enough(tiny_run, tmp_path, capsys, monk
     assert time.perf_counter() - started < 15
     monkeypatch.setattr(checkpoints, "_offline", lambda: True)  # HF_HUB_OFFLINE=1
     cli_fails(capsys, ["probe", checkpoint, *small, "--base", "someorg/not-a-cached-model"], "offline")
+
+
+# ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
+@pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
+def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import random
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from funcprobe.report import plot_attribution
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    rng = random.Random(0)
+    B, G, L = 4, 4, 6
+
+    def values(spread, heavy=False):
+        return [[[rng.gauss(0, spread) * (10 ** rng.uniform(0, 4) if heavy else 1) for _ in range(L)]
+                 for _ in range(G)] for _ in range(B)]
+
+    for heavy in (False, True):
+        results = {"attribution": {
+            "token": values(0.3 * scale, heavy), "covariance": values(scale, heavy),
+            "entropy": [[[rng.uniform(0.5, 3) for _ in range(L)] for _ in range(G)] for _ in range(B)],
+            "response_mask": [[[1] * L for _ in range(G)] for _ in range(B)], "eta_g": 1.7, "deltaH1": -1e-3,
+            "grad_term": -1e-3, "summary": {}}}
+        plot_attribution(results, tmp_path / f"a{heavy}.png")
+    assert len(figures) == 2
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                boxes = [label.get_window_extent(renderer) for label in axis.get_ticklabels()
+                         if label.get_visible() and label.get_text()]
+                assert len(boxes) >= 2
+                for i, first in enumerate(boxes):
+                    for second in boxes[i + 1:]:
+                        assert not first.overlaps(second), [label.get_text() for label in axis.get_ticklabels()]
+        real_close(fig)
