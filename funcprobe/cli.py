@@ -31,7 +31,8 @@ __all__ = ["main", "parse_args", "probe_config_from_args", "select_prompts", "dr
            "parse_etas", "parse_units", "parse_interventions", "parse_quantiles"]
 
 #: Errors that mean "bad input" (one line on stderr, exit status 2); anything else keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
+#: OSError: a user's file or folder that cannot be read or written (permissions, a folder for a file, a full disk).
+USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
 
 DTYPES = ("float32", "bfloat16", "float64")
 
@@ -437,10 +438,12 @@ def _memory_budget(args: argparse.Namespace) -> int | None:
 def _check_paths_and_device(args: argparse.Namespace) -> None:
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist.")
-    if args.prompts is not None and not Path(args.prompts).is_file():
-        raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
-    if args.rollouts is not None and not Path(args.rollouts).is_file():
-        raise FileNotFoundError(f"rollouts file {args.rollouts!r} does not exist.")
+    for flag, path, what in (("--prompts", args.prompts, "prompts file"), ("--rollouts", args.rollouts, "rollouts file")):
+        if path is None or Path(path).is_file():
+            continue
+        if Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: is a folder; pass the {what} itself (a JSONL file).")
+        raise FileNotFoundError(f"{what} {path!r} does not exist.")
     import torch
 
     try:

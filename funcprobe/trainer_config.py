@@ -100,7 +100,8 @@ def read_trainer_config(path: str | os.PathLike) -> dict[str, Any]:
     mapping. ValueError naming the file and the fix for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"trainer config {str(path)!r} does not exist; pass the JSON or YAML file of the run's "
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"trainer config {str(path)!r} {what}; pass the JSON or YAML file of the run's "
                          "GRPOConfig fields (e.g. GRPOConfig(...).to_dict() saved as JSON).")
     text = path.read_text(encoding="utf-8")
     try:
