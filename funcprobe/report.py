@@ -191,7 +191,7 @@ def summary_table(prediction, realised=None, in_sample=None, *, heldout=None, pa
                          "reliable: " + ("yes" if s["crn_reliable"] else f"NO — {s['crn_reason']}"))
         if "snis_deltaH" in s:
             khat = (f"k̂ {fmt(s['khat'], '.3f')} (threshold {fmt(s['khat_threshold'], '.3f')})" if s["khat_assessed"]
-                    else "k̂ not assessed (B·G < 21 or log-weights within 0.05)")
+                    else "k̂ not assessed (B·G < 21, or no weight above 2× the mean: none can dominate)")
             integrand = "Rao-Blackwell" if s["estimator"] == "rao_blackwell" else "−S"
             lines.append(f"SNIS ({s['normalize']}-normalised, {integrand}): ESS/G min {fmt(s['ess_min_fraction'], '.3f')}, ESS/(BG) "
                          f"{fmt(s['ess_global_fraction'], '.3f')}, {khat}; reliable: "

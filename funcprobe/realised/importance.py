@@ -295,7 +295,7 @@ class SNISResult:
         if not math.isfinite(self.se):
             notes["se"] = "a standard error over prompts needs B ≥ 2"
         if not self.khat_assessed:
-            notes["khat"] = ("not assessed: fewer than 21 log-weights or a log-weight range ≤ 0.05 (no sample can "
+            notes["khat"] = ("not assessed: fewer than 21 log-weights, or no weight above 2× the mean weight (no sample can "
                              "dominate); the value is shown for information only")
         if self.in_sample:
             notes["in_sample"] = ("estimated on the samples that built the step: biased by the same-sample term "
@@ -307,7 +307,7 @@ class SNISResult:
         unit = "nats/token" if self.per_token else "nats/sequence"
         where = "IN-SAMPLE (the update batch; biased diagnostic)" if self.in_sample else "evaluation batch"
         khat = (f"{_fmt(self.khat, '.3f')}{'':>2}threshold {_fmt(self.khat_threshold, '.3f')}" if self.khat_assessed
-                else "not assessed (B·G < 21 or log w range ≤ 0.05)")
+                else "not assessed (B·G < 21, or max w ≤ 2·mean w)")
         lines = [
             f"ΔH by importance sampling on the {where} — normalize={self.normalize}, estimator={self.estimator}, "
             f"{unit}, B={self.B}, G={self.G}",
