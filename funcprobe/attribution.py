@@ -33,11 +33,11 @@ import torch
 from torch import Tensor
 
 from .adam import AdamState, update_decomposition
-from .batch import RolloutBatch
+from .batch import RolloutBatch, as_rollout_batch
 from .delta_h1 import (_cpu64, _dot, _uniform_or_none, _zeros_like, delta_h1_terms, iter_unit_vectors, unit_partition,
                        unit_scalars)
 from .lora_grads import row_direction_jvp, unsupported_reason
-from .objective import Objective
+from .objective import Objective, resolve_objective
 from .policy import ChunkLogprobs, Policy
 from .progress import progress_bar
 from .update import StepCotangent, step_cotangent
@@ -130,8 +130,9 @@ class AttributionResult:
                      f"{se(self.se_grad_term)} + state_term {self.state_term:.6g} (U = {self.n_units}, units = "
                      f"{self.units}; jackknife SEs)"]
         if self.realised_delta_h is not None:
+            diagnostics = describe_diagnostics(self.paired or {})
             lines.append(f"realised ΔĤ of this step on the evaluation batch = {self.realised_delta_h:.6g}"
-                         f"{se(self.realised_se)}")
+                         f"{se(self.realised_se)}" + (f"  [{diagnostics}]" if diagnostics else ""))
         if self.paired is not None:
             lines.append(self.paired["verdict"])
         corr = self.summary.get("correlations", {})
@@ -152,8 +153,10 @@ class AttributionResult:
             for name, row in self.interventions.items():
                 realised = ("" if row.get("realised_delta_h") is None else
                             f", ΔĤ = {row['realised_delta_h']:.6g}{se(row.get('realised_se'))}")
+                diagnostics = describe_diagnostics(row)
                 lines.append(f"  {name}: {row['tokens_kept']:.0f}/{row['tokens']} tokens, δH₁ = {row['deltaH1']:.6g}"
-                             f"{realised}, objective gain = {row['objective_gain']:.4g}")
+                             f"{realised}, objective gain = {row['objective_gain']:.4g}"
+                             + (f"  [{diagnostics}]" if diagnostics else ""))
         return "\n".join(lines)
 
 
@@ -320,7 +323,8 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     """
     from .delta_h1 import _require_policy
 
-    objective = Objective() if objective is None else objective
+    batch = as_rollout_batch(batch, "attribute: batch")
+    objective = resolve_objective(objective, batch, "attribute")
     _require_policy(policy, "attribute")
     policy.check_params(params)
     if evaluation is not None:
@@ -585,8 +589,7 @@ def _run_interventions(interventions, *, params, batch, policy, adam, objective,
         if evaluation is not None:
             realised = _realised(params, decomposition, adam, lr, objective, policy, evaluation, before, seq_chunk,
                                  token_chunk)
-            row["realised_delta_h"] = float(realised.deltaH)
-            row["realised_se"] = float(realised.se)
+            row.update(_realised_diagnostics(realised))
         out[name] = row
     return out
 
@@ -634,12 +637,31 @@ def _jvp_along(policy, params, batch, direction, seq_chunk, token_chunk, progres
     return out
 
 
-def _realised_row(realised, paired) -> dict:
+def _realised_diagnostics(realised) -> dict:
+    """A realised ΔĤ (``snis_delta_h``) with its importance weights' diagnostics, as every row carries them."""
     return {"realised_delta_h": float(realised.deltaH), "realised_se": float(realised.se),
             "realised_reliable": bool(realised.reliable), "realised_reason": realised.reason,
             "ess_min_fraction": float(realised.ess_min_fraction), "khat": _finite(realised.khat),
+            "khat_threshold": _finite(realised.khat_threshold), "khat_assessed": bool(realised.khat_assessed)}
+
+
+def _realised_row(realised, paired) -> dict:
+    return {**_realised_diagnostics(realised),
             "paired_difference": paired.difference, "paired_se": _finite(paired.se), "paired_z": _finite(paired.z),
             "first_order": paired.first_order}
+
+
+def describe_diagnostics(row: Mapping[str, Any]) -> str:
+    """"ESS/G min 0.93, k̂ 0.21 (≤ 0.336), reliable" — or "… k̂ n/a …" — for a row with a realised ΔĤ; "" without."""
+    if row.get("realised_reliable") is None:
+        return ""
+    khat = row.get("khat")
+    if row.get("khat_assessed") and khat is not None:
+        khat_text = f"k̂ {khat:.3f} (threshold {row.get('khat_threshold') or math.nan:.3f})"
+    else:
+        khat_text = "k̂ n/a (no weight can dominate)"
+    verdict = "reliable" if row["realised_reliable"] else "UNRELIABLE"
+    return f"ESS/G min {row.get('ess_min_fraction', math.nan):.3f}, {khat_text}, {verdict}"
 
 
 def _attribute_heldout(params, batch, *, policy, adam, objective, lr, seq_chunk, token_chunk, quantiles,
@@ -650,10 +672,7 @@ def _attribute_heldout(params, batch, *, policy, adam, objective, lr, seq_chunk,
     d = (η_g P) ⊙ ĝ_E; (5) E at θ once and at each θ⁺ for the realised changes."""
     from .heldout import heldout_pass, heldout_result, paired_difference, step_directions
 
-    evaluation_batch = evaluation if isinstance(evaluation, RolloutBatch) else getattr(evaluation, "batch", None)
-    if not isinstance(evaluation_batch, RolloutBatch):
-        raise TypeError(f"evaluation must be the evaluation batch E (a RolloutBatch or the SampledBatch holding it); "
-                        f"got {type(evaluation).__name__}.")
+    evaluation_batch = as_rollout_batch(evaluation, "attribute: evaluation (the evaluation batch E)")
     seq_chunk, token_chunk = _check_chunks(policy, seq_chunk, token_chunk)
     B, G = batch.B, batch.G
     timings: dict[str, float] = {}

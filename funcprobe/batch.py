@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "RolloutBatch", "SequenceChunk"]
+__all__ = ["FORMAT_VERSION", "AdvantageRecipe", "RolloutBatch", "SequenceChunk", "NotABatchError", "as_rollout_batch"]
 
 #: Written into every saved batch (safetensors metadata and JSON) and checked on load.
 FORMAT_VERSION = "funcprobe.batch/2"
@@ -55,9 +55,83 @@ _OPTIONAL_INDEX = ("prompt_index",)
 #: Optional per-token tensors [B, G, L].
 _OPTIONAL_TOKEN = ("token_advantages",)
 _TEMPERATURE_KEY = "temperature"
+_RECIPE_KEY = "advantage_recipe"
 _MASKS = ("attention_mask", "response_mask")
 _TENSOR_FIELDS = _REQUIRED_TENSORS + _OPTIONAL_TENSORS + _OPTIONAL_INDEX + _OPTIONAL_TOKEN
-_DICT_KEYS = frozenset((_FORMAT_KEY, _PAD_KEY, _TEMPERATURE_KEY) + _TENSOR_FIELDS)
+_DICT_KEYS = frozenset((_FORMAT_KEY, _PAD_KEY, _TEMPERATURE_KEY, _RECIPE_KEY) + _TENSOR_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageRecipe:
+    """How a batch's advantages were made from its rewards: the reward scaling (``"group"``, ``"batch"`` or
+    ``"none"``, TRL's ``scale_rewards``) and the weights of the F reward functions (always F numbers: 1 each when the
+    caller gave none). Recorded by the sampler and the rollouts loader; ``None`` on a batch whose advantages came from
+    elsewhere (built by hand), where nothing can be checked.
+
+    An estimator that takes an ``Objective`` refuses a batch whose recipe contradicts the objective's
+    ``scale_rewards`` / ``reward_weights`` (``Objective.check_batch``): the step would use other advantages than the
+    ones in the batch."""
+
+    scale_rewards: str
+    reward_weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"advantage_recipe: scale_rewards {self.scale_rewards!r} is not one of 'group', "
+                             "'batch', 'none'.")
+        try:
+            weights = tuple(float(w) for w in self.reward_weights)
+        except (TypeError, ValueError):
+            raise ValueError(f"advantage_recipe: reward_weights {self.reward_weights!r} must be numbers.") from None
+        if not weights:
+            raise ValueError("advantage_recipe: reward_weights is empty (one weight per reward function).")
+        object.__setattr__(self, "reward_weights", weights)
+
+    @classmethod
+    def of(cls, scale_rewards: str, reward_weights: Any, num_functions: int) -> "AdvantageRecipe":
+        """The recipe of ``compute_advantages(rewards [B, G, F], scale_rewards=…, weights=reward_weights)``."""
+        weights = (1.0,) * int(num_functions) if reward_weights is None else tuple(reward_weights)
+        return cls(scale_rewards=scale_rewards, reward_weights=weights)
+
+    def describe(self) -> str:
+        weights = "" if all(w == 1.0 for w in self.reward_weights) else \
+            f", reward_weights={list(self.reward_weights)}"
+        return f"scale_rewards={self.scale_rewards!r}{weights}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale_rewards": self.scale_rewards, "reward_weights": list(self.reward_weights)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "AdvantageRecipe | None":
+        if data is None:
+            return None
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except ValueError:
+                raise ValueError(f"{where}: its advantage_recipe {data!r} is not JSON. Re-save the batch.") from None
+        if not isinstance(data, Mapping) or set(data) != {"scale_rewards", "reward_weights"}:
+            raise ValueError(f"{where}: its advantage_recipe {data!r} is not a mapping with 'scale_rewards' and "
+                             "'reward_weights'. Re-save the batch.")
+        return cls(scale_rewards=data["scale_rewards"], reward_weights=tuple(data["reward_weights"]))
+
+
+class NotABatchError(TypeError, ValueError):
+    """A public function was given something that is not a rollout batch (both a TypeError and a ValueError)."""
+
+
+def as_rollout_batch(value: Any, what: str) -> "RolloutBatch":
+    """The ``RolloutBatch`` a public function was given as ``what``: the batch itself, or the object that holds it as
+    ``.batch`` (the ``SampledBatch`` of ``sample_batch``, the ``Responses`` of ``draw_responses``). Anything else is
+    refused with one message, the same from every function."""
+    if isinstance(value, RolloutBatch):
+        return value
+    inner = getattr(value, "batch", None)
+    if isinstance(inner, RolloutBatch):
+        return inner
+    raise NotABatchError(f"{what} must be a funcprobe.RolloutBatch or the SampledBatch that sample_batch returns (its "
+                     f"batch is used); got {type(value).__name__}. Build one with sample_batch(...), "
+                     "RolloutBatch(...) or RolloutBatch.load(path).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -220,6 +294,8 @@ class RolloutBatch:
                         was drawn from, or None. Lets an evaluation batch be drawn from the same pool (spec §6).
         temperature:    float > 0 (default 1): the τ the responses were drawn at (spec §0). Every log-probability
                         and entropy of the batch is taken at this τ; a ``Policy`` with another τ refuses the batch.
+        advantage_recipe: :class:`AdvantageRecipe` (how ``advantages`` were made: reward scaling and weights), or
+                        None when unknown. :meth:`replace` with new ``advantages`` and no recipe drops it.
 
     Requires B ≥ 1, G ≥ 2 (the leave-one-out baseline needs it) and L ≥ 2; estimators that need more prompts call
     :meth:`require_prompts`. All tensors must be on one device. Validation raises ``ValueError`` whose message starts
@@ -237,6 +313,7 @@ class RolloutBatch:
     prompt_index: Tensor | None = None
     temperature: float = 1.0
     token_advantages: Tensor | None = None
+    advantage_recipe: AdvantageRecipe | None = None
 
     # ---------------------------------------------------------------------------------------------------- validation
 
@@ -257,6 +334,14 @@ class RolloutBatch:
                 f"temperature: expected a finite number > 0 (the τ the responses were drawn at), found "
                 f"{self.temperature!r}. Pass the sampler's temperature (1.0 for plain sampling)."
             )
+
+        recipe = self.advantage_recipe
+        if isinstance(recipe, Mapping):
+            recipe = AdvantageRecipe.from_dict(recipe, "advantage_recipe")
+            object.__setattr__(self, "advantage_recipe", recipe)
+        if recipe is not None and not isinstance(recipe, AdvantageRecipe):
+            raise ValueError(f"advantage_recipe: expected a funcprobe.batch.AdvantageRecipe or None, found "
+                             f"{type(recipe).__name__}. Leave it None when the advantages' making is unknown.")
 
         present = {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
         for name in _REQUIRED_TENSORS:
@@ -482,14 +567,20 @@ class RolloutBatch:
     def _map_tensors(self, fn) -> RolloutBatch:
         """A new batch with ``fn`` applied to every present tensor (the leading dim of each is the prompt)."""
         mapped = {name: (None if t is None else fn(t)) for name, t in self._tensors().items()}
-        return RolloutBatch(pad_token_id=self.pad_token_id, temperature=self.temperature, **mapped)
+        return RolloutBatch(pad_token_id=self.pad_token_id, temperature=self.temperature,
+                            advantage_recipe=self.advantage_recipe, **mapped)
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """A new batch with every tensor on ``device``."""
         return self._map_tensors(lambda t: t.to(device))
 
     def replace(self, **changes: Any) -> RolloutBatch:
-        """A new batch with some fields replaced (``dataclasses.replace``); the result is validated."""
+        """A new batch with some fields replaced (``dataclasses.replace``); the result is validated.
+
+        New ``advantages`` (or ``token_advantages``) without an ``advantage_recipe`` drop the recorded recipe: it
+        described the old ones."""
+        if ("advantages" in changes or "token_advantages" in changes) and "advantage_recipe" not in changes:
+            changes["advantage_recipe"] = None
         return dataclasses.replace(self, **changes)
 
     def select_prompts(self, index: Any) -> RolloutBatch:
@@ -620,8 +711,11 @@ class RolloutBatch:
                 tensor = tensor.to(torch.uint8)
             # clone(): safetensors refuses tensors sharing storage (e.g. rewards passed as a view of advantages).
             tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-        save_file(tensors, os.fspath(path), metadata={_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(self.pad_token_id),
-                                                       _TEMPERATURE_KEY: repr(self.temperature)})
+        metadata = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(self.pad_token_id),
+                    _TEMPERATURE_KEY: repr(self.temperature)}
+        if self.advantage_recipe is not None:
+            metadata[_RECIPE_KEY] = json.dumps(self.advantage_recipe.to_dict())
+        save_file(tensors, os.fspath(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", *,
@@ -670,7 +764,8 @@ class RolloutBatch:
                 f"{path}: is a damaged funcprobe batch: metadata {_PAD_KEY!r} is {metadata.get(_PAD_KEY)!r}, "
                 f"expected an integer. {how}"
             ) from None
-        return cls(pad_token_id=pad_token_id, temperature=recorded, **tensors).to(device)
+        recipe = AdvantageRecipe.from_dict(metadata.get(_RECIPE_KEY), path)
+        return cls(pad_token_id=pad_token_id, temperature=recorded, advantage_recipe=recipe, **tensors).to(device)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: nested lists of ints/floats (masks as 0/1), absent optional fields as None.
@@ -678,7 +773,8 @@ class RolloutBatch:
         float64 values survive a JSON round trip exactly (Python writes the shortest repr that reads back the same).
         """
         out: dict[str, Any] = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: self.pad_token_id,
-                               _TEMPERATURE_KEY: self.temperature}
+                               _TEMPERATURE_KEY: self.temperature,
+                               _RECIPE_KEY: None if self.advantage_recipe is None else self.advantage_recipe.to_dict()}
         for name, tensor in self._tensors().items():
             if tensor is not None and name in _MASKS:
                 tensor = tensor.to(torch.uint8)
@@ -727,7 +823,8 @@ class RolloutBatch:
                     f"{name}: could not be read as a rectangular numeric array ({error}). "
                     f"Every row must have the same length."
                 ) from None
-        return cls(pad_token_id=data.get(_PAD_KEY, 0), temperature=recorded, **fields)
+        recipe = AdvantageRecipe.from_dict(data.get(_RECIPE_KEY), "data")
+        return cls(pad_token_id=data.get(_PAD_KEY, 0), temperature=recorded, advantage_recipe=recipe, **fields)
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_dict` as JSON."""

@@ -10,7 +10,7 @@
   optimizer state (pass ``optimizer=`` to use that adapter instead).
 * ``"adapter_in_model_dir"`` — a folder with the PEFT adapter in ``model/`` and ``optimizer.pt`` (plus an optional
   ``optimizer_param_names.json`` naming the optimizer's parameters) beside it.
-* ``"bare_adapter"`` — an adapter folder alone; the optimizer state is given separately with ``optimizer=PATH``.
+* ``"bare_adapter"`` — an adapter folder alone; the optimizer state is given separately with ``optimizer=PATH (--optimizer PATH)``.
 
 The base model is ``adapter_config.json``'s ``base_model_name_or_path`` (a hub id or a local path; a relative path is
 tried against the adapter folder first, then the working directory), unless ``base=`` overrides it.
@@ -29,6 +29,7 @@ shapes) run before the base model is loaded, so a mismatch does not cost a large
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import re
@@ -138,7 +139,7 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
                                 "checkpoint (e.g. runs/x/checkpoint-200) or an adapter folder.")
     if not given.is_dir():
         raise ValueError(f"'{given}' is a file, not a checkpoint folder; pass the folder that holds "
-                         f"{_ADAPTER_CONFIG} (and optimizer.pt), or an adapter folder with optimizer=PATH.")
+                         f"{_ADAPTER_CONFIG} (and optimizer.pt), or an adapter folder with optimizer=PATH (--optimizer PATH).")
 
     folder, layout, adapter_dir = _find_adapter(given, optimizer is not None)
     optimizer_path = _find_optimizer(folder, layout, adapter_dir, optimizer)
@@ -150,7 +151,9 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
     if isinstance(base_ref, str):
         _check_hub_base(base_ref, base_label, local_files_only)
 
-    _precheck_optimizer(optimizer_path, adapter_dir)
+    optimizer_steps = _precheck_optimizer(optimizer_path, adapter_dir)
+    trainer_state = _read_trainer_state(folder, adapter_dir)
+    _check_step_counts(optimizer_steps, trainer_state, optimizer_path, folder)
 
     attn_implementation = policy_options.pop("attn_implementation", None)
     if isinstance(base_ref, nn.Module):
@@ -177,10 +180,9 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
         message = str(error)
         if str(optimizer_path) not in message:
             message = f"{optimizer_path}: {message}"
-        raise ValueError(f"{message} (checkpoint '{folder}'; pass optimizer=PATH with the optimizer state saved "
+        raise ValueError(f"{message} (checkpoint '{folder}'; pass optimizer=PATH (--optimizer PATH) with the optimizer state saved "
                          "together with this adapter)") from None
 
-    trainer_state = _read_trainer_state(folder, adapter_dir)
     step = trainer_state.get("global_step") if trainer_state else None
     step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
     tokenizer = _load_tokenizer(adapter_dir, folder, base_ref, local_files_only)
@@ -320,7 +322,7 @@ def _find_adapter(given: Path, optimizer_given: bool) -> tuple[Path, str, Path]:
         if _is_adapter(given):
             # An HF Trainer output_dir: trainer.save_model() put the final adapter here without optimizer state.
             log.warning("'%s' holds an adapter but no optimizer.pt; using its latest checkpoint, %s, which has both. "
-                        "Pass optimizer=PATH to use the adapter in '%s' itself.", given, chosen.name, given)
+                        "Pass optimizer=PATH (--optimizer PATH) to use the adapter in '%s' itself.", given, chosen.name, given)
         elif len(checkpoints) > 1:
             log.warning("'%s' holds %d checkpoints (%s and %s); using the latest, %s. Pass a checkpoint-N folder "
                         "to choose another.", given, len(checkpoints), ", ".join(p.name for _, p in checkpoints[:-1]),
@@ -345,10 +347,10 @@ def _find_optimizer(folder: Path, layout: str, adapter_dir: Path, optimizer) -> 
             files = [given / name for name in _OPTIMIZER_FILES if (given / name).is_file()]
             if not files:
                 raise FileNotFoundError(f"optimizer='{given}' is a folder without optimizer.pt; pass the optimizer "
-                                        "state file itself (optimizer=PATH/optimizer.pt).")
+                                        "state file itself (optimizer=PATH/optimizer.pt (--optimizer PATH/optimizer.pt)).")
             return files[0]
         if not given.is_file():
-            raise FileNotFoundError(f"optimizer file '{given}' does not exist; pass optimizer=PATH to the "
+            raise FileNotFoundError(f"optimizer file '{given}' does not exist; pass optimizer=PATH (--optimizer PATH) to the "
                                     "optimizer.pt saved with this adapter.")
         return given
     for name in _OPTIMIZER_FILES:
@@ -356,7 +358,7 @@ def _find_optimizer(folder: Path, layout: str, adapter_dir: Path, optimizer) -> 
             return folder / name
     where = f"'{folder}'" if layout != "adapter_in_model_dir" else f"'{folder}' (beside model/)"
     raise FileNotFoundError(f"no optimizer.pt in {where}: found the adapter in '{adapter_dir}' but no AdamW state. "
-                            "Pass optimizer=PATH (the optimizer.pt saved with this adapter, e.g. by HF Trainer's "
+                            "Pass optimizer=PATH (--optimizer PATH) (the optimizer.pt saved with this adapter, e.g. by HF Trainer's "
                             "save_only_model=False).")
 
 
@@ -416,14 +418,41 @@ def _offline() -> bool:
         return False
 
 
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (a failed name lookup or connection, within
+    ``timeout_s``), or None when it can — or when a proxy is configured (then only a real request can tell)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as error:
+        return f"{endpoint} cannot be reached ({error.strerror or error})"
+
+
 def _check_hub_base(name: str, label: str, local_files_only: bool) -> None:
-    """Offline and the hub id is not in the local cache: say so before trying to load."""
-    if not local_files_only:
-        return
+    """A hub id that is not in the local cache, while offline or with no network: say so at once, before trying to
+    load (``from_pretrained`` would otherwise spend most of a minute in retries before the same conclusion)."""
     try:
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(name, "config.json")
     except Exception:  # noqa: BLE001 - an invalid id etc.: let from_pretrained report it
+        return
+    if isinstance(cached, str):
+        return
+    if not local_files_only:
+        reason = _hub_unreachable()
+        if reason is not None:
+            raise ValueError(f"the base model '{name}' ({label}) is not in the local Hugging Face cache and {reason}. "
+                             "Pass base=PATH (--base PATH: a local model folder), or download it where there is a "
+                             "network first.")
         return
     if not isinstance(cached, str):
         raise ValueError(f"the base model '{name}' ({label}) is not in the local Hugging Face cache and loading is "
@@ -459,41 +488,73 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _precheck_optimizer(optimizer_path: Path, adapter_dir: Path) -> None:
+def _optimizer_steps(state_dict: Mapping[str, Any]) -> set[int]:
+    """The distinct Adam step counts t of the state's entries (one per parameter; all equal after a normal run)."""
+    steps = set()
+    for entry in state_dict.get("state", {}).values():
+        value = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            steps.add(int(round(float(value))))
+    return steps
+
+
+def _check_step_counts(optimizer_steps: set[int], trainer_state: Mapping[str, Any] | None, optimizer_path: Path,
+                       folder: Path) -> None:
+    """The optimizer state must be the one saved with this checkpoint: its Adam step count t equals the trainer
+    state's ``global_step`` (HF Trainer steps the optimizer once per global step). Another checkpoint's optimizer.pt
+    gives another t — and other moments — so δH₁ would be of a step this checkpoint never takes."""
+    global_step = trainer_state.get("global_step") if isinstance(trainer_state, dict) else None
+    if isinstance(global_step, bool) or not isinstance(global_step, (int, float)) or not optimizer_steps:
+        return
+    global_step = int(global_step)
+    if optimizer_steps == {global_step}:
+        return
+    found = ", ".join(str(t) for t in sorted(optimizer_steps))
+    raise ValueError(f"'{optimizer_path}' is the optimizer state after {found} step{'s' if found != '1' else ''}, "
+                     f"but the checkpoint '{folder}' is at global_step {global_step} ({_TRAINER_STATE}): the "
+                     "optimizer state belongs to another checkpoint. Pass optimizer=PATH (--optimizer PATH) to the "
+                     f"optimizer.pt saved with this checkpoint (e.g. checkpoint-{global_step}/optimizer.pt).")
+
+
+def _precheck_optimizer(optimizer_path: Path, adapter_dir: Path) -> set[int]:
     """Before the base model is loaded: the optimizer file loads, and its state matches the adapter's tensors.
 
     The count and the multiset of shapes are compared (order-independent, so never stricter than
-    ``load_adam_state``, which later checks names and per-tensor shapes).
+    ``load_adam_state``, which later checks names and per-tensor shapes). Returns the state's step counts
+    (:func:`_optimizer_steps`).
     """
     try:
         state_dict = _torch_load(optimizer_path)
     except Exception as error:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
         raise ValueError(f"could not load '{optimizer_path}' with torch.load(weights_only=True): the file is corrupt "
                          f"or not an optimizer state dict ({type(error).__name__}: {_first_sentence(error)}). Pass "
-                         "optimizer=PATH to the optimizer.pt written by optimizer.state_dict() / HF Trainer.") from None
+                         "optimizer=PATH (--optimizer PATH) to the optimizer.pt written by optimizer.state_dict() / HF Trainer.") from None
     if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
             and isinstance(state_dict.get("param_groups"), (list, tuple))):
         found = list(state_dict)[:8] if isinstance(state_dict, dict) else type(state_dict).__name__
         raise ValueError(f"'{optimizer_path}' is not a torch optimizer state dict (expected keys 'state' and "
-                         f"'param_groups', found {found}). Pass optimizer=PATH to the optimizer.pt of this run.")
+                         f"'param_groups', found {found}). Pass optimizer=PATH (--optimizer PATH) to the optimizer.pt of this run.")
+    steps = _optimizer_steps(state_dict)
     lora = _adapter_lora_shapes(adapter_dir)
     if not lora:
-        return
+        return steps
     groups = state_dict["param_groups"]
     if not all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
-        return  # malformed groups: load_adam_state reports them precisely
+        return steps  # malformed groups: load_adam_state reports them precisely
     count = sum(len(g["params"]) for g in groups)
     if count != len(lora):
         raise ValueError(f"'{optimizer_path}' holds optimizer state for {count} parameters but the adapter in "
                          f"'{adapter_dir}' has {len(lora)} LoRA tensors: the optimizer state belongs to other "
-                         "tensors. Pass optimizer=PATH to the optimizer.pt saved with this adapter.")
+                         "tensors. Pass optimizer=PATH (--optimizer PATH) to the optimizer.pt saved with this adapter.")
     state_shapes = Counter()
     for entry in state_dict["state"].values():
         exp_avg = entry.get("exp_avg") if isinstance(entry, dict) else None
         if isinstance(exp_avg, torch.Tensor):
             state_shapes[tuple(exp_avg.shape)] += 1
     if sum(state_shapes.values()) != len(lora):
-        return  # some parameters without state (never stepped), or a non-Adam state: leave it to load_adam_state
+        return steps  # some parameters without state (never stepped), or a non-Adam state: leave it to load_adam_state
     missing = Counter(lora.values()) - state_shapes
     if missing:
         shape = next(iter(missing))
@@ -502,7 +563,8 @@ def _precheck_optimizer(optimizer_path: Path, adapter_dir: Path) -> None:
         raise ValueError(f"'{optimizer_path}' holds optimizer state for other tensors than the adapter in "
                          f"'{adapter_dir}': the adapter's '{name}' has shape {shape} but no exp_avg in the optimizer "
                          f"has that shape (the optimizer has e.g. {unexpected}; another adapter rank or target "
-                         "modules?). Pass optimizer=PATH to the optimizer.pt saved with this adapter.")
+                         "modules?). Pass optimizer=PATH (--optimizer PATH) to the optimizer.pt saved with this adapter.")
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------- side files

@@ -31,7 +31,8 @@ __all__ = ["main", "parse_args", "probe_config_from_args", "select_prompts", "dr
            "parse_etas", "parse_units", "parse_interventions", "parse_quantiles"]
 
 #: Errors that mean "bad input" (one line on stderr, exit status 2); anything else keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
+#: OSError: a user's file or folder that cannot be read or written (permissions, a folder for a file, a full disk).
+USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
 
 DTYPES = ("float32", "bfloat16", "float64")
 
@@ -437,10 +438,12 @@ def _memory_budget(args: argparse.Namespace) -> int | None:
 def _check_paths_and_device(args: argparse.Namespace) -> None:
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist.")
-    if args.prompts is not None and not Path(args.prompts).is_file():
-        raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
-    if args.rollouts is not None and not Path(args.rollouts).is_file():
-        raise FileNotFoundError(f"rollouts file {args.rollouts!r} does not exist.")
+    for flag, path, what in (("--prompts", args.prompts, "prompts file"), ("--rollouts", args.rollouts, "rollouts file")):
+        if path is None or Path(path).is_file():
+            continue
+        if Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: is a folder; pass the {what} itself (a JSONL file).")
+        raise FileNotFoundError(f"{what} {path!r} does not exist.")
     import torch
 
     try:
@@ -474,6 +477,10 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     _check_numbers(args, sizes["temperature"])
     etas = tuple(parse_etas(args.eta_sweep)) if args.eta_sweep is not None else None
     memory_budget_bytes = _memory_budget(args)
+    from .report import check_output_paths
+
+    check_output_paths({"--out": args.out, "--html": getattr(args, "html", None), "--plot": getattr(args, "plot", None)},
+                       examples={"--html": "attribution.html", "--plot": "plot.png"})
     _check_plot_format(getattr(args, "plot", None))
     units = parse_units(args.units)
     if getattr(args, "command", "probe") == "probe" and args.plot is not None and etas is None:
@@ -552,23 +559,25 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
 
 
 def _write_attribution_outputs(results: dict, args: argparse.Namespace, echo) -> None:
-    """--out (the JSON), --html (the page) and --plot (the scatter), each when given."""
-    from .report import to_jsonable, write_json
+    """--out (the JSON), --html (the page) and --plot (the scatter), each when given; a failed write keeps the
+    results (``report.save_outputs``)."""
+    from .report import save_outputs, to_jsonable
 
-    if args.out is not None:
-        echo(f"\nwrote {write_json(args.out, results)}")
-    if args.html is not None:
+    def page():
         from .attribution_page import render_attribution_html
 
-        page = Path(args.html)
-        page.parent.mkdir(parents=True, exist_ok=True)
-        page.write_text(render_attribution_html(to_jsonable(results)), encoding="utf-8")
-        echo(f"wrote {page}")
-    if args.plot is not None:
+        path = Path(args.html)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_attribution_html(to_jsonable(results)), encoding="utf-8")
+        return path
+
+    def plot():
         from .report import plot_attribution
 
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        echo(f"wrote {plot_attribution(results, args.plot)}")
+        return plot_attribution(results, args.plot)
+
+    save_outputs(results, out=args.out, writers=[("--html", args.html, page), ("--plot", args.plot, plot)], echo=echo)
 
 
 # ----------------------------------------------------------------------------------------------------- entry point
@@ -600,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
             # A transformers deprecation that PEFT triggers on every model load; nothing a user can act on.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
+            if args.command == "demo":
+                from .report import check_output_folder
+
+                check_output_folder("--out", args.out)
             if args.command == "demo" and args.quick:
                 from .demo import DemoConfig, run_demo
 
@@ -618,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         _record(world, error)
         line = _one_line(error)
-        if getattr(error, "traceback_text", None):  # the user's reward function raised: its own traceback matters
+        shown = getattr(error, "traceback_text", None)
+        # the user's reward function raised: its own traceback matters — said only when it is printed
+        if shown and "File " in shown and shown in str(error):
             print(str(error), file=sys.stderr)
             line = f"{error.headline} (the traceback above is the function's own). {_one_line(error.note)}"
         print(f"funcprobe {args.command}: error: {_rank(world)}{line}", file=sys.stderr)

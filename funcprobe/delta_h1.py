@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from .adam import AdamState, UpdateDecomposition, update_decomposition
-from .objective import Objective
-from .batch import RolloutBatch
+from .objective import Objective, resolve_objective
+from .batch import RolloutBatch, as_rollout_batch
 from .formatting import fmt
 from .lora_grads import tapped_forward, unsupported_reason
 from .memory import PeakTracker, available_memory_bytes, parse_memory_size, plan_for_policy
@@ -554,7 +554,8 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
     from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
 
     world = SINGLE if world is None else world
-    objective = Objective() if objective is None else objective
+    batch = as_rollout_batch(batch, "delta_h1: batch")
+    objective = resolve_objective(objective, batch, "delta_h1")
     _require_policy(policy, "delta_h1")
     started = time.perf_counter()
     policy.check_params(params)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .batch import RolloutBatch
+from .batch import AdvantageRecipe, RolloutBatch
 from .objective import SCALE_REWARDS, compute_advantages
 from .policy import Policy
 
@@ -333,7 +333,7 @@ def sample_exact_batch(dist: ExactDistribution, G: int, *, rewards: Tensor | Non
     responses = dist.responses[index]  # [B, G, T]
     batch = _build_batch(dist.prompts, responses, pad_token_id=dist.pad_token_id, advantages=advantages,
                          logprobs=dist.logprobs.gather(1, index), rewards=drawn_rewards)
-    return batch, index
+    return batch.replace(advantage_recipe=AdvantageRecipe.of(scale_rewards, None, 1)), index
 
 
 def random_reward_table(B: int, vocab_size: int, length: int, *, generator: torch.Generator | None = None,

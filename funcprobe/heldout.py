@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .adam import UpdateDecomposition
-from .batch import RolloutBatch, SequenceChunk
+from .batch import RolloutBatch, SequenceChunk, as_rollout_batch
 from .formatting import fmt
 from .lora_grads import tapped_forward, unsupported_reason
 from .policy import Policy
@@ -220,11 +220,7 @@ def _directions(delta: Any, params: ParamsDict) -> tuple[list[dict[str, Tensor]]
 
 
 def _eval_batch(eval_batch: Any) -> RolloutBatch:
-    batch = getattr(eval_batch, "batch", eval_batch) if not isinstance(eval_batch, RolloutBatch) else eval_batch
-    if not isinstance(batch, RolloutBatch):
-        raise TypeError(f"eval_batch must be the evaluation batch E (a RolloutBatch, or the SampledBatch that "
-                        f"sample_batch returns); got {type(eval_batch).__name__}.")
-    return batch
+    return as_rollout_batch(eval_batch, "eval_batch (the evaluation batch E)")
 
 
 @dataclass

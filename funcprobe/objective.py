@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .batch import RolloutBatch
 
-__all__ = ["Objective", "LOSS_TYPES", "SCALE_REWARDS", "AdvantageInfo", "compute_advantages", "nanstd",
+__all__ = ["Objective", "resolve_objective", "LOSS_TYPES", "SCALE_REWARDS", "AdvantageInfo", "compute_advantages", "nanstd",
            "ZeroVarianceWarning", "REWARD_STD_EPS"]
 
 #: The loss types an Objective expresses exactly at ρ = 1 (TRL 1.16's names).
@@ -164,6 +164,45 @@ class Objective:
         return (f"loss_type={self.loss_type} (w = {_WEIGHT_TEXT[self.loss_type]}), scale_rewards="
                 f"{self.scale_rewards}, {kl}, {clip}")
 
+    # --------------------------------------------------------------------------------------------- the batch
+    def check_batch(self, batch: RolloutBatch, where: str = "the step") -> None:
+        """Refuse a batch whose advantages were made otherwise than this objective makes them.
+
+        A batch from ``sample_batch`` or the rollouts loader records how its advantages were made
+        (``batch.advantage_recipe``: reward scaling and weights); the estimators use the batch's advantages as they
+        are, so an objective stating another ``scale_rewards`` or ``reward_weights`` would describe a step the
+        trainer never took. Batches without a recipe (built by hand) are not checked."""
+        recipe = getattr(batch, "advantage_recipe", None)
+        if recipe is None:
+            return
+        problems = []
+        if recipe.scale_rewards != self.scale_rewards:
+            problems.append(f"scale_rewards: the batch's advantages were made with scale_rewards="
+                            f"{recipe.scale_rewards!r}, the objective says {self.scale_rewards!r}")
+        if self.reward_weights is not None and tuple(self.reward_weights) != tuple(recipe.reward_weights):
+            problems.append(f"reward_weights: the batch's advantages were made with {list(recipe.reward_weights)}, "
+                            f"the objective says {list(self.reward_weights)}")
+        elif self.reward_weights is None and any(w != 1.0 for w in recipe.reward_weights):
+            problems.append(f"reward_weights: the batch's advantages were made with {list(recipe.reward_weights)}, "
+                            "the objective says none (1 each)")
+        if problems:
+            raise ValueError(
+                f"{where}: the batch does not match the objective — " + "; ".join(problems) + ". The estimators use "
+                "the batch's advantages as they are, so this would predict a step the trainer never took. Sample "
+                f"the batch as the trainer scores it (sample_batch(..., scale_rewards={self.scale_rewards!r}"
+                + ("" if self.reward_weights is None else f", reward_weights={list(self.reward_weights)}")
+                + ") or rescore(sampled, scale_rewards=...)), or pass the objective the batch was made for "
+                f"(objective.replace({recipe.describe()}))."
+            )
+
+    def for_batch(self, batch: RolloutBatch) -> "Objective":
+        """This objective with the batch's recorded reward scaling and weights (for a default objective)."""
+        recipe = getattr(batch, "advantage_recipe", None)
+        if recipe is None:
+            return self
+        weights = None if all(w == 1.0 for w in recipe.reward_weights) else tuple(recipe.reward_weights)
+        return self.replace(scale_rewards=recipe.scale_rewards, reward_weights=weights)
+
     # --------------------------------------------------------------------------------------------- the weights
     def token_weights(self, batch: RolloutBatch) -> Tensor:
         """w_{n,g,k} (times CISPO's factor a), float64 [B, G, L]: 0 off the response (see the module docstring)."""
@@ -216,6 +255,19 @@ class Objective:
         return compute_advantages(rewards, scale_rewards=self.scale_rewards, weights=self.reward_weights, warn=warn)
 
 
+def resolve_objective(objective: "Objective | None", batch: RolloutBatch, where: str) -> "Objective":
+    """The objective an estimator uses on ``batch``: None → the default (Dr. GRPO) with the reward scaling and weights
+    the batch records (the batch's advantages are what they are); a given one must agree with the batch's recipe
+    (:meth:`Objective.check_batch`, raising ValueError naming both)."""
+    if objective is None:
+        return Objective().for_batch(batch)
+    if not isinstance(objective, Objective):
+        raise ValueError(f"{where}: objective must be a funcprobe.Objective (e.g. Objective.trl()) or None; got "
+                         f"{type(objective).__name__}.")
+    objective.check_batch(batch, where)
+    return objective
+
+
 _WEIGHT_TEXT = {"dr_grpo": "m/(N·L)", "grpo": "m/(N·T)", "sapo": "m/(N·T)", "bnpo": "m/ΣT", "dapo": "m/ΣT",
                 "vespo": "m/ΣT", "cispo": "min(1, ε_high)·m/ΣT", "luspo": "m/N"}
 
@@ -261,20 +313,40 @@ class AdvantageInfo:
     def all_groups_zero_variance(self) -> bool:
         return len(self.zero_variance_groups) == int(self.rewards.shape[0])
 
-    def message(self) -> str:
-        """A note for people, or "" when every group varies."""
+    @property
+    def nothing_scored(self) -> bool:
+        """Every reward function returned None for every completion: there are no rewards at all."""
+        return self.unscorable == int(self.rewards.numel())
+
+    def message(self, beta: float | None = None) -> str:
+        """A note for people, or "" when every group varies. ``beta``: the step's KL coefficient, when known — with
+        β > 0 zero advantages leave the KL term's gradient, so the step is not the optimizer-state term alone."""
         B = int(self.rewards.shape[0])
         count = len(self.zero_variance_groups)
+        if self.nothing_scored:
+            return (f"nothing was scored: every reward function returned None for all {self.unscorable} completions "
+                    "(TRL's 'not scored'), so there are no rewards and every advantage is 0. Check the reward "
+                    "functions (a column they need, the answers they compare with).")
+        unscored = (f" ({self.unscorable} completions were scored by no function: None everywhere, A = 0)"
+                    if self.unscorable else "")
         if count == 0:
-            return ""
+            return unscored.strip(" ()").capitalize() + "." if unscored else ""
         if count == B:
-            return (f"every one of the {B} prompts got equal rewards for all its responses: every advantage is 0, so "
-                    "the gradient term of the step is exactly 0 and δH₁ is the optimizer-state term alone (momentum "
-                    "and weight decay). Use more responses per prompt (-G), other prompts, or a reward that "
-                    "separates the responses.")
+            if beta is not None and beta > 0:
+                rest = (f"so the reward contributes nothing to the step: its gradient term is the KL penalty's alone "
+                        f"(β = {beta:g}) and δH₁ is that and the optimizer-state term (momentum and weight decay).")
+            elif beta is None:
+                rest = ("so the reward contributes nothing to the step: δH₁ is the KL penalty's term (when β > 0) and "
+                        "the optimizer-state term (momentum and weight decay).")
+            else:
+                rest = ("so the gradient term of the step is exactly 0 and δH₁ is the optimizer-state term alone "
+                        "(momentum and weight decay).")
+            return (f"every one of the {B} prompts got equal rewards for all its responses{unscored}: every advantage "
+                    f"is 0, {rest} Use more responses per prompt (-G), other prompts, or a reward that separates the "
+                    "responses.")
         shown = ", ".join(map(str, self.zero_variance_groups[:8])) + ("…" if count > 8 else "")
-        return (f"{count} of {B} prompts (rows {shown}) got equal rewards for all their responses: their advantages "
-                "are 0 and they contribute nothing to the step's gradient.")
+        return (f"{count} of {B} prompts (rows {shown}) got equal rewards for all their responses{unscored}: their "
+                "advantages are 0 and their rewards contribute nothing to the step's gradient.")
 
 
 def compute_advantages(rewards: Tensor, *, scale_rewards: str = "none", weights: Sequence[float] | None = None,

@@ -380,11 +380,15 @@ def load_and_sample(config: ProbeConfig, *, progress: bool | None = None, echo=p
         sampled = timed("rollouts", lambda: rollouts_sample(records, config, checkpoint.tokenizer, policy, rewards))
         source = f"logged rollouts {b.rollouts}"
     batch = sampled.batch
+    if sampled.advantage_info.nothing_scored:
+        raise ValueError(f"the update batch ({source}): {sampled.advantage_info.message()} There is no step to "
+                         "probe.")
     echo(f"update batch: B={batch.B} prompts × G={batch.G} responses, {source}; mean reward "
          f"{fmt(float(batch.rewards.mean()), '.4g')}; {sampled.eos_count}/{batch.num_sequences} ended with a stop "
          "token")
-    if sampled.advantage_info.message():
-        echo(f"note: {sampled.advantage_info.message()}")
+    note = sampled.advantage_info.message(beta=config.step.objective.beta)
+    if note:
+        echo(f"note: {note}")
     evaluation = timed("sample_eval", lambda: sample_prompts(world, policy, params, pool, chosen["eval_indices"],
                                                              seed=b.eval_seed, G=shape.eval_G, **sampling))
     echo(f"evaluation batch: B={evaluation.batch.B} prompts × G={evaluation.batch.G} responses, drawn independently "

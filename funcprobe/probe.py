@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .adam import AdamState
-from .batch import RolloutBatch
+from .batch import RolloutBatch, as_rollout_batch
 from .delta_h1 import DeltaH1Result, delta_h1
 from .heldout import HeldoutResult, delta_h1_heldout
 from .objective import Objective
@@ -66,17 +66,17 @@ class Probe:
         if batch is None:
             raise ValueError("no update batch: pass one (probe.delta_h1(params, batch)) or bind it with "
                              "Probe(..., batch=batch) / probe.with_batch(batch).")
-        return batch
+        return as_rollout_batch(batch, "the update batch")
 
     def _chunks(self) -> dict[str, Any]:
         return dict(seq_chunk=self.seq_chunk, token_chunk=self.token_chunk, progress=self.progress)
 
     def _evaluation(self, sample: Any, what: str) -> None:
-        batch = sample if isinstance(sample, RolloutBatch) else getattr(sample, "batch", None)
-        if sample is None or batch is None:
+        if sample is None:
             raise ValueError(f"{what} needs the evaluation sample E: draw it with sample_batch(policy, params, "
                              "prompts, seed=<another seed>, ...) from prompts drawn independently of the update batch's "
                              "(spec §6).")
+        batch = as_rollout_batch(sample, f"{what}: the evaluation sample")
         if self.batch is not None and _same_samples(batch, self.batch):
             raise ValueError(f"{what} was given the update batch itself (the same responses): the realised change "
                              "must be measured on an evaluation batch drawn independently of the samples that built "
@@ -117,7 +117,7 @@ class Probe:
                      **options) -> SNISResult:
         """ΔH from θ = params to θ⁺ = update by importance sampling on the evaluation sample (spec §6)."""
         self._evaluation(eval_sample, "snis_delta_h")
-        batch = eval_sample if isinstance(eval_sample, RolloutBatch) else eval_sample.batch
+        batch = as_rollout_batch(eval_sample, "snis_delta_h: the evaluation sample")
         return snis_delta_h(params, update, policy=self.policy, batch=batch, **{**self._chunks(), **options})
 
     def crn_delta_h(self, params: Mapping[str, Tensor], update: Mapping[str, Tensor], eval_sample: Any,

@@ -22,7 +22,8 @@ import torch
 from .formatting import fmt
 
 __all__ = ["summary", "summary_table", "format_report", "plot_lr_sweep", "versions", "peak_memory",
-           "reset_peak_memory", "to_jsonable", "write_json", "write_probe_outputs"]
+           "reset_peak_memory", "to_jsonable", "write_json", "write_probe_outputs", "check_output_paths",
+           "save_outputs", "OutputError"]
 
 
 # ------------------------------------------------------------------------------------------------------ the summary
@@ -190,7 +191,7 @@ def summary_table(prediction, realised=None, in_sample=None, *, heldout=None, pa
                          "reliable: " + ("yes" if s["crn_reliable"] else f"NO — {s['crn_reason']}"))
         if "snis_deltaH" in s:
             khat = (f"k̂ {fmt(s['khat'], '.3f')} (threshold {fmt(s['khat_threshold'], '.3f')})" if s["khat_assessed"]
-                    else "k̂ not assessed (B·G < 21 or log-weights within 0.05)")
+                    else "k̂ not assessed (B·G < 21, or no weight above 2× the mean: none can dominate)")
             integrand = "Rao-Blackwell" if s["estimator"] == "rao_blackwell" else "−S"
             from .realised import NORMALIZATION_LABELS
 
@@ -299,14 +300,136 @@ def write_json(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------- output paths, safely
+class OutputError(ValueError):
+    """An output could not be written at the end of a run; the message says where the results were saved instead."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_output_path(flag: str, path: Any, *, example: str = "results.json") -> None:
+    """Refuse, before any work, an output path that cannot be written: an existing directory, a path under a file, a
+    place where no file can be created (read-only, no permission). Creates nothing (a probe file is made and removed
+    in the nearest existing folder)."""
+    import tempfile
+
+    text = os.fspath(path)
+    if not text.strip():
+        raise ValueError(f"{flag} is empty; name a file, e.g. {flag} {example}.")
+    target = Path(text)
+    if target.is_dir():
+        raise ValueError(f"{flag} {text}: is an existing directory; name a file in it, e.g. {flag} "
+                         f"{target / example}.")
+    folder = _nearest_existing(target)
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {text}: '{folder}' is a file, so nothing can be written under it; name a file in "
+                         f"a folder, e.g. {flag} {folder.parent / example}.")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"{flag} {text}: the file exists and is not writable; choose another name or fix its "
+                         "permissions.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {text}: nothing can be written in '{folder}' ({error.strerror or error}); choose "
+                         "a writable place.") from None
+
+
+def check_output_folder(flag: str, path: Any) -> None:
+    """Refuse, before any work, an output folder that is a file, lies under a file, or cannot be written in."""
+    import tempfile
+
+    target = Path(os.fspath(path))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{flag} {path}: is a file; it must be a folder (created when missing).")
+    folder = target if target.is_dir() else _nearest_existing(target)
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: '{folder}' is a file, so no folder can be made under it.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: nothing can be written in '{folder}' ({error.strerror or error}); choose "
+                         "a writable place.") from None
+
+
+def check_output_paths(paths: Mapping[str, Any], examples: Mapping[str, str] | None = None) -> None:
+    """:func:`check_output_path` for every ``{flag: path}`` given (None: not asked for), and no two naming one file."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        check_output_path(flag, path, example=(examples or {}).get(flag, "results.json"))
+        resolved = Path(os.fspath(path)).absolute().resolve()
+        if resolved in seen:
+            raise ValueError(f"{seen[resolved]} and {flag} both name '{path}'; the second would overwrite the first. "
+                             "Give each output its own file.")
+        seen[resolved] = flag
+
+
+def _fallback_json(results: Mapping[str, Any]) -> Path | None:
+    """Save ``results`` where it can be: the current folder, else the system's temporary folder."""
+    import tempfile
+    import time
+
+    name = f"funcprobe-results-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            return write_json(folder / name, results)
+        except OSError:
+            continue
+    return None
+
+
+def save_outputs(results: Mapping[str, Any], *, out=None, writers=(), echo=print) -> None:
+    """Write the results JSON to ``out``, then each ``(flag, path, write)`` of ``writers`` (``write()`` returns the
+    path written), echoing each path. The results are never lost: when a write fails (the paths were checked before
+    the run, but a disk can fill or a folder vanish), the JSON is saved in the current folder (else the temporary
+    one) when ``out`` did not take it, and :class:`OutputError` (a user error: one line, exit 2) says what failed and
+    where the results are. An unexpected error of a writer (a bug) is re-raised after the results are saved."""
+    failures: list[str] = []
+    saved = None
+    if out is not None:
+        try:
+            saved = write_json(out, results)
+            echo(f"\nwrote {saved}")
+        except OSError as error:
+            failures.append(f"--out {out} ({error.strerror or error})")
+    for flag, path, write in writers:
+        if path is None:
+            continue
+        try:
+            echo(f"wrote {write()}")
+        except OSError as error:
+            failures.append(f"{flag} {path} ({error.strerror or error})")
+        except Exception:
+            if saved is None:
+                saved = _fallback_json(results)
+                if saved is not None:
+                    import sys
+                    print(f"funcprobe: the results were saved in {saved} before this error.", file=sys.stderr)
+            raise
+    if failures:
+        if saved is None:
+            saved = _fallback_json(results)
+        where = (f"the results are in {saved}" if saved is not None else
+                 "the results could not be saved anywhere (the current and the temporary folder are not writable)")
+        raise OutputError(f"could not write {'; '.join(failures)}; {where}.")
+
+
 def write_probe_outputs(results: Mapping[str, Any], sweep=None, *, out=None, plot=None, echo=print) -> None:
     """Write a probe run's results JSON to ``out`` and the sweep's plot (:func:`plot_lr_sweep`) to ``plot`` (each
-    when not None), echoing each path written."""
-    if out is not None:
-        echo(f"\nwrote {write_json(out, results)}")
-    if plot is not None:
+    when not None), echoing each path written; a failed write keeps the results (:func:`save_outputs`)."""
+    def draw_plot():
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
-        echo(f"wrote {plot_lr_sweep(sweep, plot)}")
+        return plot_lr_sweep(sweep, plot)
+
+    save_outputs(results, out=out, writers=[("--plot", plot, draw_plot)], echo=echo)
 
 
 # ----------------------------------------------------------------------------------------------------------- plots
@@ -392,6 +515,36 @@ def _symlog_if_heavy(axis_set, values) -> None:
         axis_set("symlog", linthresh=median)
 
 
+def _readable_ticks(axis) -> None:
+    """Tick labels that cannot run into each other: on a linear axis at most 6 ticks with a shared scientific factor
+    (×10⁻⁴ at the axis end, an offset when the values sit far from 0) instead of "-0.00020-0.00015…"; on a
+    symmetric-log axis decade ticks labelled ±10ⁿ, at most 7 of them."""
+    from matplotlib import ticker
+
+    if axis.get_scale() == "linear":
+        formatter = ticker.ScalarFormatter(useMathText=True, useOffset=True)
+        formatter.set_powerlimits((-2, 3))
+        axis.set_major_locator(ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_formatter(formatter)
+    elif axis.get_scale() == "symlog":
+        transform = axis.get_transform()
+        axis.set_major_locator(ticker.SymmetricalLogLocator(transform=transform, subs=[1.0]))
+        axis.set_major_formatter(ticker.LogFormatterSciNotation(base=10, labelOnlyBase=True,
+                                                                linthresh=transform.linthresh))
+        axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _thin_ticks(axis, limit: int) -> None:
+    """Keep every k-th major tick so that at most ``limit`` remain (after the axis limits are known)."""
+    from matplotlib import ticker
+
+    ticks = [t for t in axis.get_majorticklocs() if axis.get_view_interval()[0] <= t <= axis.get_view_interval()[1]]
+    if len(ticks) > limit:
+        step = -(-len(ticks) // limit)
+        keep = [t for i, t in enumerate(ticks) if (i - ticks.index(min(ticks, key=abs))) % step == 0]
+        axis.set_major_locator(ticker.FixedLocator(keep))
+
+
 def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str:
     """Two scatter panels over the update batch's response tokens (spec §8): the attribution a against Cui et al.'s
     covariance proxy −η·cov (η = η_g, or 1 with per-group learning rates, as ``proxy_summary``), and a against the
@@ -431,6 +584,8 @@ def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str
             ax.axvline(0.0, color="0.6", lw=0.8)
             _symlog_if_heavy(ax.set_xscale, x)
         _symlog_if_heavy(ax.set_yscale, a)
+        for axis in (ax.xaxis, ax.yaxis):
+            _readable_ticks(axis)
         ax.set_xlabel(label)
         ax.set_ylabel("attribution a (nats/sequence)")
         ax.set_title(f"a vs {'−η·cov' if key == 'cov' else 'entropy'}: Pearson {fmt(corr.get(f'pearson_{key}'), '.3g')}, "
@@ -438,6 +593,10 @@ def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str
         ax.grid(alpha=0.25)
     fig.suptitle(f"which tokens drive δH₁ = {fmt(attribution.get('deltaH1'), '.4g')} "
                  f"(grad_term {fmt(attribution.get('grad_term'), '.4g')}; {len(a)} response tokens)", fontsize=11)
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "symlog":
+                _thin_ticks(axis, 7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .batch import RolloutBatch
+from .batch import AdvantageRecipe, RolloutBatch
 from .objective import compute_advantages
 from .prompts import check_prompt, is_conversational, iter_jsonl, prompt_text, render_prompts, trl_prompts
 from .rollouts_file import ROLLOUT_KEYS, save_rollouts
@@ -369,7 +369,9 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
     batch = RolloutBatch(input_ids=input_ids, attention_mask=attention, response_mask=response, advantages=advantages,
                          length_norm=torch.full((B,), float(max_new_tokens), dtype=torch.float64),
                          rewards=torch.nan_to_num(advantage_info.rewards, nan=0.0), pad_token_id=int(pad_token_id),
-                         temperature=float(temperature))
+                         temperature=float(temperature),
+                         advantage_recipe=AdvantageRecipe.of(scale_rewards, reward_weights,
+                                                             int(raw.shape[-1]) if raw.dim() == 3 else 1))
     info.update(prompts=prompt_texts, responses=responses, raw_rewards=raw, advantage_info=advantage_info,
                 prompt_ids=prompt_ids, completion_ids=completion_ids,
                 eos_count=sum(ids[-1] in stops for group in completion_ids for ids in group))

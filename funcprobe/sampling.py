@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .batch import RolloutBatch
+from .batch import AdvantageRecipe, RolloutBatch
 from .logprobs import chunk_logits
 from .policy import Policy
 from .progress import progress_bar
@@ -655,7 +655,8 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
     timings["reward_s"] = time.perf_counter() - reward_started
     advantages, info = compute_advantages(rewards, scale_rewards=scale_rewards, weights=reward_weights)
     batch = drawn.batch.replace(advantages=advantages, length_norm=norms,
-                                rewards=torch.nan_to_num(info.rewards, nan=0.0))
+                                rewards=torch.nan_to_num(info.rewards, nan=0.0),
+                                advantage_recipe=_recipe(rewards, scale_rewards, reward_weights))
     generated = int(batch.response_lengths.sum())
     timings["total_s"] = time.perf_counter() - started
     timings["generated_tokens"] = float(generated)
@@ -675,8 +676,15 @@ def rescore(sampled: SampledBatch, *, scale_rewards: str, reward_weights: Sequen
         raise ValueError("rescore needs the sample's raw rewards (sample_batch records them in raw_rewards).")
     advantages, info = compute_advantages(sampled.raw_rewards, scale_rewards=scale_rewards, weights=reward_weights,
                                           warn=warn)
-    batch = sampled.batch.replace(advantages=advantages, rewards=torch.nan_to_num(info.rewards, nan=0.0))
+    batch = sampled.batch.replace(advantages=advantages, rewards=torch.nan_to_num(info.rewards, nan=0.0),
+                                  advantage_recipe=_recipe(sampled.raw_rewards, scale_rewards, reward_weights))
     return dataclasses.replace(sampled, batch=batch, advantage_info=info)
+
+
+def _recipe(rewards: Tensor, scale_rewards: str, reward_weights: Sequence[float] | None) -> AdvantageRecipe:
+    """How ``compute_advantages`` made the advantages from ``rewards`` [B, G] or [B, G, F]."""
+    functions = int(rewards.shape[-1]) if rewards.dim() == 3 else 1
+    return AdvantageRecipe.of(scale_rewards, reward_weights, functions)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -700,10 +708,12 @@ def merge_batches(batches: Sequence[RolloutBatch]) -> RolloutBatch:
         values = [getattr(b, name) for b in batches]
         return None if any(v is None for v in values) else torch.cat(values)
 
+    recipes = {batch.advantage_recipe for batch in batches}
     return RolloutBatch(input_ids=torch.cat(pieces["input_ids"]), attention_mask=torch.cat(pieces["attention_mask"]),
                         response_mask=torch.cat(pieces["response_mask"]), advantages=cat("advantages"),
                         length_norm=cat("length_norm"), logprobs=cat("logprobs"), rewards=cat("rewards"),
-                        prompt_index=cat("prompt_index"), pad_token_id=pad, temperature=batches[0].temperature)
+                        prompt_index=cat("prompt_index"), pad_token_id=pad, temperature=batches[0].temperature,
+                        advantage_recipe=recipes.pop() if len(recipes) == 1 else None)
 
 
 def _gather_responses(world, mine: Responses | None, spec: DrawSpec) -> Responses:

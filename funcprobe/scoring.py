@@ -161,6 +161,22 @@ def _name(reward_fn: Any) -> str:
     return getattr(reward_fn, "__qualname__", None) or getattr(reward_fn, "__name__", None) or repr(reward_fn)
 
 
+def _first_text(values: Any) -> Any:
+    """The first str/bytes in a nested list/tuple, or None."""
+    if isinstance(values, (str, bytes)):
+        return values
+    if isinstance(values, (list, tuple)):
+        for value in values:
+            found = _first_text(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _holds_text(values: Any) -> bool:
+    return _first_text(values) is not None
+
+
 def check_rewards(values: Any, B: int, G: int, reward_fn: Any = None) -> Tensor:
     """A reward function's output as float64 [B, G] — or [B, G, F] for F reward functions, where NaN marks a
     completion a function did not score (TRL's None) — on the CPU; ValueError naming the function otherwise
@@ -168,6 +184,10 @@ def check_rewards(values: Any, B: int, G: int, reward_fn: Any = None) -> Tensor:
     who = f"reward function {_name(reward_fn)!r}" if reward_fn is not None else "rewards"
     if isinstance(values, Tensor):
         tensor = values.detach().to("cpu", torch.float64)
+    elif _holds_text(values):
+        raise ValueError(f"{who} returned text ({_first_text(values)!r}) where rewards must be numbers; return "
+                         "float(...) values, [B, G] = [{B}, {G}] (TRL's GRPOTrainer fails on strings too).".replace(
+                             "{B}", str(B)).replace("{G}", str(G)))
     else:
         try:
             tensor = torch.as_tensor(values, dtype=torch.float64)

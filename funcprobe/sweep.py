@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .adam import UpdateDecomposition, scaled_update
-from .batch import RolloutBatch
+from .batch import RolloutBatch, as_rollout_batch
 from .formatting import fmt as _fmt
 from .heldout import FIRST_ORDER_Z, HeldoutResult, paired_difference
 from .policy import Policy
@@ -60,7 +60,7 @@ def realised_changes(params: ParamsDict, update: ParamsDict, sample: Any, *, met
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     timed = timed or (lambda phase, fn: fn())
-    batch = sample if isinstance(sample, RolloutBatch) else getattr(sample, "batch", None)
+    batch = as_rollout_batch(sample, "sample")
     out: dict[str, SNISResult | CRNResult] = {}
     if method in ("crn", "both"):
         out["crn"] = timed("realised_crn", lambda: crn_delta_h(params, update, policy=policy, sample=sample,
@@ -260,10 +260,7 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
         raise ValueError(f"lr_sweep(method={method!r}) needs the evaluation sample with its draw (a SampledBatch from "
                          "sample_batch, or Responses from draw_responses): common random numbers redraw it at each η "
                          f"with the same uniforms; got {type(sample).__name__}.")
-    batch = sample if isinstance(sample, RolloutBatch) else getattr(sample, "batch", None)
-    if not isinstance(batch, RolloutBatch):
-        raise ValueError(f"lr_sweep: sample must be a SampledBatch, Responses or RolloutBatch; got "
-                         f"{type(sample).__name__}.")
+    batch = as_rollout_batch(sample, "lr_sweep: sample")
     policy.check_params(params, "params")
     h1 = h1_se = h1_plugin = None
     if prediction is not None and not per_token:

@@ -17,7 +17,8 @@ Refused by name, each with the reason, because no per-token cotangent at the on-
 off-policy), ``entropy_coef ≠ 0`` / ``use_adaptive_entropy`` (an entropy bonus), ``delta < 1`` (clamps ρ = 1),
 ``top_entropy_quantile < 1`` and ``mask_truncated_completions`` (not modelled yet), ``use_vllm`` with its
 importance-sampling correction (needs the vLLM sampler's log-probabilities), ``multi_objective_aggregation =
-"normalize_then_sum"`` (not modelled), ``loss_type = "bnpo"`` with gradient accumulation or several processes (it
+"normalize_then_sum"`` (not modelled), ``optim`` other than torch's AdamW (``ADAMW_OPTIMS``; Adafactor, 8-bit AdamW,
+Lion, SGD, … take another step), ``loss_type = "bnpo"`` with gradient accumulation or several processes (it
 normalises by a random micro-batch's token count). Unknown fields are ignored (the file may hold every
 ``GRPOConfig`` field).
 
@@ -49,8 +50,24 @@ TRL_DEFAULTS: dict[str, Any] = {
     "steps_per_generation": None, "entropy_coef": 0.0, "use_adaptive_entropy": False, "delta": None,
     "top_entropy_quantile": 1.0, "mask_truncated_completions": False, "use_vllm": False,
     "vllm_importance_sampling_correction": True, "multi_objective_aggregation": "sum_then_normalize",
-    "chat_template_kwargs": None,
+    "chat_template_kwargs": None, "optim": "adamw_torch",
 }
+
+#: ``TrainingArguments.optim`` values whose step is torch's AdamW (decoupled weight decay, bias correction, ε outside
+#: the square root, float32 moments saved as ``exp_avg``/``exp_avg_sq``): the step funcprobe models. Every other
+#: optimizer (Adafactor, 8-bit / paged / quantised AdamW, Lion, SGD, AdEMAMix, GaLore, schedule-free, …) takes
+#: another step and is refused by name.
+ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_apex_fused",
+                "adamw_hf")
+
+
+def _optim_name(value: Any) -> str:
+    """``optim`` as written by ``TrainingArguments.to_dict`` ("adamw_torch") or as an enum's text
+    ("OptimizerNames.ADAMW_TORCH")."""
+    text = str(getattr(value, "value", value)).strip()
+    if text.startswith("OptimizerNames."):
+        text = text[len("OptimizerNames."):]
+    return text.lower()
 
 
 @dataclass(frozen=True)
@@ -83,7 +100,8 @@ def read_trainer_config(path: str | os.PathLike) -> dict[str, Any]:
     mapping. ValueError naming the file and the fix for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"trainer config {str(path)!r} does not exist; pass the JSON or YAML file of the run's "
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"trainer config {str(path)!r} {what}; pass the JSON or YAML file of the run's "
                          "GRPOConfig fields (e.g. GRPOConfig(...).to_dict() saved as JSON).")
     text = path.read_text(encoding="utf-8")
     try:
@@ -135,6 +153,11 @@ def _refuse(config: Mapping[str, Any], where: str) -> None:
         return config.get(name, TRL_DEFAULTS.get(name))
 
     problems = []
+    optim = get("optim")
+    if optim is not None and _optim_name(optim) not in ADAMW_OPTIMS:
+        problems.append(f"optim={_optim_name(optim)!r}: funcprobe models torch's AdamW step (one of "
+                        f"{', '.join(ADAMW_OPTIMS)}); this optimizer takes another step, so no prediction of it would "
+                        "be right (probe a run trained with optim='adamw_torch')")
     if int(get("num_iterations") or 1) > 1:
         problems.append(f"num_iterations={get('num_iterations')}: the steps after the first on a generation start "
                         "off-policy (ρ ≠ 1), where the per-token form of the loss gradient does not hold; funcprobe "

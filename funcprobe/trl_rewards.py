@@ -79,6 +79,8 @@ def _builtin(name: str, scorer: Callable) -> Callable:
         return [row[0] for row in rows]
 
     reward.__name__ = reward.__qualname__ = scorer.__name__
+    # Checked when the rewards are built (TRLRewards), before anything is sampled.
+    reward.required_columns = ("answer",)
     reward.__doc__ = f"TRL-signature wrapper of funcprobe.rewards.{scorer.__name__} (reads the 'answer' column)."
     return reward
 
@@ -315,6 +317,16 @@ class TRLRewards:
             if len(values) != B:
                 raise ValueError(f"column {name!r} has {len(values)} values for {B} prompts; pass one per prompt.")
             self.columns[name] = values
+        for function, name in zip(functions, self.names):
+            # A function may declare the pool columns it reads (``required_columns``; the built-ins do): a missing
+            # one is knowable now, before anything is sampled.
+            missing = [c for c in getattr(function, "required_columns", ()) if c not in self.columns]
+            if missing:
+                have = ", ".join(repr(c) for c in self.columns) or "none besides the prompt"
+                raise ValueError(f"reward function {name!r} needs the column{'s' if len(missing) > 1 else ''} "
+                                 f"{', '.join(repr(c) for c in missing)} in the prompt pool (e.g. "
+                                 '{"prompt": "...", "answer": "42"} per line), but the pool has ' + f"{have}. Add "
+                                 "it to every line, or choose a reward that does not need it.")
         self.prompt_ids = None if prompt_ids is None else [list(map(int, row)) for row in prompt_ids]
         if self.prompt_ids is not None and len(self.prompt_ids) != B:
             raise ValueError(f"prompt_ids has {len(self.prompt_ids)} rows for {B} prompts.")
@@ -458,6 +470,12 @@ class TRLRewards:
             if value is None:
                 numbers.append(math.nan)
                 continue
+            if isinstance(value, (str, bytes)):
+                # float("1.0") would read it; TRL's torch.tensor(rewards, dtype=float32) fails on a string, so the
+                # trainer could never have stepped on it.
+                raise ValueError(f"reward function {name!r} returned the string {_short(value, 80)} for completion "
+                                 f"{flat % G} of {self.prompt_labels[flat // G]}; rewards must be numbers (or None), "
+                                 "and TRL's GRPOTrainer fails on strings too. Return float(...) from the function.")
             try:
                 number = float(value)
             except (TypeError, ValueError):
@@ -492,15 +510,21 @@ class TRLRewards:
             except Exception as single:
                 found = (n, single)
                 break
+        if not has_frames:
+            text = ""
         if found is None:
             message = (f"reward function {name!r} raised {type(error).__name__}: {error} when called on the batch of "
-                       f"{B} prompts × {G} completions, but on no single prompt's group alone.\n\n{text}")
+                       f"{B} prompts × {G} completions, but on no single prompt's group alone."
+                       + (f"\n\n{text}" if text else ""))
             return RewardFunctionError(message, prompt_number=None, traceback_text=text, **keep)
         n, single = found
-        single_text, _ = _user_traceback(single)
+        single_text, single_frames = _user_traceback(single)
+        if not single_frames:  # raised by funcprobe's own wrapper, not by the user's code: no traceback to show
+            single_text = ""
         message = (f"reward function {name!r} raised {type(single).__name__}: {single}\n"
                    f"on {self.prompt_labels[n]} (batch row {n}): prompt {_short(self.prompts[n])}\n"
-                   f"completions: {_short([completion_text(c) for c in completions[n]])}\n\n{single_text}")
+                   f"completions: {_short([completion_text(c) for c in completions[n]])}"
+                   + (f"\n\n{single_text}" if single_text else ""))
         return RewardFunctionError(message, prompt_number=n, traceback_text=single_text, **keep)
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .adam import AdamState, UpdateDecomposition, adamw_update, update_decomposition
-from .batch import RolloutBatch
-from .objective import Objective
+from .batch import RolloutBatch, as_rollout_batch
+from .objective import Objective, resolve_objective
 from .policy import ChunkLogprobs, Policy
 
 __all__ = ["StepCotangent", "step_cotangent", "policy_gradient", "rl_update", "update_direction", "apply_step"]
@@ -77,6 +77,7 @@ def step_cotangent(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy:
     (a rank's shard)."""
     if not isinstance(objective, Objective):
         raise ValueError(f"objective must be a funcprobe.Objective; got {type(objective).__name__}.")
+    objective.check_batch(batch)
     weights = objective.token_weights(batch)
     advantages = objective.token_advantages(batch)
     linear = weights * advantages
@@ -100,7 +101,8 @@ def policy_gradient(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy
     With a distributed ``world`` (issue 6) every rank passes the whole batch, differentiates its shard of prompts
     with the global weights, and Ȳ is all-reduced (one LoRA-sized float64 vector); S is all-gathered.
     """
-    objective = _objective(objective)
+    batch = as_rollout_batch(batch, "policy_gradient: batch")
+    objective = resolve_objective(objective, batch, "policy_gradient")
     if not isinstance(policy, Policy):
         raise ValueError(f"the step needs policy=funcprobe.Policy(...) (load_policy(base, adapter) or "
                          f"load_checkpoint(path).policy); got {type(policy).__name__}.")
@@ -137,7 +139,8 @@ def rl_update(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Poli
     tensors of a module in eval mode for the objective's loss (``Objective``: loss type, KL, clipping), computed
     without touching the module. ``lr`` overrides the state's learning rate.
     """
-    objective = _objective(objective)
+    batch = as_rollout_batch(batch, "rl_update: batch")
+    objective = resolve_objective(objective, batch, "rl_update")
     _, ybar = policy_gradient(params, batch, policy=policy, objective=objective, seq_chunk=seq_chunk,
                               token_chunk=token_chunk, progress=progress, world=world)
     loss_grad = {name: -value for name, value in ybar.items()}
@@ -149,7 +152,8 @@ def update_direction(params: Mapping[str, Tensor], batch: RolloutBatch, *, polic
                      token_chunk: int | None = None, progress: bool | None = False,
                      world=None) -> UpdateDecomposition:
     """The decomposition θ⁺ − θ = η_g · P ⊙ Ȳ + Δθ_state of this batch's step (spec §4), as δH₁ uses it."""
-    objective = _objective(objective)
+    batch = as_rollout_batch(batch, "update_direction: batch")
+    objective = resolve_objective(objective, batch, "update_direction")
     _, ybar = policy_gradient(params, batch, policy=policy, objective=objective, seq_chunk=seq_chunk,
                               token_chunk=token_chunk, progress=progress, world=world)
     return update_decomposition(params, ybar, adam, lr=lr, max_grad_norm=objective.max_grad_norm)

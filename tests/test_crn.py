@@ -149,6 +149,6 @@ def test_refusals(policy64):
     with pytest.raises(ValueError, match=r"before= has shape \(2, 2\)"):
         crn_delta_h(params, params, policy=policy64, sample=sampled, before=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="needs policy="):
-        crn_delta_h(params, params, sample=sampled)
+        crn_delta_h(params, params, sample=sampled, policy=None)
     with pytest.raises(ValueError, match=r"update must hold exactly"):
         crn_delta_h(params, {}, policy=policy64, sample=sampled)

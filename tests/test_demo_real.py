@@ -59,7 +59,8 @@ def test_training_loss_is_the_objective_the_probe_assumes():
                            reward_fn=lambda p, r, m: [[float(len(t)) + 0.1 * g for g, t in enumerate(group)]
                                                       for group in r])
     batch = sampled.batch
-    _, ybar = policy_gradient(policy.params, batch, policy=policy, objective=Objective(loss_type="dapo"))
+    _, ybar = policy_gradient(policy.params, batch, policy=policy,
+                              objective=Objective(loss_type="dapo", scale_rewards="group"))
 
     named = dict(model.named_parameters())
     with torch.no_grad():

@@ -363,12 +363,14 @@ def test_update_with_missing_extra_or_mismatched_tensors_is_refused():
 
 def test_missing_policy_is_a_clear_error():
     policy, params, batch, update, _ = _setting()
-    with pytest.raises(ValueError, match=r"needs policy=.*S\(θ\) and S\(θ⁺\).*teacher-forced"):
+    with pytest.raises(TypeError, match=r"required keyword-only argument: 'policy'"):
         snis_delta_h(params, update, batch=batch)
+    with pytest.raises(ValueError, match=r"needs policy=.*S\(θ\) and S\(θ⁺\).*teacher-forced"):
+        snis_delta_h(params, update, batch=batch, policy=None)
     cached = batch.replace(logprobs=policy.sequence_logprobs(params, batch))
     with pytest.raises(ValueError, match=r"entropy needs policy="):
-        entropy(params, cached)
-    with pytest.raises(ValueError, match=r"batch must be a funcprobe.RolloutBatch"):
+        entropy(params, cached, policy=None)
+    with pytest.raises(ValueError, match=r"batch must be a funcprobe.RolloutBatch or the SampledBatch"):
         snis_delta_h(params, update, policy=policy, batch={"input_ids": None})
 
 

@@ -252,7 +252,7 @@ def test_wrong_length_and_bad_values():
         TRLRewards(recorder([], [1.0], "short"), prompts=["p"])(["p"], [["x", "y"]], meta)
     with pytest.raises(ValueError, match="'inf' returned inf for completion 1 of prompt 0"):
         TRLRewards(recorder([], [1.0, math.inf], "inf"), prompts=["p"])(["p"], [["x", "y"]], meta)
-    with pytest.raises(ValueError, match="'text' returned 'a' for completion 0"):
+    with pytest.raises(ValueError, match="'text' returned the string 'a' for completion 0"):
         TRLRewards(recorder([], ["a", 1.0], "text"), prompts=["p"])(["p"], [["x", "y"]], meta)
     with pytest.raises(ValueError, match="returned NoneType; it must return a list of 2 floats"):
         TRLRewards(lambda **k: None, prompts=["p"])(["p"], [["x", "y"]], meta)

@@ -31,7 +31,7 @@ PSIS k̂), ``recorded`` (the recorded-S check), ``passes`` (the teacher-forced p
 """
 
 from .crn import CRN_MAX_TOP_SHARE, CRN_MIN_CHANGED, INTEGRANDS, CRNResult, crn_delta_h, integrand_values
-from .diagnostics import (KHAT_MIN_LOG_WEIGHT_RANGE, MIN_ESS_FRACTION, PSIS_MIN_SAMPLES, WeightDiagnostics,
+from .diagnostics import (KHAT_MIN_LOG_WEIGHT_RANGE, KHAT_MIN_MAX_RATIO, MIN_ESS_FRACTION, PSIS_MIN_SAMPLES, WeightDiagnostics,
                           weight_diagnostics)
 from .entropy_estimate import EntropyResult, entropy
 from .importance import (ESTIMATORS, NORMALIZATIONS, SNISResult, WeightedEstimate, check_snis_options,
@@ -44,6 +44,7 @@ __all__ = [
     "MIN_ESS_FRACTION",
     "PSIS_MIN_SAMPLES",
     "KHAT_MIN_LOG_WEIGHT_RANGE",
+    "KHAT_MIN_MAX_RATIO",
     "RECORDED_LOGPROB_TOLERANCE",
     "NORMALIZATIONS",
     "ESTIMATORS",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..batch import RolloutBatch
+from ..batch import RolloutBatch, as_rollout_batch
 from ..policy import Policy
 from ..stats import mean_and_se
 
@@ -88,10 +88,9 @@ class _Clock:
 
 
 
-def _check_batch(batch: Any, fn: str) -> None:
-    if not isinstance(batch, RolloutBatch):
-        raise ValueError(f"{fn}: batch must be a funcprobe.RolloutBatch; got {type(batch).__name__}. Build one with "
-                         "RolloutBatch(...) or RolloutBatch.load(path).")
+def _check_batch(batch: Any, fn: str) -> RolloutBatch:
+    """The batch (a RolloutBatch, or the SampledBatch holding it; ``batch.as_rollout_batch``)."""
+    return as_rollout_batch(batch, f"{fn}: batch")
 
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..batch import RolloutBatch
+from ..batch import RolloutBatch, as_rollout_batch
 from ..formatting import fmt as _fmt
 from ..policy import Policy
 from ..sampling import redraw
@@ -115,11 +115,14 @@ class CRNResult:
 
 
 def _check_sample(sample: Any, fn: str) -> None:
-    if getattr(sample, "spec", None) is None or not isinstance(getattr(sample, "batch", None), RolloutBatch):
+    """CRN redraws the sample: it needs the object holding the draw (``.spec``), not only its RolloutBatch. Anything
+    that is not even a batch gets ``as_rollout_batch``'s message, as from every other function."""
+    as_rollout_batch(sample, f"{fn}: sample")
+    if getattr(sample, "spec", None) is None:
         raise ValueError(f"{fn} needs the evaluation sample with its draw: pass the SampledBatch of sample_batch (or "
-                         "the Responses of draw_responses), whose .spec lets the draw be repeated at θ⁺ with the same "
-                         f"uniforms; got {type(sample).__name__}"
-                         + (" without a spec" if hasattr(sample, "batch") else "") + ".")
+                         "the Responses of draw_responses) itself, not its .batch — its .spec lets the draw be "
+                         f"repeated at θ⁺ with the same uniforms; got {type(sample).__name__}"
+                         + (" without a spec" if not isinstance(sample, RolloutBatch) else "") + ".")
 
 
 
@@ -207,7 +210,7 @@ def _changed(batch: RolloutBatch, other: RolloutBatch) -> Tensor:
 
 
 
-def crn_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | None = None, sample: Any,
+def crn_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy, sample: Any,
                 integrand: str = "rao_blackwell", before: Tensor | None = None, seq_chunk: int | None = None,
                 token_chunk: int | None = None, prompt_chunk: int = 8, progress: bool | None = False,
                 world=None) -> CRNResult:

@@ -4,11 +4,17 @@ Diagnostics, from the raw log-weights: their summary; Kish ESS = (Σw)²/Σw² p
 global (ESS/(BG)); PSIS k̂ over all B·G log-weights with the threshold ``psis_threshold(B·G)``. ``reliable=False``
 with a ``reason`` and the advice (use ``"crn"``, resample at θ⁺ or lower η) when the smallest per-prompt ESS/G is
 below :data:`MIN_ESS_FRACTION` (0.5; for "global" also the global ESS), when k̂ exceeds the threshold or is NaN, or
-when the estimate is not finite. k̂ is *assessed* only with at least :data:`PSIS_MIN_SAMPLES` (21) log-weights
-whose range exceeds :data:`KHAT_MIN_LOG_WEIGHT_RANGE` (0.05): below 21 a generalised-Pareto fit has fewer than 5
-tail values; with a range ≤ 0.05 every weight is within a factor 1.05 of every other, no sample can dominate, and
-the shape k̂ reports is noise that the fit's prior pulls towards 0.5 — above the threshold 1 − 1/log10 N for
-N < 100, so a tiny step would always be flagged. An unassessed k̂ is reported as such (and as null in JSON).
+when the estimate is not finite.
+
+k̂ says whether a few weights dominate the estimate. It is *assessed* only with at least :data:`PSIS_MIN_SAMPLES`
+(21) log-weights (below 21 a generalised-Pareto fit has fewer than 5 tail values) and only when some weight can
+dominate: the largest weight exceeds :data:`KHAT_MIN_MAX_RATIO` (2) times the mean weight. At or below that ratio each
+weight carries at most 2/N of the total and E[w²] ≤ max w · E[w] ≤ 2 E[w]² bounds the global Kish ESS/N below by
+1/2 = MIN_ESS_FRACTION whatever the tail's shape; the shape k̂ then reports is the noise of a 7-value tail fit that
+the fit's prior pulls towards 0.5 — above the threshold 1 − 1/log10 N for N < 100, so a small step would be flagged
+at random (the old guard, a log-weight range above 0.05, flagged 20–30 % of batches of log w ~ N(0, 0.03²) and
+N(0, 0.1²) at B 8 × G 4; ``bench/khat_rule.py``, bench/RESULTS.md). An unassessed k̂ is reported as such (and as
+null in JSON).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from torch import Tensor
 from ..stats import psis_khat, psis_threshold
 from ._common import _ADVICE, _as_matrix
 
-__all__ = ["MIN_ESS_FRACTION", "PSIS_MIN_SAMPLES", "KHAT_MIN_LOG_WEIGHT_RANGE", "WeightDiagnostics",
+__all__ = ["MIN_ESS_FRACTION", "PSIS_MIN_SAMPLES", "KHAT_MIN_MAX_RATIO", "KHAT_MIN_LOG_WEIGHT_RANGE",
+           "WeightDiagnostics",
            "weight_diagnostics"]
 
 #: A per-prompt Kish ESS below this fraction of G (or, for ``normalize="global"``, a global ESS below this fraction
@@ -33,8 +40,13 @@ MIN_ESS_FRACTION = 0.5
 #: 3·sqrt(N))) ≤ 4 tail values, too few for a generalised-Pareto fit (``psis_khat`` then returns inf).
 PSIS_MIN_SAMPLES = 21
 
-#: PSIS k̂ enters the verdict only when the log-weights span more than this (max − min): below it every weight is
-#: within a factor e^0.05 ≈ 1.05 of every other (no sample can dominate) and k̂ measures the noise of a tiny tail.
+#: PSIS k̂ enters the verdict only when the largest weight is more than this many times the mean weight: at or below
+#: it no weight can dominate (each carries ≤ 2/N of the total; the global Kish ESS/N ≥ 1/2 = MIN_ESS_FRACTION) and
+#: k̂ measures the noise of a short tail fit. Chosen from the false-alarm and detection rates in bench/khat_rule.py.
+KHAT_MIN_MAX_RATIO = 2.0
+
+#: The retired guard (k̂ assessed when max log w − min log w > 0.05), kept for reference and bench/khat_rule.py: it
+#: let k̂ flag 20–30 % of batches whose weights were within ±6 % … ±20 % of each other.
 KHAT_MIN_LOG_WEIGHT_RANGE = 0.05
 
 
@@ -89,7 +101,9 @@ def weight_diagnostics(log_weights: Tensor, *, normalize: str = "prompt",
     log_mean_w = torch.logsumexp(lw, dim=1) - math.log(G)
     khat = psis_khat(flat)
     threshold = psis_threshold(N)
-    assessed = N >= PSIS_MIN_SAMPLES and float(flat.max() - flat.min()) > KHAT_MIN_LOG_WEIGHT_RANGE
+    # log(max w / mean w), from the log-weights (stable for any finite ones)
+    log_max_over_mean = float(flat.max() - (torch.logsumexp(flat, dim=0) - math.log(N)))
+    assessed = N >= PSIS_MIN_SAMPLES and log_max_over_mean > math.log(KHAT_MIN_MAX_RATIO)
     reasons = []
     ess_min = float(ess_prompt.min())
     if ess_min < min_ess_fraction:

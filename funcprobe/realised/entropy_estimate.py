@@ -48,7 +48,7 @@ class EntropyResult:
 
 
 
-def entropy(params: ParamsDict, batch: RolloutBatch, *, policy: Policy | None = None, estimator: str = "sequence",
+def entropy(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, estimator: str = "sequence",
             per_token: bool = False, seq_chunk: int | None = None, token_chunk: int | None = None,
             progress: bool | None = False) -> EntropyResult:
     """Ĥ(θ) on a batch drawn from π_θ: −(1/(BG)) Σ S (spec §2), or Rao-Blackwell, or per token; SE over prompts.
@@ -58,7 +58,7 @@ def entropy(params: ParamsDict, batch: RolloutBatch, *, policy: Policy | None = 
     teacher-forced one (spec §6); the batch's recorded log-probabilities are not used.
     """
     check_snis_options("prompt", estimator, per_token, None)
-    _check_batch(batch, "entropy")
+    batch = _check_batch(batch, "entropy")
     _require_policy(policy, "entropy", "S(θ) or the next-token entropies")
     policy.check_params(params, "params")
     clock = _Clock()

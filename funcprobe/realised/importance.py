@@ -276,7 +276,7 @@ class SNISResult:
         ess_per_prompt: Kish ESS/G of each prompt; ess_min_fraction, ess_mean_fraction: their min and mean;
             ess_global_fraction: Kish ESS/(BG) over all B·G raw weights.
         khat, khat_threshold, khat_assessed: PSIS k̂ over all B·G log-weights, ``psis_threshold(B·G)``, and whether
-            k̂ entered the verdict (B·G ≥ 21 and a log-weight range above KHAT_MIN_LOG_WEIGHT_RANGE).
+            k̂ entered the verdict (B·G ≥ 21 and max w > KHAT_MIN_MAX_RATIO · mean w: some weight can dominate).
         reliable, reason: the verdict; ``reason`` says why not, with the advice.
         clip, clipped_fraction: the clip level (None: no clipping) and the fraction of sequences with |log w| > clip.
         normalize, estimator, per_token: the settings. B, G: the batch's shape.
@@ -335,7 +335,7 @@ class SNISResult:
         if not math.isfinite(self.se):
             notes["se"] = "a standard error over prompts needs B ≥ 2"
         if not self.khat_assessed:
-            notes["khat"] = ("not assessed: fewer than 21 log-weights or a log-weight range ≤ 0.05 (no sample can "
+            notes["khat"] = ("not assessed: fewer than 21 log-weights, or no weight above 2× the mean weight (no sample can "
                              "dominate); the value is shown for information only")
         if self.in_sample:
             notes["in_sample"] = ("estimated on the samples that built the step: biased by the same-sample term "
@@ -347,7 +347,7 @@ class SNISResult:
         unit = "nats/token" if self.per_token else "nats/sequence"
         where = "IN-SAMPLE (the update batch; biased diagnostic)" if self.in_sample else "evaluation batch"
         khat = (f"{_fmt(self.khat, '.3f')}{'':>2}threshold {_fmt(self.khat_threshold, '.3f')}" if self.khat_assessed
-                else "not assessed (B·G < 21 or log w range ≤ 0.05)")
+                else "not assessed (B·G < 21, or max w ≤ 2·mean w)")
         lines = [
             f"ΔH by importance sampling on the {where} — normalize={self.normalize}, estimator={self.estimator}, "
             f"{unit}, B={self.B}, G={self.G}",
@@ -420,7 +420,7 @@ def _snis(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: Roll
 
 
 
-def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | None = None, batch: RolloutBatch,
+def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: RolloutBatch,
                  normalize: str | None = None, per_token: bool = False, estimator: str | None = None,
                  clip: float | None = None, in_sample: bool = False, before: "Before | None" = None,
                  seq_chunk: int | None = None, token_chunk: int | None = None, progress: bool | None = False,
@@ -431,7 +431,7 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | Non
         params: θ, the policy's LoRA params dict (the batch was drawn from π_θ).
         update: θ⁺, a params dict with exactly the policy's names, shapes, dtypes and device (e.g. ``rl_update``'s).
         policy: the ``Policy`` (required: S(θ) and S(θ⁺) both come from its teacher-forced path).
-        batch: the evaluation batch E, drawn independently of the batch that built the step (spec §6); its
+        batch: the evaluation batch E (a ``RolloutBatch`` or the ``SampledBatch`` holding it), drawn independently of the batch that built the step (spec §6); its
             recorded ``logprobs`` are only checked (``recorded_logprobs`` in the result), never used.
         normalize: "loo" | "prompt" | "global" | "none" | None (default: "loo", unbiased at any step size; "prompt"
             with ``per_token``; :func:`default_normalize`); per_token: entropy per response token;
@@ -459,7 +459,7 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy | Non
     normalize = default_normalize(normalize, per_token)
     estimator = default_estimator(normalize, estimator)
     clip = check_snis_options(normalize, estimator, per_token, clip)
-    _check_batch(batch, "snis_delta_h")
+    batch = _check_batch(batch, "snis_delta_h")
     _require_policy(policy, "snis_delta_h", "S(θ) and S(θ⁺)")
     policy.check_params(params, "params")
     policy.check_params(update, "update")

@@ -1,0 +1,349 @@
+"""A researcher's mistakes (issue 19), one test per kind: each is refused (or told the truth) as a mechanism, not as
+the one case the issue found."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from funcprobe import (Objective, Policy, RolloutBatch, attribute, crn_delta_h, delta_h1, delta_h1_heldout,
+                       entropy, lr_sweep, policy_gradient, rl_update, sample_batch, snis_delta_h, update_direction)
+from funcprobe.testing import char_tokenizer, tiny_peft_model, warm_adam_state
+
+TOKENIZER = char_tokenizer()
+VOCAB = len(TOKENIZER)
+PROMPTS = ["1+1=", "22*3=?", "7", "(5-2)*4="]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lengths_reward(prompts, responses, meta):
+    return [[float(len(text)) for text in group] for group in responses]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return Policy.from_peft(tiny_peft_model("qwen2", vocab_size=VOCAB, seed=7))
+
+
+@pytest.fixture(scope="module")
+def sampled(policy):
+    return sample_batch(policy, policy.params, PROMPTS, G=3, reward_fn=lengths_reward, max_new_tokens=6, seed=0,
+                        tokenizer=TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def adam(policy):
+    return warm_adam_state(policy.params, step=3)
+
+
+# ------------------------------------------------------------------------------- kind 1: batch ↔ step mismatches
+def test_kind1_every_estimator_refuses_a_batch_made_for_another_objective(policy, sampled, adam, tmp_path):
+    batch = sampled.batch
+    assert batch.advantage_recipe is not None and batch.advantage_recipe.scale_rewards == "none"
+    group = Objective(scale_rewards="group")
+    calls = {
+        "delta_h1": lambda: delta_h1(policy.params, batch, policy=policy, adam=adam, objective=group),
+        "attribute": lambda: attribute(policy.params, batch, policy=policy, adam=adam, objective=group),
+        "policy_gradient": lambda: policy_gradient(policy.params, batch, policy=policy, objective=group),
+        "rl_update": lambda: rl_update(policy.params, batch, policy=policy, adam=adam, objective=group),
+        "update_direction": lambda: update_direction(policy.params, batch, policy=policy, adam=adam,
+                                                     objective=group),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as error:
+            call()
+        message = str(error.value)
+        assert name in message and "scale_rewards='none'" in message and "'group'" in message, message
+        assert "sample_batch(..., scale_rewards='group')" in message, message
+    # reward weights are part of the recipe too
+    with pytest.raises(ValueError, match=r"reward_weights: the batch's advantages were made with \[1.0\]"):
+        policy_gradient(policy.params, batch, policy=policy, objective=Objective(reward_weights=(2.0,)))
+    # the recipe survives saving (safetensors and JSON) and selecting prompts; new advantages drop it
+    batch.save(tmp_path / "b.safetensors")
+    batch.save_json(tmp_path / "b.json")
+    for loaded in (RolloutBatch.load(tmp_path / "b.safetensors"), RolloutBatch.load_json(tmp_path / "b.json"),
+                   batch.select_prompts([0, 1])):
+        assert loaded.advantage_recipe == batch.advantage_recipe
+    assert batch.replace(advantages=batch.advantages * 2).advantage_recipe is None
+    # agreeing objectives, no objective (adopts the recipe) and user-built batches (no recipe) pass
+    policy_gradient(policy.params, batch, policy=policy, objective=Objective(scale_rewards="none"))
+    grouped = sample_batch(policy, policy.params, PROMPTS, G=3, reward_fn=lengths_reward, max_new_tokens=6, seed=0,
+                           tokenizer=TOKENIZER, scale_rewards="group")
+    policy_gradient(policy.params, grouped, policy=policy)
+    policy_gradient(policy.params, grouped.batch.replace(advantage_recipe=None), policy=policy, objective=Objective())
+
+
+def test_kind1_optimizer_of_another_step_and_non_adamw_optim_are_refused(tiny_run, tmp_path):
+    from funcprobe.checkpoints import load_checkpoint
+    from funcprobe.trainer_config import trainer_settings
+
+    out = Path(tiny_run["out"])
+    second = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", second)
+    shutil.copy(out / "checkpoint-1" / "optimizer.pt", second / "optimizer.pt")
+    base = out / "base"
+    with pytest.raises(ValueError, match=r"after 1 step, but the checkpoint .* is at global_step 2.*--optimizer PATH"):
+        load_checkpoint(second, base=base)
+    with pytest.raises(ValueError, match=r"after 1 step.*global_step 2"):
+        load_checkpoint(out / "checkpoint-2", base=base, optimizer=out / "checkpoint-1" / "optimizer.pt")
+    assert load_checkpoint(out / "checkpoint-2", base=base).step == 2
+    for optim in ("adafactor", "adamw_bnb_8bit", "lion_32bit", "sgd", "paged_adamw_8bit", "OptimizerNames.ADAFACTOR"):
+        with pytest.raises(ValueError, match=r"optim='[a-z_0-9]+': funcprobe models torch's AdamW step"):
+            trainer_settings({"optim": optim}, source="cfg.json")
+    for optim in ("adamw_torch", "adamw_torch_fused", "OptimizerNames.ADAMW_TORCH"):
+        trainer_settings({"optim": optim}, source="cfg.json")
+
+
+# ------------------------------------------------------------------------- kind 4: no false "unreliable" from k̂
+def test_kind4_khat_judges_only_weights_that_can_dominate(policy, sampled, adam):
+    from funcprobe.realised import weight_diagnostics
+
+    generator = torch.Generator().manual_seed(0)
+    # null and tiny steps: weights within a few percent of each other are never "heavy-tailed"
+    for sigma in (0.0, 0.01, 0.03, 0.1):
+        flagged = sum(not weight_diagnostics(sigma * torch.randn(8, 4, generator=generator,
+                                                                 dtype=torch.float64)).reliable for _ in range(200))
+        assert flagged == 0, (sigma, flagged)
+    # the issue's case: log w within [−0.038, 0.063], ESS/G ≈ 1
+    calm = torch.linspace(-0.038, 0.063, 32, dtype=torch.float64)[torch.randperm(32, generator=generator)]
+    assert weight_diagnostics(calm.view(8, 4)).reliable
+    # truly heavy tails are still caught, by k̂
+    caught = 0
+    for _ in range(200):
+        u = torch.rand(8, 4, generator=generator, dtype=torch.float64)
+        diag = weight_diagnostics(-torch.log(u))  # Pareto(α = 1) weights: k = 1
+        caught += (not diag.reliable)
+    assert caught >= 170, caught
+    # `funcprobe attribute`'s interventions carry the same diagnostics and print them
+    evaluation = sample_batch(policy, policy.params, ["3+4=", "9-1=", "2*2=", "8"], G=3, reward_fn=lengths_reward,
+                              max_new_tokens=6, seed=5, tokenizer=TOKENIZER)
+    result = attribute(policy.params, sampled.batch, policy=policy, adam=adam,
+                       interventions={"positive_only": "positive_only"}, evaluation=evaluation.batch)
+    row = result.interventions["positive_only"]
+    for key in ("realised_reliable", "ess_min_fraction", "khat", "khat_assessed", "khat_threshold"):
+        assert key in row, key
+    text = str(result)
+    line = next(line for line in text.splitlines() if line.strip().startswith("positive_only:"))
+    assert "ESS/G min" in line and "k̂" in line and ("reliable" in line or "UNRELIABLE" in line), line
+    assert "ESS/G min" in next(line for line in text.splitlines() if line.startswith("realised ΔĤ"))
+
+
+# --------------------------------------------------------------- kind 3: the library's inputs, one helper, both forms
+def test_kind3_every_public_function_takes_the_batch_or_its_sample(policy, sampled, adam):
+    import inspect
+
+    from funcprobe.batch import as_rollout_batch
+
+    batch = sampled.batch
+    assert as_rollout_batch(sampled, "x") is batch and as_rollout_batch(batch, "x") is batch
+    params = policy.params
+    new_params, _ = rl_update(params, batch, policy=policy, adam=adam)
+    step = update_direction(params, batch, policy=policy, adam=adam)
+    same = {
+        "delta_h1": lambda b: delta_h1(params, b, policy=policy, adam=adam).deltaH1,
+        "attribute": lambda b: attribute(params, b, policy=policy, adam=adam).grad_term,
+        "policy_gradient": lambda b: float(policy_gradient(params, b, policy=policy)[0].sum()),
+        "rl_update": lambda b: float(sum(t.sum() for t in rl_update(params, b, policy=policy, adam=adam)[0].values())),
+        "snis_delta_h": lambda b: snis_delta_h(params, new_params, policy=policy, batch=b).deltaH,
+        "entropy": lambda b: entropy(params, b, policy=policy).H,
+        "delta_h1_heldout": lambda b: delta_h1_heldout(params, step, b, policy=policy).deltaH1,
+        "lr_sweep": lambda b: lr_sweep(params, b, policy=policy, step=step, etas=[0.0, step.lr_by_name[
+            next(iter(step.lr_by_name))]]).rows[-1].snis_deltaH,
+    }
+    for name, fn in same.items():
+        assert fn(sampled) == fn(batch), name
+    junk = {"input_ids": None}
+    refusals = {
+        "delta_h1": lambda: delta_h1(params, junk, policy=policy, adam=adam),
+        "attribute": lambda: attribute(params, junk, policy=policy, adam=adam),
+        "policy_gradient": lambda: policy_gradient(params, junk, policy=policy),
+        "snis_delta_h": lambda: snis_delta_h(params, new_params, policy=policy, batch=junk),
+        "entropy": lambda: entropy(params, junk, policy=policy),
+        "delta_h1_heldout": lambda: delta_h1_heldout(params, step, junk, policy=policy),
+        "lr_sweep": lambda: lr_sweep(params, junk, policy=policy, step=step, etas=[0.0]),
+        "crn_delta_h": lambda: crn_delta_h(params, new_params, policy=policy, sample=junk),
+    }
+    for name, fn in refusals.items():
+        with pytest.raises(ValueError, match=r"must be a funcprobe.RolloutBatch or the SampledBatch that "
+                                             r"sample_batch returns.*got dict"):
+            fn()
+    # CRN repeats the draw: it needs the sample itself, and says so when given its batch
+    with pytest.raises(ValueError, match=r"not its \.batch"):
+        crn_delta_h(params, new_params, policy=policy, sample=batch)
+    # policy is required where it is required
+    for fn in (snis_delta_h, crn_delta_h, entropy, delta_h1, attribute, delta_h1_heldout, policy_gradient,
+               rl_update, update_direction, lr_sweep):
+        parameter = inspect.signature(fn).parameters["policy"]
+        assert parameter.default is inspect.Parameter.empty and "None" not in str(parameter.annotation), fn
+
+
+# ------------------------------------------------------------------ kind 2: outputs checked before the work, never lost
+@pytest.mark.parametrize("command", ["probe", "attribute"])
+def test_kind2_outputs_are_checked_before_loading_and_never_lost(command, tiny_run, tmp_path, capsys, monkeypatch):
+    import funcprobe.checkpoints as checkpoints
+    from conftest import cli_fails
+    from funcprobe.cli import main
+
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    small = ["-B", "4", "-G", "4", "--max-new-tokens", "4", "--quiet"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    an_existing_dir = tmp_path / "results"
+    an_existing_dir.mkdir()
+    flags = ["--out"] + (["--html", "--plot"] if command == "attribute" else [])
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the outputs were checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "load_checkpoint", no_loading)
+        import funcprobe.pipeline as pipeline
+        patch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+        for flag in flags:
+            name = {"--out": "r.json", "--html": "p.html", "--plot": "p.png"}[flag]
+            cli_fails(capsys, [command, checkpoint, *small, flag, str(an_existing_dir)], flag,
+                      "is an existing directory")
+            cli_fails(capsys, [command, checkpoint, *small, flag, str(a_file / name)], flag, "is a file")
+            cli_fails(capsys, [command, checkpoint, *small, flag, f"/proc/funcprobe-{name}"], flag,
+                      "nothing can be written")
+        if command == "attribute":
+            cli_fails(capsys, [command, checkpoint, *small, "--out", str(tmp_path / "x.json"), "--html",
+                               str(tmp_path / "x.json")], "both name")
+
+    # a write that still fails at the end: the results are saved where the message says, exit 2
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "late" / "r.json"
+    import funcprobe.report as report
+    real = report.write_json
+
+    def disk_full(path, results):
+        if Path(path) == out:
+            raise OSError(28, "No space left on device")
+        return real(path, results)
+
+    monkeypatch.setattr(report, "write_json", disk_full)
+    assert main([command, checkpoint, *small, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "the results are in" in err[0], err
+    saved = Path(err[0].split("the results are in ")[1].rstrip("."))
+    assert saved.parent == tmp_path and json.loads(saved.read_text())["command"] == command
+
+
+# ---------------------------------------------------------------- kind 5: messages that say nothing untrue, or more
+REWARD_FILE = '''
+def constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def as_text(prompts, completions, **kwargs):
+    return ["1.0"] * len(completions)
+
+
+def unscored(prompts, completions, **kwargs):
+    return [None] * len(completions)
+'''
+
+
+def test_kind5_messages_are_true_and_say_enough(tiny_run, tmp_path, capsys, monkeypatch):
+    from conftest import cli_fails
+    from funcprobe.cli import main
+    from funcprobe.objective import compute_advantages
+
+    out = Path(tiny_run["out"])
+    checkpoint = str(out / "checkpoint-2")
+    small = ["-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet"]
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(REWARD_FILE)
+    # equal rewards with β > 0: the KL term still moves the step — never "the gradient term is exactly 0"
+    _, info = compute_advantages(torch.ones(3, 4), warn=False)
+    assert "exactly 0" in info.message(beta=0.0)
+    assert "exactly 0" not in info.message(beta=0.1) and "KL" in info.message(beta=0.1)
+    assert "exactly 0" not in info.message()
+    assert main(["probe", checkpoint, *small, "--reward", f"{rewards}:constant", "--beta", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "every advantage is 0" in printed and "exactly 0" not in printed and "KL penalty" in printed
+    # a reward function returning strings is refused, as TRL refuses it
+    cli_fails(capsys, ["probe", checkpoint, *small, "--reward", f"{rewards}:as_text"], "returned the string '1.0'",
+              "TRL")
+    # None for everything: "nothing was scored", not "equal rewards"
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--reward", f"{rewards}:unscored"], "nothing was scored")
+    assert "equal rewards" not in line
+    # a missing column: refused before sampling, and no mention of a traceback that is not shown
+    monkeypatch.chdir(tmp_path)
+    pool = tmp_path / "no_answers.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"{n}+1="}) + "\n" for n in range(8)))
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--prompts", str(pool), "--reward", "answer"],
+                     "needs the column 'answer'")
+    assert "traceback" not in line and not list(tmp_path.glob("*failed-rollouts*"))
+    # a missing optimizer.pt: the command line's flag, not the library's argument
+    bare = tmp_path / "adapter"
+    shutil.copytree(out / "checkpoint-2", bare, ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json"))
+    line = cli_fails(capsys, ["probe", str(bare), *small, "--base", str(out / "base")], "--optimizer PATH")
+    # a hub id as the base model with no network: a fast, clear failure (no minute of retries)
+    import time
+
+    import funcprobe.checkpoints as checkpoints
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(checkpoints, "_offline", lambda: False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://funcprobe-no-such-host.invalid")
+    started = time.perf_counter()
+    cli_fails(capsys, ["probe", checkpoint, *small, "--base", "someorg/not-a-cached-model"],
+              "not in the local Hugging Face cache", "cannot be reached", "--base PATH")
+    assert time.perf_counter() - started < 15
+    monkeypatch.setattr(checkpoints, "_offline", lambda: True)  # HF_HUB_OFFLINE=1
+    cli_fails(capsys, ["probe", checkpoint, *small, "--base", "someorg/not-a-cached-model"], "offline")
+
+
+# ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
+@pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
+def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import random
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from funcprobe.report import plot_attribution
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    rng = random.Random(0)
+    B, G, L = 4, 4, 6
+
+    def values(spread, heavy=False):
+        return [[[rng.gauss(0, spread) * (10 ** rng.uniform(0, 4) if heavy else 1) for _ in range(L)]
+                 for _ in range(G)] for _ in range(B)]
+
+    for heavy in (False, True):
+        results = {"attribution": {
+            "token": values(0.3 * scale, heavy), "covariance": values(scale, heavy),
+            "entropy": [[[rng.uniform(0.5, 3) for _ in range(L)] for _ in range(G)] for _ in range(B)],
+            "response_mask": [[[1] * L for _ in range(G)] for _ in range(B)], "eta_g": 1.7, "deltaH1": -1e-3,
+            "grad_term": -1e-3, "summary": {}}}
+        plot_attribution(results, tmp_path / f"a{heavy}.png")
+    assert len(figures) == 2
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                boxes = [label.get_window_extent(renderer) for label in axis.get_ticklabels()
+                         if label.get_visible() and label.get_text()]
+                assert len(boxes) >= 2
+                for i, first in enumerate(boxes):
+                    for second in boxes[i + 1:]:
+                        assert not first.overlaps(second), [label.get_text() for label in axis.get_ticklabels()]
+        real_close(fig)
