@@ -150,8 +150,9 @@ def test_logprobs_and_entropies_in_one_pass_equal_the_separate_passes(setup):
 
 
 def test_probe_command_computes_the_step_gradient_once(tiny_run, tmp_path, monkeypatch):
-    """``funcprobe probe`` with the realised change and a sweep: every gradient of the run is δH₁'s pass-1 backward
-    (its Ȳ gives the update and the sweep's step); no other vjp, autograd.grad or .backward() runs."""
+    """``funcprobe probe`` with the realised change and a sweep: the update batch's only gradient is δH₁'s pass-1
+    backward (its Ȳ gives the update, δĤ₁(E)'s step and the sweep's step); the only other backward is δĤ₁(E)'s, one
+    per chunk of the evaluation batch; no other vjp, autograd.grad or .backward() runs."""
     from funcprobe.cli import main
 
     counts = {"autograd.grad": 0, "func.vjp": 0, "Tensor.backward": 0, "tapped chunks": 0}
@@ -177,5 +178,7 @@ def test_probe_command_computes_the_step_gradient_once(tiny_run, tmp_path, monke
     assert delta["stored_unit_vectors"] and delta["n_units"] == 4
     # 16 sequences in chunks of 8: two forwards, one backward each (Dr. GRPO: one cotangent serves X and Y).
     assert (delta["forward_passes"], delta["backward_passes"]) == (2, 2)
-    assert counts == {"autograd.grad": 2, "func.vjp": 0, "Tensor.backward": 0, "tapped chunks": 2}
+    heldout = results["delta_h1_heldout"]
+    assert (heldout["forward_passes"], heldout["backward_passes"]) == (2, 2)   # E: 4 prompts × 4, 2 per chunk
+    assert counts == {"autograd.grad": 2 + 2, "func.vjp": 0, "Tensor.backward": 0, "tapped chunks": 2}
     assert results["lr_sweep"] is not None and len(results["lr_sweep"]["rows"]) == 2

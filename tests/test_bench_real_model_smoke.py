@@ -24,7 +24,8 @@ def test_real_model_benchmark_quick(tmp_path):
             if line.startswith("| ") and not line.startswith("| measurement")}
     assert list(rows) == ["sampling: sample_batch / generate", "δH₁ / plain fwd+bwd",
                           "δH₁ (seq_chunk=6) / plain fwd+bwd", "ΔĤ SNIS (before given) / plain no-grad forward",
-                          "ΔĤ SNIS (θ and θ⁺) / plain no-grad forward", "δH₁ / plain fwd+bwd (long responses)"]
+                          "ΔĤ SNIS (θ and θ⁺) / plain no-grad forward", "δĤ₁(E) / plain fwd+bwd of E",
+                          "δH₁ / plain fwd+bwd (long responses)"]
     for label, cells in rows.items():
         ratio = float(cells[4].strip().rstrip("×"))
         assert ratio > 0, label

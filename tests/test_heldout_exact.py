@@ -335,7 +335,7 @@ def test_lookup_reproduces_snis_and_the_paired_difference(setup):
     for b in range(2):
         E = rollout_batch(setup, batches["e_prompt"][b], batches["e_response"][b])
         update = {n: setup["params"][n] + d for n, d in unflatten(setup, batches["delta"][b]).items()}
-        snis = snis_delta_h(setup["params"], update, policy=setup["policy"], batch=E)
+        snis = snis_delta_h(setup["params"], update, policy=setup["policy"], batch=E, normalize="prompt")
         assert snis.normalize == "prompt" and snis.estimator == "rao_blackwell"
         real = torch.tensor(snis.deltaH_per_prompt, dtype=torch.float64)
         assert torch.allclose(real, realised[b], rtol=1e-9, atol=1e-13)
