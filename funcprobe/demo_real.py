@@ -380,15 +380,14 @@ def run_real_demo(config: RealDemoConfig = RealDemoConfig(), *, out_dir: str | P
 def _reading_guide(results: dict, *, plot: str | None = None) -> str:
     """A few lines on how to read the numbers just printed."""
     s = results["summary"]
-    lines = ["\nHow to read this: δH₁ is the first-order prediction of how much the policy's entropy (nats per "
-             "response) changes in the NEXT AdamW step, built from the update batch; ΔH is that step's realised "
-             "change, measured on the independent evaluation batch."]
-    if s.get("deltaH") is not None and s.get("se_deltaH") is not None:
-        difference = s["deltaH"] - s["deltaH1"]
-        se = math.hypot(s["se_deltaH"] or 0.0, s["se_deltaH1"] or 0.0)
-        verdict = "agree within their combined SE" if abs(difference) <= 2 * se else "differ by more than 2 SE"
-        lines.append(f"Here δH₁ = {s['deltaH1']:.3g} ± {s['se_deltaH1']:.2g} and ΔH = {s['deltaH']:.3g} ± "
-                     f"{s['se_deltaH']:.2g}: they {verdict} ({difference / se:+.1f} SE)." if se > 0 else "")
+    lines = ["\nHow to read this: δĤ₁(E) is the first-order change ∇H·Δθ of the NEXT AdamW step (nats per response),"
+             " the step built from the update batch and ∇H estimated on the independent evaluation batch; ΔH is that"
+             " step's realised change on the same evaluation batch, and their paired difference says whether the step"
+             " is in its first-order regime. δH₁, the U-statistic on the update batch alone, estimates the change"
+             " expected over batches and is biased while the optimizer state is young (as here)."]
+    if s.get("heldout") is not None and s.get("deltaH") is not None:
+        lines.append(f"Here δĤ₁(E) = {s['heldout']:.3g} ± {s['heldout_se']:.2g} and ΔH = {s['deltaH']:.3g} ± "
+                     f"{s['se_deltaH']:.2g}; {s.get('verdict', '')}.")
         snis = (results.get("realised") or {}).get("snis") or {}
         if snis.get("reliable") is False:
             lines.append("At the step's own lr the importance weights are heavy-tailed (reliable: NO above), so that ΔH "
@@ -396,7 +395,7 @@ def _reading_guide(results: dict, *, plot: str | None = None) -> str:
                          "the prediction.")
     if results.get("lr_sweep") is not None:
         lines.append("The sweep repeats the measurement for the same step direction at other learning rates η: in the "
-                     "first-order regime ΔĤ(η) follows the line (η/lr)·δH₁ (a curve on the plot's log η axis); where "
+                     "first-order regime ΔĤ(η) follows the line (η/lr)·δĤ₁(E) (a curve on the plot's log η axis); where "
                      "it bends away, the step is too large for a first-order prediction."
                      + (" Plot: " + plot if plot else ""))
     return "\n".join(line for line in lines if line)
