@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 from .adam import UpdateDecomposition
-from .batch import RolloutBatch, SequenceChunk, as_rollout_batch
+from .delta_h1 import _dot
+from .batch import RolloutBatch, SequenceChunk, as_rollout_batch, as_rollout_batch
 from .formatting import fmt
 from .lora_grads import tapped_forward, unsupported_reason
 from .policy import Policy
@@ -101,23 +102,6 @@ class HeldoutResult:
     backward_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     gradient: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
-
-    def scaled(self, factor: float) -> "HeldoutResult":
-        """The same estimate for the step factor·Δθ (D is linear in Δ): the sweep's prediction at η = factor·lr."""
-        def times(value):
-            if value is None:
-                return None
-            if isinstance(value, tuple):
-                return tuple(factor * v for v in value)
-            return factor * value
-        changes = {name: times(getattr(self, name)) for name in (
-            "deltaH1", "per_prompt", "grad_term", "per_prompt_grad", "state_term", "per_prompt_state")}
-        changes.update(se=abs(factor) * self.se,
-                       se_grad=None if self.se_grad is None else abs(factor) * self.se_grad,
-                       se_state=None if self.se_state is None else abs(factor) * self.se_state)
-        import dataclasses
-
-        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "gradient"}
@@ -219,10 +203,6 @@ def _directions(delta: Any, params: ParamsDict) -> tuple[list[dict[str, Tensor]]
     return [out], False
 
 
-def _eval_batch(eval_batch: Any) -> RolloutBatch:
-    return as_rollout_batch(eval_batch, "eval_batch (the evaluation batch E)")
-
-
 @dataclass
 class _Counts:
     forward_passes: int = 0
@@ -311,10 +291,6 @@ def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions,
     return dots, gradient, entropies_tokens
 
 
-def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    return float(sum(torch.dot(a[n].reshape(-1), b[n].reshape(-1)) for n in b))
-
-
 def _accumulate(total: dict[str, Tensor] | None, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if total is None:
         return {n: g.to("cpu", torch.float64).clone() for n, g in grads.items()}
@@ -355,7 +331,7 @@ def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]],
                         f"got {type(policy).__name__}.")
     if integrand not in INTEGRANDS:
         raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
-    batch = _eval_batch(eval_batch)
+    batch = as_rollout_batch(eval_batch, "eval_batch (the evaluation batch E)")
     policy.check_params(params)
     policy._check_batch(batch)
     if batch.G < 2:
