@@ -260,6 +260,7 @@ def test_kind5_messages_are_true_and_say_enough(tiny_run, tmp_path, capsys, monk
     from funcprobe.cli import main
     from funcprobe.objective import compute_advantages
 
+    monkeypatch.chdir(tmp_path)  # a failed probe without --out rescues its rollouts into the working directory
     out = Path(tiny_run["out"])
     checkpoint = str(out / "checkpoint-2")
     small = ["-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet"]
@@ -280,12 +281,12 @@ def test_kind5_messages_are_true_and_say_enough(tiny_run, tmp_path, capsys, monk
     line = cli_fails(capsys, ["probe", checkpoint, *small, "--reward", f"{rewards}:unscored"], "nothing was scored")
     assert "equal rewards" not in line
     # a missing column: refused before sampling, and no mention of a traceback that is not shown
-    monkeypatch.chdir(tmp_path)
+    rescued = set(tmp_path.glob("*failed-rollouts*"))  # the failures above scored rollouts: they were kept
     pool = tmp_path / "no_answers.jsonl"
     pool.write_text("".join(json.dumps({"prompt": f"{n}+1="}) + "\n" for n in range(8)))
     line = cli_fails(capsys, ["probe", checkpoint, *small, "--prompts", str(pool), "--reward", "answer"],
                      "needs the column 'answer'")
-    assert "traceback" not in line and not list(tmp_path.glob("*failed-rollouts*"))
+    assert "traceback" not in line and set(tmp_path.glob("*failed-rollouts*")) == rescued
     # a missing optimizer.pt: the command line's flag, not the library's argument
     bare = tmp_path / "adapter"
     shutil.copytree(out / "checkpoint-2", bare, ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json"))
@@ -347,3 +348,19 @@ def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monke
                     for second in boxes[i + 1:]:
                         assert not first.overlaps(second), [label.get_text() for label in axis.get_ticklabels()]
         real_close(fig)
+
+
+def test_bench_khat_rule_runs_and_agrees_with_the_library():
+    """bench/khat_rule.py (the numbers in bench/RESULTS.md) at a smoke size; it asserts that its 'ratio' rule is
+    ``weight_diagnostics``'s verdict on every batch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("khat_rule", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "khat_rule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--batches", "20", "--enumeration-batches", "2"])
+    rows = out["rows"]
+    for sigma in ("0.0", "0.01", "0.03", "0.1"):
+        assert rows[f"normal σ={sigma}"]["ratio_flagged"] == 0.0
+    assert rows["student ν=1"]["ratio_flagged"] >= 0.9
