@@ -5,18 +5,19 @@
 
 What ``funcprobe attribute`` does, written out with the library API (spec §8 in funcprobe's docs/estimators.md):
 
-1. load the checkpoint (policy with eager attention: forward-mode AD has no rule for CPU SDPA; its AdamW state) and
-   the run's trainer config (``trainer_config.json`` beside the checkpoints: the step's loss_type, scale_rewards, β,
+1. load the checkpoint (policy as the trainer loads it; funcprobe switches to eager attention only for its
+   forward-mode passes) and its AdamW state, and the run's trainer config (``trainer_config.json`` beside the checkpoints: the step's loss_type, scale_rewards, β,
    G, max_new_tokens);
 2. sample the update batch U and an independent evaluation batch E from the checkpoint's own policy, render the
    prompts with the chat template and score them with the run's reward (TRL's reward-function signature);
-3. ``attribute``: δH₁'s gradient term split over U's tokens (Σ a = grad_term exactly), next to Cui et al.'s
-   covariance proxy and the next-token entropy, and three interventions on the step (Clip-Cov-like, keep the
-   high-entropy 20%, positive advantages only), each with its δH₁, its realised ΔĤ on E and its first-order objective
-   gain;
-4. print what a researcher reads first — δH₁ ± SE beside the realised ΔĤ, the correlations, the tokens that push the
-   entropy down most, and the intervention table ("entropy kept per unit of objective given up") — and write the
-   JSON, the HTML page (tokens coloured by attribution) and the scatter plot.
+3. ``attribute(..., evaluation=E)``: the held-out first-order change δĤ₁(E) (∇H from E, spec §9) of the step, its
+   gradient term split over U's tokens (Σ a = grad_term exactly), next to Cui et al.'s covariance proxy and the
+   next-token entropy, and three interventions on the step (Clip-Cov-like, keep the high-entropy 20%, positive
+   advantages only), each with its δĤ₁(E), its realised ΔĤ on E paired with it (ESS, k̂, reliability) and its
+   first-order objective gain;
+4. print what a researcher reads first — δĤ₁(E) ± SE beside the realised ΔĤ and their paired difference, the
+   correlations, the tokens that push the entropy down most, and the intervention table ("entropy kept per unit of
+   objective given up") — and write the JSON, the HTML page (tokens coloured by attribution) and the scatter plot.
 
 Run on the tiny test checkpoint with ``--quick`` (the test suite does).
 """
@@ -28,7 +29,8 @@ import json
 import math
 from pathlib import Path
 
-from funcprobe import attribute, delta_h1
+from funcprobe import attribute
+from funcprobe.attribution import describe_diagnostics
 from funcprobe.attribution_page import batch_text, render_attribution_html
 from funcprobe.checkpoints import load_checkpoint
 from funcprobe.objective import Objective
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
                      "folder.")
 
     # 1. The checkpoint and the step its trainer takes.
-    checkpoint = load_checkpoint(run, attn_implementation="eager")
+    checkpoint = load_checkpoint(run)
     policy, adam, tokenizer = checkpoint.policy, checkpoint.adam, checkpoint.tokenizer
     params = policy.params
     config_path = Path(args.trainer_config) if args.trainer_config else run / "trainer_config.json"
@@ -104,13 +106,13 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     # 3. The attribution, its proxies and the interventions.
     result = attribute(params, update.batch, policy=policy, adam=adam, objective=objective, lr=args.lr,
                        interventions=INTERVENTIONS, evaluation=evaluation.batch)
-    # δH₁'s standard error (attribution splits the estimate; delta_h1 gives its jackknife SE): one more gradient pass.
-    prediction = delta_h1(params, update.batch, policy=policy, adam=adam, objective=objective, lr=args.lr)
-
-    # 4. What to read.
-    echo(f"\nδH₁ = {result.deltaH1:.4g} ± {prediction.se_deltaH1:.2g} nats = grad_term {result.grad_term:.4g} "
-         f"± {prediction.se_grad_jack:.2g} + state_term {result.state_term:.4g}; realised on E: ΔĤ = "
-         f"{result.realised_delta_h:.4g} ± {result.realised_se:.2g}")
+    # 4. What to read: the held-out first-order change (its SEs over E's prompts), the realised change on the same E,
+    #    and their difference paired prompt by prompt.
+    paired = result.paired
+    echo(f"\nδĤ₁(E) = {result.deltaH1:.4g} ± {result.se_deltaH1:.2g} nats per response = grad_term "
+         f"{result.grad_term:.4g} ± {result.se_grad_term:.2g} + state_term {result.state_term:.4g}; realised on E: "
+         f"ΔĤ = {result.realised_delta_h:.4g} ± {result.realised_se:.2g}; paired ΔĤ − δĤ₁(E) = "
+         f"{paired['paired_difference']:.3g} ± {paired['paired_se']:.2g} ({describe_diagnostics(paired)})")
     correlations = result.summary["correlations"]
     echo(f"corr(a, −η·cov): Pearson {correlations['pearson_cov']:.3f}, Spearman {correlations['spearman_cov']:.3f}; "
          f"corr(a, entropy): Pearson {correlations['pearson_entropy']:.3f}, Spearman "
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
         echo(f"  a = {float(result.token[n, g, k]) + 0.0:.3g}  prompt {n}, response {g}: …{before!r} → "
              f"{tokenizer.decode([int(ids[k])])!r} (A = {float(update.batch.advantages[n, g]):.2f}, "
              f"H = {float(result.entropy[n, g, k]):.2f} nats, cov = {float(result.covariance[n, g, k]):.3g})")
-    echo("\nintervention      tokens kept   δH₁          ΔĤ on E (± SE)          objective gain   kept/given up: "
+    echo("\nintervention      tokens kept   δĤ₁(E)       ΔĤ on E (± SE)          objective gain   kept/given up: "
          "predicted, realised")
     unchanged = f"{result.realised_delta_h:+.4g} ± {result.realised_se:.2g}"
     echo(f"{'(unchanged)':<17} {int(response.sum()):>11}   {result.deltaH1:<+11.4g}  {unchanged:<23} "
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
         realised = ("–" if row["realised_delta_h"] is None
                     else f"{row['realised_delta_h']:+.4g} ± {row['realised_se']:.2g}")
         echo(f"{name:<17} {row['tokens_kept']:>11.0f}   {row['deltaH1']:<+11.4g}  {realised:<23} "
-             f"{row['objective_gain']:<+16.4g} {ratio:.3g}, {realised_ratio:.3g}")
+             f"{row['objective_gain']:<+16.4g} {ratio:.3g}, {realised_ratio:.3g}  ({describe_diagnostics(row)})")
 
     results = to_jsonable({"checkpoint": {"path": str(checkpoint.path), "step": checkpoint.step},
                            "objective": objective.to_dict(), "attribution": result.to_dict(),

@@ -1,9 +1,12 @@
-"""Learning-rate sweep on a checkpoint: the realised ΔĤ(η) on an evaluation batch beside (η/lr)·δH₁, plotted.
+"""Learning-rate sweep on a checkpoint: the realised ΔĤ(η) on an evaluation batch beside (η/lr)·δĤ₁(E), plotted.
 
     python examples/lr_sweep.py runs/tiny/checkpoint-4 --out sweep.png [--quick]
 
-δH₁ and the step's direction Δθ come from the update batch, once, at the optimizer's learning rate lr;
-θ(η) = θ + (η/lr)·Δθ (every term of the AdamW step is proportional to lr). Each ΔĤ(η) is measured on an evaluation
+The step's direction Δθ comes from the update batch, once, at the optimizer's learning rate lr (``delta_h1``, which
+also gives the U-statistic δH₁, the change expected over batches); θ(η) = θ + (η/lr)·Δθ (every term of the AdamW
+step is proportional to lr). The first-order line is (η/lr)·δĤ₁(E), ∇H taken from the evaluation batch
+(``delta_h1_heldout``: unbiased for this step at any optimizer age), each η paired with its realised change; the
+U-statistic's line is drawn dashed beside it. Each ΔĤ(η) is measured on an evaluation
 batch drawn independently of the update batch, by common random numbers and by importance sampling. Where the curves
 part, the first-order prediction stops describing the step; where the importance weights degenerate, the SNIS points
 are hollow (common random numbers need no weights).
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from funcprobe import delta_h1, lr_sweep
+from funcprobe import delta_h1, delta_h1_heldout, lr_sweep
 from funcprobe.checkpoints import load_checkpoint
 from funcprobe.report import plot_lr_sweep
 from funcprobe.rewards import load_prompts_jsonl
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not lr > 0:
         raise SystemExit(f"the optimizer state's learning rate is {lr} (a finished schedule?); pass --lr")
     prediction = delta_h1(params, update.batch, policy=policy, adam=adam, lr=lr)
+    heldout = delta_h1_heldout(params, prediction.step, evaluation, policy=policy)
     sweep = lr_sweep(params, evaluation, policy=policy, step=prediction.step, etas=[f * lr for f in factors],
-                     prediction=prediction, method="both")
+                     prediction=prediction, heldout=heldout, method="both")
     print(sweep)
     print(f"wrote {plot_lr_sweep(sweep, args.out)}")
     return {"lr_sweep": sweep, "plot": args.out}

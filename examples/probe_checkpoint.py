@@ -1,13 +1,15 @@
-"""Probe a LoRA training checkpoint through the library API: δH₁ and ΔH of its next AdamW step.
+"""Probe a LoRA training checkpoint through the library API: δĤ₁(E), δH₁ and ΔH of its next AdamW step.
 
     python examples/probe_checkpoint.py runs/tiny/checkpoint-4 [--prompts prompts.jsonl] [--quick]
 
 What ``funcprobe probe`` does, written out: load the checkpoint (policy + AdamW state + tokenizer), sample an update
 batch U of B prompts × G responses from the policy, bind a ``Probe`` and call ``delta_h1`` (the prediction) and
 ``update`` (the same AdamW step as a pure function → θ⁺); then draw an evaluation batch E — other prompts, another
-seed — and measure the realised change on it with ``realised`` (common random numbers and importance sampling). The
-realised change is never measured on U: its samples built the step, and their importance weights would carry the
-same-sample bias that δH₁ removes.
+seed — and on it the headline first-order change δĤ₁(E) (``delta_h1_heldout``: ∇H from E, unbiased for this step at
+any optimizer age), the realised change (``realised``: common random numbers and importance sampling), and their
+paired difference prompt by prompt (``paired_difference``). δH₁ on U (the cross-prompt U-statistic) estimates the
+change expected over batches; a young optimizer state biases it for this step. The realised change is never
+measured on U: its samples built the step, and their importance weights would carry the same-sample bias.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 
 import random
 
-from funcprobe import Probe
+from funcprobe import Probe, paired_difference
 from funcprobe.checkpoints import load_checkpoint
 from funcprobe.report import summary_table
 from funcprobe.rewards import load_prompts_jsonl
@@ -64,15 +66,20 @@ def main(argv: list[str] | None = None) -> dict:
     eval_prompts = random.Random(args.seed + 1).choices(range(len(pool)), k=B)
     evaluation = draw(eval_prompts, args.seed + 1)
     realised = probe.realised(params, new_params, evaluation, method="both")
+    #    The headline first-order change: the same step (δH₁'s), with ∇H from E (spec §9), paired with ΔĤ on E.
+    heldout = probe.delta_h1_heldout(params, prediction, evaluation)
+    paired = {method: paired_difference(result, heldout) for method, result in realised.items()}
 
     print()
+    print(heldout)
     print(prediction)
     for result in realised.values():
         print()
         print(result)
     print()
-    print(summary_table(prediction, realised))
-    return {"delta_h1": prediction, "realised": realised, "batch": sampled.batch, "eval_batch": evaluation.batch}
+    print(summary_table(prediction, realised, heldout=heldout, paired=paired))
+    return {"delta_h1": prediction, "heldout": heldout, "paired": paired, "realised": realised,
+            "batch": sampled.batch, "eval_batch": evaluation.batch}
 
 
 if __name__ == "__main__":

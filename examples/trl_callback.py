@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     args = parser.parse_args(argv)
     steps, B = (3, 4) if args.quick else (args.steps, args.B)
     out = Path(args.out)
-    sizes = dict(max_new_tokens=8, tiny=True) if args.quick else {}
+    sizes = dict(max_new_tokens=8, tiny=True, lr=3e-3) if args.quick else {}
 
     from funcprobe.trl import EntropyChangeCallback
 

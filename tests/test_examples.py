@@ -39,6 +39,10 @@ def test_probe_checkpoint(checkpoint_dir, capsys):
     results = load_example("probe_checkpoint").main([str(checkpoint_dir), "--quick"])
     _check_probe(results, methods=("crn", "snis"))
     assert results["eval_batch"] is not results["batch"]
+    heldout, paired = results["heldout"], results["paired"]
+    assert heldout.B == 4 and math.isfinite(heldout.deltaH1) and heldout.se > 0
+    for method, pair in paired.items():   # ΔĤ − δĤ₁(E), paired prompt by prompt on the same E
+        assert pair.difference == pytest.approx(results["realised"][method].deltaH - heldout.deltaH1, abs=1e-12)
     printed = capsys.readouterr().out
     assert "δH₁" in printed and "ΔH realised" in printed
 
@@ -47,7 +51,11 @@ def test_lr_sweep(checkpoint_dir, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
     results = load_example("lr_sweep").main([str(checkpoint_dir), "--out", str(plot), "--quick"])
     sweep = results["lr_sweep"]
-    assert isinstance(sweep, LRSweepResult) and len(sweep.rows) == 3 and sweep.prediction == "deltaH1"
+    assert isinstance(sweep, LRSweepResult) and len(sweep.rows) == 3 and sweep.prediction == "deltaH1_heldout"
+    # the first-order line is (η/lr)·δĤ₁(E), each η paired with its realised change; the U-statistic beside it
+    assert all(r.paired_difference is not None and r.paired_se > 0 for r in sweep.rows)
+    assert [r.predicted for r in sweep.rows] == pytest.approx([f * sweep.heldout for f in (0.5, 1.0, 2.0)])
+    assert all(r.predicted_ustatistic is not None for r in sweep.rows)
     assert [row.factor for row in sweep.rows] == pytest.approx([0.5, 1.0, 2.0])
     assert plot.is_file() and plot.stat().st_size > 0
     assert "ΔH(η) sweep" in capsys.readouterr().out
@@ -70,6 +78,10 @@ def test_attribution(checkpoint_dir, tmp_path, capsys):
     assert (out / "attribution.html").read_text().startswith("<!DOCTYPE html>")
     printed = capsys.readouterr().out
     assert "push the entropy down most" in printed and "positive_only" in printed
+    # the held-out footing: δĤ₁(E) with its own SE, paired with ΔĤ; every intervention with its diagnostics
+    assert result.basis == "heldout" and result.se_deltaH1 > 0
+    assert "δĤ₁(E) =" in printed and "paired ΔĤ − δĤ₁(E)" in printed and "δH₁ =" not in printed
+    assert printed.count("ESS/G min") == 1 + len(result.interventions)
 
 
 def test_custom_reward_on_a_checkpoint(checkpoint_dir, capsys):
