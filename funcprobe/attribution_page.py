@@ -140,9 +140,9 @@ def _interventions_table(results: dict, att: dict) -> str:
     parts = ["<h2>Token-selection interventions</h2>",
              f"<p class='note'>Each row re-runs the step with a token mask on its cotangent: {name} of the changed step, "
              "realised ΔĤ on the evaluation batch (± SE), and the first-order gain of the original objective. "
-             "“Entropy kept per objective given up” = (δH₁′ − δH₁) / (gain − gain′), predicted; and the same from the "
+             f"“Entropy kept per objective given up” = ({name}′ − {name}) / (gain − gain′), predicted; and the same from the "
              "realised changes, (ΔĤ′ − ΔĤ) / (gain − gain′). Where the two disagree, trust the realised one only "
-             "beyond its SEs (the rows share one evaluation batch); δH₁′ includes the optimizer-state term, which "
+             f"beyond its SEs (the rows share one evaluation batch); {name}′ includes the optimizer-state term, which "
              "grows when a smaller gradient shrinks AdamW's v′"
              + ("" if base_gain is not None else
                 " — needs the unchanged step's objective gain, which these results do not carry") + "."
@@ -202,7 +202,8 @@ def _tokens_section(results: dict, att: dict) -> tuple[str, dict]:
     abs_total = sum(abs(v) for p in tokens for s in p for v in s if isinstance(v, (int, float)) and math.isfinite(v))
     data: dict = {"scale": scale, "prompts": []}
     parts = ["<h2>Tokens</h2>",
-             "<p class='note'>Each response token coloured by its attribution a (its share of δH₁'s gradient term): "
+             f"<p class='note'>Each response token coloured by its attribution a (its share of "
+             f"{'δĤ₁(E)' if att.get('basis') == 'heldout' else 'δH₁'}'s gradient term): "
              "<span class='sw' style='background:rgb(33,102,172)'>&nbsp;&nbsp;</span> pushes entropy down, "
              "<span class='sw' style='background:rgb(178,24,43)'>&nbsp;&nbsp;</span> pushes it up; intensity √(|a| / "
              f"max |a|), max |a| = {_num(scale)}. ␣ ↵ ⇥ stand for space, newline, tab; ∅ for a token that decodes to "

@@ -2,10 +2,10 @@
 turns argv into a ``ProbeConfig`` (:func:`probe_config_from_args`), runs ``funcprobe.pipeline``, prints and writes.
 
     funcprobe demo                                a short real GRPO run on SmolLM2-135M-Instruct + LoRA, then
-                                                  the probe of its checkpoint (~5 min on 2 CPU cores)
+                                                  the probe of its checkpoint (minutes on 2 CPU cores)
     funcprobe demo --quick                        the whole probe on a built-in tiny random Qwen2 policy (seconds)
-    funcprobe probe CHECKPOINT [options]          δH₁ and ΔH of the next AdamW step of a LoRA training checkpoint
-    funcprobe attribute CHECKPOINT [options]      which tokens drive δH₁; proxies and token-selection interventions
+    funcprobe probe CHECKPOINT [options]          δĤ₁(E), δH₁ and ΔH of the next AdamW step of a LoRA checkpoint
+    funcprobe attribute CHECKPOINT [options]      which tokens drive δĤ₁(E); proxies and token-selection interventions
 
 Bad inputs (a missing checkpoint, a corrupt optimizer.pt, a bad prompts line, …) end with one line on stderr and exit
 status 2; argparse's own usage errors also exit 2. Anything else is a bug and keeps its traceback.
@@ -38,11 +38,11 @@ DTYPES = ("float32", "bfloat16", "float64")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="funcprobe", description="Predicted (δH₁) and realised (ΔH) entropy "
-                                     "change of one AdamW step on a LoRA policy.")
+    parser = argparse.ArgumentParser(prog="funcprobe", description="First-order (δĤ₁(E), and the U-statistic "
+                                     "δH₁) and realised (ΔH) entropy change of one AdamW step on a LoRA policy.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a few real GRPO steps on SmolLM2-135M-Instruct + LoRA, save the "
-                               "checkpoint and probe it (CPU, ~5 min); --quick: a tiny random model (seconds)")
+                               "checkpoint and probe it (CPU, minutes); --quick: a tiny random model (seconds)")
     demo.add_argument("--quick", action="store_true", default=os.environ.get("FUNCPROBE_DEMO_QUICK") == "1",
                       help="the tiny demo instead: a built-in random Qwen2 policy at a CI size, no model files (also "
                       "FUNCPROBE_DEMO_QUICK=1)")
@@ -58,13 +58,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_attribute_parser(commands) -> None:
     attribute = _add_probe_parser(
-        commands, "attribute", help="which tokens of the update batch drive δH₁, and what token-selection "
+        commands, "attribute", help="which tokens of the update batch drive δĤ₁(E), and what token-selection "
         "interventions would do (spec §8)",
         description="Load a checkpoint and sample the update and evaluation batches exactly as `probe` does, then "
-                    "attribute δH₁'s gradient term to the update batch's tokens, compare it with the covariance proxy "
-                    "(Cui et al. 2025) and the next-token entropy, and report each intervention's δH₁, realised ΔH on "
-                    "the evaluation batch, and first-order objective gain. The model is loaded with eager attention "
-                    "(forward-mode AD needs it).")
+                    "attribute the held-out first-order change δĤ₁(E)'s gradient term (∇H from the evaluation batch) "
+                    "to the update batch's tokens, compare it with the covariance proxy (Cui et al. 2025) and the "
+                    "next-token entropy, and report each intervention's δĤ₁(E), realised ΔH on the evaluation batch "
+                    "(paired with it, with ESS, k̂ and reliability), and first-order objective gain. The model is "
+                    "loaded as the trainer loads it; forward-mode passes switch to eager attention for their "
+                    "duration.")
     group = attribute.add_argument_group("attribution")
     group.add_argument("--intervention", action="append", default=None, metavar="SPEC",
                        help="repeatable: clip_cov[:q] (drop the top-q tokens by covariance), high_entropy[:q] (keep "
@@ -120,10 +122,11 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
     """The ``probe`` subcommand's parser; ``name="attribute"`` reuses its loading, batch, step and compute options
     (the probe-only ones — the realised estimator, --in-sample, --eta-sweep, --plot — are left out)."""
     parser_text = parser_text or dict(
-        help="δH₁ and ΔH of the next AdamW step of a LoRA checkpoint",
+        help="δĤ₁(E), δH₁ and ΔH of the next AdamW step of a LoRA checkpoint",
         description="Load a LoRA training checkpoint (policy + AdamW state), sample an update batch of B prompts × G "
-                    "responses from it, and report the predicted (δH₁) entropy change of the AdamW step on that batch "
-                    "beside the realised change (ΔH), measured on an evaluation batch drawn independently of it.")
+                    "responses from it, and report the first-order entropy change of the AdamW step on that batch — "
+                    "δĤ₁(E), with ∇H from an evaluation batch drawn independently of it, and the U-statistic δH₁ "
+                    "on the update batch — beside the realised change (ΔH) measured on the evaluation batch.")
     only_probe = name == "probe"
     probe = commands.add_parser(name, **parser_text)
     probe.add_argument("checkpoint", help="an HF Trainer checkpoint-N/ folder, a run folder holding checkpoint-N/ "

