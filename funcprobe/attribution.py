@@ -154,9 +154,12 @@ class AttributionResult:
                 realised = ("" if row.get("realised_delta_h") is None else
                             f", ΔĤ = {row['realised_delta_h']:.6g}{se(row.get('realised_se'))}")
                 diagnostics = describe_diagnostics(row)
-                lines.append(f"  {name}: {row['tokens_kept']:.0f}/{row['tokens']} tokens, δH₁ = {row['deltaH1']:.6g}"
-                             f"{realised}, objective gain = {row['objective_gain']:.4g}"
-                             + (f"  [{diagnostics}]" if diagnostics else ""))
+                label = "δĤ₁(E)" if self.basis == "heldout" else "δH₁"
+                paired = ("" if row.get("paired_difference") is None else
+                          f", ΔĤ − δĤ₁(E) = {row['paired_difference']:.4g}{se(row.get('paired_se'))}")
+                lines.append(f"  {name}: {row['tokens_kept']:.0f}/{row['tokens']} tokens, {label} = "
+                             f"{row['deltaH1']:.6g}{se(row.get('deltaH1_se'))}{realised}{paired}, objective gain = "
+                             f"{row['objective_gain']:.4g}" + (f"  [{diagnostics}]" if diagnostics else ""))
         return "\n".join(lines)
 
 

@@ -446,7 +446,8 @@ class PairedDifference:
     """ΔĤ − δĤ₁(E) on the same evaluation prompts and draws (spec §9), nats per response. JSON via ``to_dict()``.
 
     difference = (1/B_E) Σ_n (ΔĤ_n − D_n); se = sd_n(ΔĤ_n − D_n)/√B_E; z = difference/se; first_order: |z| <
-    ``FIRST_ORDER_Z`` (the step is in its first-order regime); verdict: the plain sentence. realised, predicted: the
+    ``FIRST_ORDER_Z`` (the step is in its first-order regime), None when there is no verdict (B_E < 2, or the realised
+    estimate is unreliable); verdict: the plain sentence. realised, predicted: the
     two means beside it; scale: η/lr when the prediction was scaled to another step size (the sweep); method: the
     realised estimator; realised_reliable: its own verdict (an unreliable ΔĤ makes the comparison unreliable too).
     """
@@ -488,15 +489,19 @@ def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1
     difference, se = _mean_se(diff)
     z = difference / se if se > 0 else (0.0 if difference == 0 else math.nan)
     reliable = bool(getattr(realised, "reliable", True))
+    gap = f"ΔĤ − δĤ₁(E) = {fmt(difference, '.4g')} ± {fmt(se, '.3g')} (z = {z:+.1f})"
     if not math.isfinite(z):
         first_order, verdict = None, "no verdict: the paired SE needs B_E ≥ 2 prompts"
+    elif not reliable:
+        # An unreliable ΔĤ (heavy-tailed weights, too few effective draws) can sit on the line or off it by luck:
+        # neither verdict is earned.
+        reason = getattr(realised, "reason", "") or "its diagnostics flag it"
+        first_order, verdict = None, (f"no verdict: the realised estimate is unreliable ({reason}); {gap} is "
+                                      "not evidence either way")
     else:
         first_order = abs(z) < threshold
-        gap = f"ΔĤ − δĤ₁(E) = {fmt(difference, '.4g')} ± {fmt(se, '.3g')} (z = {z:+.1f})"
         verdict = (f"the step is in its first-order regime: {gap}" if first_order else
                    f"the step is beyond its first-order regime: {gap}; the realised change departs from ∇H·Δθ")
-        if not reliable:
-            verdict += " — but the realised estimate is flagged unreliable, so this comparison is too"
     return PairedDifference(difference=difference, se=se, z=z, first_order=first_order, verdict=verdict,
                             realised=float(realised.deltaH), predicted=scale * heldout.deltaH1, scale=float(scale),
                             method=getattr(realised, "method", type(realised).__name__), realised_reliable=reliable)

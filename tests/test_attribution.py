@@ -417,6 +417,14 @@ def test_heldout_footing_sums_to_the_heldout_gradient_term_on_sdpa(sdpa_policy, 
     assert result.deltaH1 == pytest.approx(heldout.deltaH1, rel=1e-10, abs=0)
     assert result.se_grad_term == pytest.approx(heldout.se_grad, rel=1e-10)
     assert policy.module.get_base_model().config._attn_implementation == "sdpa"
+    # what a reader sees: δĤ₁(E) everywhere on this footing, each intervention with its paired difference
+    shape = batch.response_mask.shape
+    masked = attribute(policy.params, batch, policy=policy, adam=adam, objective=objective, evaluation=evaluation,
+                       interventions={"ones": torch.ones(shape)})
+    text = str(masked)
+    assert text.startswith("δĤ₁(E) = ") and "δH₁ =" not in text
+    line = next(x for x in text.splitlines() if x.strip().startswith("ones:"))
+    assert "δĤ₁(E) = " in line and "ΔĤ − δĤ₁(E) = " in line and "ESS/G min" in line
 
 
 def test_heldout_footing_per_token_equals_the_naive_reference(models, policies, batch):

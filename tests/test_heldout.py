@@ -261,3 +261,23 @@ def test_paired_difference_is_the_paired_mean_and_se(policy):
     assert math.isclose(half.predicted, 0.5 * heldout.deltaH1)
     with pytest.raises(ValueError, match="same evaluation batch"):
         paired_difference(realised, delta_h1_heldout(policy.params, delta, _batch(B=3, G=3), policy=policy))
+
+
+def test_an_unreliable_realised_change_gets_no_first_order_verdict(policy):
+    """A flagged ΔĤ may sit on the first-order line or off it by luck: paired_difference gives no verdict (None),
+    names the reason, and keeps the numbers; the same realised values marked reliable do get one."""
+    import dataclasses
+
+    from funcprobe import snis_delta_h
+
+    batch = _batch(B=4, G=3, seed=6)
+    delta = _direction(policy.params, seed=2, scale=3e-2)
+    new = {n: policy.params[n] + delta[n] for n in delta}
+    realised = snis_delta_h(policy.params, new, policy=policy, batch=batch)
+    heldout = delta_h1_heldout(policy.params, delta, batch, policy=policy)
+    trusted = paired_difference(dataclasses.replace(realised, reliable=True), heldout)
+    assert trusted.first_order in (True, False) and "regime" in trusted.verdict
+    flagged = paired_difference(dataclasses.replace(realised, reliable=False, reason="ESS/G 0.1 < 0.5"), heldout)
+    assert flagged.first_order is None and not flagged.realised_reliable
+    assert "unreliable (ESS/G 0.1 < 0.5)" in flagged.verdict and "regime" not in flagged.verdict
+    assert flagged.difference == trusted.difference and flagged.se == trusted.se
