@@ -49,10 +49,12 @@ def summary(prediction, realised=None, in_sample=None, heldout=None, paired=None
     ``in_sample``: an in-sample ``SNISResult`` on the update batch (a biased diagnostic), or None.
 
     Keys: ``B``, ``G`` (the update batch), ``lr``, ``eta_g``, ``units``, ``n_units``; ``deltaH1``, ``se_deltaH1``,
-    ``grad_term``, ``se_grad_term``, ``state_term``, ``deltaH1_plugin``, ``deltaH1_loo`` (the leave-one-unit-out
-    step: unbiased while AdamW is young); with a realised change: ``realised_method``
+    ``grad_term``, ``se_grad_term``, ``state_term``, ``deltaH1_plugin`` — all of the U-statistic on U, the change
+    expected over update batches (``deltaH1_is`` says so in words); with a realised change: ``realised_method``
     (SNIS when both ran, unless only SNIS is flagged unreliable), ``eval_B``, ``eval_G``, ``H_before``, ``H_after``, ``deltaH``, ``se_deltaH`` (of that
-    method), ``difference`` = ΔH − δH₁, ``ratio`` = ΔH / δH₁ (None when δH₁ = 0, with ``ratio_note``); per method
+    method), ``difference`` = ΔH − the
+    first-order value named by ``difference_against``, unpaired (``paired_difference`` is the paired one), ``ratio`` =
+    ΔH / that value (None when it is 0, with ``ratio_note``); per method
     ``crn_deltaH``, ``crn_se``, ``crn_changed_fraction``, ``crn_reliable``, ``crn_reason`` and ``snis_deltaH``, ``snis_se``, ``normalize``,
     ``estimator``, the weight diagnostics (``ess_min_fraction``, ``ess_global_fraction``, ``khat``,
     ``khat_threshold``, ``khat_assessed``) and the verdict ``reliable`` / ``reason``; with ``in_sample``:
@@ -72,6 +74,8 @@ def summary(prediction, realised=None, in_sample=None, heldout=None, paired=None
         "deltaH1": prediction.deltaH1, "se_deltaH1": prediction.se_deltaH1,
         "grad_term": prediction.grad_term, "se_grad_term": prediction.se_grad_jack,
         "state_term": prediction.state_term, "deltaH1_plugin": prediction.deltaH1_plugin,
+        "deltaH1_is": "the U-statistic on the update batch: the first-order change expected over update batches "
+                      "(spec §5); this step's first-order change is 'heldout' (δĤ₁(E))",
     }
     steps = _adam_steps(prediction)
     if steps is not None and steps < YOUNG_STATE_STEPS:
@@ -92,6 +96,7 @@ def summary(prediction, realised=None, in_sample=None, heldout=None, paired=None
         data.update({"realised_method": method, "eval_B": primary.B, "eval_G": primary.G,
                      "H_before": primary.H_before, "H_after": primary.H_after, "deltaH": primary.deltaH,
                      "se_deltaH": primary.se, "difference": primary.deltaH - reference,
+                     "difference_against": "heldout" if heldout is not None else "deltaH1",
                      "ratio": primary.deltaH / reference if reference != 0 else None})
         if reference == 0:
             data["ratio_note"] = "the prediction is exactly 0 (a zero step, or no gradient and no state term): no ratio"
