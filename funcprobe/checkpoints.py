@@ -51,7 +51,7 @@ from .adam import AdamState, normalise_param_names, optimizer_param_groups
 from .policy import LORA_NAME_MARKERS, Policy, load_base_model, load_policy
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_adam_state", "LAYOUTS", "PARAM_NAMES_FILE", "checkpoint_dirs",
-           "adapter_params", "RunCheckpoint", "read_run_checkpoint"]
+           "adapter_params", "RunCheckpoint", "read_run_checkpoint", "read_trainer_state"]
 
 log = logging.getLogger(__name__)
 
@@ -737,13 +737,20 @@ class RunCheckpoint:
     global_step: int | None
 
 
+def read_trainer_state(folder: str | os.PathLike) -> dict | None:
+    """The parsed ``trainer_state.json`` of a checkpoint folder (``global_step``, ``log_history``, …), or None when
+    there is none or it is not valid JSON (logged: it is metadata)."""
+    folder = Path(folder)
+    return _read_trainer_state(folder, folder)
+
+
 def read_run_checkpoint(folder: str | os.PathLike, policy: Policy, *, step: int) -> RunCheckpoint:
     """θ, the AdamW state and the trainer state of one checkpoint folder, against ``policy`` (loaded once for the
     whole run). A missing or unusable optimizer state is not an error here: ``adam`` is None with the reason (the
     policy's entropy can still be measured). Raises ValueError for an adapter that does not fit the policy."""
     folder = Path(folder)
     params = adapter_params(folder, policy)
-    trainer_state = _read_trainer_state(folder, folder)
+    trainer_state = read_trainer_state(folder)
     global_step = trainer_state.get("global_step") if trainer_state else None
     global_step = int(global_step) if isinstance(global_step, (int, float)) and not isinstance(global_step, bool) \
         else None
