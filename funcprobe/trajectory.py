@@ -4,7 +4,7 @@ first-order prediction of each checkpoint's next step, and the change between co
     run = trajectory("runs/grpo", reward=["examples/rewards.py:exact_answer"],
                      trainer_config="runs/grpo/trainer_config.json", B=8, G=8)
     run.to_dict()                                 # standard JSON: no NaN (null, with the reason beside it)
-    plot_trajectory(run, "trajectory.png")        # funcprobe.trajectory_plot
+    plot_trajectory(run, "trajectory.png")        # funcprobe.trajectory_plot, re-exported here
 
 **One evaluation set for the whole run** (spec §6). E is B_E prompts drawn once from the pool
 (``probe_config.draw_eval_prompts``, seeded by ``eval_seed``) × G_E responses, sampled at each checkpoint's θ_k from
@@ -73,9 +73,10 @@ from .progress import progress_bar
 from .realised import CRNResult, SNISResult, crn_from_draws, snis_delta_h, values_before
 from .report import to_jsonable, versions
 from .trainer_config import read_trainer_config, trainer_settings
+from .trajectory_plot import plot_trajectory
 
 __all__ = ["trajectory", "trajectory_config", "Trajectory", "CheckpointEntropy", "EntropyChange", "run_checkpoints",
-           "CALLBACK_PREFIX"]
+           "per_token_entropy", "plot_trajectory", "CALLBACK_PREFIX"]
 
 #: The prefix of the keys funcprobe's TRL callback logs (``funcprobe.trl.PREFIX``; not imported from there, which
 #: needs transformers' Trainer classes, to read a log).
