@@ -41,7 +41,7 @@ TRL's ``entropy`` and funcprobe's TRL callback's ``entropy_change/*`` values. **
 row s is the per-token entropy of step s's own rollouts, drawn at θ_{s−1} (before step s), so the TRL number set beside
 checkpoint N is row N + 1's (``trl_entropy``: the same θ_N, other prompts and draws); row N itself is kept as
 ``trl_logged``. The callback's row s holds the change of step s − 1 on step s's rollouts (its ``first_step`` /
-``last_step``), so it is listed under the change that contains those steps.
+``last_step``), so it is listed under the change that contains those steps (``funcprobe.trainer_log``).
 
 Pure over its inputs: the run folder is only read; one policy is loaded (the latest checkpoint's adapter on its base)
 and every checkpoint's θ is read onto it (``checkpoints.adapter_params``). Memory holds two checkpoints' θ at a time.
@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoints import RunCheckpoint, checkpoint_dirs, read_run_checkpoint, read_trainer_state
+from .checkpoints import RunCheckpoint, checkpoint_dirs, read_run_checkpoint
 from .distributed import SINGLE
 from .formatting import fmt
 from .heldout import HeldoutResult, PairedDifference, heldout_pass, heldout_result, paired_difference, step_directions
@@ -73,14 +73,11 @@ from .progress import progress_bar
 from .realised import CRNResult, SNISResult, crn_from_draws, snis_delta_h, values_before
 from .report import to_jsonable, versions
 from .trainer_config import read_trainer_config, trainer_settings
+from .trainer_log import CALLBACK_PREFIX, TrainerLog
 from .trajectory_plot import plot_trajectory
 
 __all__ = ["trajectory", "trajectory_config", "Trajectory", "CheckpointEntropy", "EntropyChange", "run_checkpoints",
            "per_token_entropy", "plot_trajectory", "CALLBACK_PREFIX"]
-
-#: The prefix of the keys funcprobe's TRL callback logs (``funcprobe.trl.PREFIX``; not imported from there, which
-#: needs transformers' Trainer classes, to read a log).
-CALLBACK_PREFIX = "entropy_change/"
 
 #: What each unit of the results means, written into the JSON so that a reader of the file needs no other page.
 UNITS = {
@@ -317,8 +314,8 @@ class _Measured:
 def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
                reward: Sequence[str] | str | None = None, trainer_config: str | os.PathLike | None = None,
                B: int | None = None, G: int | None = None, eval_B: int | None = None, eval_G: int | None = None,
-               seed: int = 0, max_new_tokens: int | None = None, progress: bool | None = False,
-               echo=print) -> Trajectory:
+               seed: int = 0, max_new_tokens: int | None = None, prompts: str | os.PathLike | None = None,
+               progress: bool | None = False, echo=print) -> Trajectory:
     """The entropy along a training run: every checkpoint of ``run_dir`` on one evaluation set, each next step's
     predicted first-order change, and the paired change between consecutive checkpoints (module docstring; spec §6
     for the realised change, §9 for the first order).
@@ -334,6 +331,7 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
         B, G: the update batch of each prediction (default: the trainer config's, else 16 × 8). eval_B, eval_G: the
             evaluation set (default: B, G). seed: seeds U's prompts and draws; E's seed is derived from it.
         max_new_tokens: the generation budget (default: the trainer config's, else 100).
+        prompts: the prompt pool, JSONL (default: the prompts.jsonl in the latest checkpoint or the run folder).
         progress: tqdm bars (None: when stderr is a terminal). echo: where the progress lines go.
 
     Returns a :class:`Trajectory`; nats per response unless named per token.
@@ -351,10 +349,10 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
     started = time.perf_counter()
     config = config if config is not None else trajectory_config(
         run_dir, reward=reward, trainer_config=trainer_config, B=B, G=G, eval_B=eval_B, eval_G=eval_G, seed=seed,
-        max_new_tokens=max_new_tokens)
+        max_new_tokens=max_new_tokens, prompts=None if prompts is None else os.fspath(prompts))
     folders, notes = run_checkpoints(run_dir)
     run = _open(config, folders, progress=progress, echo=echo)
-    trl_rows, trl_source = _trainer_log(folders)
+    log = TrainerLog.read([path for _, path in folders])
     echo(f"run: {run_dir}: {len(folders)} checkpoint(s) (steps {', '.join(str(n) for n, _ in folders)}); policy "
          f"{run.policy}")
     echo("predicted next steps: " + (f"none — {run.refused}" if run.refused else
@@ -372,12 +370,12 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
         for index in progress_bar(range(len(folders)), total=len(folders), desc="checkpoints", enabled=progress):
             following = (read_run_checkpoint(folders[index + 1][1], run.policy, step=folders[index + 1][0])
                          if index + 1 < len(folders) else None)
-            measured = _measure(run, current, following, trl_rows)
+            measured = _measure(run, current, following, log)
             first = measured.evaluation if first is None else first
             entries.append(measured.entry)
             echo(_progress_line(measured.entry))
             if previous is not None:
-                changes.append(_change(previous, measured, trl_rows))
+                changes.append(_change(previous, measured, log))
             previous, current = measured, following
     notes += list(dict.fromkeys(str(w.message) for w in caught
                                 if issubclass(w.category, (RuntimeWarning, UserWarning))
@@ -387,7 +385,7 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
     return Trajectory(
         run_dir=os.fspath(run_dir), checkpoints=tuple(entries), changes=tuple(changes),
         evaluation=_evaluation_section(run, first), update=_update_section(run), settings=_settings_section(run),
-        trl_history={"source": trl_source, **_series(trl_rows)}, config=_config_section(config),
+        trl_history=log.series(), config=_config_section(config),
         notes=tuple(notes), timings={"total": time.perf_counter() - started})
 
 
@@ -460,7 +458,7 @@ def _real_step(params: Mapping[str, Tensor], following: Mapping[str, Tensor]) ->
             for n in params}
 
 
-def _measure(run: _Run, state: RunCheckpoint, following: RunCheckpoint | None, trl_rows: dict) -> _Measured:
+def _measure(run: _Run, state: RunCheckpoint, following: RunCheckpoint | None, log: TrainerLog) -> _Measured:
     """Checkpoint k: E drawn at θ_k, R and S on it; the predicted next step and (when there is a next checkpoint) the
     step really taken, both along one held-out pass on E (spec §9); the importance-sampling check to θ_{k+1}."""
     timings: dict[str, float] = {}
@@ -498,7 +496,7 @@ def _measure(run: _Run, state: RunCheckpoint, following: RunCheckpoint | None, t
     if following is not None:
         importance = timed("importance", lambda: snis_delta_h(state.params, following.params, policy=run.policy,
                                                               batch=batch, before=before, **run.passes))
-    trl_entropy, trl_reason = _trl_entropy(trl_rows, state.step)
+    trl_entropy, trl_reason = log.entropy_at(state.step)
     entry = CheckpointEntropy(
         step=state.step, path=os.fspath(state.folder), global_step=state.global_step, entropy=entropy,
         entropy_se=entropy_se, entropy_per_prompt=tuple(float(x) for x in values.mean(dim=1)),
@@ -509,7 +507,7 @@ def _measure(run: _Run, state: RunCheckpoint, following: RunCheckpoint | None, t
         eval_seed=evaluation.spec.seed, prediction=heldout, prediction_reason=reason,
         lr=None if prediction is None else _step_lr(state, run.config), adam_step=_adam_step(state),
         update_batch=update, trl_entropy=trl_entropy, trl_entropy_reason=trl_reason,
-        trl_logged=_logged_row(trl_rows, state.step), timings=timings)
+        trl_logged=log.logged(state.step), timings=timings)
     norm = None if real is None else math.sqrt(sum(float((t * t).sum()) for t in real.values()))
     return _Measured(entry=entry, evaluation=evaluation, values=values, lengths=lengths, first_order=first_order,
                      importance=importance, step_norm=norm)
@@ -529,7 +527,7 @@ def _adam_step(state: RunCheckpoint) -> int | None:
     return steps[0] if len(steps) == 1 else None
 
 
-def _change(before: _Measured, after: _Measured, trl_rows: dict) -> EntropyChange:
+def _change(before: _Measured, after: _Measured, log: TrainerLog) -> EntropyChange:
     """k → k+1 from the two checkpoints' draws (common random numbers) and k's held-out pass along the real step."""
     if before.evaluation.spec != after.evaluation.spec:
         raise RuntimeError("the evaluation draws of two checkpoints differ in their prompts or seeds; the paired "
@@ -548,68 +546,7 @@ def _change(before: _Measured, after: _Measured, trl_rows: dict) -> EntropyChang
         realised_per_token_se=_mean_se(pseudo)[1], realised_per_token_per_prompt=tuple(float(x) for x in pseudo),
         first_order=before.first_order, paired=paired_difference(realised, before.first_order),
         importance=importance, importance_reason=reason, step_norm=before.step_norm,
-        trl_callback=tuple(_callback_rows(trl_rows, start, end)))
-
-
-# ------------------------------------------------------------------------------------------------ the TRL log
-def _trainer_log(folders: Sequence[tuple[int, Path]]) -> tuple[dict[int, dict], str | None]:
-    """{step: row} of the trainer's ``log_history`` (rows of one step merged), from the latest checkpoint whose
-    trainer_state.json has one (it holds the whole history), and that file; ({}, None) without any."""
-    for _, folder in reversed(folders):
-        state = read_trainer_state(folder)
-        history = state.get("log_history") if isinstance(state, dict) else None
-        if isinstance(history, list) and history:
-            rows: dict[int, dict] = {}
-            for row in history:
-                step = row.get("step") if isinstance(row, dict) else None
-                if isinstance(step, (int, float)) and not isinstance(step, bool):
-                    rows.setdefault(int(step), {}).update(row)
-            return rows, os.fspath(folder / "trainer_state.json")
-    return {}, None
-
-
-def _logged_keys(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in row.items() if key == "entropy" or key.startswith(CALLBACK_PREFIX)}
-
-
-def _series(rows: Mapping[int, dict]) -> dict[str, list]:
-    """{key: [[step, value], …]} of TRL's ``entropy`` and the callback's numeric ``entropy_change/*`` values."""
-    series: dict[str, list] = {}
-    for step in sorted(rows):
-        for key, value in _logged_keys(rows[step]).items():
-            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-                series.setdefault(key, []).append([step, value])
-    return series
-
-
-def _logged_row(rows: Mapping[int, dict], step: int) -> dict[str, Any]:
-    return {"step": step, **_logged_keys(rows.get(step, {}))}
-
-
-def _trl_entropy(rows: Mapping[int, dict], step: int) -> tuple[float | None, str | None]:
-    """TRL's entropy of the rollouts drawn at θ_step: row step + 1's (module docstring)."""
-    if not rows:
-        return None, "no trainer_state.json with a log_history in the run's checkpoints"
-    value = rows.get(step + 1, {}).get("entropy")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value), None
-    return None, (f"the log has no entropy at step {step + 1}, the row whose rollouts were drawn at this checkpoint's "
-                  "θ (the run's last step, logging_steps > 1, or a trainer that does not log it)")
-
-
-def _callback_rows(rows: Mapping[int, dict], start: int, end: int) -> list[dict]:
-    """The callback's rows whose measured steps (``first_step`` … ``last_step``; row s measures step s − 1 when
-    they are not logged) lie within start < step ≤ end."""
-    found = []
-    for step in sorted(rows):
-        row = rows[step]
-        if CALLBACK_PREFIX + "realised" not in row:
-            continue
-        first = row.get(CALLBACK_PREFIX + "first_step", step - 1)
-        last = row.get(CALLBACK_PREFIX + "last_step", step - 1)
-        if isinstance(first, (int, float)) and isinstance(last, (int, float)) and start < first and last <= end:
-            found.append({"row": step, **_logged_keys(row)})
-    return found
+        trl_callback=tuple(log.callback_rows(start, end)))
 
 
 # ------------------------------------------------------------------------------------------------- sections
