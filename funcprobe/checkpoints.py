@@ -628,8 +628,9 @@ def _load_tokenizer(adapter_dir: Path, folder: Path, base_ref, local_files_only:
 # --------------------------------------------------------------------------------- the checkpoints of one run
 #: adapter_config.json fields that decide the function an adapter computes: checkpoints compared on one loaded
 #: policy must agree on them (another base, rank, scaling or target set is another model, not another θ).
-_ADAPTER_FUNCTION_FIELDS = ("base_model_name_or_path", "peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules",
-                            "rank_pattern", "alpha_pattern", "layers_to_transform", "bias", "modules_to_save")
+_ADAPTER_FUNCTION_FIELDS = ("base_model_name_or_path", "peft_type", "r", "lora_alpha", "use_rslora", "use_dora",
+                            "target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "bias",
+                            "modules_to_save")
 
 
 def _saved_key(name: str, adapter: str) -> str:

@@ -355,8 +355,9 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
     log = TrainerLog.read([path for _, path in folders])
     echo(f"run: {run_dir}: {len(folders)} checkpoint(s) (steps {', '.join(str(n) for n, _ in folders)}); policy "
          f"{run.policy}")
-    echo("predicted next steps: " + (f"none — {run.refused}" if run.refused else
-                                     f"AdamW from each checkpoint's optimizer state; {config.step.objective.describe()}"))
+    steps = (f"none — {run.refused}" if run.refused else
+             f"AdamW from each checkpoint's optimizer state; {config.step.objective.describe()}")
+    echo(f"predicted next steps: {steps}")
     b = config.batch
     echo(f"evaluation set: B={run.shape.eval_B} prompts × G={run.shape.eval_G} responses, the same prompts and "
          f"sampling seed ({b.eval_seed}) at every checkpoint")
@@ -553,7 +554,8 @@ def _change(before: _Measured, after: _Measured, log: TrainerLog) -> EntropyChan
 def _evaluation_section(run: _Run, first) -> dict[str, Any]:
     chosen, b = run.chosen, run.config.batch
     return {"prompts_file": chosen["path"], "pool_size": len(chosen["pool"]),
-            "prompt_indices": list(chosen["eval_indices"]), "prompts": list(first.prompts), "seed": b.eval_seed, "B": run.shape.eval_B, "G": run.shape.eval_G, "max_new_tokens": b.max_new_tokens,
+            "prompt_indices": list(chosen["eval_indices"]), "prompts": list(first.prompts), "seed": b.eval_seed,
+            "B": run.shape.eval_B, "G": run.shape.eval_G, "max_new_tokens": b.max_new_tokens,
             "temperature": run.policy.temperature,
             "what": "the same prompts and the same per-prompt random streams at every checkpoint: the draws at two "
                     "checkpoints are common random numbers, so their difference is paired per prompt"}
@@ -571,8 +573,7 @@ def _settings_section(run: _Run) -> dict[str, Any]:
     return {"objective": config.step.objective.to_dict(), "lr": config.step.lr, "integrand": config.estimate.integrand,
             "rewards": list(config.batch.rewards or ["answer"]), "chat_template": config.batch.chat_template,
             "trainer_config": None if settings is None else settings.to_dict(), "sources": dict(config.sources),
-            "prediction_unsupported": run.refused,
-            "chunks": dataclasses.asdict(run.chunks)}
+            "prediction_unsupported": run.refused, "chunks": dataclasses.asdict(run.chunks)}
 
 
 def _config_section(config: ProbeConfig) -> dict[str, Any]:
