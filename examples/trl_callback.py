@@ -77,6 +77,8 @@ def make_trainer(out: Path, *, steps: int, B: int, G: int = 4, max_new_tokens: i
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = arithmetic_pool(steps * B, seed=seed)
+    with open(out / "prompts.jsonl", "w", encoding="utf-8") as file:  # the pool, for funcprobe probe / trajectory
+        file.writelines(json.dumps(row) + "\n" for row in rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         args = GRPOConfig(
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     if not args.no_trajectory:
         from funcprobe.trajectory import trajectory, plot_trajectory
 
-        found = trajectory(out, reward="funcprobe.demo_real:arithmetic_reward", B=8, G=4, seed=0, progress=False)
+        found = trajectory(out, reward="funcprobe.demo_real:arithmetic_reward",
+                           trainer_config=out / "trainer_config.json", B=8, G=4, seed=0, progress=False)
         plot = out / "trajectory.png"
         plot_trajectory(found, plot)
         (out / "trajectory.json").write_text(json.dumps(found.to_dict(), indent=1, allow_nan=False) + "\n",

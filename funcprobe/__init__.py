@@ -3,6 +3,7 @@
 The math is fixed in the project's spec (ESTIMATORS.md); every function here is pure over params dicts and batches.
 """
 
+from ._version import __version__
 from .adam import AdamState, adamw_update, update_decomposition
 from .attribution import AttributionResult, attribute
 from .batch import RolloutBatch, SequenceChunk
@@ -16,6 +17,8 @@ from .probe import Probe
 from .realised import CRNResult, EntropyResult, SNISResult, crn_delta_h, entropy, snis_delta_h
 from .sampling import DrawSpec, SampledBatch, draw_responses, redraw, sample_batch
 from .sweep import LRSweepResult, lr_sweep
+from .trajectory import CheckpointEntropy, EntropyChange, Trajectory, trajectory
+from .trajectory_plot import plot_trajectory
 from .update import apply_step, policy_gradient, rl_update, update_direction
 
 __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState", "adamw_update",
@@ -24,5 +27,5 @@ __all__ = ["Policy", "load_policy", "RolloutBatch", "SequenceChunk", "AdamState"
            "entropy", "EntropyResult", "lr_sweep", "LRSweepResult", "Probe", "load_checkpoint", "Checkpoint",
            "sample_batch", "SampledBatch", "draw_responses", "redraw", "DrawSpec", "plan_memory", "MemoryPlan",
            "Objective", "compute_advantages", "attribute", "AttributionResult", "delta_h1_heldout", "HeldoutResult",
-           "paired_difference", "PairedDifference"]
-__version__ = "0.1.0"
+           "paired_difference", "PairedDifference", "trajectory", "Trajectory", "CheckpointEntropy", "EntropyChange",
+           "plot_trajectory"]

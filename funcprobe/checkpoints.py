@@ -21,6 +21,11 @@ every ``optimizer.step()``, so the ``lr`` stored in a checkpoint's ``optimizer.p
 the NEXT step — the step funcprobe predicts — not the one of the step that produced the checkpoint. That is what
 ``AdamState`` holds; override it with ``checkpoint.adam.with_lr(lr)`` if needed. ``scheduler.pt`` is not read.
 
+The checkpoints of one run are compared on one loaded policy: :func:`checkpoint_dirs` lists a run folder's
+``checkpoint-N/`` folders, :func:`adapter_params` reads another checkpoint's θ as a params dict of the loaded policy
+(its module untouched), and :func:`read_run_checkpoint` adds that checkpoint's AdamW and trainer state (a missing
+optimizer state is reported, not raised: ``load_checkpoint(..., require_optimizer=False)`` likewise).
+
 Every problem is a ``ValueError`` (``FileNotFoundError`` for a missing path) whose message names the file and what to
 pass (an unreadable ``trainer_state.json`` is only logged: it is metadata). Cheap checks (paths, base model location, optimizer file readable and matching the adapter's tensor count and
 shapes) run before the base model is loaded, so a mismatch does not cost a large model load.
@@ -45,7 +50,8 @@ from torch import Tensor, nn
 from .adam import AdamState, normalise_param_names, optimizer_param_groups
 from .policy import LORA_NAME_MARKERS, Policy, load_base_model, load_policy
 
-__all__ = ["Checkpoint", "load_checkpoint", "load_adam_state", "LAYOUTS", "PARAM_NAMES_FILE"]
+__all__ = ["Checkpoint", "load_checkpoint", "load_adam_state", "LAYOUTS", "PARAM_NAMES_FILE", "checkpoint_dirs",
+           "adapter_params", "RunCheckpoint", "read_run_checkpoint", "read_trainer_state"]
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +74,12 @@ class Checkpoint:
 
     Attributes:
         policy: the base model with the checkpoint's LoRA adapter (``policy.params`` are the adapter's tensors).
-        adam: the AdamW state of those tensors; its lr is the lr of the next step (see the module docstring).
+        adam: the AdamW state of those tensors; its lr is the lr of the next step (see the module docstring). None
+            only when loaded with ``require_optimizer=False`` from a folder without an optimizer state.
         path: the folder given to ``load_checkpoint``.
         layout: "hf_trainer", "adapter_in_model_dir" or "bare_adapter".
         adapter_dir: the folder the adapter was read from (for a run folder: the chosen ``checkpoint-N``).
-        optimizer_path: the optimizer state file read.
+        optimizer_path: the optimizer state file read (None together with ``adam``).
         base: the base model id or path actually used.
         step: ``trainer_state.json``'s ``global_step``, or None when there is no trainer state.
         prompts_path: a ``prompts.jsonl`` in the checkpoint folder or its parent (the training prompts), or None.
@@ -81,11 +88,11 @@ class Checkpoint:
     """
 
     policy: Policy
-    adam: AdamState
+    adam: AdamState | None
     path: Path
     layout: str
     adapter_dir: Path
-    optimizer_path: Path
+    optimizer_path: Path | None
     base: str
     step: int | None
     prompts_path: Path | None
@@ -106,7 +113,7 @@ class Checkpoint:
 def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Module | None = None,
                     optimizer: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
                     device: str | torch.device = "cpu", local_files_only: bool | None = None,
-                    **policy_options) -> Checkpoint:
+                    require_optimizer: bool = True, **policy_options) -> Checkpoint:
     """Load a checkpoint folder: base model + LoRA adapter as a ``Policy``, and the optimizer's ``AdamState``.
 
     Args:
@@ -121,6 +128,9 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
             ``Optimizer.load_state_dict`` does). ``dtype`` may be a name such as "bfloat16".
         local_files_only: do not reach the hub for the base model or tokenizer (default: True for a local base, or
             when ``HF_HUB_OFFLINE=1``).
+        require_optimizer: False: a checkpoint without an optimizer state (``save_only_model=True``) loads too,
+            with ``adam`` and ``optimizer_path`` None (the policy alone: its entropy can be measured, its next step
+            not predicted).
         policy_options: ``attn_implementation`` for the base model, and ``Policy`` options (temperature,
             logsoftmax_dtype, seq_chunk, token_chunk, …).
 
@@ -142,7 +152,8 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
                          f"{_ADAPTER_CONFIG} (and optimizer.pt), or an adapter folder with optimizer=PATH (--optimizer PATH).")
 
     folder, layout, adapter_dir = _find_adapter(given, optimizer is not None)
-    optimizer_path = _find_optimizer(folder, layout, adapter_dir, optimizer)
+    optimizer_path = _find_optimizer(folder, layout, adapter_dir, optimizer,
+                                     required=require_optimizer or optimizer is not None)
     _check_adapter_weights(adapter_dir)
 
     base_ref, base_label = _resolve_base(base, adapter_dir)
@@ -151,9 +162,10 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
     if isinstance(base_ref, str):
         _check_hub_base(base_ref, base_label, local_files_only)
 
-    optimizer_steps = _precheck_optimizer(optimizer_path, adapter_dir)
     trainer_state = _read_trainer_state(folder, adapter_dir)
-    _check_step_counts(optimizer_steps, trainer_state, optimizer_path, folder)
+    if optimizer_path is not None:
+        optimizer_steps = _precheck_optimizer(optimizer_path, adapter_dir)
+        _check_step_counts(optimizer_steps, trainer_state, optimizer_path, folder)
 
     attn_implementation = policy_options.pop("attn_implementation", None)
     if isinstance(base_ref, nn.Module):
@@ -175,7 +187,7 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
                          "base=PATH.") from None
 
     try:
-        adam = load_adam_state(optimizer_path, policy.params)
+        adam = None if optimizer_path is None else load_adam_state(optimizer_path, policy.params)
     except ValueError as error:
         message = str(error)
         if str(optimizer_path) not in message:
@@ -299,14 +311,18 @@ def _has_optimizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in _OPTIMIZER_FILES)
 
 
-def _checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
+def checkpoint_dirs(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     """The ``checkpoint-N`` subfolders of ``folder`` as (N, path), ascending in N (numeric: 10 after 9)."""
+    folder = Path(folder)
     found = []
     for child in folder.iterdir():
         match = _CHECKPOINT_DIR.match(child.name)
         if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+_checkpoint_dirs = checkpoint_dirs
 
 
 def _find_adapter(given: Path, optimizer_given: bool) -> tuple[Path, str, Path]:
@@ -340,7 +356,7 @@ def _find_adapter(given: Path, optimizer_given: bool) -> tuple[Path, str, Path]:
         f"beside it) and checkpoint-N/ subfolders (a run folder). Pass the folder that holds {_ADAPTER_CONFIG}.")
 
 
-def _find_optimizer(folder: Path, layout: str, adapter_dir: Path, optimizer) -> Path:
+def _find_optimizer(folder: Path, layout: str, adapter_dir: Path, optimizer, *, required: bool = True) -> Path | None:
     if optimizer is not None:
         given = Path(optimizer)
         if given.is_dir():
@@ -356,6 +372,8 @@ def _find_optimizer(folder: Path, layout: str, adapter_dir: Path, optimizer) -> 
     for name in _OPTIMIZER_FILES:
         if (folder / name).is_file():
             return folder / name
+    if not required:
+        return None
     where = f"'{folder}'" if layout != "adapter_in_model_dir" else f"'{folder}' (beside model/)"
     raise FileNotFoundError(f"no optimizer.pt in {where}: found the adapter in '{adapter_dir}' but no AdamW state. "
                             "Pass optimizer=PATH (--optimizer PATH) (the optimizer.pt saved with this adapter, e.g. by HF Trainer's "
@@ -605,6 +623,151 @@ def _load_tokenizer(adapter_dir: Path, folder: Path, base_ref, local_files_only:
         except Exception as error:  # noqa: BLE001 - a tokenizer is optional: try the next place
             log.info("no tokenizer from '%s' (%s)", name, _first_line(error))
     return None
+
+
+# --------------------------------------------------------------------------------- the checkpoints of one run
+#: adapter_config.json fields that decide the function an adapter computes: checkpoints compared on one loaded
+#: policy must agree on them (another base, rank, scaling or target set is another model, not another θ).
+_ADAPTER_FUNCTION_FIELDS = ("base_model_name_or_path", "peft_type", "r", "lora_alpha", "use_rslora", "use_dora",
+                            "target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "bias",
+                            "modules_to_save")
+
+
+def _saved_key(name: str, adapter: str) -> str:
+    """The key PEFT saves a model parameter under: the adapter name removed (PEFT's
+    ``_remove_adapter_name_from_state_dict_key``: "….lora_A.default.weight" → "….lora_A.weight",
+    "….lora_embedding_A.default" → "….lora_embedding_A")."""
+    if name.endswith(f".{adapter}"):
+        return name[:-len(adapter) - 1]
+    head, _, suffix = name.rpartition(".")
+    head = re.sub(re.escape(f".{adapter}") + r"$", "", head)
+    return f"{head}.{suffix}"
+
+
+def _comparable(field: str, value: Any) -> Any:
+    if field == "target_modules" and isinstance(value, (list, tuple, set, frozenset)):
+        return sorted(value)
+    return value
+
+
+def _check_same_adapter(adapter_dir: Path, policy: Policy, adapter: str) -> None:
+    config_path = adapter_dir / _ADAPTER_CONFIG
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({_first_line(error)}); fix it or drop that "
+                         "checkpoint.") from None
+    loaded = getattr(policy.module, "peft_config", {}).get(adapter)
+    if loaded is None or not isinstance(saved, dict):
+        return
+    loaded = loaded.to_dict()
+    for name in _ADAPTER_FUNCTION_FIELDS:
+        if name in saved and name in loaded and _comparable(name, saved[name]) != _comparable(name, loaded[name]):
+            raise ValueError(f"{config_path} has {name}={saved[name]!r} but the adapter loaded for this run has "
+                             f"{loaded[name]!r}: the checkpoints are of different adapters, not of one training run. "
+                             "Compare checkpoints of one run (one LoRA configuration).")
+
+
+def _adapter_weights(adapter_dir: Path) -> dict[str, Tensor]:
+    safetensors_file = adapter_dir / "adapter_model.safetensors"
+    try:
+        if safetensors_file.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(safetensors_file), device="cpu")
+        return torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to read the weights means the same thing
+        raise ValueError(f"could not read the adapter weights in '{adapter_dir}' ({_first_line(error)}); the file is "
+                         "corrupt or incomplete. Drop that checkpoint or save it again.") from None
+
+
+def adapter_params(adapter_dir: str | os.PathLike, policy: Policy) -> dict[str, Tensor]:
+    """θ of the adapter saved in ``adapter_dir``, as a params dict of ``policy``: keyed by the policy's PEFT names,
+    with its shapes, dtype and device. The policy and its module are not touched — this is how the checkpoints of
+    one run are compared on one loaded base model (``funcprobe.trajectory``).
+
+    Raises ValueError when the folder holds no (readable) adapter weights, its adapter_config.json differs from the
+    policy's adapter in a field that changes the function (rank, alpha, targets, …), or its tensors are not exactly
+    the policy's LoRA tensors (names or shapes).
+    """
+    adapter_dir = Path(adapter_dir)
+    if not _is_adapter(adapter_dir):
+        raise ValueError(f"'{adapter_dir}' holds no {_ADAPTER_CONFIG}: not an adapter checkpoint. Pass a "
+                         "checkpoint-N folder saved with the adapter.")
+    _check_adapter_weights(adapter_dir)
+    adapter = getattr(policy.module, "active_adapter", "default")
+    adapter = adapter if isinstance(adapter, str) else "default"
+    _check_same_adapter(adapter_dir, policy, adapter)
+    weights = _adapter_weights(adapter_dir)
+    params: dict[str, Tensor] = {}
+    for name, current in policy.params.items():
+        key = _saved_key(name, adapter)
+        if key not in weights:
+            raise ValueError(f"'{adapter_dir}' holds no tensor '{key}' (the policy's '{name}'): the adapter was saved "
+                             "with other target modules or another PEFT layout. Compare checkpoints of one run.")
+        tensor = weights.pop(key)
+        if tuple(tensor.shape) != tuple(current.shape):
+            raise ValueError(f"'{adapter_dir}': '{key}' has shape {tuple(tensor.shape)} but the policy's has "
+                             f"{tuple(current.shape)} (another LoRA rank?). Compare checkpoints of one run.")
+        params[name] = tensor.to(device=current.device, dtype=current.dtype)
+    extra = [key for key in weights if any(marker.rstrip(".") in key for marker in LORA_NAME_MARKERS)]
+    if extra:
+        raise ValueError(f"'{adapter_dir}' holds {len(extra)} LoRA tensors the policy does not have (e.g. "
+                         f"'{extra[0]}'): another adapter layout. Compare checkpoints of one run.")
+    return params
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """One ``checkpoint-N`` of a run, read against an already loaded policy (:func:`read_run_checkpoint`).
+
+    Attributes:
+        step: N of the folder name. folder: the folder. params: θ_N (:func:`adapter_params`).
+        adam: the AdamW state saved with it, or None — then ``optimizer_reason`` says why (no optimizer.pt, or one
+            that does not load or belongs to another step); optimizer_path: the file found, or None.
+        trainer_state: the parsed trainer_state.json, or None; global_step: its ``global_step``, or None.
+    """
+
+    step: int
+    folder: Path
+    params: dict[str, Tensor]
+    adam: AdamState | None
+    optimizer_path: Path | None
+    optimizer_reason: str | None
+    trainer_state: dict | None
+    global_step: int | None
+
+
+def read_trainer_state(folder: str | os.PathLike) -> dict | None:
+    """The parsed ``trainer_state.json`` of a checkpoint folder (``global_step``, ``log_history``, …), or None when
+    there is none or it is not valid JSON (logged: it is metadata)."""
+    folder = Path(folder)
+    return _read_trainer_state(folder, folder)
+
+
+def read_run_checkpoint(folder: str | os.PathLike, policy: Policy, *, step: int) -> RunCheckpoint:
+    """θ, the AdamW state and the trainer state of one checkpoint folder, against ``policy`` (loaded once for the
+    whole run). A missing or unusable optimizer state is not an error here: ``adam`` is None with the reason (the
+    policy's entropy can still be measured). Raises ValueError for an adapter that does not fit the policy."""
+    folder = Path(folder)
+    params = adapter_params(folder, policy)
+    trainer_state = read_trainer_state(folder)
+    global_step = trainer_state.get("global_step") if trainer_state else None
+    global_step = int(global_step) if isinstance(global_step, (int, float)) and not isinstance(global_step, bool) \
+        else None
+    path = next((folder / name for name in _OPTIMIZER_FILES if (folder / name).is_file()), None)
+    adam, reason = None, None
+    if path is None:
+        reason = (f"no optimizer.pt in '{folder}' (saved with save_only_model=True?): without the AdamW state the "
+                  "next step cannot be predicted")
+    else:
+        try:
+            _check_step_counts(_precheck_optimizer(path, folder), trainer_state, path, folder)
+            adam = load_adam_state(path, params)
+        except ValueError as error:
+            reason = str(error)
+    return RunCheckpoint(step=int(step), folder=folder, params=params, adam=adam, optimizer_path=path,
+                         optimizer_reason=reason, trainer_state=trainer_state, global_step=global_step)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

@@ -6,6 +6,8 @@ turns argv into a ``ProbeConfig`` (:func:`probe_config_from_args`), runs ``funcp
     funcprobe demo --quick                        the whole probe on a built-in tiny random Qwen2 policy (seconds)
     funcprobe probe CHECKPOINT [options]          δĤ₁(E), δH₁ and ΔH of the next AdamW step of a LoRA checkpoint
     funcprobe attribute CHECKPOINT [options]      which tokens drive δĤ₁(E); proxies and token-selection interventions
+    funcprobe trajectory RUN_DIR [options]        the entropy at every checkpoint of a run on one evaluation set,
+                                                  each next step's δĤ₁(E), the paired change between checkpoints
 
 Bad inputs (a missing checkpoint, a corrupt optimizer.pt, a bad prompts line, …) end with one line on stderr and exit
 status 2; argparse's own usage errors also exit 2. Anything else is a bug and keeps its traceback.
@@ -53,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_probe_parser(commands)
     _add_attribute_parser(commands)
+    _add_probe_parser(
+        commands, "trajectory", help="the entropy at every checkpoint of a training run on one evaluation set, the "
+        "predicted change of each next step and the paired change between checkpoints (spec §6, §9)",
+        description="For a training run's output folder holding checkpoint-N/ folders: sample one evaluation set "
+                    "(the same prompts and random streams at every checkpoint, so that checkpoints are compared "
+                    "paired), report each checkpoint's entropy (nats per response and per token) with its SE, the "
+                    "first-order change δĤ₁(E) of the AdamW step its optimizer state predicts (as `probe` does), "
+                    "and between consecutive checkpoints the paired change, the first-order change along the step "
+                    "really taken and an importance-sampling check — beside the entropy TRL logged.")
     return parser
 
 
@@ -128,10 +139,16 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
                     "δĤ₁(E), with ∇H from an evaluation batch drawn independently of it, and the U-statistic δH₁ "
                     "on the update batch — beside the realised change (ΔH) measured on the evaluation batch.")
     only_probe = name == "probe"
+    run = name == "trajectory"
     probe = commands.add_parser(name, **parser_text)
-    probe.add_argument("checkpoint", help="an HF Trainer checkpoint-N/ folder, a run folder holding checkpoint-N/ "
-                       "(the latest is taken), a folder with model/ + optimizer.pt, or a bare adapter (with "
-                       "--optimizer)")
+    if run:
+        probe.add_argument("checkpoint", metavar="RUN_DIR", help="a training run's output folder holding "
+                           "checkpoint-N/ folders (the PEFT adapter; optimizer.pt and trainer_state.json where the "
+                           "trainer saved them)")
+    else:
+        probe.add_argument("checkpoint", help="an HF Trainer checkpoint-N/ folder, a run folder holding "
+                           "checkpoint-N/ (the latest is taken), a folder with model/ + optimizer.pt, or a bare "
+                           "adapter (with --optimizer)")
     data = probe.add_argument_group("batch")
     data.add_argument("--prompts", help="JSONL, one prompt per line: {\"prompt\": \"text\", ...} or TRL's "
                       "conversational {\"prompt\": [{\"role\": ..., \"content\": ...}], ...}; other keys are dataset "
@@ -141,9 +158,10 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
                       help="render prompts with the tokenizer's chat template and add_generation_prompt, as TRL does: "
                       "auto (conversational prompts only), on (plain text too, as one user message), off (default "
                       "%(default)s)")
-    data.add_argument("--rollouts", default=None, metavar="FILE.jsonl",
-                      help="build the update batch from the trainer's logged rollouts (one prompt per line with its "
-                      "completions and rewards) instead of sampling it; the evaluation batch is still sampled")
+    if not run:
+        data.add_argument("--rollouts", default=None, metavar="FILE.jsonl",
+                          help="build the update batch from the trainer's logged rollouts (one prompt per line with "
+                          "its completions and rewards) instead of sampling it; the evaluation batch is still sampled")
     data.add_argument("-B", "--prompts-per-batch", dest="B", type=int, default=None,
                       help="prompts in the update batch (default: the trainer config's prompts per step, else 16)")
     data.add_argument("-G", "--group-size", dest="G", type=int, default=None,
@@ -217,8 +235,9 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
                       "TRL's default), the batch's ('batch'), or not ('none', Dr. GRPO) (default: the trainer config's, else "
                       "none)")
     step.add_argument("--epsilon-high", type=float, default=None, help="CISPO's ε_high (default 0.2, TRL's)")
-    step.add_argument("--units", default="prompt", help="δH₁ units: 'prompt' (U = B) or an integer M (M blocks of "
-                      "prompts) (default %(default)s)")
+    if not run:
+        step.add_argument("--units", default="prompt", help="δH₁ units: 'prompt' (U = B) or an integer M (M blocks "
+                          "of prompts) (default %(default)s)")
     if only_probe:
         step.add_argument("--eta-sweep", default=None, metavar="ETA,ETA,...",
                       help="also estimate ΔH(η) at these learning rates, e.g. 1e-6,3e-6,1e-5")
@@ -237,20 +256,30 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
                          "or the run is refused before sampling; explicit --seq-chunk/--token-chunk win")
     compute.add_argument("--base", default=None, help="base model (hub id or folder) when the checkpoint does not "
                          "name a usable one")
-    compute.add_argument("--optimizer", default=None, help="the optimizer.pt, when it is not in the checkpoint "
-                         "folder")
+    if not run:
+        compute.add_argument("--optimizer", default=None, help="the optimizer.pt, when it is not in the checkpoint "
+                             "folder")
     output = probe.add_argument_group("output")
     output.add_argument("--out", default=None, help="write the results as JSON here")
     if only_probe:
         output.add_argument("--plot", default=None, help="write the learning-rate sweep's plot here (needs "
                         "--eta-sweep and matplotlib)")
+    if run:
+        output.add_argument("--plot", default=None, metavar="PLOT.png", help="write the trajectory's plot here: "
+                            "the entropy over steps beside TRL's logged entropy, and the change per step beside its "
+                            "first-order values (needs matplotlib)")
     output.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a "
                         "terminal)")
     output.add_argument("-v", "--verbose", action="store_true", help="log each stage, and print the full δH₁ "
                         "and ΔH tables")
-    output.add_argument("--dist-timeout", type=float, default=300.0, help="under torchrun: seconds a collective "
-                        "may wait before the run fails (a rank that died or hangs) (default %(default)s)")
-    if not only_probe:
+    if not run:
+        output.add_argument("--dist-timeout", type=float, default=300.0, help="under torchrun: seconds a "
+                            "collective may wait before the run fails (a rank that died or hangs) (default "
+                            "%(default)s)")
+    if run:
+        probe.set_defaults(realised="snis", in_sample=False, eta_sweep=None, rollouts=None, units="prompt",
+                           optimizer=None, dist_timeout=300.0)
+    elif not only_probe:
         probe.set_defaults(realised="snis", in_sample=False, eta_sweep=None, plot=None)
     return probe
 
@@ -299,8 +328,11 @@ def _trainer_config(args: argparse.Namespace):
     --trust-training-args; None when neither is given."""
     from .trainer_config import read_trainer_config, read_training_args, trainer_settings
 
+    # A trajectory still measures the entropy of a run whose step funcprobe cannot reproduce (the refusal is kept in
+    # the settings' ``unsupported``: no predictions); the probe refuses it.
+    check = getattr(args, "command", "probe") != "trajectory"
     if args.trainer_config is not None:
-        return trainer_settings(read_trainer_config(args.trainer_config), source=args.trainer_config)
+        return trainer_settings(read_trainer_config(args.trainer_config), source=args.trainer_config, check=check)
     if not args.trust_training_args:
         return None
     folder = Path(args.checkpoint)
@@ -316,7 +348,7 @@ def _trainer_config(args: argparse.Namespace):
                              "num_generations field), so it does not say how the step's loss was formed; pass the "
                              "step's settings as flags (--loss-type, --beta, --scale-rewards, --max-grad-norm, -G) or "
                              "--trainer-config FILE.")
-        return trainer_settings(config, source=where)
+        return trainer_settings(config, source=where, check=check)
     raise ValueError(f"--trust-training-args: there is no training_args.bin in {folder} or its checkpoint-N folders; "
                      "pass --trainer-config FILE instead.")
 
@@ -440,7 +472,8 @@ def _memory_budget(args: argparse.Namespace) -> int | None:
 
 def _check_paths_and_device(args: argparse.Namespace) -> None:
     if not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist.")
+        what = "run folder" if getattr(args, "command", "probe") == "trajectory" else "checkpoint"
+        raise FileNotFoundError(f"{what} {args.checkpoint!r} does not exist.")
     for flag, path, what in (("--prompts", args.prompts, "prompts file"), ("--rollouts", args.rollouts, "rollouts file")):
         if path is None or Path(path).is_file():
             continue
@@ -561,6 +594,27 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     return results
 
 
+def run_trajectory_command(args: argparse.Namespace, *, progress: bool | None, echo=print) -> dict:
+    """The ``trajectory`` command: the config from ``args`` (output paths and cheap checks first, as ``probe``),
+    ``trajectory.trajectory`` over the run folder, the tables printed, then ``--out`` (the JSON) and ``--plot``."""
+    from .report import save_outputs
+    from .trajectory import trajectory
+
+    config = probe_config_from_args(args)
+    result = trajectory(config.checkpoint, config=config, progress=progress, echo=echo)
+    echo("\n" + str(result))
+    results = result.to_dict()
+
+    def plot():
+        from .trajectory_plot import plot_trajectory
+
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        return plot_trajectory(results, args.plot)
+
+    save_outputs(results, out=args.out, writers=[("--plot", args.plot, plot)], echo=echo)
+    return results
+
+
 def _write_attribution_outputs(results: dict, args: argparse.Namespace, echo) -> None:
     """--out (the JSON), --html (the page) and --plot (the scatter), each when given; a failed write keeps the
     results (``report.save_outputs``)."""
@@ -630,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_probe_command(args, progress=progress, world=world)
             elif args.command == "attribute":
                 run_attribute(args, progress=progress)
+            elif args.command == "trajectory":
+                run_trajectory_command(args, progress=progress)
         return 0
     except USER_ERRORS as error:
         _record(world, error)

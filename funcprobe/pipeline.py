@@ -35,6 +35,8 @@ from .sweep import realised_changes
 
 __all__ = ["ProbeConfig", "BatchConfig", "StepConfig", "EstimateConfig", "ComputeConfig", "OutputConfig",
            "Chunking", "BatchShape", "Loaded", "Measurements", "ProbeRun", "load_and_sample", "measure", "predict",
+           "open_checkpoint", "sample_prompts", "reward_functions", "choose_prompts", "plan_chunks",
+           "check_learning_rate", "first_order_change", "noting",
            "take_step", "in_sample_change", "sweep_changes", "run_probe", "probe_results", "config_section",
            "settle_sizes", "derive_seed", "select_prompts", "draw_eval_prompts"]
 
@@ -270,7 +272,11 @@ def rollouts_sample(records, config: ProbeConfig, tokenizer, policy, rewards):
                         advantage_info=info["advantage_info"], raw_rewards=info["raw_rewards"])
 
 
-def _load_checkpoint(config: ProbeConfig, *, progress, timed: Timed, policy_extra: dict | None):
+def open_checkpoint(config: ProbeConfig, *, progress: bool | None = None, timed: Timed = _untimed,
+                    policy_extra: dict | None = None, require_optimizer: bool = True):
+    """``checkpoints.load_checkpoint`` of ``config.checkpoint`` (with its base and optimizer) as the config asks: the
+    compute dtype and device, τ, the chunk sizes and the log-softmax dtype; transformers' own bars only with
+    ``progress``. ``require_optimizer=False``: a checkpoint without optimizer state loads too (``adam`` None)."""
     import torch
 
     from .checkpoints import load_checkpoint
@@ -284,7 +290,8 @@ def _load_checkpoint(config: ProbeConfig, *, progress, timed: Timed, policy_extr
     with library_bars(enabled=sys.stderr.isatty() if progress is None else progress):
         return timed("load", lambda: load_checkpoint(config.checkpoint, base=config.base, optimizer=config.optimizer,
                                                      dtype=getattr(torch, c.dtype), **(policy_extra or {}),
-                                                     device=c.device, **policy_options))
+                                                     device=c.device, require_optimizer=require_optimizer,
+                                                     **policy_options))
 
 
 def _describe_checkpoint(checkpoint, config: ProbeConfig, echo) -> None:
@@ -357,7 +364,7 @@ def load_and_sample(config: ProbeConfig, *, progress: bool | None = None, echo=p
     shape, sources = batch_shape(config, records)
     chosen = choose_prompts(b.prompts, config, shape) if b.prompts is not None else None
     rewards = reward_functions(config)
-    checkpoint = _load_checkpoint(config, progress=progress, timed=timed, policy_extra=policy_extra)
+    checkpoint = open_checkpoint(config, progress=progress, timed=timed, policy_extra=policy_extra)
     policy, adam = checkpoint.policy, checkpoint.adam
     params = policy.params
     check_learning_rate(adam, config, checkpoint.optimizer_path)

@@ -231,7 +231,7 @@ def format_report(prediction, realised=None, sweep=None, *, in_sample=None, held
 # ----------------------------------------------------------------------------------------------- run information
 def versions() -> dict[str, str]:
     """Versions of funcprobe, torch, transformers, peft and Python (a package that is missing reads "absent")."""
-    from . import __version__
+    from ._version import __version__
 
     found = {"funcprobe": __version__, "torch": torch.__version__}
     for name in ("transformers", "peft"):

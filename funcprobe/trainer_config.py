@@ -38,7 +38,8 @@ from typing import Any
 
 from .objective import Objective
 
-__all__ = ["TrainerSettings", "read_trainer_config", "read_training_args", "trainer_settings", "TRL_DEFAULTS"]
+__all__ = ["TrainerSettings", "read_trainer_config", "read_training_args", "trainer_settings", "unsupported_settings",
+           "TRL_DEFAULTS"]
 
 #: TRL 1.16 ``GRPOConfig`` defaults of the fields that decide the step (where the file is silent).
 TRL_DEFAULTS: dict[str, Any] = {
@@ -77,7 +78,9 @@ class TrainerSettings:
     ``objective`` the step's loss; ``G``, ``max_new_tokens``, ``temperature``, ``B`` (prompts per optimizer step,
     None when it cannot be derived), ``learning_rate`` (the config's initial lr: recorded, not used for the step),
     ``chat_template_kwargs``; ``sources`` maps each to "FILE" (the config), "TRL default" or, after the command line
-    has applied its flags, "flag".
+    has applied its flags, "flag". ``unsupported``: None, or — only when read with ``check=False`` — the message
+    naming the settings funcprobe cannot reproduce (then ``objective`` is not the run's step: no prediction of it
+    may be made, but the sizes and τ still describe the run's sampling).
     """
 
     objective: Objective
@@ -88,11 +91,13 @@ class TrainerSettings:
     learning_rate: float | None
     chat_template_kwargs: dict | None
     sources: dict[str, str] = field(default_factory=dict)
+    unsupported: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"objective": self.objective.to_dict(), "G": self.G, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "B": self.B, "learning_rate": self.learning_rate,
-                "chat_template_kwargs": self.chat_template_kwargs, "sources": dict(self.sources)}
+                "chat_template_kwargs": self.chat_template_kwargs, "sources": dict(self.sources),
+                "unsupported": self.unsupported}
 
 
 def read_trainer_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -148,7 +153,9 @@ def read_training_args(checkpoint: str | os.PathLike, *, trust: bool) -> dict[st
     return {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
 
-def _refuse(config: Mapping[str, Any], where: str) -> None:
+def unsupported_settings(config: Mapping[str, Any], where: str) -> str | None:
+    """The message naming every setting of ``config`` funcprobe cannot reproduce exactly (module docstring), or None
+    when there is none."""
     def get(name):
         return config.get(name, TRL_DEFAULTS.get(name))
 
@@ -196,17 +203,21 @@ def _refuse(config: Mapping[str, Any], where: str) -> None:
         if truncated:
             problems.append(f"{name}={value}: a truncated sampler does not draw from π_θ, and every estimator assumes "
                             "it does (probe with top_p=1, top_k=0 even if the run truncated)")
-    if problems:
-        raise ValueError(f"{where}: settings funcprobe cannot reproduce exactly: " + "; ".join(problems) + ". Edit "
-                         "these fields in a copy of the file to probe the nearest step funcprobe can take exactly.")
+    if not problems:
+        return None
+    return (f"{where}: settings funcprobe cannot reproduce exactly: " + "; ".join(problems) + ". Edit these fields "
+            "in a copy of the file to probe the nearest step funcprobe can take exactly.")
 
 
-def trainer_settings(config: Mapping[str, Any], *, source: str) -> TrainerSettings:
+def trainer_settings(config: Mapping[str, Any], *, source: str, check: bool = True) -> TrainerSettings:
     """The step's settings from a GRPOConfig mapping (TRL's defaults for missing fields); see the module docstring.
 
-    Raises ValueError naming each refused setting and why, or a field with a bad value.
+    Raises ValueError naming each refused setting and why (with ``check=False`` that message is kept in
+    ``unsupported`` instead: a trajectory still measures such a run's entropy), or a field with a bad value.
     """
-    _refuse(config, source)
+    unsupported = unsupported_settings(config, source)
+    if check and unsupported is not None:
+        raise ValueError(unsupported)
     sources: dict[str, str] = {}
 
     def take(name: str, key: str | None = None):
@@ -245,4 +256,5 @@ def trainer_settings(config: Mapping[str, Any], *, source: str) -> TrainerSettin
                                                                              "max_new_tokens")),
                            temperature=float(take("temperature")), B=B,
                            learning_rate=float(take("learning_rate")),
-                           chat_template_kwargs=take("chat_template_kwargs"), sources=sources)
+                           chat_template_kwargs=take("chat_template_kwargs"), sources=sources,
+                           unsupported=unsupported)

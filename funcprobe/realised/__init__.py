@@ -20,7 +20,8 @@ Two estimators of H(θ⁺) − H(θ) on E (N = B·G sequences):
 * **Importance sampling** (:func:`snis_delta_h`; :mod:`.importance`, its weight diagnostics :mod:`.diagnostics`).
 * **Common random numbers** (:func:`crn_delta_h`; :mod:`.crn`).
 
-Public API: :func:`snis_delta_h` → :class:`SNISResult`; :func:`crn_delta_h` → :class:`CRNResult`; :func:`entropy`
+Public API: :func:`snis_delta_h` → :class:`SNISResult`; :func:`crn_delta_h` → :class:`CRNResult` (from two draws
+already made: :func:`crn_from_draws`); :func:`entropy`
 → :class:`EntropyResult`; the pure parts :func:`importance_weighted_delta_h` → :class:`WeightedEstimate`,
 :func:`weight_diagnostics` → :class:`WeightDiagnostics` and :func:`check_recorded_logprobs` → :class:`LogprobCheck`.
 Nothing here modifies its inputs; there is no optimizer step and no undo.
@@ -30,7 +31,7 @@ PSIS k̂), ``recorded`` (the recorded-S check), ``passes`` (the teacher-forced p
 ``importance`` (importance sampling), ``crn`` (common random numbers), ``entropy_estimate`` (Ĥ(θ)).
 """
 
-from .crn import CRN_MAX_TOP_SHARE, CRN_MIN_CHANGED, INTEGRANDS, CRNResult, crn_delta_h, integrand_values
+from .crn import CRN_MAX_TOP_SHARE, CRN_MIN_CHANGED, INTEGRANDS, CRNResult, crn_delta_h, crn_from_draws, integrand_values
 from .diagnostics import (KHAT_MIN_LOG_WEIGHT_RANGE, KHAT_MIN_MAX_RATIO, MIN_ESS_FRACTION, PSIS_MIN_SAMPLES, WeightDiagnostics,
                           weight_diagnostics)
 from .entropy_estimate import EntropyResult, entropy
@@ -70,6 +71,7 @@ __all__ = [
     "snis_delta_h",
     "CRNResult",
     "crn_delta_h",
+    "crn_from_draws",
     "EntropyResult",
     "entropy",
 ]

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -33,7 +34,8 @@ from ..sampling import redraw
 from ._common import ParamsDict, _check_values, _chunks, _Clock, _require_policy, _se, _tuple
 from .passes import sharded_pass
 
-__all__ = ["INTEGRANDS", "CRN_MIN_CHANGED", "CRN_MAX_TOP_SHARE", "CRNResult", "integrand_values", "crn_delta_h"]
+__all__ = ["INTEGRANDS", "CRN_MIN_CHANGED", "CRN_MAX_TOP_SHARE", "CRNResult", "integrand_values", "crn_delta_h",
+           "crn_from_draws"]
 
 #: CRN integrands: the Rao-Blackwell entropies along the path (default), or −S (for comparison: far noisier).
 INTEGRANDS = ("rao_blackwell", "sequence")
@@ -156,24 +158,44 @@ def _crn(params: ParamsDict, update: ParamsDict, *, policy: Policy, sample: Any,
     after = clock.run("integrand_after",
                       lambda: integrand_values(policy, update, after_batch, integrand, world=world, **chunks))
     start = time.perf_counter()
+    result = crn_from_draws(batch, after_batch, before, after, integrand=integrand)
+    clock.timings["estimate"] = time.perf_counter() - start
+    timings = dict(clock.timings)
+    timings["total"] = time.perf_counter() - started
+    return dataclasses.replace(result, forward_passes=clock.forward_passes, sampling_passes=1, timings=timings)
+
+
+def crn_from_draws(batch: RolloutBatch, after_batch: RolloutBatch, before: Tensor, after: Tensor, *,
+                   integrand: str = "rao_blackwell") -> CRNResult:
+    """The CRN estimate (spec §6) from two draws that share their uniforms, already made: ``batch`` y ∼ π_θ and
+    ``after_batch`` y⁺ ∼ π_θ⁺ (the same ``DrawSpec``: ``redraw``, or ``sample_batch`` at θ⁺ with the same prompts
+    and seed), with the integrand on each at its own θ, ``before`` f_θ(y) and ``after`` f_θ⁺(y⁺), float [B, G].
+
+    ΔĤ = mean_n ΔĤ_n, ΔĤ_n = (1/G) Σ_g [f_θ⁺(y⁺) − f_θ(y)], SE = sd_n(ΔĤ_n)/√B; the changed draws and the
+    reliability verdict as :func:`crn_delta_h` (which calls this). Pure; no pass is run (``forward_passes`` and
+    ``sampling_passes`` 0). Raises ValueError for non-finite values or shapes other than the batches' [B, G].
+    """
+    if integrand not in INTEGRANDS:
+        raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
+    shape = (batch.B, batch.G)
+    for name, values in (("before", before), ("after", after)):
+        if tuple(values.shape) != shape or (after_batch.B, after_batch.G) != shape:
+            raise ValueError(f"crn_from_draws: {name} has shape {tuple(values.shape)} and the batches are "
+                             f"{shape} and {(after_batch.B, after_batch.G)}; all four must be the same [B, G].")
     for name, values in (("the integrand at θ", before), ("the integrand at θ⁺", after)):
         _check_values(name, values)
-    difference = (after - before).to(torch.float64)
+    before, after = before.to("cpu", torch.float64), after.to("cpu", torch.float64)
+    difference = after - before
     per_prompt = difference.mean(dim=1)
     changed = _changed(batch, after_batch)
     count = int(changed.sum())
     reliable, reason, top_share = _crn_verdict(difference, changed_count=count, num_sequences=batch.num_sequences)
-    clock.timings["estimate"] = time.perf_counter() - start
-    timings = dict(clock.timings)
-    timings["total"] = time.perf_counter() - started
     return CRNResult(deltaH=float(per_prompt.mean()), se=_se(per_prompt), H_before=float(before.mean()),
                      H_after=float(after.mean()), deltaH_per_prompt=_tuple(per_prompt),
                      H_before_per_prompt=_tuple(before.mean(dim=1)), H_after_per_prompt=_tuple(after.mean(dim=1)),
                      changed_fraction=float(changed.mean()), changed_count=count,
                      changed_per_prompt=_tuple(changed.mean(dim=1)), top_share=top_share, reliable=reliable,
-                     reason=reason,
-                     integrand=integrand, B=batch.B, G=batch.G, forward_passes=clock.forward_passes,
-                     sampling_passes=1, timings=timings)
+                     reason=reason, integrand=integrand, B=batch.B, G=batch.G, forward_passes=0, sampling_passes=0)
 
 
 
