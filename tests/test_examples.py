@@ -128,3 +128,26 @@ def test_train_trl_checkpoint(trl_run):
     assert len(rows) == 32 and all(isinstance(r["prompt"], list) and r["prompt"][0]["role"] == "user" for r in rows)
     state = torch.load(Path(trl_run["checkpoints"][-1]) / "optimizer.pt", weights_only=False)
     assert {g["lr"] for g in state["param_groups"]} == {1e-3}  # constant schedule: the next step is not zero
+
+
+def test_trl_callback(tmp_path, capsys):
+    """examples/trl_callback.py --quick: a real GRPOTrainer run (tiny Qwen2) with the callback, its per-step table,
+    then the trajectory over its three checkpoints, with TRL's and the callback's logged values beside."""
+    pytest.importorskip("trl", minversion="1.16")
+    out = tmp_path / "run"
+    results = load_example("trl_callback").main(["--quick", "--out", str(out)])
+    rows = {row["step"]: row for row in results["log_history"] if "loss" in row}
+    assert sorted(rows) == [1, 2, 3]
+    for step in (2, 3):   # the change of step s − 1, measured on step s's rollouts
+        for key in ("realised", "realised_se", "first_order", "first_order_se", "difference_se"):
+            assert math.isfinite(rows[step][f"entropy_change/{key}"]), (step, key)
+    for step in (1, 2, 3):
+        assert rows[step]["entropy_change/entropy_per_token"] == pytest.approx(rows[step]["entropy"], rel=1e-5)
+        assert rows[step]["entropy_change/step_match"] <= 1e-5
+    printed = capsys.readouterr().out
+    assert "realised ΔĤ" in printed and "step_match" in printed
+    trajectory = results["trajectory"]
+    assert [entry["step"] for entry in trajectory["checkpoints"]] == [1, 2, 3]
+    assert len(trajectory["changes"]) == 2
+    assert json.loads((out / "trajectory.json").read_text()) == trajectory
+    assert (out / "trajectory.png").stat().st_size > 0
