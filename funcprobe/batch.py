@@ -220,6 +220,227 @@ def _as_chunk_size(name: str, value: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the checks of RolloutBatch.__post_init__, in the order it runs them: scalars, tensor types and dtypes, dimensions
+# and shapes, one device, then each field's values. ``_check_*`` raise; ``_valid_*`` raise or return the stored value
+# (a new tensor, or the same one when nothing changes: nothing given is written to; detach(): a batch is data, and a
+# graph hanging off advantages or logprobs would leak into every estimate).
+
+
+def _valid_pad_token_id(pad: Any) -> int:
+    if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or int(pad) < 0:
+        raise ValueError(
+            f"pad_token_id: expected an integer ≥ 0, found {pad!r}. Pass the tokenizer's pad_token_id "
+            f"(or its eos_token_id when it has none)."
+        )
+    return int(pad)
+
+
+def _valid_temperature(given: Any) -> float:
+    temperature = given.item() if isinstance(given, Tensor) else given
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(
+            f"temperature: expected a finite number > 0 (the τ the responses were drawn at), found "
+            f"{given!r}. Pass the sampler's temperature (1.0 for plain sampling)."
+        )
+    return float(temperature)
+
+
+def _valid_recipe(recipe: Any) -> AdvantageRecipe | None:
+    if isinstance(recipe, Mapping):
+        recipe = AdvantageRecipe.from_dict(recipe, "advantage_recipe")
+    if recipe is not None and not isinstance(recipe, AdvantageRecipe):
+        raise ValueError(f"advantage_recipe: expected a funcprobe.batch.AdvantageRecipe or None, found "
+                         f"{type(recipe).__name__}. Leave it None when the advantages' making is unknown.")
+    return recipe
+
+
+def _check_tensor_types(given: Mapping[str, Any]) -> None:
+    """Every required field is a tensor and every optional one a tensor or None, each of a dtype its field allows
+    (token_advantages and prompt_index: checked with their values)."""
+    for name in _TENSOR_FIELDS:
+        if name in _REQUIRED_TENSORS or given[name] is not None:
+            _require_tensor(name, given[name])
+    if not _is_integer_dtype(given["input_ids"].dtype):
+        raise ValueError(
+            f"input_ids: expected an integer dtype (stored as int64), found dtype {given['input_ids'].dtype}. "
+            f"Pass token ids, e.g. tokenizer(..., return_tensors='pt')['input_ids']."
+        )
+    for name in _MASKS:
+        dtype = given[name].dtype
+        if dtype is not torch.bool and not _is_integer_dtype(dtype):
+            raise ValueError(
+                f"{name}: expected a bool or 0/1 integer dtype, found dtype {dtype}. "
+                f"Convert it with (mask != 0) after checking it holds only 0 and 1."
+            )
+    for name in ("advantages", "length_norm", "rewards"):
+        if given[name] is not None:
+            _check_real_dtype(name, given[name], allow_integer=True)
+    if given["logprobs"] is not None:
+        _check_real_dtype("logprobs", given["logprobs"], allow_integer=False)
+
+
+def _check_dimensions(input_ids: Tensor) -> tuple[int, int, int]:
+    """(B, G, L) of input_ids, with B ≥ 1, G ≥ 2 and L ≥ 2."""
+    if input_ids.dim() != 3:
+        raise ValueError(
+            f"input_ids: expected 3 dimensions [B, G, L], found shape {tuple(input_ids.shape)}. "
+            f"Reshape flat [B*G, L] sequences with .view(B, G, L) (the G responses of a prompt adjacent)."
+        )
+    B, G, L = input_ids.shape
+    if B < 1:
+        raise ValueError(f"input_ids: found B={B} prompts (shape {tuple(input_ids.shape)}). A batch needs B ≥ 1.")
+    if G < 2:
+        raise ValueError(
+            f"input_ids: found G={G} response per prompt (shape {tuple(input_ids.shape)}); the leave-one-out "
+            f"baseline needs G ≥ 2. Sample at least 2 responses per prompt."
+        )
+    if L < 2:
+        raise ValueError(
+            f"input_ids: found L={L} column (shape {tuple(input_ids.shape)}); a sequence needs a prompt token and "
+            f"a response token (L ≥ 2)."
+        )
+    return B, G, L
+
+
+def _check_shapes(present: Mapping[str, Tensor], B: int, G: int, L: int) -> None:
+    """The masks [B, G, L], advantages and the optional per-response fields [B, G], length_norm [B]."""
+    for name in _MASKS:
+        _require_shape(name, present[name], (B, G, L), "[B, G, L]", "It must have the shape of input_ids.")
+    _require_shape("advantages", present["advantages"], (B, G), "[B, G]", "Pass one advantage per response.")
+    _require_shape("length_norm", present["length_norm"], (B,), "[B]", "Pass one normaliser per prompt.")
+    for name in _OPTIONAL_TENSORS:
+        if name in present:
+            _require_shape(name, present[name], (B, G), "[B, G]", "Pass one value per response, or None.")
+
+
+def _check_one_device(present: Mapping[str, Tensor]) -> None:
+    device = present["input_ids"].device
+    for name, tensor in present.items():
+        if tensor.device != device:
+            raise ValueError(
+                f"{name}: is on device {tensor.device} but input_ids is on {device}; all tensors of a batch must "
+                f"be on one device. Move it with .to({str(device)!r}) (RolloutBatch.to moves a whole batch)."
+            )
+
+
+def _valid_input_ids(input_ids: Tensor, pad: int) -> Tensor:
+    input_ids = input_ids.detach().to(torch.int64)
+    if bool((input_ids < 0).any()):
+        where = _first_index(input_ids < 0)
+        raise ValueError(
+            f"input_ids: token ids must be ≥ 0, found {input_ids[where].item()} at index {where}. "
+            f"Replace placeholder ids (e.g. -100 labels) with pad_token_id={pad}."
+        )
+    return input_ids
+
+
+def _valid_masks(attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(attention_mask, response_mask) as bool: 0/1 values, the response inside the real tokens, never at column 0,
+    and every response token right after a real token."""
+    _check_mask_values("attention_mask", attention_mask)
+    _check_mask_values("response_mask", response_mask)
+    attention_mask = attention_mask.detach().to(torch.bool)
+    response_mask = response_mask.detach().to(torch.bool)
+    outside = response_mask & ~attention_mask
+    if bool(outside.any()):
+        raise ValueError(
+            f"response_mask: is 1 at index {_first_index(outside)} where attention_mask is 0 "
+            f"({int(outside.sum())} such entries); the response must be made of real tokens. "
+            f"Build it as response_mask & attention_mask, with padding excluded."
+        )
+    at_start = response_mask[..., 0]
+    if bool(at_start.any()):
+        where = _first_index(at_start) + (0,)
+        raise ValueError(
+            f"response_mask: is 1 at position 0 (index {where}); position 0 has no context to be predicted "
+            f"from. Put at least one prompt token before the response and set response_mask there to 0."
+        )
+    # S reads the log-probability of token k from the logits at column k−1, so that column must be a real token;
+    # a pad there (a gap between prompt and response, or a response with no prompt) would give garbage silently.
+    after_pad = response_mask[..., 1:] & ~attention_mask[..., :-1]
+    if bool(after_pad.any()):
+        n, g, k = _first_index(after_pad)
+        raise ValueError(
+            f"response_mask: is 1 at index {(n, g, k + 1)} but the previous column (k={k}) is padding "
+            f"(attention_mask 0); a response token is predicted from the previous position, which must be a real "
+            f"token. Pad only at the ends of a sequence (left or right), never between prompt and response."
+        )
+    return attention_mask, response_mask
+
+
+def _valid_advantages(advantages: Tensor) -> Tensor:
+    advantages = advantages.detach().to(torch.float64)
+    _require_finite("advantages", advantages, "Check the advantage computation (e.g. dividing by a zero group std).")
+    return advantages
+
+
+def _valid_length_norm(length_norm: Tensor) -> Tensor:
+    length_norm = length_norm.detach().to(torch.float64)
+    _require_finite("length_norm", length_norm, "Use the generation budget max_new_tokens (Dr. GRPO).")
+    if bool((length_norm <= 0).any()):
+        where = _first_index(length_norm <= 0)
+        raise ValueError(
+            f"length_norm: must be > 0, found {length_norm[where].item()} at index {where}. "
+            f"Use the generation budget max_new_tokens (Dr. GRPO) or another positive normaliser."
+        )
+    return length_norm
+
+
+def _valid_logprobs(logprobs: Tensor | None) -> Tensor | None:
+    if logprobs is None:
+        return None
+    logprobs = logprobs.detach().to(torch.float64)
+    _require_finite("logprobs", logprobs, "Recompute them, or pass logprobs=None to have them computed.")
+    # A sum of log-probabilities is ≤ 0; allow float rounding (a near-certain token can give z_y − lse(z) of a few
+    # ulps above 0) but catch negative log-likelihoods stored by mistake.
+    positive = logprobs > 1e-4
+    if bool(positive.any()):
+        where = _first_index(positive)
+        raise ValueError(
+            f"logprobs: sequence log-probabilities must be ≤ 0, found {logprobs[where].item()} at index "
+            f"{where}. These look like negative log-likelihoods: pass S = Σ log π (negate them), or None."
+        )
+    return logprobs
+
+
+def _valid_rewards(rewards: Tensor | None) -> Tensor | None:
+    if rewards is None:
+        return None
+    rewards = rewards.detach().to(torch.float64)
+    _require_finite("rewards", rewards, "Fix the reward function, or pass rewards=None.")
+    return rewards
+
+
+def _valid_token_advantages(token_advantages: Tensor | None, shape: tuple[int, int, int]) -> Tensor | None:
+    if token_advantages is None:
+        return None
+    _check_real_dtype("token_advantages", token_advantages, allow_integer=True)
+    _require_shape("token_advantages", token_advantages, shape, "[B, G, L]",
+                   "Pass one advantage per token (the shape of input_ids), or None.")
+    token_advantages = token_advantages.detach().to(torch.float64)
+    _require_finite("token_advantages", token_advantages, "Check the per-token advantage computation.")
+    return token_advantages
+
+
+def _valid_prompt_index(prompt_index: Tensor | None, B: int) -> Tensor | None:
+    if prompt_index is None:
+        return None
+    if not _is_integer_dtype(prompt_index.dtype):
+        raise ValueError(
+            f"prompt_index: expected integer pool indices, found dtype {prompt_index.dtype}. Pass the "
+            f"positions of the prompts in their pool as an int64 tensor, or None."
+        )
+    _require_shape("prompt_index", prompt_index, (B,), "[B]", "Pass one pool index per prompt, or None.")
+    prompt_index = prompt_index.detach().to(torch.int64)
+    if bool((prompt_index < 0).any()):
+        where = _first_index(prompt_index < 0)
+        raise ValueError(f"prompt_index: pool indices must be ≥ 0, found {prompt_index[where].item()} at "
+                         f"index {where}. Pass positions in the prompt pool, or None.")
+    return prompt_index
+
+
+# --------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -318,193 +539,24 @@ class RolloutBatch:
     # ---------------------------------------------------------------------------------------------------- validation
 
     def __post_init__(self) -> None:
-        pad = self.pad_token_id
-        if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or int(pad) < 0:
-            raise ValueError(
-                f"pad_token_id: expected an integer ≥ 0, found {pad!r}. Pass the tokenizer's pad_token_id "
-                f"(or its eos_token_id when it has none)."
-            )
-
-        temperature = self.temperature
-        if isinstance(temperature, Tensor):
-            temperature = temperature.item()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-                or not (math.isfinite(float(temperature)) and float(temperature) > 0):
-            raise ValueError(
-                f"temperature: expected a finite number > 0 (the τ the responses were drawn at), found "
-                f"{self.temperature!r}. Pass the sampler's temperature (1.0 for plain sampling)."
-            )
-
-        recipe = self.advantage_recipe
-        if isinstance(recipe, Mapping):
-            recipe = AdvantageRecipe.from_dict(recipe, "advantage_recipe")
-            object.__setattr__(self, "advantage_recipe", recipe)
-        if recipe is not None and not isinstance(recipe, AdvantageRecipe):
-            raise ValueError(f"advantage_recipe: expected a funcprobe.batch.AdvantageRecipe or None, found "
-                             f"{type(recipe).__name__}. Leave it None when the advantages' making is unknown.")
-
-        present = {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
-        for name in _REQUIRED_TENSORS:
-            _require_tensor(name, getattr(self, name))
-        for name in _OPTIONAL_TENSORS + _OPTIONAL_INDEX + _OPTIONAL_TOKEN:
-            if name in present:
-                _require_tensor(name, present[name])
-
-        input_ids = self.input_ids
-        if not _is_integer_dtype(input_ids.dtype):
-            raise ValueError(
-                f"input_ids: expected an integer dtype (stored as int64), found dtype {input_ids.dtype}. "
-                f"Pass token ids, e.g. tokenizer(..., return_tensors='pt')['input_ids']."
-            )
-        for name in _MASKS:
-            dtype = present[name].dtype
-            if dtype is not torch.bool and not _is_integer_dtype(dtype):
-                raise ValueError(
-                    f"{name}: expected a bool or 0/1 integer dtype, found dtype {dtype}. "
-                    f"Convert it with (mask != 0) after checking it holds only 0 and 1."
-                )
-        for name in ("advantages", "length_norm", "rewards"):
-            if name in present:
-                _check_real_dtype(name, present[name], allow_integer=True)
-        if "logprobs" in present:
-            _check_real_dtype("logprobs", present["logprobs"], allow_integer=False)
-
-        if input_ids.dim() != 3:
-            raise ValueError(
-                f"input_ids: expected 3 dimensions [B, G, L], found shape {tuple(input_ids.shape)}. "
-                f"Reshape flat [B*G, L] sequences with .view(B, G, L) (the G responses of a prompt adjacent)."
-            )
-        B, G, L = input_ids.shape
-        if B < 1:
-            raise ValueError(f"input_ids: found B={B} prompts (shape {tuple(input_ids.shape)}). A batch needs B ≥ 1.")
-        if G < 2:
-            raise ValueError(
-                f"input_ids: found G={G} response per prompt (shape {tuple(input_ids.shape)}); the leave-one-out "
-                f"baseline needs G ≥ 2. Sample at least 2 responses per prompt."
-            )
-        if L < 2:
-            raise ValueError(
-                f"input_ids: found L={L} column (shape {tuple(input_ids.shape)}); a sequence needs a prompt token and "
-                f"a response token (L ≥ 2)."
-            )
-        for name in _MASKS:
-            _require_shape(name, present[name], (B, G, L), "[B, G, L]", "It must have the shape of input_ids.")
-        _require_shape("advantages", self.advantages, (B, G), "[B, G]", "Pass one advantage per response.")
-        _require_shape("length_norm", self.length_norm, (B,), "[B]", "Pass one normaliser per prompt.")
-        for name in _OPTIONAL_TENSORS:
-            if name in present:
-                _require_shape(name, present[name], (B, G), "[B, G]", "Pass one value per response, or None.")
-
-        device = input_ids.device
-        for name, tensor in present.items():
-            if tensor.device != device:
-                raise ValueError(
-                    f"{name}: is on device {tensor.device} but input_ids is on {device}; all tensors of a batch must "
-                    f"be on one device. Move it with .to({str(device)!r}) (RolloutBatch.to moves a whole batch)."
-                )
-
-        # Conversions return new tensors (or the same one when nothing changes); nothing given is written to.
-        # detach(): a batch is data; a graph hanging off advantages or logprobs would leak into every estimate.
-        input_ids = input_ids.detach().to(torch.int64)
-        if bool((input_ids < 0).any()):
-            where = _first_index(input_ids < 0)
-            raise ValueError(
-                f"input_ids: token ids must be ≥ 0, found {input_ids[where].item()} at index {where}. "
-                f"Replace placeholder ids (e.g. -100 labels) with pad_token_id={int(pad)}."
-            )
-
-        for name in _MASKS:
-            _check_mask_values(name, present[name])
-        attention_mask = self.attention_mask.detach().to(torch.bool)
-        response_mask = self.response_mask.detach().to(torch.bool)
-        outside = response_mask & ~attention_mask
-        if bool(outside.any()):
-            raise ValueError(
-                f"response_mask: is 1 at index {_first_index(outside)} where attention_mask is 0 "
-                f"({int(outside.sum())} such entries); the response must be made of real tokens. "
-                f"Build it as response_mask & attention_mask, with padding excluded."
-            )
-        at_start = response_mask[..., 0]
-        if bool(at_start.any()):
-            where = _first_index(at_start) + (0,)
-            raise ValueError(
-                f"response_mask: is 1 at position 0 (index {where}); position 0 has no context to be predicted "
-                f"from. Put at least one prompt token before the response and set response_mask there to 0."
-            )
-        # S reads the log-probability of token k from the logits at column k−1, so that column must be a real token;
-        # a pad there (a gap between prompt and response, or a response with no prompt) would give garbage silently.
-        after_pad = response_mask[..., 1:] & ~attention_mask[..., :-1]
-        if bool(after_pad.any()):
-            n, g, k = _first_index(after_pad)
-            raise ValueError(
-                f"response_mask: is 1 at index {(n, g, k + 1)} but the previous column (k={k}) is padding "
-                f"(attention_mask 0); a response token is predicted from the previous position, which must be a real "
-                f"token. Pad only at the ends of a sequence (left or right), never between prompt and response."
-            )
-
-        advantages = self.advantages.detach().to(torch.float64)
-        _require_finite(
-            "advantages", advantages, "Check the advantage computation (e.g. dividing by a zero group std)."
-        )
-        length_norm = self.length_norm.detach().to(torch.float64)
-        _require_finite("length_norm", length_norm, "Use the generation budget max_new_tokens (Dr. GRPO).")
-        if bool((length_norm <= 0).any()):
-            where = _first_index(length_norm <= 0)
-            raise ValueError(
-                f"length_norm: must be > 0, found {length_norm[where].item()} at index {where}. "
-                f"Use the generation budget max_new_tokens (Dr. GRPO) or another positive normaliser."
-            )
-        logprobs = present.get("logprobs")
-        if logprobs is not None:
-            logprobs = logprobs.detach().to(torch.float64)
-            _require_finite("logprobs", logprobs, "Recompute them, or pass logprobs=None to have them computed.")
-            # A sum of log-probabilities is ≤ 0; allow float rounding (a near-certain token can give z_y − lse(z)
-            # of a few ulps above 0) but catch negative log-likelihoods stored by mistake.
-            positive = logprobs > 1e-4
-            if bool(positive.any()):
-                where = _first_index(positive)
-                raise ValueError(
-                    f"logprobs: sequence log-probabilities must be ≤ 0, found {logprobs[where].item()} at index "
-                    f"{where}. These look like negative log-likelihoods: pass S = Σ log π (negate them), or None."
-                )
-        rewards = present.get("rewards")
-        if rewards is not None:
-            rewards = rewards.detach().to(torch.float64)
-            _require_finite("rewards", rewards, "Fix the reward function, or pass rewards=None.")
-        token_advantages = present.get("token_advantages")
-        if token_advantages is not None:
-            _check_real_dtype("token_advantages", token_advantages, allow_integer=True)
-            _require_shape("token_advantages", token_advantages, (B, G, L), "[B, G, L]",
-                           "Pass one advantage per token (the shape of input_ids), or None.")
-            token_advantages = token_advantages.detach().to(torch.float64)
-            _require_finite("token_advantages", token_advantages, "Check the per-token advantage computation.")
-        prompt_index = present.get("prompt_index")
-        if prompt_index is not None:
-            if not _is_integer_dtype(prompt_index.dtype):
-                raise ValueError(
-                    f"prompt_index: expected integer pool indices, found dtype {prompt_index.dtype}. Pass the "
-                    f"positions of the prompts in their pool as an int64 tensor, or None."
-                )
-            _require_shape("prompt_index", prompt_index, (B,), "[B]", "Pass one pool index per prompt, or None.")
-            prompt_index = prompt_index.detach().to(torch.int64)
-            if bool((prompt_index < 0).any()):
-                where = _first_index(prompt_index < 0)
-                raise ValueError(f"prompt_index: pool indices must be ≥ 0, found {prompt_index[where].item()} at "
-                                 f"index {where}. Pass positions in the prompt pool, or None.")
-
-        for name, value in (
-            ("input_ids", input_ids),
-            ("attention_mask", attention_mask),
-            ("response_mask", response_mask),
-            ("advantages", advantages),
-            ("length_norm", length_norm),
-            ("logprobs", logprobs),
-            ("rewards", rewards),
-            ("prompt_index", prompt_index),
-            ("token_advantages", token_advantages),
-            ("pad_token_id", int(pad)),
-            ("temperature", float(temperature)),
-        ):
+        pad = _valid_pad_token_id(self.pad_token_id)
+        temperature = _valid_temperature(self.temperature)
+        recipe = _valid_recipe(self.advantage_recipe)
+        given = self._tensors()
+        _check_tensor_types(given)
+        present = {name: tensor for name, tensor in given.items() if tensor is not None}
+        B, G, L = _check_dimensions(self.input_ids)
+        _check_shapes(present, B, G, L)
+        _check_one_device(present)
+        input_ids = _valid_input_ids(self.input_ids, pad)
+        attention_mask, response_mask = _valid_masks(self.attention_mask, self.response_mask)
+        valid = dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                     advantages=_valid_advantages(self.advantages), length_norm=_valid_length_norm(self.length_norm),
+                     logprobs=_valid_logprobs(self.logprobs), rewards=_valid_rewards(self.rewards),
+                     token_advantages=_valid_token_advantages(self.token_advantages, (B, G, L)),
+                     prompt_index=_valid_prompt_index(self.prompt_index, B),
+                     pad_token_id=pad, temperature=temperature, advantage_recipe=recipe)
+        for name, value in valid.items():
             object.__setattr__(self, name, value)
 
     def require_prompts(self, minimum: int, purpose: str) -> None:
