@@ -16,6 +16,10 @@ Spec §0 (``shared/spec/ESTIMATORS.md``) is the contract for :class:`RolloutBatc
 * ``temperature``     float > 0        the τ the responses were drawn at; every log-probability of this batch uses
                                        it, and a policy with another τ refuses the batch
 
+:meth:`RolloutBatch.from_token_lists` builds a batch from token ids (prompts [B], completions [B][G]) in the one layout
+every funcprobe batch built that way has (the sampler's, merged shards', a rollouts file's, the TRL callback's): the
+prompt right-aligned at column P (the longest prompt), the completion from P, padding on both ends.
+
 Construction validates everything the estimators rely on and raises :class:`ValueError` naming the field, what was
 found and how to fix it. Every method returns a new object; nothing here writes into a tensor it was given. A batch may
 share storage with the tensors it was built from (no defensive copies: batches can be large); funcprobe never writes
@@ -33,7 +37,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -441,6 +445,52 @@ def _valid_prompt_index(prompt_index: Tensor | None, B: int) -> Tensor | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# RolloutBatch.from_token_lists's arguments
+
+
+def _token_row(ids: Any, what: str) -> Tensor:
+    """int64 [n]: one prompt's or completion's token ids (a sequence of ints or a 1-D integer tensor)."""
+    try:
+        row = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"{what}: expected a sequence of token ids, found {type(ids).__name__} ({error}).") from None
+    if row.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if row.dim() != 1 or not _is_integer_dtype(row.dtype):
+        raise ValueError(f"{what}: expected a flat sequence of integer token ids, found dtype {row.dtype} and shape "
+                         f"{tuple(row.shape)}.")
+    return row.to(torch.int64)
+
+
+def _per_token(name: str, values: Any, rows: list[list[Tensor]], dtype: torch.dtype) -> list[list[Tensor]] | None:
+    """``values`` [B][G][|completion|] as tensors of ``dtype``, each as long as its completion in ``rows``; or None."""
+    if values is None:
+        return None
+    if len(values) != len(rows) or any(len(values[n]) != len(group) for n, group in enumerate(rows)):
+        raise ValueError(f"{name}: expected [B][G] = [{len(rows)}][{len(rows[0])}] sequences, one per completion.")
+    out = []
+    for n, group in enumerate(rows):
+        out.append([])
+        for g, ids in enumerate(group):
+            value = torch.as_tensor(values[n][g], dtype=dtype)
+            if tuple(value.shape) != (len(ids),):
+                raise ValueError(f"{name}[{n}][{g}]: has shape {tuple(value.shape)}, but its completion has "
+                                 f"{len(ids)} tokens; pass one value per completion token.")
+            out[-1].append(value)
+    return out
+
+
+def _as_tensor(name: str, value: Any, dtype: torch.dtype | None) -> Any:
+    """A tensor given as a nested sequence, as a tensor (``dtype``, or the one torch infers); a tensor or None as is."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"{name}: could not be read as a rectangular numeric array ({error}).") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -570,6 +620,103 @@ class RolloutBatch:
                 f"{purpose} needs at least {minimum} prompts (B ≥ {minimum}); this batch has B={self.B}. "
                 f"Sample more prompts."
             )
+
+    # ---------------------------------------------------------------------------------------------- from token lists
+
+    @classmethod
+    def from_token_lists(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]], *,
+                         advantages: Any, pad_token_id: int, temperature: float, length_norm: float | Tensor,
+                         completion_masks: Sequence[Sequence[Sequence[bool]]] | None = None,
+                         token_advantages: Sequence[Sequence[Sequence[float]]] | None = None,
+                         logprobs: Any = None, rewards: Any = None, prompt_index: Any = None,
+                         advantage_recipe: AdvantageRecipe | None = None) -> RolloutBatch:
+        """The batch of B prompts with G completions each, laid out as every batch funcprobe builds from token ids
+        (the sampler, merged shards, a rollouts file, the TRL callback)::
+
+            columns  0 … P−|p|−1   P−|p| … P−1   P … P+|c|−1   P+|c| … P+T−1
+            tokens   pad           prompt p      completion c  pad
+
+        P is the longest prompt and T the longest completion (at least 1), L = P + T: each of prompt n's G rows holds
+        the prompt right-aligned at column P (left-padded) and its completion from column P (right-padded). The
+        attention mask is True on the prompt and on the completion, the response mask on the completion; both are
+        ``completion_masks`` on the completion when given.
+
+        Args:
+            prompts: B token-id sequences (lists or 1-D integer tensors), the rendered prompts.
+            completions: [B][G] token-id sequences (the stop token included when one was produced), one G for all.
+            advantages: float [B, G] (a tensor or nested sequence), A_{n,g}.
+            pad_token_id: the id of every column outside the prompt and the completion.
+            temperature: the τ the completions were drawn at.
+            length_norm: L_n, one number for every prompt (the generation budget, Dr. GRPO) or a [B] tensor.
+            completion_masks: [B][G] bool sequences as long as their completions, or None (all True): which
+                completion tokens are real and count (False: padding inside the completion, e.g. TRL's).
+            token_advantages: [B][G] float sequences as long as their completions, or None: per-token advantages on
+                the completion's columns (0 on every other column).
+            logprobs, rewards: float [B, G] or None; prompt_index: [B] pool indices or None; advantage_recipe: as
+                for the constructor.
+
+        Returns:
+            The validated batch: input_ids int64 [B, G, L]; attention_mask, response_mask bool [B, G, L];
+            advantages float64 [B, G]; length_norm float64 [B]; token_advantages float64 [B, G, L] or None.
+
+        Raises:
+            ValueError: naming the argument, for lists of the wrong lengths (no prompt, completions that are not B
+                groups of one G, a mask or token advantages not as long as its completion) or ids that are not
+                integers; then whatever the constructor refuses (G < 2, a prompt-less row, …).
+        """
+        pad = _valid_pad_token_id(pad_token_id)
+        prompt_rows = [_token_row(ids, f"prompts[{n}]") for n, ids in enumerate(prompts)]
+        B = len(prompt_rows)
+        if B == 0:
+            raise ValueError("prompts: is empty; a batch needs at least one prompt.")
+        if len(completions) != B:
+            raise ValueError(f"completions: found {len(completions)} groups for B={B} prompts; pass one group of G "
+                             "completions per prompt.")
+        G = len(completions[0])
+        rows = []
+        for n, group in enumerate(completions):
+            if len(group) != G:
+                raise ValueError(f"completions[{n}]: has {len(group)} completions but completions[0] has G={G}; "
+                                 "every prompt has the same number of completions.")
+            rows.append([_token_row(ids, f"completions[{n}][{g}]") for g, ids in enumerate(group)])
+        masks = _per_token("completion_masks", completion_masks, rows, torch.bool)
+        token_values = _per_token("token_advantages", token_advantages, rows, torch.float64)
+        P = max(len(row) for row in prompt_rows)
+        T = max(1, max(len(ids) for group in rows for ids in group))
+        input_ids = torch.full((B, G, P + T), pad, dtype=torch.int64)
+        attention_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
+        response_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
+        token_tensor = None if token_values is None else torch.zeros((B, G, P + T), dtype=torch.float64)
+        for n, prompt in enumerate(prompt_rows):
+            input_ids[n, :, P - len(prompt):P] = prompt
+            attention_mask[n, :, P - len(prompt):P] = True
+            for g, ids in enumerate(rows[n]):
+                end = P + len(ids)
+                input_ids[n, g, P:end] = ids
+                attention_mask[n, g, P:end] = True if masks is None else masks[n][g]
+                response_mask[n, g, P:end] = True if masks is None else masks[n][g]
+                if token_tensor is not None:
+                    token_tensor[n, g, P:end] = token_values[n][g]
+        if isinstance(length_norm, numbers.Real) and not isinstance(length_norm, bool):
+            length_norm = torch.full((B,), float(length_norm), dtype=torch.float64)
+        return cls(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                   advantages=_as_tensor("advantages", advantages, torch.float64), length_norm=length_norm,
+                   logprobs=_as_tensor("logprobs", logprobs, torch.float64),
+                   rewards=_as_tensor("rewards", rewards, torch.float64),
+                   prompt_index=_as_tensor("prompt_index", prompt_index, None), token_advantages=token_tensor,
+                   pad_token_id=pad, temperature=temperature, advantage_recipe=advantage_recipe)
+
+    def token_lists(self) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """(prompts [B], completions [B][G]) token ids read back from the masks: a prompt is the real tokens of
+        response 0 before its first response token, a completion its response tokens. The inverse of
+        :meth:`from_token_lists` without ``completion_masks`` (e.g. for ``save_rollouts`` of a sampled batch)."""
+        prompts, completions = [], []
+        for n in range(self.B):
+            ids, real, response = self.input_ids[n], self.attention_mask[n], self.response_mask[n]
+            first = int(response[0].to(torch.uint8).argmax())
+            prompts.append(ids[0, :first][real[0, :first]].tolist())
+            completions.append([ids[g][response[g]].tolist() for g in range(self.G)])
+        return prompts, completions
 
     # ---------------------------------------------------------------------------------------------------- shape
 

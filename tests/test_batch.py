@@ -387,6 +387,56 @@ def test_require_prompts():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# from_token_lists: the one layout of a batch built from token ids
+
+
+def test_from_token_lists_layout_and_its_inverse():
+    """Prompts right-aligned at P = the longest prompt, completions from P, pad elsewhere; token_lists reads them back."""
+    prompts = [[5, 6], [7]]
+    completions = [[[1, 2], [3]], [[4], [8, 9, 10]]]
+    batch = RolloutBatch.from_token_lists(prompts, completions, advantages=[[1.0, -1.0], [0.5, -0.5]], pad_token_id=0,
+                                          temperature=0.7, length_norm=4, prompt_index=(3, 1))
+    assert (batch.B, batch.G, batch.L, batch.temperature) == (2, 2, 2 + 3, 0.7)
+    assert batch.input_ids.tolist() == [[[5, 6, 1, 2, 0], [5, 6, 3, 0, 0]], [[0, 7, 4, 0, 0], [0, 7, 8, 9, 10]]]
+    assert batch.attention_mask.tolist() == (batch.input_ids != 0).tolist()
+    assert batch.response_mask[1, 1].tolist() == [False, False, True, True, True]
+    assert batch.length_norm.tolist() == [4.0, 4.0] and batch.advantages.dtype == torch.float64
+    assert batch.prompt_index.tolist() == [3, 1] and batch.token_advantages is None and batch.logprobs is None
+    assert batch.token_lists() == (prompts, completions)
+
+
+def test_from_token_lists_masks_and_token_advantages_follow_the_completion():
+    """completion_masks set both masks on the completion's columns; token_advantages sit on them, 0 elsewhere."""
+    batch = RolloutBatch.from_token_lists(
+        [[5]], [[[1, 2, 9], [3, 9, 9]]], advantages=torch.zeros(1, 2), pad_token_id=9, temperature=1.0,
+        length_norm=torch.tensor([3.0]), completion_masks=[[[1, 1, 0], [True, False, False]]],
+        token_advantages=[[[0.5, 0.25, 7.0], [1.0, 2.0, 3.0]]])
+    assert batch.input_ids.tolist() == [[[5, 1, 2, 9], [5, 3, 9, 9]]]
+    assert batch.attention_mask.tolist() == [[[True, True, True, False], [True, True, False, False]]]
+    assert batch.response_mask.tolist() == [[[False, True, True, False], [False, True, False, False]]]
+    assert batch.token_advantages.tolist() == [[[0.0, 0.5, 0.25, 7.0], [0.0, 1.0, 2.0, 3.0]]]
+
+
+@pytest.mark.parametrize("prompts, completions, extra, pattern", [
+    ([], [], {}, r"^prompts: is empty"),
+    ([[1]], [[[2], [3]], [[4], [5]]], {}, r"^completions: found 2 groups for B=1 prompts"),
+    ([[1], [2]], [[[2], [3]], [[4]]], {}, r"^completions\[1\]: has 1 completions but completions\[0\] has G=2"),
+    ([[1.5]], [[[2], [3]]], {}, r"^prompts\[0\]: expected a flat sequence of integer token ids, found dtype"),
+    ([[1]], [[[2], [[3]]]], {}, r"^completions\[0\]\[1\]: expected a flat sequence of integer token ids"),
+    ([[1]], [[[2], [3]]], {"completion_masks": [[[1], [1, 1]]]}, r"^completion_masks\[0\]\[1\]: has shape \(2,\)"),
+    ([[1]], [[[2], [3]]], {"token_advantages": [[[1.0]]]}, r"^token_advantages: expected \[B\]\[G\] = \[1\]\[2\]"),
+    ([[1]], [[[2], [3]]], {"pad_token_id": -1}, r"^pad_token_id: expected an integer ≥ 0"),
+    ([[1]], [[[2]]], {}, r"^input_ids: found G=1 response per prompt"),
+    ([[]], [[[2, 3], [4]]], {}, r"^response_mask: is 1 at position 0"),
+])
+def test_from_token_lists_rejects(prompts, completions, extra, pattern):
+    options = {"advantages": torch.zeros(max(len(prompts), 1), 2), "pad_token_id": 0, "temperature": 1.0,
+               "length_norm": 4.0, **extra}
+    with pytest.raises(ValueError, match=pattern):
+        RolloutBatch.from_token_lists(prompts, completions, **options)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # purity: nothing given to a batch, and nothing in it, changes under any method
 
 
