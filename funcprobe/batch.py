@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 import numbers
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -45,7 +44,7 @@ from torch import Tensor
 
 __all__ = ["FORMAT_VERSION", "AdvantageRecipe", "RolloutBatch", "SequenceChunk", "NotABatchError", "as_rollout_batch"]
 
-#: Written into every saved batch (safetensors metadata and JSON) and checked on load.
+#: Written into every saved batch (safetensors metadata and JSON: ``funcprobe.rollouts_file``) and checked on load.
 FORMAT_VERSION = "funcprobe.batch/2"
 #: The format before the sampling temperature was recorded: read only when the caller states τ (``temperature=``).
 _FORMAT_V1 = "funcprobe.batch/1"
@@ -135,7 +134,7 @@ def as_rollout_batch(value: Any, what: str) -> "RolloutBatch":
         return inner
     raise NotABatchError(f"{what} must be a funcprobe.RolloutBatch or the SampledBatch that sample_batch returns (its "
                      f"batch is used); got {type(value).__name__}. Build one with sample_batch(...), "
-                     "RolloutBatch(...) or RolloutBatch.load(path).")
+                     "RolloutBatch(...) or funcprobe.rollouts_file.load_batch(path).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -201,8 +200,9 @@ def _recorded_temperature(recorded: Any, found_format: str, stated: float | None
         if stated is None:
             raise ValueError(
                 f"{where}: records no sampling temperature (format {found_format!r}, written before τ was recorded). "
-                f"The estimators must use the τ the responses were drawn at: pass it, e.g. "
-                f"RolloutBatch.load(path, temperature=1.0), or re-save the batch with this funcprobe."
+                f"The estimators must use the τ the responses were drawn at: pass it, e.g. load_batch(path, "
+                f"temperature=1.0) or RolloutBatch.from_dict(data, temperature=1.0), or re-save the batch with this "
+                f"funcprobe."
             )
         return float(stated)
     try:
@@ -889,82 +889,7 @@ class RolloutBatch:
 
         return chunks()
 
-    # ---------------------------------------------------------------------------------------------------- persistence
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the batch to a safetensors file (masks as uint8; logprobs/rewards only when present).
-
-        The metadata holds ``format`` = :data:`FORMAT_VERSION`, ``pad_token_id`` and ``temperature`` (written with
-        ``repr``, so it reads back exactly).
-        """
-        from safetensors.torch import save_file
-
-        if os.fspath(path).lower().endswith(".json"):
-            raise ValueError(f"{os.fspath(path)}: save() writes safetensors, not JSON; use batch.save_json(path) for "
-                             "a JSON file, or a .safetensors name.")
-        tensors = {}
-        for name, tensor in self._tensors().items():
-            if tensor is None:
-                continue
-            if name in _MASKS:
-                tensor = tensor.to(torch.uint8)
-            # clone(): safetensors refuses tensors sharing storage (e.g. rewards passed as a view of advantages).
-            tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-        metadata = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(self.pad_token_id),
-                    _TEMPERATURE_KEY: repr(self.temperature)}
-        if self.advantage_recipe is not None:
-            metadata[_RECIPE_KEY] = json.dumps(self.advantage_recipe.to_dict())
-        save_file(tensors, os.fspath(path), metadata=metadata)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", *,
-             temperature: float | None = None) -> RolloutBatch:
-        """Read a batch written by :meth:`save`, validate it and put it on ``device``.
-
-        ``temperature``: needed only for files of the older format ``funcprobe.batch/1``, which did not record the τ
-        the responses were drawn at (the estimators must not guess it); for current files it must match the recorded
-        τ if given.
-        """
-        from safetensors import SafetensorError, safe_open
-
-        path = os.fspath(path)
-        how = "Save batches with RolloutBatch.save(path)."
-        try:
-            with safe_open(path, framework="pt", device="cpu") as file:
-                metadata = file.metadata() or {}
-                tensors = {key: file.get_tensor(key) for key in file.keys()}
-        except SafetensorError as error:
-            raise ValueError(f"{path}: is not a funcprobe batch: not a readable safetensors file ({error}). {how}")
-        found_format = metadata.get(_FORMAT_KEY)
-        if found_format is None:
-            raise ValueError(
-                f"{path}: is not a funcprobe batch: its metadata has no {_FORMAT_KEY!r} entry (metadata "
-                f"{metadata}, tensors {sorted(tensors)}). {how}"
-            )
-        if found_format not in (FORMAT_VERSION, _FORMAT_V1):
-            raise ValueError(
-                f"{path}: has format {found_format!r}; this funcprobe reads {FORMAT_VERSION!r}. "
-                f"Use the funcprobe version that wrote it, or re-save the batch."
-            )
-        missing = [name for name in _REQUIRED_TENSORS if name not in tensors]
-        unknown = sorted(set(tensors) - set(_TENSOR_FIELDS))
-        if missing or unknown:
-            raise ValueError(
-                f"{path}: is a damaged funcprobe batch: missing tensors {missing}, unknown tensors {unknown}. {how}"
-            )
-        if found_format == FORMAT_VERSION and _TEMPERATURE_KEY not in metadata:
-            raise ValueError(f"{path}: is a damaged funcprobe batch: its metadata has no {_TEMPERATURE_KEY!r} "
-                             f"(the τ the responses were drawn at). {how}")
-        recorded = _recorded_temperature(metadata.get(_TEMPERATURE_KEY), found_format, temperature, path)
-        try:
-            pad_token_id = int(metadata[_PAD_KEY])
-        except (KeyError, ValueError):
-            raise ValueError(
-                f"{path}: is a damaged funcprobe batch: metadata {_PAD_KEY!r} is {metadata.get(_PAD_KEY)!r}, "
-                f"expected an integer. {how}"
-            ) from None
-        recipe = AdvantageRecipe.from_dict(metadata.get(_RECIPE_KEY), path)
-        return cls(pad_token_id=pad_token_id, temperature=recorded, advantage_recipe=recipe, **tensors).to(device)
+    # --------------------------------------------------------------------------------------------------- the dict form
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: nested lists of ints/floats (masks as 0/1), absent optional fields as None.
@@ -1024,18 +949,3 @@ class RolloutBatch:
                 ) from None
         recipe = AdvantageRecipe.from_dict(data.get(_RECIPE_KEY), "data")
         return cls(pad_token_id=data.get(_PAD_KEY, 0), temperature=recorded, advantage_recipe=recipe, **fields)
-
-    def save_json(self, path: str | os.PathLike) -> None:
-        """Write :meth:`to_dict` as JSON."""
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(self.to_dict(), file, allow_nan=False)
-
-    @classmethod
-    def load_json(cls, path: str | os.PathLike) -> RolloutBatch:
-        """Read a batch written by :meth:`save_json` (validated)."""
-        with open(path, encoding="utf-8") as file:
-            try:
-                data = json.load(file)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{os.fspath(path)}: is not a funcprobe batch: not valid JSON ({error}).") from None
-        return cls.from_dict(data)

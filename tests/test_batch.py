@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from funcprobe.batch import FORMAT_VERSION, RolloutBatch, SequenceChunk
+from funcprobe.rollouts_file import load_batch, load_batch_json, save_batch, save_batch_json
 
 TENSOR_FIELDS = ("input_ids", "attention_mask", "response_mask", "advantages", "length_norm", "logprobs", "rewards")
 
@@ -391,7 +392,7 @@ def test_require_prompts():
 
 
 def test_from_token_lists_layout_and_its_inverse():
-    """Prompts right-aligned at P = the longest prompt, completions from P, pad elsewhere; token_lists reads them back."""
+    """Prompts right-aligned at P (the longest prompt), completions from P, pad elsewhere; token_lists reads back."""
     prompts = [[5, 6], [7]]
     completions = [[[1, 2], [3]], [[4], [8, 9, 10]]]
     batch = RolloutBatch.from_token_lists(prompts, completions, advantages=[[1.0, -1.0], [0.5, -0.5]], pad_token_id=0,
@@ -451,10 +452,10 @@ def _exercise_every_method(batch: RolloutBatch, tmp_path) -> None:
         sub_batch.to("cpu")
     for chunk in batch.iter_sequence_chunks(4):
         chunk.to("cpu")
-    batch.save(tmp_path / "b.safetensors")
-    RolloutBatch.load(tmp_path / "b.safetensors")
-    batch.save_json(tmp_path / "b.json")
-    RolloutBatch.load_json(tmp_path / "b.json")
+    save_batch(batch, tmp_path / "b.safetensors")
+    load_batch(tmp_path / "b.safetensors")
+    save_batch_json(batch, tmp_path / "b.json")
+    load_batch_json(tmp_path / "b.json")
     RolloutBatch.from_dict(batch.to_dict())
 
 
@@ -482,8 +483,8 @@ def test_safetensors_round_trip(tmp_path, with_optionals):
         3, 2, 7, seed=5, pad_token_id=7, with_logprobs=with_optionals, with_rewards=with_optionals
     )
     batch = RolloutBatch(**kwargs)
-    batch.save(tmp_path / "batch.safetensors")
-    loaded = RolloutBatch.load(tmp_path / "batch.safetensors")
+    save_batch(batch, tmp_path / "batch.safetensors")
+    loaded = load_batch(tmp_path / "batch.safetensors")
     _assert_same_batch(loaded, batch)
     assert loaded.pad_token_id == 7
     assert (loaded.logprobs is None) == (not with_optionals) and (loaded.rewards is None) == (not with_optionals)
@@ -503,8 +504,8 @@ def test_json_round_trip(tmp_path, with_optionals):
     if not with_optionals:
         assert data["logprobs"] is None and data["rewards"] is None
     _assert_same_batch(RolloutBatch.from_dict(json.loads(json.dumps(data))), batch)
-    batch.save_json(tmp_path / "batch.json")
-    _assert_same_batch(RolloutBatch.load_json(tmp_path / "batch.json"), batch)
+    save_batch_json(batch, tmp_path / "batch.json")
+    _assert_same_batch(load_batch_json(tmp_path / "batch.json"), batch)
 
 
 @pytest.mark.parametrize("save", ["safetensors", "json"])
@@ -513,11 +514,11 @@ def test_temperature_and_prompt_index_round_trip(tmp_path, save):
     kwargs = _make_batch_inputs(3, 2, 7, seed=5)
     batch = RolloutBatch(**kwargs, temperature=0.7, prompt_index=torch.tensor([4, 0, 4]))
     if save == "json":
-        batch.save_json(tmp_path / "b.json")
-        loaded = RolloutBatch.load_json(tmp_path / "b.json")
+        save_batch_json(batch, tmp_path / "b.json")
+        loaded = load_batch_json(tmp_path / "b.json")
     else:
-        batch.save(tmp_path / "b.safetensors")
-        loaded = RolloutBatch.load(tmp_path / "b.safetensors")
+        save_batch(batch, tmp_path / "b.safetensors")
+        loaded = load_batch(tmp_path / "b.safetensors")
     _assert_same_batch(loaded, batch)
     assert loaded.temperature == 0.7 and loaded.prompt_index.dtype == torch.int64
     picked = batch.select_prompts([2, 1])
@@ -536,12 +537,12 @@ def test_old_format_needs_the_temperature_stated(tmp_path):
     path = tmp_path / "old.safetensors"
     save_file(tensors, str(path), metadata={"format": "funcprobe.batch/1", "pad_token_id": "0"})
     with pytest.raises(ValueError, match=r"records no sampling temperature.*temperature=1\.0"):
-        RolloutBatch.load(path)
-    assert RolloutBatch.load(path, temperature=0.6).temperature == 0.6
+        load_batch(path)
+    assert load_batch(path, temperature=0.6).temperature == 0.6
     current = tmp_path / "new.safetensors"
-    batch.replace(temperature=0.6).save(current)
+    save_batch(batch.replace(temperature=0.6), current)
     with pytest.raises(ValueError, match=r"drawn at temperature τ=0\.6, but temperature=1\.0 was passed"):
-        RolloutBatch.load(current, temperature=1.0)
+        load_batch(current, temperature=1.0)
     old_dict = {**batch.to_dict(), "format": "funcprobe.batch/1"}
     del old_dict["temperature"]
     with pytest.raises(ValueError, match="records no sampling temperature"):
@@ -552,14 +553,14 @@ def test_load_rejects_a_safetensors_file_that_is_not_a_batch(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match=r"is not a funcprobe batch: its metadata has no 'format' entry"):
-        RolloutBatch.load(path)
+        load_batch(path)
 
 
 def test_load_rejects_a_file_that_is_not_safetensors(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"this is not a safetensors file")
     with pytest.raises(ValueError, match=r"is not a funcprobe batch: not a readable safetensors file"):
-        RolloutBatch.load(path)
+        load_batch(path)
 
 
 def test_load_rejects_other_format_versions_and_damaged_files(tmp_path):
@@ -574,12 +575,12 @@ def test_load_rejects_other_format_versions_and_damaged_files(tmp_path):
     newer = tmp_path / "newer.safetensors"
     save_file(tensors, str(newer), metadata={"format": "funcprobe.batch/99", "pad_token_id": "0"})
     with pytest.raises(ValueError, match=r"has format 'funcprobe\.batch/99'"):
-        RolloutBatch.load(newer)
+        load_batch(newer)
     damaged = tmp_path / "damaged.safetensors"
     del tensors["advantages"]
     save_file(tensors, str(damaged), metadata={"format": FORMAT_VERSION, "pad_token_id": "0", "temperature": "1.0"})
     with pytest.raises(ValueError, match=r"damaged funcprobe batch: missing tensors \['advantages'\]"):
-        RolloutBatch.load(damaged)
+        load_batch(damaged)
 
 
 def test_load_validates_contents(tmp_path):
@@ -594,7 +595,7 @@ def test_load_validates_contents(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path), metadata={"format": FORMAT_VERSION, "pad_token_id": "0", "temperature": "1.0"})
     with pytest.raises(ValueError, match=r"^length_norm: must be > 0"):
-        RolloutBatch.load(path)
+        load_batch(path)
 
 
 def test_from_dict_errors(tmp_path):
@@ -612,7 +613,7 @@ def test_from_dict_errors(tmp_path):
     path = tmp_path / "junk.json"
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"is not a funcprobe batch: not valid JSON"):
-        RolloutBatch.load_json(path)
+        load_batch_json(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
