@@ -40,7 +40,9 @@ import torch
 from .batch import AdvantageRecipe, RolloutBatch
 from .objective import compute_advantages
 from .prompts import check_prompt, is_conversational, iter_jsonl, prompt_text, render_prompts, trl_prompts
+from .rewards import check_rewards
 from .rollouts_file import ROLLOUT_KEYS, save_rollouts
+from .trl_rewards import TRLRewards
 
 __all__ = ["RolloutRecord", "load_rollouts", "save_rollouts", "rollouts_batch", "rollout_rewards",
            "ROLLOUT_KEYS"]
@@ -179,8 +181,6 @@ def rollout_rewards(records: Sequence[RolloutRecord], functions: Sequence[Callab
                     weights: Sequence[float] | None = None, *, chat_template: str = "auto", **options: Any):
     """A :class:`~funcprobe.trl_rewards.TRLRewards` over the records' prompts and columns (as TRL sees them under
     ``chat_template``), to pass as ``rollouts_batch(..., reward_fn=...)``; ``options`` as for ``TRLRewards``."""
-    from .trl_rewards import TRLRewards
-
     prompts, conversational = trl_prompts([r.prompt for r in records], chat_template)
     names: dict[str, None] = {}
     for record in records:
@@ -325,8 +325,6 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
         answers = [r.columns.get("answer") for r in records]
         meta = {"response_ids": completion_ids,
                 "answers": [None if a is None or isinstance(a, str) else str(a) for a in answers]}
-        from .scoring import check_rewards
-
         raw = check_rewards(reward_fn(list(prompt_texts), [list(g) for g in responses], meta), B, G, reward_fn)
     else:
         lacking = [r for r in records if r.rewards is None]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from funcprobe.objective import compute_advantages
-from funcprobe.rewards import RewardFunctionError, TRLRewards, load_reward_function
+from funcprobe.trl_rewards import RewardFunctionError, TRLRewards, load_reward_function
 from funcprobe.rollouts import load_rollouts, rollout_rewards, rollouts_batch, save_rollouts
 from funcprobe.testing import char_tokenizer
 
