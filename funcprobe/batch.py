@@ -96,6 +96,11 @@ class AdvantageRecipe:
         weights = (1.0,) * int(num_functions) if reward_weights is None else tuple(reward_weights)
         return cls(scale_rewards=scale_rewards, reward_weights=weights)
 
+    @classmethod
+    def for_rewards(cls, rewards: Tensor, scale_rewards: str, reward_weights: Any) -> "AdvantageRecipe":
+        """The recipe of ``compute_advantages(rewards, …)`` for rewards [B, G] (one function) or [B, G, F]."""
+        return cls.of(scale_rewards, reward_weights, int(rewards.shape[-1]) if rewards.dim() == 3 else 1)
+
     def describe(self) -> str:
         weights = "" if all(w == 1.0 for w in self.reward_weights) else \
             f", reward_weights={list(self.reward_weights)}"
@@ -910,7 +915,8 @@ class RolloutBatch:
         """Build a validated batch from a dict shaped like :meth:`to_dict`'s (``format`` may be absent).
 
         The τ is the dict's ``temperature`` (default 1 when the dict has no ``format`` either: a hand-made dict);
-        ``temperature`` is needed for dicts of the older format ``funcprobe.batch/1``, as for :meth:`load`.
+        ``temperature`` is needed for dicts of the older format ``funcprobe.batch/1``, as for
+        ``funcprobe.rollouts_file.load_batch``.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"data: expected a mapping like RolloutBatch.to_dict()'s, found {type(data).__name__}.")

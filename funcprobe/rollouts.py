@@ -342,7 +342,7 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
         prompt_ids, completion_ids, advantages=advantages, pad_token_id=int(pad_token_id),
         temperature=float(temperature), length_norm=float(max_new_tokens),
         rewards=torch.nan_to_num(advantage_info.rewards, nan=0.0),
-        advantage_recipe=AdvantageRecipe.of(scale_rewards, reward_weights, int(raw.shape[-1]) if raw.dim() == 3 else 1))
+        advantage_recipe=AdvantageRecipe.for_rewards(raw, scale_rewards, reward_weights))
     info.update(prompts=prompt_texts, responses=responses, raw_rewards=raw, advantage_info=advantage_info,
                 prompt_ids=prompt_ids, completion_ids=completion_ids,
                 eos_count=sum(ids[-1] in stops for group in completion_ids for ids in group))

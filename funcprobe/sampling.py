@@ -630,7 +630,7 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
     advantages, info = compute_advantages(rewards, scale_rewards=scale_rewards, weights=reward_weights)
     batch = drawn.batch.replace(advantages=advantages, length_norm=norms,
                                 rewards=torch.nan_to_num(info.rewards, nan=0.0),
-                                advantage_recipe=_recipe(rewards, scale_rewards, reward_weights))
+                                advantage_recipe=AdvantageRecipe.for_rewards(rewards, scale_rewards, reward_weights))
     generated = int(batch.response_lengths.sum())
     timings["total_s"] = time.perf_counter() - started
     timings["generated_tokens"] = float(generated)
@@ -650,15 +650,10 @@ def rescore(sampled: SampledBatch, *, scale_rewards: str, reward_weights: Sequen
         raise ValueError("rescore needs the sample's raw rewards (sample_batch records them in raw_rewards).")
     advantages, info = compute_advantages(sampled.raw_rewards, scale_rewards=scale_rewards, weights=reward_weights,
                                           warn=warn)
+    recipe = AdvantageRecipe.for_rewards(sampled.raw_rewards, scale_rewards, reward_weights)
     batch = sampled.batch.replace(advantages=advantages, rewards=torch.nan_to_num(info.rewards, nan=0.0),
-                                  advantage_recipe=_recipe(sampled.raw_rewards, scale_rewards, reward_weights))
+                                  advantage_recipe=recipe)
     return dataclasses.replace(sampled, batch=batch, advantage_info=info)
-
-
-def _recipe(rewards: Tensor, scale_rewards: str, reward_weights: Sequence[float] | None) -> AdvantageRecipe:
-    """How ``compute_advantages`` made the advantages from ``rewards`` [B, G] or [B, G, F]."""
-    functions = int(rewards.shape[-1]) if rewards.dim() == 3 else 1
-    return AdvantageRecipe.of(scale_rewards, reward_weights, functions)
 
 
 # ------------------------------------------------------------------------------------------------ distributed

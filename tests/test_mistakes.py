@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from funcprobe import (Objective, Policy, RolloutBatch, attribute, crn_delta_h, delta_h1, delta_h1_heldout,
+from funcprobe import (Objective, Policy, attribute, crn_delta_h, delta_h1, delta_h1_heldout,
                        entropy, lr_sweep, policy_gradient, rl_update, sample_batch, snis_delta_h, update_direction)
 from funcprobe.testing import char_tokenizer, tiny_peft_model, warm_adam_state
 
