@@ -135,8 +135,10 @@ class Responses:
     def response_tokens(self, *, with_stop: bool = False) -> list[list[list[int]]]:
         """``[n][g]``: the response's token ids, without the final stop token (with it: ``with_stop=True``)."""
         _, completions = self.batch.token_lists()
-        cut = torch.zeros_like(self.hit_stop, dtype=torch.int64) if with_stop else self.hit_stop.to(torch.int64)
-        return [[ids[:len(ids) - int(cut[n, g])] for g, ids in enumerate(group)] for n, group in enumerate(completions)]
+        if with_stop:
+            return completions
+        return [[ids[:len(ids) - int(self.hit_stop[n, g])] for g, ids in enumerate(group)]
+                for n, group in enumerate(completions)]
 
 
 @dataclass(frozen=True, eq=False)
