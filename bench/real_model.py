@@ -419,18 +419,18 @@ def main(argv=None) -> int:
                         max_new_tokens=long_shape["new"], seed=3, first_prompt_index=0, stop_token_ids=(),
                         pad_token_id=pad, temperature=policy.temperature)
         start = time.perf_counter()
-        from funcprobe import RolloutBatch
+        from funcprobe.rollouts_file import load_batch, save_batch
 
         cache = None if args.long_batch is None else Path(args.long_batch)
         if cache is not None and cache.exists():
-            long_batch = RolloutBatch.load(cache)
+            long_batch = load_batch(cache)
             how = f"loaded from {cache}"
         else:
             long_batch = random_advantages(draw_responses(policy, params, spec).batch, seed=4)
             how = f"drawn in {time.perf_counter() - start:.1f} s"
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                long_batch.save(cache)
+                save_batch(long_batch, cache)
         micro = args.long_micro or long_batch.G
         log(f"(b') δH₁, B={long_shape['B']} G={long_shape['G']} new={long_shape['new']}: {how}, L={long_batch.L}")
         outcome_long = {}

@@ -16,6 +16,10 @@ Spec §0 (``shared/spec/ESTIMATORS.md``) is the contract for :class:`RolloutBatc
 * ``temperature``     float > 0        the τ the responses were drawn at; every log-probability of this batch uses
                                        it, and a policy with another τ refuses the batch
 
+:meth:`RolloutBatch.from_token_lists` builds a batch from token ids (prompts [B], completions [B][G]) in the one layout
+every funcprobe batch built that way has (the sampler's, merged shards', a rollouts file's, the TRL callback's): the
+prompt right-aligned at column P (the longest prompt), the completion from P, padding on both ends.
+
 Construction validates everything the estimators rely on and raises :class:`ValueError` naming the field, what was
 found and how to fix it. Every method returns a new object; nothing here writes into a tensor it was given. A batch may
 share storage with the tensors it was built from (no defensive copies: batches can be large); funcprobe never writes
@@ -32,8 +36,7 @@ import dataclasses
 import json
 import math
 import numbers
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +44,7 @@ from torch import Tensor
 
 __all__ = ["FORMAT_VERSION", "AdvantageRecipe", "RolloutBatch", "SequenceChunk", "NotABatchError", "as_rollout_batch"]
 
-#: Written into every saved batch (safetensors metadata and JSON) and checked on load.
+#: Written into every saved batch (safetensors metadata and JSON: ``funcprobe.rollouts_file``) and checked on load.
 FORMAT_VERSION = "funcprobe.batch/2"
 #: The format before the sampling temperature was recorded: read only when the caller states τ (``temperature=``).
 _FORMAT_V1 = "funcprobe.batch/1"
@@ -93,6 +96,11 @@ class AdvantageRecipe:
         weights = (1.0,) * int(num_functions) if reward_weights is None else tuple(reward_weights)
         return cls(scale_rewards=scale_rewards, reward_weights=weights)
 
+    @classmethod
+    def for_rewards(cls, rewards: Tensor, scale_rewards: str, reward_weights: Any) -> "AdvantageRecipe":
+        """The recipe of ``compute_advantages(rewards, …)`` for rewards [B, G] (one function) or [B, G, F]."""
+        return cls.of(scale_rewards, reward_weights, int(rewards.shape[-1]) if rewards.dim() == 3 else 1)
+
     def describe(self) -> str:
         weights = "" if all(w == 1.0 for w in self.reward_weights) else \
             f", reward_weights={list(self.reward_weights)}"
@@ -131,7 +139,7 @@ def as_rollout_batch(value: Any, what: str) -> "RolloutBatch":
         return inner
     raise NotABatchError(f"{what} must be a funcprobe.RolloutBatch or the SampledBatch that sample_batch returns (its "
                      f"batch is used); got {type(value).__name__}. Build one with sample_batch(...), "
-                     "RolloutBatch(...) or RolloutBatch.load(path).")
+                     "RolloutBatch(...) or funcprobe.rollouts_file.load_batch(path).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -197,8 +205,9 @@ def _recorded_temperature(recorded: Any, found_format: str, stated: float | None
         if stated is None:
             raise ValueError(
                 f"{where}: records no sampling temperature (format {found_format!r}, written before τ was recorded). "
-                f"The estimators must use the τ the responses were drawn at: pass it, e.g. "
-                f"RolloutBatch.load(path, temperature=1.0), or re-save the batch with this funcprobe."
+                f"The estimators must use the τ the responses were drawn at: pass it, e.g. load_batch(path, "
+                f"temperature=1.0) or RolloutBatch.from_dict(data, temperature=1.0), or re-save the batch with this "
+                f"funcprobe."
             )
         return float(stated)
     try:
@@ -217,6 +226,273 @@ def _as_chunk_size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
         raise ValueError(f"{name}: must be an integer ≥ 1, found {value!r}. Pass a positive chunk size.")
     return int(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the checks of RolloutBatch.__post_init__, in the order it runs them: scalars, tensor types and dtypes, dimensions
+# and shapes, one device, then each field's values. ``_check_*`` raise; ``_valid_*`` raise or return the stored value
+# (a new tensor, or the same one when nothing changes: nothing given is written to; detach(): a batch is data, and a
+# graph hanging off advantages or logprobs would leak into every estimate).
+
+
+def _valid_pad_token_id(pad: Any) -> int:
+    if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or int(pad) < 0:
+        raise ValueError(
+            f"pad_token_id: expected an integer ≥ 0, found {pad!r}. Pass the tokenizer's pad_token_id "
+            f"(or its eos_token_id when it has none)."
+        )
+    return int(pad)
+
+
+def _valid_temperature(given: Any) -> float:
+    temperature = given.item() if isinstance(given, Tensor) else given
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(
+            f"temperature: expected a finite number > 0 (the τ the responses were drawn at), found "
+            f"{given!r}. Pass the sampler's temperature (1.0 for plain sampling)."
+        )
+    return float(temperature)
+
+
+def _valid_recipe(recipe: Any) -> AdvantageRecipe | None:
+    if isinstance(recipe, Mapping):
+        recipe = AdvantageRecipe.from_dict(recipe, "advantage_recipe")
+    if recipe is not None and not isinstance(recipe, AdvantageRecipe):
+        raise ValueError(f"advantage_recipe: expected a funcprobe.batch.AdvantageRecipe or None, found "
+                         f"{type(recipe).__name__}. Leave it None when the advantages' making is unknown.")
+    return recipe
+
+
+def _check_tensor_types(given: Mapping[str, Any]) -> None:
+    """Every required field is a tensor and every optional one a tensor or None, each of a dtype its field allows
+    (token_advantages and prompt_index: checked with their values)."""
+    for name in _TENSOR_FIELDS:
+        if name in _REQUIRED_TENSORS or given[name] is not None:
+            _require_tensor(name, given[name])
+    if not _is_integer_dtype(given["input_ids"].dtype):
+        raise ValueError(
+            f"input_ids: expected an integer dtype (stored as int64), found dtype {given['input_ids'].dtype}. "
+            f"Pass token ids, e.g. tokenizer(..., return_tensors='pt')['input_ids']."
+        )
+    for name in _MASKS:
+        dtype = given[name].dtype
+        if dtype is not torch.bool and not _is_integer_dtype(dtype):
+            raise ValueError(
+                f"{name}: expected a bool or 0/1 integer dtype, found dtype {dtype}. "
+                f"Convert it with (mask != 0) after checking it holds only 0 and 1."
+            )
+    for name in ("advantages", "length_norm", "rewards"):
+        if given[name] is not None:
+            _check_real_dtype(name, given[name], allow_integer=True)
+    if given["logprobs"] is not None:
+        _check_real_dtype("logprobs", given["logprobs"], allow_integer=False)
+
+
+def _check_dimensions(input_ids: Tensor) -> tuple[int, int, int]:
+    """(B, G, L) of input_ids, with B ≥ 1, G ≥ 2 and L ≥ 2."""
+    if input_ids.dim() != 3:
+        raise ValueError(
+            f"input_ids: expected 3 dimensions [B, G, L], found shape {tuple(input_ids.shape)}. "
+            f"Reshape flat [B*G, L] sequences with .view(B, G, L) (the G responses of a prompt adjacent)."
+        )
+    B, G, L = input_ids.shape
+    if B < 1:
+        raise ValueError(f"input_ids: found B={B} prompts (shape {tuple(input_ids.shape)}). A batch needs B ≥ 1.")
+    if G < 2:
+        raise ValueError(
+            f"input_ids: found G={G} response per prompt (shape {tuple(input_ids.shape)}); the leave-one-out "
+            f"baseline needs G ≥ 2. Sample at least 2 responses per prompt."
+        )
+    if L < 2:
+        raise ValueError(
+            f"input_ids: found L={L} column (shape {tuple(input_ids.shape)}); a sequence needs a prompt token and "
+            f"a response token (L ≥ 2)."
+        )
+    return B, G, L
+
+
+def _check_shapes(present: Mapping[str, Tensor], B: int, G: int, L: int) -> None:
+    """The masks [B, G, L], advantages and the optional per-response fields [B, G], length_norm [B]."""
+    for name in _MASKS:
+        _require_shape(name, present[name], (B, G, L), "[B, G, L]", "It must have the shape of input_ids.")
+    _require_shape("advantages", present["advantages"], (B, G), "[B, G]", "Pass one advantage per response.")
+    _require_shape("length_norm", present["length_norm"], (B,), "[B]", "Pass one normaliser per prompt.")
+    for name in _OPTIONAL_TENSORS:
+        if name in present:
+            _require_shape(name, present[name], (B, G), "[B, G]", "Pass one value per response, or None.")
+
+
+def _check_one_device(present: Mapping[str, Tensor]) -> None:
+    device = present["input_ids"].device
+    for name, tensor in present.items():
+        if tensor.device != device:
+            raise ValueError(
+                f"{name}: is on device {tensor.device} but input_ids is on {device}; all tensors of a batch must "
+                f"be on one device. Move it with .to({str(device)!r}) (RolloutBatch.to moves a whole batch)."
+            )
+
+
+def _valid_input_ids(input_ids: Tensor, pad: int) -> Tensor:
+    input_ids = input_ids.detach().to(torch.int64)
+    if bool((input_ids < 0).any()):
+        where = _first_index(input_ids < 0)
+        raise ValueError(
+            f"input_ids: token ids must be ≥ 0, found {input_ids[where].item()} at index {where}. "
+            f"Replace placeholder ids (e.g. -100 labels) with pad_token_id={pad}."
+        )
+    return input_ids
+
+
+def _valid_masks(attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(attention_mask, response_mask) as bool: 0/1 values, the response inside the real tokens, never at column 0,
+    and every response token right after a real token."""
+    _check_mask_values("attention_mask", attention_mask)
+    _check_mask_values("response_mask", response_mask)
+    attention_mask = attention_mask.detach().to(torch.bool)
+    response_mask = response_mask.detach().to(torch.bool)
+    outside = response_mask & ~attention_mask
+    if bool(outside.any()):
+        raise ValueError(
+            f"response_mask: is 1 at index {_first_index(outside)} where attention_mask is 0 "
+            f"({int(outside.sum())} such entries); the response must be made of real tokens. "
+            f"Build it as response_mask & attention_mask, with padding excluded."
+        )
+    at_start = response_mask[..., 0]
+    if bool(at_start.any()):
+        where = _first_index(at_start) + (0,)
+        raise ValueError(
+            f"response_mask: is 1 at position 0 (index {where}); position 0 has no context to be predicted "
+            f"from. Put at least one prompt token before the response and set response_mask there to 0."
+        )
+    # S reads the log-probability of token k from the logits at column k−1, so that column must be a real token;
+    # a pad there (a gap between prompt and response, or a response with no prompt) would give garbage silently.
+    after_pad = response_mask[..., 1:] & ~attention_mask[..., :-1]
+    if bool(after_pad.any()):
+        n, g, k = _first_index(after_pad)
+        raise ValueError(
+            f"response_mask: is 1 at index {(n, g, k + 1)} but the previous column (k={k}) is padding "
+            f"(attention_mask 0); a response token is predicted from the previous position, which must be a real "
+            f"token. Pad only at the ends of a sequence (left or right), never between prompt and response."
+        )
+    return attention_mask, response_mask
+
+
+def _valid_advantages(advantages: Tensor) -> Tensor:
+    advantages = advantages.detach().to(torch.float64)
+    _require_finite("advantages", advantages, "Check the advantage computation (e.g. dividing by a zero group std).")
+    return advantages
+
+
+def _valid_length_norm(length_norm: Tensor) -> Tensor:
+    length_norm = length_norm.detach().to(torch.float64)
+    _require_finite("length_norm", length_norm, "Use the generation budget max_new_tokens (Dr. GRPO).")
+    if bool((length_norm <= 0).any()):
+        where = _first_index(length_norm <= 0)
+        raise ValueError(
+            f"length_norm: must be > 0, found {length_norm[where].item()} at index {where}. "
+            f"Use the generation budget max_new_tokens (Dr. GRPO) or another positive normaliser."
+        )
+    return length_norm
+
+
+def _valid_logprobs(logprobs: Tensor | None) -> Tensor | None:
+    if logprobs is None:
+        return None
+    logprobs = logprobs.detach().to(torch.float64)
+    _require_finite("logprobs", logprobs, "Recompute them, or pass logprobs=None to have them computed.")
+    # A sum of log-probabilities is ≤ 0; allow float rounding (a near-certain token can give z_y − lse(z) of a few
+    # ulps above 0) but catch negative log-likelihoods stored by mistake.
+    positive = logprobs > 1e-4
+    if bool(positive.any()):
+        where = _first_index(positive)
+        raise ValueError(
+            f"logprobs: sequence log-probabilities must be ≤ 0, found {logprobs[where].item()} at index "
+            f"{where}. These look like negative log-likelihoods: pass S = Σ log π (negate them), or None."
+        )
+    return logprobs
+
+
+def _valid_rewards(rewards: Tensor | None) -> Tensor | None:
+    if rewards is None:
+        return None
+    rewards = rewards.detach().to(torch.float64)
+    _require_finite("rewards", rewards, "Fix the reward function, or pass rewards=None.")
+    return rewards
+
+
+def _valid_token_advantages(token_advantages: Tensor | None, shape: tuple[int, int, int]) -> Tensor | None:
+    if token_advantages is None:
+        return None
+    _check_real_dtype("token_advantages", token_advantages, allow_integer=True)
+    _require_shape("token_advantages", token_advantages, shape, "[B, G, L]",
+                   "Pass one advantage per token (the shape of input_ids), or None.")
+    token_advantages = token_advantages.detach().to(torch.float64)
+    _require_finite("token_advantages", token_advantages, "Check the per-token advantage computation.")
+    return token_advantages
+
+
+def _valid_prompt_index(prompt_index: Tensor | None, B: int) -> Tensor | None:
+    if prompt_index is None:
+        return None
+    if not _is_integer_dtype(prompt_index.dtype):
+        raise ValueError(
+            f"prompt_index: expected integer pool indices, found dtype {prompt_index.dtype}. Pass the "
+            f"positions of the prompts in their pool as an int64 tensor, or None."
+        )
+    _require_shape("prompt_index", prompt_index, (B,), "[B]", "Pass one pool index per prompt, or None.")
+    prompt_index = prompt_index.detach().to(torch.int64)
+    if bool((prompt_index < 0).any()):
+        where = _first_index(prompt_index < 0)
+        raise ValueError(f"prompt_index: pool indices must be ≥ 0, found {prompt_index[where].item()} at "
+                         f"index {where}. Pass positions in the prompt pool, or None.")
+    return prompt_index
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RolloutBatch.from_token_lists's arguments
+
+
+def _token_row(ids: Any, what: str) -> Tensor:
+    """int64 [n]: one prompt's or completion's token ids (a sequence of ints or a 1-D integer tensor)."""
+    try:
+        row = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"{what}: expected a sequence of token ids, found {type(ids).__name__} ({error}).") from None
+    if row.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if row.dim() != 1 or not _is_integer_dtype(row.dtype):
+        raise ValueError(f"{what}: expected a flat sequence of integer token ids, found dtype {row.dtype} and shape "
+                         f"{tuple(row.shape)}.")
+    return row.to(torch.int64)
+
+
+def _per_token(name: str, values: Any, rows: list[list[Tensor]], dtype: torch.dtype) -> list[list[Tensor]] | None:
+    """``values`` [B][G][|completion|] as tensors of ``dtype``, each as long as its completion in ``rows``; or None."""
+    if values is None:
+        return None
+    if len(values) != len(rows) or any(len(values[n]) != len(group) for n, group in enumerate(rows)):
+        raise ValueError(f"{name}: expected [B][G] = [{len(rows)}][{len(rows[0])}] sequences, one per completion.")
+    out = []
+    for n, group in enumerate(rows):
+        out.append([])
+        for g, ids in enumerate(group):
+            value = torch.as_tensor(values[n][g], dtype=dtype)
+            if tuple(value.shape) != (len(ids),):
+                raise ValueError(f"{name}[{n}][{g}]: has shape {tuple(value.shape)}, but its completion has "
+                                 f"{len(ids)} tokens; pass one value per completion token.")
+            out[-1].append(value)
+    return out
+
+
+def _as_tensor(name: str, value: Any, dtype: torch.dtype | None) -> Any:
+    """A tensor given as a nested sequence, as a tensor (``dtype``, or the one torch infers); a tensor or None as is."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"{name}: could not be read as a rectangular numeric array ({error}).") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -318,193 +594,24 @@ class RolloutBatch:
     # ---------------------------------------------------------------------------------------------------- validation
 
     def __post_init__(self) -> None:
-        pad = self.pad_token_id
-        if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or int(pad) < 0:
-            raise ValueError(
-                f"pad_token_id: expected an integer ≥ 0, found {pad!r}. Pass the tokenizer's pad_token_id "
-                f"(or its eos_token_id when it has none)."
-            )
-
-        temperature = self.temperature
-        if isinstance(temperature, Tensor):
-            temperature = temperature.item()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-                or not (math.isfinite(float(temperature)) and float(temperature) > 0):
-            raise ValueError(
-                f"temperature: expected a finite number > 0 (the τ the responses were drawn at), found "
-                f"{self.temperature!r}. Pass the sampler's temperature (1.0 for plain sampling)."
-            )
-
-        recipe = self.advantage_recipe
-        if isinstance(recipe, Mapping):
-            recipe = AdvantageRecipe.from_dict(recipe, "advantage_recipe")
-            object.__setattr__(self, "advantage_recipe", recipe)
-        if recipe is not None and not isinstance(recipe, AdvantageRecipe):
-            raise ValueError(f"advantage_recipe: expected a funcprobe.batch.AdvantageRecipe or None, found "
-                             f"{type(recipe).__name__}. Leave it None when the advantages' making is unknown.")
-
-        present = {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
-        for name in _REQUIRED_TENSORS:
-            _require_tensor(name, getattr(self, name))
-        for name in _OPTIONAL_TENSORS + _OPTIONAL_INDEX + _OPTIONAL_TOKEN:
-            if name in present:
-                _require_tensor(name, present[name])
-
-        input_ids = self.input_ids
-        if not _is_integer_dtype(input_ids.dtype):
-            raise ValueError(
-                f"input_ids: expected an integer dtype (stored as int64), found dtype {input_ids.dtype}. "
-                f"Pass token ids, e.g. tokenizer(..., return_tensors='pt')['input_ids']."
-            )
-        for name in _MASKS:
-            dtype = present[name].dtype
-            if dtype is not torch.bool and not _is_integer_dtype(dtype):
-                raise ValueError(
-                    f"{name}: expected a bool or 0/1 integer dtype, found dtype {dtype}. "
-                    f"Convert it with (mask != 0) after checking it holds only 0 and 1."
-                )
-        for name in ("advantages", "length_norm", "rewards"):
-            if name in present:
-                _check_real_dtype(name, present[name], allow_integer=True)
-        if "logprobs" in present:
-            _check_real_dtype("logprobs", present["logprobs"], allow_integer=False)
-
-        if input_ids.dim() != 3:
-            raise ValueError(
-                f"input_ids: expected 3 dimensions [B, G, L], found shape {tuple(input_ids.shape)}. "
-                f"Reshape flat [B*G, L] sequences with .view(B, G, L) (the G responses of a prompt adjacent)."
-            )
-        B, G, L = input_ids.shape
-        if B < 1:
-            raise ValueError(f"input_ids: found B={B} prompts (shape {tuple(input_ids.shape)}). A batch needs B ≥ 1.")
-        if G < 2:
-            raise ValueError(
-                f"input_ids: found G={G} response per prompt (shape {tuple(input_ids.shape)}); the leave-one-out "
-                f"baseline needs G ≥ 2. Sample at least 2 responses per prompt."
-            )
-        if L < 2:
-            raise ValueError(
-                f"input_ids: found L={L} column (shape {tuple(input_ids.shape)}); a sequence needs a prompt token and "
-                f"a response token (L ≥ 2)."
-            )
-        for name in _MASKS:
-            _require_shape(name, present[name], (B, G, L), "[B, G, L]", "It must have the shape of input_ids.")
-        _require_shape("advantages", self.advantages, (B, G), "[B, G]", "Pass one advantage per response.")
-        _require_shape("length_norm", self.length_norm, (B,), "[B]", "Pass one normaliser per prompt.")
-        for name in _OPTIONAL_TENSORS:
-            if name in present:
-                _require_shape(name, present[name], (B, G), "[B, G]", "Pass one value per response, or None.")
-
-        device = input_ids.device
-        for name, tensor in present.items():
-            if tensor.device != device:
-                raise ValueError(
-                    f"{name}: is on device {tensor.device} but input_ids is on {device}; all tensors of a batch must "
-                    f"be on one device. Move it with .to({str(device)!r}) (RolloutBatch.to moves a whole batch)."
-                )
-
-        # Conversions return new tensors (or the same one when nothing changes); nothing given is written to.
-        # detach(): a batch is data; a graph hanging off advantages or logprobs would leak into every estimate.
-        input_ids = input_ids.detach().to(torch.int64)
-        if bool((input_ids < 0).any()):
-            where = _first_index(input_ids < 0)
-            raise ValueError(
-                f"input_ids: token ids must be ≥ 0, found {input_ids[where].item()} at index {where}. "
-                f"Replace placeholder ids (e.g. -100 labels) with pad_token_id={int(pad)}."
-            )
-
-        for name in _MASKS:
-            _check_mask_values(name, present[name])
-        attention_mask = self.attention_mask.detach().to(torch.bool)
-        response_mask = self.response_mask.detach().to(torch.bool)
-        outside = response_mask & ~attention_mask
-        if bool(outside.any()):
-            raise ValueError(
-                f"response_mask: is 1 at index {_first_index(outside)} where attention_mask is 0 "
-                f"({int(outside.sum())} such entries); the response must be made of real tokens. "
-                f"Build it as response_mask & attention_mask, with padding excluded."
-            )
-        at_start = response_mask[..., 0]
-        if bool(at_start.any()):
-            where = _first_index(at_start) + (0,)
-            raise ValueError(
-                f"response_mask: is 1 at position 0 (index {where}); position 0 has no context to be predicted "
-                f"from. Put at least one prompt token before the response and set response_mask there to 0."
-            )
-        # S reads the log-probability of token k from the logits at column k−1, so that column must be a real token;
-        # a pad there (a gap between prompt and response, or a response with no prompt) would give garbage silently.
-        after_pad = response_mask[..., 1:] & ~attention_mask[..., :-1]
-        if bool(after_pad.any()):
-            n, g, k = _first_index(after_pad)
-            raise ValueError(
-                f"response_mask: is 1 at index {(n, g, k + 1)} but the previous column (k={k}) is padding "
-                f"(attention_mask 0); a response token is predicted from the previous position, which must be a real "
-                f"token. Pad only at the ends of a sequence (left or right), never between prompt and response."
-            )
-
-        advantages = self.advantages.detach().to(torch.float64)
-        _require_finite(
-            "advantages", advantages, "Check the advantage computation (e.g. dividing by a zero group std)."
-        )
-        length_norm = self.length_norm.detach().to(torch.float64)
-        _require_finite("length_norm", length_norm, "Use the generation budget max_new_tokens (Dr. GRPO).")
-        if bool((length_norm <= 0).any()):
-            where = _first_index(length_norm <= 0)
-            raise ValueError(
-                f"length_norm: must be > 0, found {length_norm[where].item()} at index {where}. "
-                f"Use the generation budget max_new_tokens (Dr. GRPO) or another positive normaliser."
-            )
-        logprobs = present.get("logprobs")
-        if logprobs is not None:
-            logprobs = logprobs.detach().to(torch.float64)
-            _require_finite("logprobs", logprobs, "Recompute them, or pass logprobs=None to have them computed.")
-            # A sum of log-probabilities is ≤ 0; allow float rounding (a near-certain token can give z_y − lse(z)
-            # of a few ulps above 0) but catch negative log-likelihoods stored by mistake.
-            positive = logprobs > 1e-4
-            if bool(positive.any()):
-                where = _first_index(positive)
-                raise ValueError(
-                    f"logprobs: sequence log-probabilities must be ≤ 0, found {logprobs[where].item()} at index "
-                    f"{where}. These look like negative log-likelihoods: pass S = Σ log π (negate them), or None."
-                )
-        rewards = present.get("rewards")
-        if rewards is not None:
-            rewards = rewards.detach().to(torch.float64)
-            _require_finite("rewards", rewards, "Fix the reward function, or pass rewards=None.")
-        token_advantages = present.get("token_advantages")
-        if token_advantages is not None:
-            _check_real_dtype("token_advantages", token_advantages, allow_integer=True)
-            _require_shape("token_advantages", token_advantages, (B, G, L), "[B, G, L]",
-                           "Pass one advantage per token (the shape of input_ids), or None.")
-            token_advantages = token_advantages.detach().to(torch.float64)
-            _require_finite("token_advantages", token_advantages, "Check the per-token advantage computation.")
-        prompt_index = present.get("prompt_index")
-        if prompt_index is not None:
-            if not _is_integer_dtype(prompt_index.dtype):
-                raise ValueError(
-                    f"prompt_index: expected integer pool indices, found dtype {prompt_index.dtype}. Pass the "
-                    f"positions of the prompts in their pool as an int64 tensor, or None."
-                )
-            _require_shape("prompt_index", prompt_index, (B,), "[B]", "Pass one pool index per prompt, or None.")
-            prompt_index = prompt_index.detach().to(torch.int64)
-            if bool((prompt_index < 0).any()):
-                where = _first_index(prompt_index < 0)
-                raise ValueError(f"prompt_index: pool indices must be ≥ 0, found {prompt_index[where].item()} at "
-                                 f"index {where}. Pass positions in the prompt pool, or None.")
-
-        for name, value in (
-            ("input_ids", input_ids),
-            ("attention_mask", attention_mask),
-            ("response_mask", response_mask),
-            ("advantages", advantages),
-            ("length_norm", length_norm),
-            ("logprobs", logprobs),
-            ("rewards", rewards),
-            ("prompt_index", prompt_index),
-            ("token_advantages", token_advantages),
-            ("pad_token_id", int(pad)),
-            ("temperature", float(temperature)),
-        ):
+        pad = _valid_pad_token_id(self.pad_token_id)
+        temperature = _valid_temperature(self.temperature)
+        recipe = _valid_recipe(self.advantage_recipe)
+        given = self._tensors()
+        _check_tensor_types(given)
+        present = {name: tensor for name, tensor in given.items() if tensor is not None}
+        B, G, L = _check_dimensions(self.input_ids)
+        _check_shapes(present, B, G, L)
+        _check_one_device(present)
+        input_ids = _valid_input_ids(self.input_ids, pad)
+        attention_mask, response_mask = _valid_masks(self.attention_mask, self.response_mask)
+        valid = dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                     advantages=_valid_advantages(self.advantages), length_norm=_valid_length_norm(self.length_norm),
+                     logprobs=_valid_logprobs(self.logprobs), rewards=_valid_rewards(self.rewards),
+                     token_advantages=_valid_token_advantages(self.token_advantages, (B, G, L)),
+                     prompt_index=_valid_prompt_index(self.prompt_index, B),
+                     pad_token_id=pad, temperature=temperature, advantage_recipe=recipe)
+        for name, value in valid.items():
             object.__setattr__(self, name, value)
 
     def require_prompts(self, minimum: int, purpose: str) -> None:
@@ -518,6 +625,103 @@ class RolloutBatch:
                 f"{purpose} needs at least {minimum} prompts (B ≥ {minimum}); this batch has B={self.B}. "
                 f"Sample more prompts."
             )
+
+    # ---------------------------------------------------------------------------------------------- from token lists
+
+    @classmethod
+    def from_token_lists(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]], *,
+                         advantages: Any, pad_token_id: int, temperature: float, length_norm: float | Tensor,
+                         completion_masks: Sequence[Sequence[Sequence[bool]]] | None = None,
+                         token_advantages: Sequence[Sequence[Sequence[float]]] | None = None,
+                         logprobs: Any = None, rewards: Any = None, prompt_index: Any = None,
+                         advantage_recipe: AdvantageRecipe | None = None) -> RolloutBatch:
+        """The batch of B prompts with G completions each, laid out as every batch funcprobe builds from token ids
+        (the sampler, merged shards, a rollouts file, the TRL callback)::
+
+            columns  0 … P−|p|−1   P−|p| … P−1   P … P+|c|−1   P+|c| … P+T−1
+            tokens   pad           prompt p      completion c  pad
+
+        P is the longest prompt and T the longest completion (at least 1), L = P + T: each of prompt n's G rows holds
+        the prompt right-aligned at column P (left-padded) and its completion from column P (right-padded). The
+        attention mask is True on the prompt and on the completion, the response mask on the completion; both are
+        ``completion_masks`` on the completion when given.
+
+        Args:
+            prompts: B token-id sequences (lists or 1-D integer tensors), the rendered prompts.
+            completions: [B][G] token-id sequences (the stop token included when one was produced), one G for all.
+            advantages: float [B, G] (a tensor or nested sequence), A_{n,g}.
+            pad_token_id: the id of every column outside the prompt and the completion.
+            temperature: the τ the completions were drawn at.
+            length_norm: L_n, one number for every prompt (the generation budget, Dr. GRPO) or a [B] tensor.
+            completion_masks: [B][G] bool sequences as long as their completions, or None (all True): which
+                completion tokens are real and count (False: padding inside the completion, e.g. TRL's).
+            token_advantages: [B][G] float sequences as long as their completions, or None: per-token advantages on
+                the completion's columns (0 on every other column).
+            logprobs, rewards: float [B, G] or None; prompt_index: [B] pool indices or None; advantage_recipe: as
+                for the constructor.
+
+        Returns:
+            The validated batch: input_ids int64 [B, G, L]; attention_mask, response_mask bool [B, G, L];
+            advantages float64 [B, G]; length_norm float64 [B]; token_advantages float64 [B, G, L] or None.
+
+        Raises:
+            ValueError: naming the argument, for lists of the wrong lengths (no prompt, completions that are not B
+                groups of one G, a mask or token advantages not as long as its completion) or ids that are not
+                integers; then whatever the constructor refuses (G < 2, a prompt-less row, …).
+        """
+        pad = _valid_pad_token_id(pad_token_id)
+        prompt_rows = [_token_row(ids, f"prompts[{n}]") for n, ids in enumerate(prompts)]
+        B = len(prompt_rows)
+        if B == 0:
+            raise ValueError("prompts: is empty; a batch needs at least one prompt.")
+        if len(completions) != B:
+            raise ValueError(f"completions: found {len(completions)} groups for B={B} prompts; pass one group of G "
+                             "completions per prompt.")
+        G = len(completions[0])
+        rows = []
+        for n, group in enumerate(completions):
+            if len(group) != G:
+                raise ValueError(f"completions[{n}]: has {len(group)} completions but completions[0] has G={G}; "
+                                 "every prompt has the same number of completions.")
+            rows.append([_token_row(ids, f"completions[{n}][{g}]") for g, ids in enumerate(group)])
+        masks = _per_token("completion_masks", completion_masks, rows, torch.bool)
+        token_values = _per_token("token_advantages", token_advantages, rows, torch.float64)
+        P = max(len(row) for row in prompt_rows)
+        T = max(1, max(len(ids) for group in rows for ids in group))
+        input_ids = torch.full((B, G, P + T), pad, dtype=torch.int64)
+        attention_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
+        response_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
+        token_tensor = None if token_values is None else torch.zeros((B, G, P + T), dtype=torch.float64)
+        for n, prompt in enumerate(prompt_rows):
+            input_ids[n, :, P - len(prompt):P] = prompt
+            attention_mask[n, :, P - len(prompt):P] = True
+            for g, ids in enumerate(rows[n]):
+                end = P + len(ids)
+                input_ids[n, g, P:end] = ids
+                attention_mask[n, g, P:end] = True if masks is None else masks[n][g]
+                response_mask[n, g, P:end] = True if masks is None else masks[n][g]
+                if token_tensor is not None:
+                    token_tensor[n, g, P:end] = token_values[n][g]
+        if isinstance(length_norm, numbers.Real) and not isinstance(length_norm, bool):
+            length_norm = torch.full((B,), float(length_norm), dtype=torch.float64)
+        return cls(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                   advantages=_as_tensor("advantages", advantages, torch.float64), length_norm=length_norm,
+                   logprobs=_as_tensor("logprobs", logprobs, torch.float64),
+                   rewards=_as_tensor("rewards", rewards, torch.float64),
+                   prompt_index=_as_tensor("prompt_index", prompt_index, None), token_advantages=token_tensor,
+                   pad_token_id=pad, temperature=temperature, advantage_recipe=advantage_recipe)
+
+    def token_lists(self) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """(prompts [B], completions [B][G]) token ids read back from the masks: a prompt is the real tokens of
+        response 0 before its first response token, a completion its response tokens. The inverse of
+        :meth:`from_token_lists` without ``completion_masks`` (e.g. for ``save_rollouts`` of a sampled batch)."""
+        prompts, completions = [], []
+        for n in range(self.B):
+            ids, real, response = self.input_ids[n], self.attention_mask[n], self.response_mask[n]
+            first = int(response[0].to(torch.uint8).argmax())
+            prompts.append(ids[0, :first][real[0, :first]].tolist())
+            completions.append([ids[g][response[g]].tolist() for g in range(self.G)])
+        return prompts, completions
 
     # ---------------------------------------------------------------------------------------------------- shape
 
@@ -690,82 +894,7 @@ class RolloutBatch:
 
         return chunks()
 
-    # ---------------------------------------------------------------------------------------------------- persistence
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the batch to a safetensors file (masks as uint8; logprobs/rewards only when present).
-
-        The metadata holds ``format`` = :data:`FORMAT_VERSION`, ``pad_token_id`` and ``temperature`` (written with
-        ``repr``, so it reads back exactly).
-        """
-        from safetensors.torch import save_file
-
-        if os.fspath(path).lower().endswith(".json"):
-            raise ValueError(f"{os.fspath(path)}: save() writes safetensors, not JSON; use batch.save_json(path) for "
-                             "a JSON file, or a .safetensors name.")
-        tensors = {}
-        for name, tensor in self._tensors().items():
-            if tensor is None:
-                continue
-            if name in _MASKS:
-                tensor = tensor.to(torch.uint8)
-            # clone(): safetensors refuses tensors sharing storage (e.g. rewards passed as a view of advantages).
-            tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-        metadata = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(self.pad_token_id),
-                    _TEMPERATURE_KEY: repr(self.temperature)}
-        if self.advantage_recipe is not None:
-            metadata[_RECIPE_KEY] = json.dumps(self.advantage_recipe.to_dict())
-        save_file(tensors, os.fspath(path), metadata=metadata)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", *,
-             temperature: float | None = None) -> RolloutBatch:
-        """Read a batch written by :meth:`save`, validate it and put it on ``device``.
-
-        ``temperature``: needed only for files of the older format ``funcprobe.batch/1``, which did not record the τ
-        the responses were drawn at (the estimators must not guess it); for current files it must match the recorded
-        τ if given.
-        """
-        from safetensors import SafetensorError, safe_open
-
-        path = os.fspath(path)
-        how = "Save batches with RolloutBatch.save(path)."
-        try:
-            with safe_open(path, framework="pt", device="cpu") as file:
-                metadata = file.metadata() or {}
-                tensors = {key: file.get_tensor(key) for key in file.keys()}
-        except SafetensorError as error:
-            raise ValueError(f"{path}: is not a funcprobe batch: not a readable safetensors file ({error}). {how}")
-        found_format = metadata.get(_FORMAT_KEY)
-        if found_format is None:
-            raise ValueError(
-                f"{path}: is not a funcprobe batch: its metadata has no {_FORMAT_KEY!r} entry (metadata "
-                f"{metadata}, tensors {sorted(tensors)}). {how}"
-            )
-        if found_format not in (FORMAT_VERSION, _FORMAT_V1):
-            raise ValueError(
-                f"{path}: has format {found_format!r}; this funcprobe reads {FORMAT_VERSION!r}. "
-                f"Use the funcprobe version that wrote it, or re-save the batch."
-            )
-        missing = [name for name in _REQUIRED_TENSORS if name not in tensors]
-        unknown = sorted(set(tensors) - set(_TENSOR_FIELDS))
-        if missing or unknown:
-            raise ValueError(
-                f"{path}: is a damaged funcprobe batch: missing tensors {missing}, unknown tensors {unknown}. {how}"
-            )
-        if found_format == FORMAT_VERSION and _TEMPERATURE_KEY not in metadata:
-            raise ValueError(f"{path}: is a damaged funcprobe batch: its metadata has no {_TEMPERATURE_KEY!r} "
-                             f"(the τ the responses were drawn at). {how}")
-        recorded = _recorded_temperature(metadata.get(_TEMPERATURE_KEY), found_format, temperature, path)
-        try:
-            pad_token_id = int(metadata[_PAD_KEY])
-        except (KeyError, ValueError):
-            raise ValueError(
-                f"{path}: is a damaged funcprobe batch: metadata {_PAD_KEY!r} is {metadata.get(_PAD_KEY)!r}, "
-                f"expected an integer. {how}"
-            ) from None
-        recipe = AdvantageRecipe.from_dict(metadata.get(_RECIPE_KEY), path)
-        return cls(pad_token_id=pad_token_id, temperature=recorded, advantage_recipe=recipe, **tensors).to(device)
+    # --------------------------------------------------------------------------------------------------- the dict form
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: nested lists of ints/floats (masks as 0/1), absent optional fields as None.
@@ -786,7 +915,8 @@ class RolloutBatch:
         """Build a validated batch from a dict shaped like :meth:`to_dict`'s (``format`` may be absent).
 
         The τ is the dict's ``temperature`` (default 1 when the dict has no ``format`` either: a hand-made dict);
-        ``temperature`` is needed for dicts of the older format ``funcprobe.batch/1``, as for :meth:`load`.
+        ``temperature`` is needed for dicts of the older format ``funcprobe.batch/1``, as for
+        ``funcprobe.rollouts_file.load_batch``.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"data: expected a mapping like RolloutBatch.to_dict()'s, found {type(data).__name__}.")
@@ -825,18 +955,3 @@ class RolloutBatch:
                 ) from None
         recipe = AdvantageRecipe.from_dict(data.get(_RECIPE_KEY), "data")
         return cls(pad_token_id=data.get(_PAD_KEY, 0), temperature=recorded, advantage_recipe=recipe, **fields)
-
-    def save_json(self, path: str | os.PathLike) -> None:
-        """Write :meth:`to_dict` as JSON."""
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(self.to_dict(), file, allow_nan=False)
-
-    @classmethod
-    def load_json(cls, path: str | os.PathLike) -> RolloutBatch:
-        """Read a batch written by :meth:`save_json` (validated)."""
-        with open(path, encoding="utf-8") as file:
-            try:
-                data = json.load(file)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{os.fspath(path)}: is not a funcprobe batch: not valid JSON ({error}).") from None
-        return cls.from_dict(data)

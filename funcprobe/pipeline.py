@@ -580,11 +580,9 @@ def config_section(config: ProbeConfig, loaded: Loaded) -> dict[str, Any]:
 
 
 def _batch_section(sampled, chosen: dict, indices: list[int] | None, seed: int | None, *, source: str) -> dict:
-    from .rollouts import batch_tokens
-
     batch = sampled.batch
     pool = chosen["pool"]
-    prompt_ids, completion_ids = batch_tokens(batch)
+    prompt_ids, completion_ids = batch.token_lists()
     return {"source": source, "prompts_file": chosen["path"], "pool_size": len(pool), "prompt_indices": indices,
             "seed": seed, "prompts": sampled.prompts, "prompt_ids": prompt_ids, "completion_ids": completion_ids,
             "columns": None if indices is None else pool.select(indices).columns,

@@ -40,9 +40,11 @@ import torch
 from .batch import AdvantageRecipe, RolloutBatch
 from .objective import compute_advantages
 from .prompts import check_prompt, is_conversational, iter_jsonl, prompt_text, render_prompts, trl_prompts
+from .rewards import check_rewards
 from .rollouts_file import ROLLOUT_KEYS, save_rollouts
+from .trl_rewards import TRLRewards
 
-__all__ = ["RolloutRecord", "load_rollouts", "save_rollouts", "rollouts_batch", "rollout_rewards", "batch_tokens",
+__all__ = ["RolloutRecord", "load_rollouts", "save_rollouts", "rollouts_batch", "rollout_rewards",
            "ROLLOUT_KEYS"]
 
 _FORMAT = ('Each line is {"prompt": str or messages, "completions": [G ≥ 2 strings or message lists], "rewards": '
@@ -175,24 +177,10 @@ def _width(record: RolloutRecord) -> int | None:
     return len(record.rewards[0]) if isinstance(record.rewards[0], list) else 1
 
 
-def batch_tokens(batch: RolloutBatch) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """(prompt ids [B], completion ids [B][G]) of a batch, read from its masks (the prompt: the real tokens before the
-    first response token of response 0), e.g. for :func:`save_rollouts` of a sampled batch."""
-    prompts, completions = [], []
-    for n in range(batch.B):
-        ids, real, resp = batch.input_ids[n], batch.attention_mask[n], batch.response_mask[n]
-        first = int(resp[0].to(torch.uint8).argmax())
-        prompts.append(ids[0, :first][real[0, :first]].tolist())
-        completions.append([ids[g][resp[g]].tolist() for g in range(batch.G)])
-    return prompts, completions
-
-
 def rollout_rewards(records: Sequence[RolloutRecord], functions: Sequence[Callable] | Callable,
                     weights: Sequence[float] | None = None, *, chat_template: str = "auto", **options: Any):
     """A :class:`~funcprobe.trl_rewards.TRLRewards` over the records' prompts and columns (as TRL sees them under
     ``chat_template``), to pass as ``rollouts_batch(..., reward_fn=...)``; ``options`` as for ``TRLRewards``."""
-    from .trl_rewards import TRLRewards
-
     prompts, conversational = trl_prompts([r.prompt for r in records], chat_template)
     names: dict[str, None] = {}
     for record in records:
@@ -216,8 +204,8 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
                    stop_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                    reward_fn: Callable | None = None, missing_finished: str = "budget",
                    chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[RolloutBatch, dict[str, Any]]:
-    """The records as a validated RolloutBatch [B, G, P + T] in the sampler's layout (prompt right-aligned at column
-    P, completion from P, right-padded), and an info dict.
+    """The records as a validated RolloutBatch [B, G, P + T] in :meth:`RolloutBatch.from_token_lists`'s layout
+    (prompt right-aligned at column P, completion from P, right-padded), and an info dict.
 
     Args:
         records: from :func:`load_rollouts` (one G).
@@ -337,8 +325,6 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
         answers = [r.columns.get("answer") for r in records]
         meta = {"response_ids": completion_ids,
                 "answers": [None if a is None or isinstance(a, str) else str(a) for a in answers]}
-        from .scoring import check_rewards
-
         raw = check_rewards(reward_fn(list(prompt_texts), [list(g) for g in responses], meta), B, G, reward_fn)
     else:
         lacking = [r for r in records if r.rewards is None]
@@ -352,26 +338,11 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
         raw = torch.tensor([r.rewards for r in records], dtype=torch.float64)
     advantages, advantage_info = compute_advantages(raw, scale_rewards=scale_rewards, weights=reward_weights)
 
-    # layout: [pad … pad, prompt | completion, pad … pad]
-    P = max(len(ids) for ids in prompt_ids)
-    T = max(len(ids) for group in completion_ids for ids in group)
-    input_ids = torch.full((B, G, P + T), int(pad_token_id), dtype=torch.long)
-    attention = torch.zeros((B, G, P + T), dtype=torch.bool)
-    response = torch.zeros((B, G, P + T), dtype=torch.bool)
-    for n in range(B):
-        row = torch.tensor(prompt_ids[n], dtype=torch.long)
-        input_ids[n, :, P - len(row):P] = row
-        attention[n, :, P - len(row):P] = True
-        for g, ids in enumerate(completion_ids[n]):
-            input_ids[n, g, P:P + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention[n, g, P:P + len(ids)] = True
-            response[n, g, P:P + len(ids)] = True
-    batch = RolloutBatch(input_ids=input_ids, attention_mask=attention, response_mask=response, advantages=advantages,
-                         length_norm=torch.full((B,), float(max_new_tokens), dtype=torch.float64),
-                         rewards=torch.nan_to_num(advantage_info.rewards, nan=0.0), pad_token_id=int(pad_token_id),
-                         temperature=float(temperature),
-                         advantage_recipe=AdvantageRecipe.of(scale_rewards, reward_weights,
-                                                             int(raw.shape[-1]) if raw.dim() == 3 else 1))
+    batch = RolloutBatch.from_token_lists(
+        prompt_ids, completion_ids, advantages=advantages, pad_token_id=int(pad_token_id),
+        temperature=float(temperature), length_norm=float(max_new_tokens),
+        rewards=torch.nan_to_num(advantage_info.rewards, nan=0.0),
+        advantage_recipe=AdvantageRecipe.for_rewards(raw, scale_rewards, reward_weights))
     info.update(prompts=prompt_texts, responses=responses, raw_rewards=raw, advantage_info=advantage_info,
                 prompt_ids=prompt_ids, completion_ids=completion_ids,
                 eos_count=sum(ids[-1] in stops for group in completion_ids for ids in group))

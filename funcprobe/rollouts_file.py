@@ -1,6 +1,10 @@
-"""Writing the rollouts JSONL (``save_rollouts``), the file ``funcprobe.rollouts`` reads back (``load_rollouts``;
-its docstring gives the format). A module of its own, below ``funcprobe.trl_rewards``, whose
-``RewardFunctionError.save_rollouts`` writes one; ``funcprobe.rollouts`` re-exports it."""
+"""The files rollouts are kept in: the rollouts JSONL (``save_rollouts`` writes it, ``funcprobe.rollouts.load_rollouts``
+reads it back; its docstring gives the format) and a :class:`~funcprobe.batch.RolloutBatch`'s own files, safetensors
+(``save_batch`` / ``load_batch``) or JSON (``save_batch_json`` / ``load_batch_json``, the batch's ``to_dict`` form).
+
+A module of its own, below ``funcprobe.trl_rewards`` (whose ``RewardFunctionError.save_rollouts`` writes a rollouts
+file) and above ``funcprobe.batch``, which holds the batch's fields and validation but touches no file;
+``funcprobe.rollouts`` re-exports ``save_rollouts``."""
 
 from __future__ import annotations
 
@@ -10,9 +14,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["ROLLOUT_KEYS", "save_rollouts"]
+from .batch import (_FORMAT_KEY, _FORMAT_V1, _MASKS, _PAD_KEY, _RECIPE_KEY, _REQUIRED_TENSORS, _TEMPERATURE_KEY,
+                    _TENSOR_FIELDS, FORMAT_VERSION, AdvantageRecipe, RolloutBatch, _recorded_temperature)
+
+__all__ = ["ROLLOUT_KEYS", "save_rollouts", "save_batch", "load_batch", "save_batch_json", "load_batch_json"]
 
 #: The keys of a rollouts line that are not columns.
 ROLLOUT_KEYS = ("prompt", "completions", "rewards", "prompt_ids", "completion_ids", "finished")
@@ -64,3 +72,102 @@ def save_rollouts(path: str | os.PathLike, prompts: Sequence[Any], completions: 
             for name, values in columns.items():
                 line[name] = values[n]
             file.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ a batch's own files
+def save_batch(batch: RolloutBatch, path: str | os.PathLike) -> None:
+    """Write ``batch`` to a safetensors file (masks as uint8; the optional tensors only when present).
+
+    The metadata holds ``format`` = :data:`funcprobe.batch.FORMAT_VERSION`, ``pad_token_id``, ``temperature``
+    (written with ``repr``, so it reads back exactly) and the ``advantage_recipe`` when known.
+    """
+    from safetensors.torch import save_file
+
+    if os.fspath(path).lower().endswith(".json"):
+        raise ValueError(f"{os.fspath(path)}: save_batch writes safetensors, not JSON; use save_batch_json(batch, "
+                         "path) for a JSON file, or a .safetensors name.")
+    tensors = {}
+    for name in _TENSOR_FIELDS:
+        tensor = getattr(batch, name)
+        if tensor is None:
+            continue
+        if name in _MASKS:
+            tensor = tensor.to(torch.uint8)
+        # clone(): safetensors refuses tensors sharing storage (e.g. rewards passed as a view of advantages).
+        tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    metadata = {_FORMAT_KEY: FORMAT_VERSION, _PAD_KEY: str(batch.pad_token_id),
+                _TEMPERATURE_KEY: repr(batch.temperature)}
+    if batch.advantage_recipe is not None:
+        metadata[_RECIPE_KEY] = json.dumps(batch.advantage_recipe.to_dict())
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_batch(path: str | os.PathLike, device: torch.device | str = "cpu", *,
+               temperature: float | None = None) -> RolloutBatch:
+    """Read a batch written by :func:`save_batch`, validate it and put it on ``device``.
+
+    ``temperature``: needed only for files of the older format ``funcprobe.batch/1``, which did not record the τ the
+    responses were drawn at (the estimators must not guess it); for current files it must match the recorded τ if
+    given.
+
+    Raises:
+        ValueError: naming the file: not safetensors, not a funcprobe batch (no ``format``), another format, missing
+            or unknown tensors, no τ; then whatever :class:`RolloutBatch` refuses in its contents.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    how = "Save batches with funcprobe.rollouts_file.save_batch(batch, path)."
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: is not a funcprobe batch: not a readable safetensors file ({error}). {how}")
+    found_format = metadata.get(_FORMAT_KEY)
+    if found_format is None:
+        raise ValueError(
+            f"{path}: is not a funcprobe batch: its metadata has no {_FORMAT_KEY!r} entry (metadata "
+            f"{metadata}, tensors {sorted(tensors)}). {how}"
+        )
+    if found_format not in (FORMAT_VERSION, _FORMAT_V1):
+        raise ValueError(
+            f"{path}: has format {found_format!r}; this funcprobe reads {FORMAT_VERSION!r}. "
+            f"Use the funcprobe version that wrote it, or re-save the batch."
+        )
+    missing = [name for name in _REQUIRED_TENSORS if name not in tensors]
+    unknown = sorted(set(tensors) - set(_TENSOR_FIELDS))
+    if missing or unknown:
+        raise ValueError(
+            f"{path}: is a damaged funcprobe batch: missing tensors {missing}, unknown tensors {unknown}. {how}"
+        )
+    if found_format == FORMAT_VERSION and _TEMPERATURE_KEY not in metadata:
+        raise ValueError(f"{path}: is a damaged funcprobe batch: its metadata has no {_TEMPERATURE_KEY!r} "
+                         f"(the τ the responses were drawn at). {how}")
+    recorded = _recorded_temperature(metadata.get(_TEMPERATURE_KEY), found_format, temperature, path)
+    try:
+        pad_token_id = int(metadata[_PAD_KEY])
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"{path}: is a damaged funcprobe batch: metadata {_PAD_KEY!r} is {metadata.get(_PAD_KEY)!r}, "
+            f"expected an integer. {how}"
+        ) from None
+    recipe = AdvantageRecipe.from_dict(metadata.get(_RECIPE_KEY), path)
+    return RolloutBatch(pad_token_id=pad_token_id, temperature=recorded, advantage_recipe=recipe,
+                        **tensors).to(device)
+
+
+def save_batch_json(batch: RolloutBatch, path: str | os.PathLike) -> None:
+    """Write ``batch.to_dict()`` as JSON (float64 values read back exactly)."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(batch.to_dict(), file, allow_nan=False)
+
+
+def load_batch_json(path: str | os.PathLike) -> RolloutBatch:
+    """Read a batch written by :func:`save_batch_json` (validated, by ``RolloutBatch.from_dict``)."""
+    with open(path, encoding="utf-8") as file:
+        try:
+            data = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{os.fspath(path)}: is not a funcprobe batch: not valid JSON ({error}).") from None
+    return RolloutBatch.from_dict(data)

@@ -134,10 +134,11 @@ class Responses:
 
     def response_tokens(self, *, with_stop: bool = False) -> list[list[list[int]]]:
         """``[n][g]``: the response's token ids, without the final stop token (with it: ``with_stop=True``)."""
-        batch, P = self.batch, _response_start(self.batch)
-        lengths = batch.response_lengths
-        return [[batch.input_ids[n, g, P:P + int(lengths[n, g]) - (0 if with_stop else int(self.hit_stop[n, g]))]
-                 .tolist() for g in range(batch.G)] for n in range(batch.B)]
+        _, completions = self.batch.token_lists()
+        if with_stop:
+            return completions
+        return [[ids[:len(ids) - int(self.hit_stop[n, g])] for g, ids in enumerate(group)]
+                for n, group in enumerate(completions)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -463,41 +464,16 @@ def _sample_chunk(policy: Policy, decoder: _Decoder, prompt_ids: Sequence[Sequen
 
 
 def _assemble(spec: DrawSpec, results: Sequence[_ChunkResult]) -> tuple[RolloutBatch, Tensor]:
-    """[B, G, P + T] with the prompts right-aligned at column P and the responses from P; (batch, hit_stop)."""
-    B, G, pad_id = spec.B, spec.G, spec.pad_token_id
-    P = max(len(row) for row in spec.prompt_ids)
-    lengths = torch.cat([r.lengths for r in results]).reshape(B, G)
-    T = int(lengths.max())
-    input_ids = torch.full((B, G, P + T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
-    response_mask = torch.zeros((B, G, P + T), dtype=torch.bool)
-    for n, row in enumerate(spec.prompt_ids):
-        input_ids[n, :, P - len(row):P] = torch.tensor(row, dtype=torch.long)
-        attention_mask[n, :, P - len(row):P] = True
-    flat_tokens = torch.full((B * G, T), pad_id, dtype=torch.long)
-    offset = 0
-    for r in results:
-        width = min(r.tokens.shape[1], T)
-        flat_tokens[offset:offset + r.tokens.shape[0], :width] = r.tokens[:, :width]
-        offset += r.tokens.shape[0]
-    response_tokens = flat_tokens.reshape(B, G, T)
-    in_response = torch.arange(T)[None, None, :] < lengths[:, :, None]
-    input_ids[:, :, P:] = torch.where(in_response, response_tokens, torch.full_like(response_tokens, pad_id))
-    attention_mask[:, :, P:] = in_response
-    response_mask[:, :, P:] = in_response
-    batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                         advantages=torch.zeros(B, G, dtype=torch.float64),
-                         length_norm=torch.full((B,), float(spec.max_new_tokens), dtype=torch.float64),
-                         logprobs=torch.cat([r.logprobs for r in results]).reshape(B, G), pad_token_id=pad_id,
-                         temperature=spec.temperature,
-                         prompt_index=None if spec.prompt_index is None else torch.tensor(spec.prompt_index))
+    """(batch, hit_stop [B, G]): the draw in :meth:`RolloutBatch.from_token_lists`'s layout (prompts right-aligned at
+    column P, responses from P)."""
+    B, G = spec.B, spec.G
+    responses = [row[:length] for r in results for row, length in zip(r.tokens, r.lengths.tolist())]
+    batch = RolloutBatch.from_token_lists(
+        spec.prompt_ids, [responses[n * G:(n + 1) * G] for n in range(B)],
+        advantages=torch.zeros(B, G, dtype=torch.float64), pad_token_id=spec.pad_token_id,
+        temperature=spec.temperature, length_norm=spec.max_new_tokens,
+        logprobs=torch.cat([r.logprobs for r in results]).reshape(B, G), prompt_index=spec.prompt_index)
     return batch, torch.cat([r.hit_stop for r in results]).reshape(B, G)
-
-
-def _response_start(batch: RolloutBatch) -> int:
-    """The column P where the responses start in the sampler's layout (the first column with a response token)."""
-    columns = batch.response_mask.reshape(-1, batch.L).any(dim=0).nonzero()
-    return int(columns[0]) if len(columns) else batch.L
 
 
 def draw_responses(policy: Policy, params: Mapping[str, Tensor], spec: DrawSpec, *, prompt_chunk: int = 8,
@@ -656,7 +632,7 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
     advantages, info = compute_advantages(rewards, scale_rewards=scale_rewards, weights=reward_weights)
     batch = drawn.batch.replace(advantages=advantages, length_norm=norms,
                                 rewards=torch.nan_to_num(info.rewards, nan=0.0),
-                                advantage_recipe=_recipe(rewards, scale_rewards, reward_weights))
+                                advantage_recipe=AdvantageRecipe.for_rewards(rewards, scale_rewards, reward_weights))
     generated = int(batch.response_lengths.sum())
     timings["total_s"] = time.perf_counter() - started
     timings["generated_tokens"] = float(generated)
@@ -676,44 +652,37 @@ def rescore(sampled: SampledBatch, *, scale_rewards: str, reward_weights: Sequen
         raise ValueError("rescore needs the sample's raw rewards (sample_batch records them in raw_rewards).")
     advantages, info = compute_advantages(sampled.raw_rewards, scale_rewards=scale_rewards, weights=reward_weights,
                                           warn=warn)
+    recipe = AdvantageRecipe.for_rewards(sampled.raw_rewards, scale_rewards, reward_weights)
     batch = sampled.batch.replace(advantages=advantages, rewards=torch.nan_to_num(info.rewards, nan=0.0),
-                                  advantage_recipe=_recipe(sampled.raw_rewards, scale_rewards, reward_weights))
+                                  advantage_recipe=recipe)
     return dataclasses.replace(sampled, batch=batch, advantage_info=info)
-
-
-def _recipe(rewards: Tensor, scale_rewards: str, reward_weights: Sequence[float] | None) -> AdvantageRecipe:
-    """How ``compute_advantages`` made the advantages from ``rewards`` [B, G] or [B, G, F]."""
-    functions = int(rewards.shape[-1]) if rewards.dim() == 3 else 1
-    return AdvantageRecipe.of(scale_rewards, reward_weights, functions)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
 def merge_batches(batches: Sequence[RolloutBatch]) -> RolloutBatch:
-    """Concatenate sampled shards (the sampler's layout: prompt right-aligned at column P_s, response from P_s) into
-    the single-process layout: P = max P_s, every shard left-padded by P − P_s and right-padded to P + max T."""
-    starts = [_response_start(batch) for batch in batches]
-    P = max(starts)
-    T = max(batch.L - start for batch, start in zip(batches, starts))
-    pad = batches[0].pad_token_id
-    pieces = {"input_ids": [], "attention_mask": [], "response_mask": []}
-    for batch, start in zip(batches, starts):
-        left = P - start
-        for name, fill in (("input_ids", pad), ("attention_mask", False), ("response_mask", False)):
-            t = getattr(batch, name)
-            out = torch.full((batch.B, batch.G, P + T), fill, dtype=t.dtype)
-            out[:, :, left:left + batch.L] = t
-            pieces[name].append(out)
+    """Concatenate sampled shards (each in :meth:`RolloutBatch.from_token_lists`'s layout: prompt right-aligned at
+    column P_s, response from P_s) into the single-process batch: their token lists laid out again, P = max P_s and T
+    the longest response; every field carried over (``token_advantages`` on the response tokens)."""
+    prompts, completions = [], []
+    for batch in batches:
+        shard_prompts, shard_completions = batch.token_lists()
+        prompts += shard_prompts
+        completions += shard_completions
 
     def cat(name):
         values = [getattr(b, name) for b in batches]
         return None if any(v is None for v in values) else torch.cat(values)
 
+    token_advantages = None
+    if all(b.token_advantages is not None for b in batches):
+        token_advantages = [[b.token_advantages[n, g][b.response_mask[n, g]] for g in range(b.G)]
+                            for b in batches for n in range(b.B)]
     recipes = {batch.advantage_recipe for batch in batches}
-    return RolloutBatch(input_ids=torch.cat(pieces["input_ids"]), attention_mask=torch.cat(pieces["attention_mask"]),
-                        response_mask=torch.cat(pieces["response_mask"]), advantages=cat("advantages"),
-                        length_norm=cat("length_norm"), logprobs=cat("logprobs"), rewards=cat("rewards"),
-                        prompt_index=cat("prompt_index"), pad_token_id=pad, temperature=batches[0].temperature,
-                        advantage_recipe=recipes.pop() if len(recipes) == 1 else None)
+    return RolloutBatch.from_token_lists(
+        prompts, completions, advantages=cat("advantages"), pad_token_id=batches[0].pad_token_id,
+        temperature=batches[0].temperature, length_norm=cat("length_norm"), logprobs=cat("logprobs"),
+        rewards=cat("rewards"), prompt_index=cat("prompt_index"), token_advantages=token_advantages,
+        advantage_recipe=recipes.pop() if len(recipes) == 1 else None)
 
 
 def _gather_responses(world, mine: Responses | None, spec: DrawSpec) -> Responses:

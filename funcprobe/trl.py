@@ -141,7 +141,6 @@ def rollout_batch_from_trl(micro_batches: Sequence[Mapping[str, Any]], *, G: int
     processes), for per-token advantages, and for ``tool_mask`` (tool-call tokens masked out of the loss).
     """
     entries: dict[tuple[int, ...], list[tuple[list[int], list[int], float, int, int]]] = {}
-    C = 1
     for i, mb in enumerate(micro_batches):
         if "tool_mask" in mb and mb["tool_mask"] is not None:
             raise ValueError("the rollouts carry a tool_mask (tool-call tokens out of the loss); not modelled yet")
@@ -151,7 +150,6 @@ def rollout_batch_from_trl(micro_batches: Sequence[Mapping[str, Any]], *, G: int
         advantages = mb["advantages"].detach().cpu()
         if advantages.dim() != 1:
             raise ValueError(f"per-token advantages (shape {tuple(advantages.shape)}) are not modelled yet")
-        C = max(C, completion_ids.shape[1])
         for r in range(prompt_ids.shape[0]):
             prompt = prompt_ids[r][prompt_mask[r]].tolist()
             entries.setdefault(tuple(prompt), []).append(
@@ -163,28 +161,15 @@ def rollout_batch_from_trl(micro_batches: Sequence[Mapping[str, Any]], *, G: int
                              f"G={G}: its group is split (several processes, or steps_per_generation > "
                              "gradient_accumulation_steps without the whole generation)")
         groups.extend((list(prompt), rows[k:k + G]) for k in range(0, len(rows), G))
-    B = len(groups)
-    P = max(len(prompt) for prompt, _ in groups)
-    input_ids = torch.full((B, G, P + C), int(pad_token_id), dtype=torch.long)
-    attention = torch.zeros((B, G, P + C), dtype=torch.bool)
-    response = torch.zeros_like(attention)
-    advantages = torch.zeros((B, G), dtype=torch.float64)
-    where: dict[tuple[int, int], tuple[int, int]] = {}
-    for n, (prompt, rows) in enumerate(groups):
-        for g, (ids, mask, advantage, i, r) in enumerate(rows):
-            input_ids[n, g, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
-            attention[n, g, P - len(prompt):P] = True
-            input_ids[n, g, P:P + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention[n, g, P:P + len(mask)] = torch.tensor(mask, dtype=torch.bool)
-            response[n, g, P:P + len(mask)] = torch.tensor(mask, dtype=torch.bool)
-            advantages[n, g] = advantage
-            where[(i, r)] = (n, g)
-    batch = RolloutBatch(input_ids=input_ids, attention_mask=attention, response_mask=response,
-                         advantages=advantages, length_norm=torch.full((B,), float(length_norm), dtype=torch.float64),
-                         pad_token_id=int(pad_token_id), temperature=float(temperature))
+    where = {(i, r): (n, g) for n, (_, rows) in enumerate(groups) for g, (*_, i, r) in enumerate(rows)}
+    batch = RolloutBatch.from_token_lists(
+        [prompt for prompt, _ in groups], [[row[0] for row in rows] for _, rows in groups],
+        completion_masks=[[row[1] for row in rows] for _, rows in groups],
+        advantages=torch.tensor([[row[2] for row in rows] for _, rows in groups], dtype=torch.float64),
+        pad_token_id=int(pad_token_id), temperature=float(temperature), length_norm=float(length_norm))
     rows_of = tuple(tuple(where[(i, r)] for r in range(mb["prompt_ids"].shape[0]))
                     for i, mb in enumerate(micro_batches))
-    return TRLRollouts(batch=batch, rows=rows_of, lengths=response.sum(-1).to(torch.float64))
+    return TRLRollouts(batch=batch, rows=rows_of, lengths=batch.response_lengths.to(torch.float64))
 
 
 def trl_entropy_per_token(token_entropy_sums: Tensor, rollouts: TRLRollouts) -> float:

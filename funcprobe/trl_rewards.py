@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from .prompts import PromptPool, is_conversational, trl_prompts
+from .rewards import answer_match, tag_format
+from .rollouts_file import save_rollouts
 
 __all__ = ["TRLRewards", "RewardFunctionError", "load_reward_function", "reward_function_name", "BUILTIN_TRL_REWARDS",
            "trainer_state_from_checkpoint", "completion_text"]
@@ -85,14 +87,9 @@ def _builtin(name: str, scorer: Callable) -> Callable:
     return reward
 
 
-def _builtins() -> dict[str, Callable]:
-    from .scoring import answer_match, tag_format
-
-    return {"answer": _builtin("answer", answer_match), "tag": _builtin("tag", tag_format)}
-
-
-#: The built-in rewards with TRL's signature, by short name (filled on first use).
-BUILTIN_TRL_REWARDS: dict[str, Callable] = {}
+#: The built-in rewards with TRL's signature, by short name.
+BUILTIN_TRL_REWARDS: dict[str, Callable] = {"answer": _builtin("answer", answer_match),
+                                            "tag": _builtin("tag", tag_format)}
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -149,8 +146,6 @@ def load_reward_function(spec: str) -> Callable:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"reward: expected {_SPEC_FORMS}; got {spec!r}.")
     spec = spec.strip()
-    if not BUILTIN_TRL_REWARDS:
-        BUILTIN_TRL_REWARDS.update(_builtins())
     if spec in BUILTIN_TRL_REWARDS:
         return BUILTIN_TRL_REWARDS[spec]
     if ":" not in spec:
@@ -233,8 +228,6 @@ class RewardFunctionError(ValueError):
 
     def save_rollouts(self, path: str | os.PathLike) -> None:
         """Write the sampled prompts and completions (with their token ids, no rewards) to a rollouts JSONL."""
-        from .rollouts_file import save_rollouts
-
         save_rollouts(path, self.prompts, self.completions, self.completion_ids, prompt_ids=self.prompt_ids,
                       columns=self.columns)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from funcprobe.batch import FORMAT_VERSION, RolloutBatch, SequenceChunk
+from funcprobe.rollouts_file import load_batch, load_batch_json, save_batch, save_batch_json
 
 TENSOR_FIELDS = ("input_ids", "attention_mask", "response_mask", "advantages", "length_norm", "logprobs", "rewards")
 
@@ -387,6 +388,56 @@ def test_require_prompts():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# from_token_lists: the one layout of a batch built from token ids
+
+
+def test_from_token_lists_layout_and_its_inverse():
+    """Prompts right-aligned at P (the longest prompt), completions from P, pad elsewhere; token_lists reads back."""
+    prompts = [[5, 6], [7]]
+    completions = [[[1, 2], [3]], [[4], [8, 9, 10]]]
+    batch = RolloutBatch.from_token_lists(prompts, completions, advantages=[[1.0, -1.0], [0.5, -0.5]], pad_token_id=0,
+                                          temperature=0.7, length_norm=4, prompt_index=(3, 1))
+    assert (batch.B, batch.G, batch.L, batch.temperature) == (2, 2, 2 + 3, 0.7)
+    assert batch.input_ids.tolist() == [[[5, 6, 1, 2, 0], [5, 6, 3, 0, 0]], [[0, 7, 4, 0, 0], [0, 7, 8, 9, 10]]]
+    assert batch.attention_mask.tolist() == (batch.input_ids != 0).tolist()
+    assert batch.response_mask[1, 1].tolist() == [False, False, True, True, True]
+    assert batch.length_norm.tolist() == [4.0, 4.0] and batch.advantages.dtype == torch.float64
+    assert batch.prompt_index.tolist() == [3, 1] and batch.token_advantages is None and batch.logprobs is None
+    assert batch.token_lists() == (prompts, completions)
+
+
+def test_from_token_lists_masks_and_token_advantages_follow_the_completion():
+    """completion_masks set both masks on the completion's columns; token_advantages sit on them, 0 elsewhere."""
+    batch = RolloutBatch.from_token_lists(
+        [[5]], [[[1, 2, 9], [3, 9, 9]]], advantages=torch.zeros(1, 2), pad_token_id=9, temperature=1.0,
+        length_norm=torch.tensor([3.0]), completion_masks=[[[1, 1, 0], [True, False, False]]],
+        token_advantages=[[[0.5, 0.25, 7.0], [1.0, 2.0, 3.0]]])
+    assert batch.input_ids.tolist() == [[[5, 1, 2, 9], [5, 3, 9, 9]]]
+    assert batch.attention_mask.tolist() == [[[True, True, True, False], [True, True, False, False]]]
+    assert batch.response_mask.tolist() == [[[False, True, True, False], [False, True, False, False]]]
+    assert batch.token_advantages.tolist() == [[[0.0, 0.5, 0.25, 7.0], [0.0, 1.0, 2.0, 3.0]]]
+
+
+@pytest.mark.parametrize("prompts, completions, extra, pattern", [
+    ([], [], {}, r"^prompts: is empty"),
+    ([[1]], [[[2], [3]], [[4], [5]]], {}, r"^completions: found 2 groups for B=1 prompts"),
+    ([[1], [2]], [[[2], [3]], [[4]]], {}, r"^completions\[1\]: has 1 completions but completions\[0\] has G=2"),
+    ([[1.5]], [[[2], [3]]], {}, r"^prompts\[0\]: expected a flat sequence of integer token ids, found dtype"),
+    ([[1]], [[[2], [[3]]]], {}, r"^completions\[0\]\[1\]: expected a flat sequence of integer token ids"),
+    ([[1]], [[[2], [3]]], {"completion_masks": [[[1], [1, 1]]]}, r"^completion_masks\[0\]\[1\]: has shape \(2,\)"),
+    ([[1]], [[[2], [3]]], {"token_advantages": [[[1.0]]]}, r"^token_advantages: expected \[B\]\[G\] = \[1\]\[2\]"),
+    ([[1]], [[[2], [3]]], {"pad_token_id": -1}, r"^pad_token_id: expected an integer ≥ 0"),
+    ([[1]], [[[2]]], {}, r"^input_ids: found G=1 response per prompt"),
+    ([[]], [[[2, 3], [4]]], {}, r"^response_mask: is 1 at position 0"),
+])
+def test_from_token_lists_rejects(prompts, completions, extra, pattern):
+    options = {"advantages": torch.zeros(max(len(prompts), 1), 2), "pad_token_id": 0, "temperature": 1.0,
+               "length_norm": 4.0, **extra}
+    with pytest.raises(ValueError, match=pattern):
+        RolloutBatch.from_token_lists(prompts, completions, **options)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # purity: nothing given to a batch, and nothing in it, changes under any method
 
 
@@ -401,10 +452,10 @@ def _exercise_every_method(batch: RolloutBatch, tmp_path) -> None:
         sub_batch.to("cpu")
     for chunk in batch.iter_sequence_chunks(4):
         chunk.to("cpu")
-    batch.save(tmp_path / "b.safetensors")
-    RolloutBatch.load(tmp_path / "b.safetensors")
-    batch.save_json(tmp_path / "b.json")
-    RolloutBatch.load_json(tmp_path / "b.json")
+    save_batch(batch, tmp_path / "b.safetensors")
+    load_batch(tmp_path / "b.safetensors")
+    save_batch_json(batch, tmp_path / "b.json")
+    load_batch_json(tmp_path / "b.json")
     RolloutBatch.from_dict(batch.to_dict())
 
 
@@ -432,8 +483,8 @@ def test_safetensors_round_trip(tmp_path, with_optionals):
         3, 2, 7, seed=5, pad_token_id=7, with_logprobs=with_optionals, with_rewards=with_optionals
     )
     batch = RolloutBatch(**kwargs)
-    batch.save(tmp_path / "batch.safetensors")
-    loaded = RolloutBatch.load(tmp_path / "batch.safetensors")
+    save_batch(batch, tmp_path / "batch.safetensors")
+    loaded = load_batch(tmp_path / "batch.safetensors")
     _assert_same_batch(loaded, batch)
     assert loaded.pad_token_id == 7
     assert (loaded.logprobs is None) == (not with_optionals) and (loaded.rewards is None) == (not with_optionals)
@@ -453,8 +504,8 @@ def test_json_round_trip(tmp_path, with_optionals):
     if not with_optionals:
         assert data["logprobs"] is None and data["rewards"] is None
     _assert_same_batch(RolloutBatch.from_dict(json.loads(json.dumps(data))), batch)
-    batch.save_json(tmp_path / "batch.json")
-    _assert_same_batch(RolloutBatch.load_json(tmp_path / "batch.json"), batch)
+    save_batch_json(batch, tmp_path / "batch.json")
+    _assert_same_batch(load_batch_json(tmp_path / "batch.json"), batch)
 
 
 @pytest.mark.parametrize("save", ["safetensors", "json"])
@@ -463,11 +514,11 @@ def test_temperature_and_prompt_index_round_trip(tmp_path, save):
     kwargs = _make_batch_inputs(3, 2, 7, seed=5)
     batch = RolloutBatch(**kwargs, temperature=0.7, prompt_index=torch.tensor([4, 0, 4]))
     if save == "json":
-        batch.save_json(tmp_path / "b.json")
-        loaded = RolloutBatch.load_json(tmp_path / "b.json")
+        save_batch_json(batch, tmp_path / "b.json")
+        loaded = load_batch_json(tmp_path / "b.json")
     else:
-        batch.save(tmp_path / "b.safetensors")
-        loaded = RolloutBatch.load(tmp_path / "b.safetensors")
+        save_batch(batch, tmp_path / "b.safetensors")
+        loaded = load_batch(tmp_path / "b.safetensors")
     _assert_same_batch(loaded, batch)
     assert loaded.temperature == 0.7 and loaded.prompt_index.dtype == torch.int64
     picked = batch.select_prompts([2, 1])
@@ -486,12 +537,12 @@ def test_old_format_needs_the_temperature_stated(tmp_path):
     path = tmp_path / "old.safetensors"
     save_file(tensors, str(path), metadata={"format": "funcprobe.batch/1", "pad_token_id": "0"})
     with pytest.raises(ValueError, match=r"records no sampling temperature.*temperature=1\.0"):
-        RolloutBatch.load(path)
-    assert RolloutBatch.load(path, temperature=0.6).temperature == 0.6
+        load_batch(path)
+    assert load_batch(path, temperature=0.6).temperature == 0.6
     current = tmp_path / "new.safetensors"
-    batch.replace(temperature=0.6).save(current)
+    save_batch(batch.replace(temperature=0.6), current)
     with pytest.raises(ValueError, match=r"drawn at temperature τ=0\.6, but temperature=1\.0 was passed"):
-        RolloutBatch.load(current, temperature=1.0)
+        load_batch(current, temperature=1.0)
     old_dict = {**batch.to_dict(), "format": "funcprobe.batch/1"}
     del old_dict["temperature"]
     with pytest.raises(ValueError, match="records no sampling temperature"):
@@ -502,14 +553,14 @@ def test_load_rejects_a_safetensors_file_that_is_not_a_batch(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match=r"is not a funcprobe batch: its metadata has no 'format' entry"):
-        RolloutBatch.load(path)
+        load_batch(path)
 
 
 def test_load_rejects_a_file_that_is_not_safetensors(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"this is not a safetensors file")
     with pytest.raises(ValueError, match=r"is not a funcprobe batch: not a readable safetensors file"):
-        RolloutBatch.load(path)
+        load_batch(path)
 
 
 def test_load_rejects_other_format_versions_and_damaged_files(tmp_path):
@@ -524,12 +575,12 @@ def test_load_rejects_other_format_versions_and_damaged_files(tmp_path):
     newer = tmp_path / "newer.safetensors"
     save_file(tensors, str(newer), metadata={"format": "funcprobe.batch/99", "pad_token_id": "0"})
     with pytest.raises(ValueError, match=r"has format 'funcprobe\.batch/99'"):
-        RolloutBatch.load(newer)
+        load_batch(newer)
     damaged = tmp_path / "damaged.safetensors"
     del tensors["advantages"]
     save_file(tensors, str(damaged), metadata={"format": FORMAT_VERSION, "pad_token_id": "0", "temperature": "1.0"})
     with pytest.raises(ValueError, match=r"damaged funcprobe batch: missing tensors \['advantages'\]"):
-        RolloutBatch.load(damaged)
+        load_batch(damaged)
 
 
 def test_load_validates_contents(tmp_path):
@@ -544,7 +595,7 @@ def test_load_validates_contents(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path), metadata={"format": FORMAT_VERSION, "pad_token_id": "0", "temperature": "1.0"})
     with pytest.raises(ValueError, match=r"^length_norm: must be > 0"):
-        RolloutBatch.load(path)
+        load_batch(path)
 
 
 def test_from_dict_errors(tmp_path):
@@ -562,7 +613,7 @@ def test_from_dict_errors(tmp_path):
     path = tmp_path / "junk.json"
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"is not a funcprobe batch: not valid JSON"):
-        RolloutBatch.load_json(path)
+        load_batch_json(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -119,3 +119,27 @@ def test_funcprobe_has_no_import_cycle():
     assert "funcprobe.cli" in graph and "funcprobe.delta_h1" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, stack = set(), [start]
+    while stack:
+        for nxt in graph.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def test_the_batch_and_reward_modules_keep_their_layers():
+    """batch.py (fields, validation) imports no funcprobe module; the batch files sit above it. rewards.py (built-in
+    rewards, the check of any reward's values) imports none but the prompt reader, a leaf too: trl_rewards, rollouts
+    and the sampler build on it, never the reverse. trl_rewards does not reach rollouts, which builds on it."""
+    graph = import_graph()
+    assert graph["funcprobe.batch"] == set()
+    assert graph["funcprobe.rollouts_file"] == {"funcprobe.batch"}
+    assert graph["funcprobe.prompts"] == set()
+    assert graph["funcprobe.rewards"] <= {"funcprobe.prompts"}, sorted(graph["funcprobe.rewards"])
+    assert "funcprobe.rollouts" not in reachable(graph, "funcprobe.trl_rewards")
+    assert reachable(graph, "funcprobe.rollouts") >= {"funcprobe.rewards", "funcprobe.trl_rewards"}

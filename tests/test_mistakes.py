@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from funcprobe import (Objective, Policy, RolloutBatch, attribute, crn_delta_h, delta_h1, delta_h1_heldout,
+from funcprobe import (Objective, Policy, attribute, crn_delta_h, delta_h1, delta_h1_heldout,
                        entropy, lr_sweep, policy_gradient, rl_update, sample_batch, snis_delta_h, update_direction)
 from funcprobe.testing import char_tokenizer, tiny_peft_model, warm_adam_state
 
@@ -70,9 +70,11 @@ def test_kind1_every_estimator_refuses_a_batch_made_for_another_objective(policy
     with pytest.raises(ValueError, match=r"reward_weights: the batch's advantages were made with \[1.0\]"):
         policy_gradient(policy.params, batch, policy=policy, objective=Objective(reward_weights=(2.0,)))
     # the recipe survives saving (safetensors and JSON) and selecting prompts; new advantages drop it
-    batch.save(tmp_path / "b.safetensors")
-    batch.save_json(tmp_path / "b.json")
-    for loaded in (RolloutBatch.load(tmp_path / "b.safetensors"), RolloutBatch.load_json(tmp_path / "b.json"),
+    from funcprobe.rollouts_file import load_batch, load_batch_json, save_batch, save_batch_json
+
+    save_batch(batch, tmp_path / "b.safetensors")
+    save_batch_json(batch, tmp_path / "b.json")
+    for loaded in (load_batch(tmp_path / "b.safetensors"), load_batch_json(tmp_path / "b.json"),
                    batch.select_prompts([0, 1])):
         assert loaded.advantage_recipe == batch.advantage_recipe
     assert batch.replace(advantages=batch.advantages * 2).advantage_recipe is None

@@ -126,7 +126,7 @@ import sys
 import types
 
 from funcprobe.objective import compute_advantages
-from funcprobe.rewards import RewardFunctionError, TRLRewards, load_reward_function
+from funcprobe.trl_rewards import RewardFunctionError, TRLRewards, load_reward_function
 from funcprobe.testing import char_tokenizer
 
 USER_REWARDS = '''

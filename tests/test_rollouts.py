@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from funcprobe.objective import compute_advantages
-from funcprobe.rewards import RewardFunctionError, TRLRewards, load_reward_function
-from funcprobe.rollouts import batch_tokens, load_rollouts, rollout_rewards, rollouts_batch, save_rollouts
+from funcprobe.trl_rewards import RewardFunctionError, TRLRewards, load_reward_function
+from funcprobe.rollouts import load_rollouts, rollout_rewards, rollouts_batch, save_rollouts
 from funcprobe.testing import char_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::funcprobe.objective.ZeroVarianceWarning")
@@ -50,7 +50,7 @@ def test_round_trip_with_ids(tmp_path, tok):
     expected, _ = compute_advantages(rewards.double(), scale_rewards="group", weights=[1.0, 2.0], warn=False)
     assert torch.equal(batch.advantages, expected) and info["retokenised_completions"] == 0
     assert info["eos_count"] == 3 and info["responses"] == completions
-    got_prompts, got_completions = batch_tokens(batch)
+    got_prompts, got_completions = batch.token_lists()
     assert got_prompts == prompt_ids and got_completions == completion_ids
     # the batch written back and read again gives the same batch
     save_rollouts(tmp_path / "again.jsonl", prompts, completions, got_completions, prompt_ids=got_prompts,

@@ -302,3 +302,30 @@ def test_redraw_reproduces_the_draw_and_shares_its_uniforms(policy32):
         assert low <= float(same) <= high, (scale, float(same))
     with pytest.raises(ValueError, match="prompt_index has 2 entries for 4 prompts"):
         draw(policy32, prompt_index=[0, 1])
+
+
+# ------------------------------------------------------------------------------------------------ distributed shards
+def test_merge_batches_lays_shards_out_as_one_batch_and_keeps_every_field():
+    """Shards of different widths merge into the batch the sampler would have built from all the prompts at once,
+    token_advantages included (they were dropped before)."""
+    from funcprobe.batch import AdvantageRecipe, RolloutBatch
+    from funcprobe.sampling import merge_batches
+
+    prompts = [[5, 6, 7], [8], [9, 9]]
+    completions = [[[1, 2], [3]], [[4, 4, 4, 4], [1]], [[2], [3, 3]]]
+    token_advantages = [[[0.5 * k for k in range(len(ids))] for ids in group] for group in completions]
+    recipe = AdvantageRecipe("group", (1.0,))
+
+    def build(rows):
+        return RolloutBatch.from_token_lists(
+            [prompts[n] for n in rows], [completions[n] for n in rows],
+            advantages=torch.tensor([[n, -n] for n in rows], dtype=torch.float64), pad_token_id=0, temperature=0.9,
+            length_norm=torch.tensor([4.0 + n for n in rows]), logprobs=-torch.ones(len(rows), 2),
+            rewards=torch.ones(len(rows), 2), prompt_index=list(rows),
+            token_advantages=[token_advantages[n] for n in rows], advantage_recipe=recipe)
+
+    merged, whole = merge_batches([build([0]), build([1, 2])]), build([0, 1, 2])
+    assert merged.L == 3 + 4 and merged.advantage_recipe == recipe and merged.temperature == 0.9
+    for name in ("input_ids", "attention_mask", "response_mask", "advantages", "length_norm", "logprobs", "rewards",
+                 "prompt_index", "token_advantages"):
+        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
