@@ -19,6 +19,24 @@ expectation with more variance (2–3× the spread on the exact-enumeration poli
 D_n is linear in Δ. With Δθ = η_g P ⊙ Ȳ + Δθ_state (an ``UpdateDecomposition``, spec §4) the gradient term D(η_g P⊙Ȳ)
 and the state term D(Δθ_state) are reported per prompt too, with their SEs.
 
+**Per token** (``per_token=True``; nats per token, the unit of TRL's ``entropy`` metric). The target for prompt n is
+∇r_n·Δ with r_n = E[F]/E[T] its entropy per token (F = Σ_k m h_k, T = Σ_k m the response length):
+∇r_n·Δ = (∇E[F]·Δ − r_n ∇E[T]·Δ)/E[T]. The chain rule with h_k replaced by 1 gives ∇E[T] = E[Σ_k N_k ∇ℓ_k]
+(N_k = Σ_{j>k} m_j, the tokens after k), estimated without bias by D^len_n(Δ) = (1/G) Σ_{g,k} m (N_k − b^N_k) ∂ℓ_k·Δ
+(b^N the leave-one-out mean over the other draws, as b). With r̂_n = Σ_g F_g / Σ_g T_g and T̄_n = (1/G) Σ_g T_g,
+
+    D^tok_n = (D_n − r̂_n D^len_n) / T̄_n,      δĤ₁^tok(E) = (1/B_E) Σ_n D^tok_n,   SE = sd_n(D^tok_n)/√B_E,
+
+which is the surrogate above with every h_k replaced by h_k − r̂_n (R_k − r̂_n N_k after token k), divided by T̄_n
+(``heldout_cotangents(..., per_token=True)``; the sequence integrand likewise with T_g − T̄_{−g}). r̂_n and T̄_n come
+from the same G draws, so D^tok_n is a ratio estimator, like the per-token realised change (per-prompt SNIS): E[D^tok_n]
+= ∇r_n·Δ + O(1/G), exactly unbiased only when every response has the same length (then D^len = 0, D^tok = D/T). On the
+exact-enumeration policy with EOS the bias is −1.9 %, −1.2 %, −0.85 % of the target at G = 2, 3, 4 (G·bias constant:
+the 1/G law), about 1 % of one batch's SE at G = 8 (tests/test_heldout_per_token_exact.py). Cost: the per-token
+cotangents differ from D's, so each chunk takes a second backward of the same forward (``retain_graph``; no second
+forward): measured 1.4× the per-response pass on the tests' float64 model and 1.5× on a 4-layer, 256-wide float32
+qwen2 (V = 4096, 8 × 8 responses of 16–64 tokens), CPU.
+
 How it is computed — reverse mode, so it runs with any attention (SDPA, flash, eager): D_n(Δ) = ∇F_n·Δ with the
 surrogate F_n = (1/G) Σ_{g,k} m [h_k + sg[R_k − b_k] ℓ_k]. One forward of a chunk of whole prompts gives ℓ and h (the
 chunked vocabulary projection keeps each row's ∂ℓ/∂hidden and ∂h/∂hidden, ``ChunkedTokenLogprobEntropy``), the
@@ -80,6 +98,9 @@ class HeldoutResult:
             the same forward; entropy_per_token: Σ m h / Σ m (nats per token, TRL's ``entropy`` on these samples).
         B, G: E's shape. route: how the gradient was formed. forward_passes, backward_passes; timings (seconds).
         gradient: ĝ_E (float64 CPU dict shaped like θ) when asked for (``entropy_gradient=True``); not in to_dict.
+        deltaH1_per_token, se_per_token, per_prompt_per_token: with ``per_token=True`` (else None), the first-order
+            change of the entropy per token (nats per token, TRL's ``entropy`` unit): mean_n D^tok_n, sd_n/√B_E, and
+            D^tok_n [B_E] (module docstring; a ratio estimator, biased at O(1/G)).
     """
 
     deltaH1: float
@@ -102,10 +123,13 @@ class HeldoutResult:
     backward_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     gradient: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    deltaH1_per_token: float | None = None
+    se_per_token: float | None = None
+    per_prompt_per_token: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "gradient"}
-        for name in ("per_prompt", "per_prompt_grad", "per_prompt_state"):
+        for name in ("per_prompt", "per_prompt_grad", "per_prompt_state", "per_prompt_per_token"):
             data[name] = None if data[name] is None else list(data[name])
         data["timings"] = dict(self.timings)
         notes = {"what": "the first-order entropy change ∇H·Δθ of this step, with ∇H estimated on the evaluation "
@@ -114,6 +138,9 @@ class HeldoutResult:
             notes["se"] = f"a standard error over prompts needs B_E ≥ 2; E has B_E={self.B}"
         if self.grad_term is None:
             notes["grad_term"] = "the step was given as a plain Δθ, not as an AdamW decomposition"
+        if self.deltaH1_per_token is not None:
+            notes["deltaH1_per_token"] = ("the first-order change of the entropy per token (nats per token): "
+                                          "mean_n (D_n − r̂_n D^len_n)/T̄_n, a ratio estimator with an O(1/G) bias")
         data["notes"] = notes
         return data
 
@@ -125,6 +152,9 @@ class HeldoutResult:
         if self.grad_term is not None:
             lines.append(f"{'  gradient term':<24}{fmt(self.grad_term, '>14.6g')}{fmt(self.se_grad, '>12.4g')}")
             lines.append(f"{'  state term':<24}{fmt(self.state_term, '>14.6g')}{fmt(self.se_state, '>12.4g')}")
+        if self.deltaH1_per_token is not None:
+            lines.append(f"{'δĤ₁(E) per token':<24}{fmt(self.deltaH1_per_token, '>14.6g')}"
+                         f"{fmt(self.se_per_token, '>12.4g')}   (nats/token)")
         lines.append(f"{'Ĥ(θ) on E':<24}{fmt(self.entropy, '>14.6g')}{fmt(self.entropy_se, '>12.4g')}"
                      f"   ({fmt(self.entropy_per_token, '.4g')} nats/token)")
         lines.append(f"{self.forward_passes} forward, {self.backward_passes} backward ({self.route}); "
@@ -141,13 +171,20 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------------- cotangents
 def heldout_cotangents(token_logprobs: Tensor, token_entropies: Tensor, response_mask: Tensor,
-                       integrand: str = "rao_blackwell") -> tuple[Tensor, Tensor]:
+                       integrand: str = "rao_blackwell", *, per_token: bool = False) -> tuple[Tensor, Tensor]:
     """The cotangents (on ℓ, on h) of spec §9's surrogate F_n for one prompt group: float64 [m, G, L] each.
 
     token_logprobs, token_entropies: ℓ and h at every response token, any value elsewhere, [m, G, L];
     response_mask: {0,1} [m, G, L]. Rao-Blackwell: on ℓ (R − b)/G, on h 1/G, with R the masked entropy after each
     token and b its mean over the other G − 1 draws at the same response position (R = 0 past a response's end).
     Sequence: on ℓ −(S_g − S̄_{−g})/G, on h 0. Zero off the response tokens. Raises ValueError for G < 2.
+
+    ``per_token=True``: the cotangents of the per-token surrogate, whose directional derivative is D^tok_n (the
+    first-order change of the entropy per token, module docstring): the same form with every per-token value v_k
+    (h_k, or −ℓ_k for the sequence integrand) replaced by v_k − r̂_n, r̂_n = Σ_g F_g / Σ_g T_g the prompt's entropy
+    per token on these draws, and divided by T̄_n = (1/G) Σ_g T_g. Rao-Blackwell: on ℓ ((R − r̂N) − (b − r̂b^N))/(G T̄)
+    with N_k the number of response tokens after k and b^N its leave-one-out mean; on h 1/(G T̄). Sequence: on ℓ
+    −[(S_g − S̄_{−g}) + r̂ (T_g − T̄_{−g})]/(G T̄), on h 0. Raises ValueError for a prompt with no response token.
     """
     if integrand not in INTEGRANDS:
         raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
@@ -155,22 +192,40 @@ def heldout_cotangents(token_logprobs: Tensor, token_entropies: Tensor, response
     m, G, L = mask.shape
     if G < 2:
         raise ValueError(f"the held-out entropy gradient's baseline needs G ≥ 2 draws per prompt; got G={G}.")
+    lengths = mask.sum(-1)                                                      # T_g [m, G]
+    total = lengths.sum(-1, keepdim=True)                                       # Σ_g T_g [m, 1]
+    if per_token and bool((total <= 0).any()):
+        empty = (total.squeeze(-1) <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"per_token=True: prompt(s) {empty} of this group have no response tokens (Σ_g T = 0), so "
+                         "their entropy per token is undefined.")
     ell = token_logprobs.to(torch.float64) * mask
     if integrand == "sequence":
         S = ell.sum(-1)
         centred = S - (S.sum(-1, keepdim=True) - S) / (G - 1)
-        return -(centred / G)[..., None] * mask, torch.zeros_like(mask)
+        if not per_token:
+            return -(centred / G)[..., None] * mask, torch.zeros_like(mask)
+        ratio = -S.sum(-1, keepdim=True) / total                               # r̂_n with F = −S
+        centred_T = lengths - (total - lengths) / (G - 1)
+        return -((centred + ratio * centred_T) / total)[..., None] * mask, torch.zeros_like(mask)
     h = token_entropies.to(torch.float64) * mask
     # Positions: the k-th response token of each draw (responses are contiguous runs of the mask).
     position = (response_mask.to(torch.long).cumsum(-1) - 1).clamp(min=0)
-    length = int(mask.sum(-1).max()) if mask.numel() else 0
-    by_position = torch.zeros(m, G, max(length, 1), dtype=torch.float64)
-    by_position.scatter_add_(2, position, h)
-    to_come = by_position.sum(-1, keepdim=True) - by_position.cumsum(-1)      # R_k = Σ_{j>k} h_j
-    baseline = (to_come.sum(1, keepdim=True) - to_come) / (G - 1)
-    centred = to_come - baseline
-    on_logprob = centred.gather(2, position) * mask / G
-    return on_logprob, mask / G
+    length = int(lengths.max()) if mask.numel() else 0
+
+    def centred_to_come(values: Tensor) -> Tensor:
+        """Σ_{j>k} v_j minus its mean over the other draws at position k, at every token: [m, G, L]."""
+        by_position = torch.zeros(m, G, max(length, 1), dtype=torch.float64)
+        by_position.scatter_add_(2, position, values)
+        to_come = by_position.sum(-1, keepdim=True) - by_position.cumsum(-1)  # R_k = Σ_{j>k} v_j
+        baseline = (to_come.sum(1, keepdim=True) - to_come) / (G - 1)
+        return (to_come - baseline).gather(2, position)
+
+    if not per_token:
+        return centred_to_come(h) * mask / G, mask / G
+    ratio = h.sum((1, 2))[:, None, None] / total[..., None]                     # r̂_n [m, 1, 1]
+    # v_k − r̂ on every token: (R − r̂N) − (b − r̂ b^N) in one pass (the map v ↦ centred_to_come(v) is linear).
+    scale = total[..., None]                                                    # G T̄_n = Σ_g T_g
+    return centred_to_come(h - ratio * mask) * mask / scale, mask / scale
 
 
 # ----------------------------------------------------------------------------------------------------- estimator
@@ -235,17 +290,26 @@ def _gather(chunk: SequenceChunk, values: Tensor) -> Tensor:
 
 
 def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions, want_gradient: bool, *,
-                seq_chunk: int, token_chunk: int, counts: _Counts, tap: bool):
-    """(D [m, J] per prompt and direction, Σ_rows ∇F_row (dict) or None, h [m, G, L]) for one group of prompts."""
+                seq_chunk: int, token_chunk: int, counts: _Counts, tap: bool, per_token: bool = False):
+    """(D [m, J] per prompt and direction, Σ_rows ∇F_row (dict) or None, h [m, G, L], D^tok [m, J] or None) for one
+    group of prompts. ``per_token``: D^tok from a second backward of the same forward (its own cotangents)."""
     G, m = group.G, group.B
     dots = torch.zeros(m, len(directions), dtype=torch.float64)
+    dots_tok = torch.zeros(m, len(directions), dtype=torch.float64) if per_token else None
     gradient = None
     single = group.num_sequences <= seq_chunk
     entropies_tokens = None
-    cot_l = cot_h = None
+    cot_l = cot_h = tok_l = tok_h = None
+
+    def cotangents(ell, ent):
+        nonlocal cot_l, cot_h, tok_l, tok_h
+        cot_l, cot_h = heldout_cotangents(ell, ent, group.response_mask, integrand)
+        if per_token:
+            tok_l, tok_h = heldout_cotangents(ell, ent, group.response_mask, integrand, per_token=True)
+
     if not single:  # a prompt's draws span chunks: its cotangents need every draw's values first
         ell, ent = _group_values(policy, params, group, seq_chunk, token_chunk, counts)
-        cot_l, cot_h = heldout_cotangents(ell, ent, group.response_mask, integrand)
+        cotangents(ell, ent)
         entropies_tokens = ent
     for chunk in group.iter_sequence_chunks(seq_chunk):
         prompt_of_row = (chunk.flat_index.cpu() // G)
@@ -263,19 +327,26 @@ def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions,
             _scatter(chunk, values, ell)
             _scatter(chunk, entropies, ent)
             ell, ent = ell.reshape(m, G, group.L), ent.reshape(m, G, group.L)
-            cot_l, cot_h = heldout_cotangents(ell, ent, group.response_mask, integrand)
+            cotangents(ell, ent)
             entropies_tokens = ent
         token_cot_l = _gather(chunk, cot_l.reshape(-1, group.L))
         token_cot_h = _gather(chunk, cot_h.reshape(-1, group.L))
+        if per_token:
+            token_tok_l = _gather(chunk, tok_l.reshape(-1, group.L))
+            token_tok_h = _gather(chunk, tok_h.reshape(-1, group.L))
         rows = chunk.num_sequences
         if tap:
             combine = torch.ones(1 if want_gradient else 0, rows, dtype=torch.float64)
             row_dots, combined = tapped.backward_dots(token_cot_l, directions, entropy_cotangent=token_cot_h,
-                                                      combine=combine)
+                                                      combine=combine, retain_graph=per_token)
             counts.backward_passes += 1
             dots.index_add_(0, prompt_of_row, row_dots)
             if want_gradient:
                 gradient = _accumulate(gradient, combined[0])
+            if per_token:  # the same graph, the per-token surrogate's cotangents: a second backward, no forward
+                row_dots, _ = tapped.backward_dots(token_tok_l, directions, entropy_cotangent=token_tok_h)
+                counts.backward_passes += 1
+                dots_tok.index_add_(0, prompt_of_row, row_dots)
             del tapped
         else:
             token_rows = chunk.response_mask.cpu().nonzero(as_tuple=True)[0]
@@ -287,8 +358,13 @@ def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions,
                 dots[p] += torch.tensor([_dot(grads, d) for d in directions], dtype=torch.float64)
                 if want_gradient:
                     gradient = _accumulate(gradient, grads)
+                if per_token:
+                    grads = vjp_fn((token_tok_l * keep, token_tok_h * keep))[0]
+                    counts.backward_passes += 1
+                    grads = {n: g.detach().to("cpu", torch.float64) for n, g in grads.items()}
+                    dots_tok[p] += torch.tensor([_dot(grads, d) for d in directions], dtype=torch.float64)
             del vjp_fn
-    return dots, gradient, entropies_tokens
+    return dots, gradient, entropies_tokens, dots_tok
 
 
 def _accumulate(total: dict[str, Tensor] | None, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -304,7 +380,8 @@ class HeldoutPass:
     """One pass of spec §9's surrogate over E along J directions: what :func:`delta_h1_heldout` and attribution read.
 
     dots [B_E, J] float64: D_n along each direction; entropy_rows [B_E, 2]: (1/G) Σ_{g,k} m h and Σ m per prompt;
-    gradient: ĝ_E (or None); route, forward_passes, backward_passes; B, G.
+    gradient: ĝ_E (or None); route, forward_passes, backward_passes; B, G; dots_per_token [B_E, J]: D^tok_n, the
+    first-order change of the entropy per token, when asked for (``per_token=True``), else None.
     """
 
     dots: Tensor
@@ -315,14 +392,17 @@ class HeldoutPass:
     backward_passes: int
     B: int
     G: int
+    dots_per_token: Tensor | None = None
 
 
 def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]], eval_batch: Any, *, policy: Policy,
                  integrand: str = "rao_blackwell", seq_chunk: int | None = None, token_chunk: int | None = None,
-                 entropy_gradient: bool = False, progress: bool | None = False, world=None) -> HeldoutPass:
+                 entropy_gradient: bool = False, progress: bool | None = False, world=None,
+                 per_token: bool = False) -> HeldoutPass:
     """D_n(d_j) of spec §9 for every prompt n of E and every direction d_j (float64 CPU dicts shaped like θ), from
-    one forward and one backward per chunk of whole prompts (module docstring); ĝ_E with ``entropy_gradient``.
-    Arguments and errors as :func:`delta_h1_heldout`."""
+    one forward and one backward per chunk of whole prompts (module docstring); ĝ_E with ``entropy_gradient``;
+    D^tok_n(d_j) too with ``per_token`` (a second backward per chunk). Arguments and errors as
+    :func:`delta_h1_heldout`."""
     from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
 
     world = SINGLE if world is None else world
@@ -349,31 +429,36 @@ def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]],
     prompts_per_group = max(1, seq_chunk // G)
     local_dots = torch.zeros(len(mine), len(directions), dtype=torch.float64)
     local_entropy = torch.zeros(len(mine), 2, dtype=torch.float64)      # Σ_{g,k} m h / G and Σ m (tokens)
+    local_tok = torch.zeros(len(mine), len(directions) if per_token else 0, dtype=torch.float64)
     gradient = None
     groups = [list(mine[i:i + prompts_per_group]) for i in range(0, len(mine), prompts_per_group)]
     offset = 0
     for prompts in progress_bar(groups, total=len(groups), desc="δĤ₁(E)", enabled=progress):
         group = batch.select_prompts(prompts)
-        dots, grads, entropies = _group_dots(policy, params, group, integrand, directions, entropy_gradient,
-                                             seq_chunk=seq_chunk, token_chunk=token_chunk, counts=counts, tap=tap)
+        dots, grads, entropies, dots_tok = _group_dots(policy, params, group, integrand, directions,
+                                                       entropy_gradient, seq_chunk=seq_chunk, token_chunk=token_chunk,
+                                                       counts=counts, tap=tap, per_token=per_token)
         mask = group.response_mask.to(torch.float64)
         local_dots[offset:offset + len(prompts)] = dots
+        if per_token:
+            local_tok[offset:offset + len(prompts)] = dots_tok
         local_entropy[offset:offset + len(prompts), 0] = (entropies * mask).sum((1, 2)) / G
         local_entropy[offset:offset + len(prompts), 1] = mask.sum((1, 2))
         offset += len(prompts)
         if entropy_gradient and grads is not None:
             gradient = _accumulate(gradient, grads)
-    rows = gather_rows(world, torch.cat([local_dots, local_entropy], dim=1), shard_counts(batch.B, world.size),
-                       "δĤ₁(E) all_gather of the per-prompt values")
+    rows = gather_rows(world, torch.cat([local_dots, local_entropy, local_tok], dim=1),
+                       shard_counts(batch.B, world.size), "δĤ₁(E) all_gather of the per-prompt values")
     if entropy_gradient:
         gradient = gradient if gradient is not None else {n: torch.zeros(t.shape, dtype=torch.float64)
                                                           for n, t in params.items()}
         all_reduce_sum_(world, gradient, "δĤ₁(E) all_reduce of ĝ_E")
         gradient = {n: g / batch.B for n, g in gradient.items()}
     route = "reverse mode, per-layer LoRA taps" if tap else "reverse mode, one vjp per prompt"
-    return HeldoutPass(dots=rows[:, :len(directions)], entropy_rows=rows[:, len(directions):], gradient=gradient,
+    J = len(directions)
+    return HeldoutPass(dots=rows[:, :J], entropy_rows=rows[:, J:J + 2], gradient=gradient,
                        route=route, forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
-                       B=batch.B, G=G)
+                       B=batch.B, G=G, dots_per_token=rows[:, J + 2:] if per_token else None)
 
 
 def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: bool, integrand: str,
@@ -393,6 +478,10 @@ def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: b
     entropy, entropy_se = _mean_se(result.entropy_rows[:, 0])
     tokens = float(result.entropy_rows[:, 1].sum())
     per_token = float((result.entropy_rows[:, 0] * result.G).sum()) / tokens if tokens else math.nan
+    if result.dots_per_token is not None:
+        tok = result.dots_per_token[:, list(columns)].sum(1)
+        terms["deltaH1_per_token"], terms["se_per_token"] = _mean_se(tok)
+        terms["per_prompt_per_token"] = tuple(float(x) for x in tok)
     return HeldoutResult(
         deltaH1=value, se=se, per_prompt=tuple(float(x) for x in per_prompt), integrand=integrand, **terms,
         entropy=entropy, entropy_se=entropy_se, entropy_per_token=per_token, B=result.B, G=result.G,
@@ -409,7 +498,7 @@ def step_directions(delta: Any, params: ParamsDict) -> tuple[list[dict[str, Tens
 def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDecomposition, eval_batch: Any, *,
                      policy: Policy, integrand: str = "rao_blackwell", seq_chunk: int | None = None,
                      token_chunk: int | None = None, entropy_gradient: bool = False, progress: bool | None = False,
-                     world=None) -> HeldoutResult:
+                     world=None, per_token: bool = False) -> HeldoutResult:
     """δĤ₁(E) = (1/B_E) Σ_n D_n(Δθ) of spec §9 at θ = ``params`` along the step ``delta``, on the evaluation batch.
 
     params: θ (the policy's LoRA tensors). delta: the step Δθ — any dict shaped like params (funcprobe's AdamW step
@@ -419,6 +508,8 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
     integrand: "rao_blackwell" (default) or "sequence" (spec §2's form, for comparison).
     seq_chunk: sequences per forward (default the policy's; whole prompts per forward when G ≤ seq_chunk, else a
     prompt's values from a no-grad forward first). entropy_gradient: also return ĝ_E (``result.gradient``).
+    per_token: also the first-order change of the entropy per token (``deltaH1_per_token``, ``se_per_token``,
+    ``per_prompt_per_token``; module docstring), from a second backward of each chunk's forward.
     world: a ``funcprobe.distributed.World``: every rank passes the whole E and computes its contiguous shard of
     prompts; the D_n are gathered (and ĝ_E all-reduced), so every estimate equals the single-process one.
     Units: nats per response. Memory O(chunk): no parameter-sized tensor per sequence.
@@ -435,7 +526,7 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
     directions, decomposed = _directions(delta, params)
     result = heldout_pass(params, directions, eval_batch, policy=policy, integrand=integrand, seq_chunk=seq_chunk,
                           token_chunk=token_chunk, entropy_gradient=entropy_gradient, progress=progress,
-                          world=world)
+                          world=world, per_token=per_token)
     return heldout_result(result, range(len(directions)), decomposed=decomposed, integrand=integrand,
                           timings={"total_s": time.perf_counter() - started})
 
@@ -443,7 +534,8 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
 # ------------------------------------------------------------------------------------------- paired with ΔĤ
 @dataclass(frozen=True)
 class PairedDifference:
-    """ΔĤ − δĤ₁(E) on the same evaluation prompts and draws (spec §9), nats per response. JSON via ``to_dict()``.
+    """ΔĤ − δĤ₁(E) on the same evaluation prompts and draws (spec §9), nats per response (per token when both are
+    per token: ``per_token``). JSON via ``to_dict()``.
 
     difference = (1/B_E) Σ_n (ΔĤ_n − D_n); se = sd_n(ΔĤ_n − D_n)/√B_E; z = difference/se; first_order: |z| <
     ``FIRST_ORDER_Z`` (the step is in its first-order regime), None when there is no verdict (B_E < 2, or the realised
@@ -462,6 +554,7 @@ class PairedDifference:
     scale: float
     method: str
     realised_reliable: bool
+    per_token: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -472,20 +565,24 @@ def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1
     """ΔĤ − scale·δĤ₁(E) with the paired SE sd_n(ΔĤ_n − scale·D_n)/√B_E (spec §9).
 
     realised: an ``SNISResult`` or ``CRNResult`` (per-prompt ``deltaH_per_prompt``) on the SAME evaluation batch as
-    ``heldout``, per sequence (not ``per_token``). Raises ValueError when the two do not share E's shape or units.
+    ``heldout``. Per sequence, or per token (``realised.per_token``) against ``heldout``'s per-token values
+    (``delta_h1_heldout(..., per_token=True)``): then ΔĤ^tok_n − D^tok_n, nats per token. Raises ValueError when the
+    two do not share E's shape or units.
     """
     per_prompt = getattr(realised, "deltaH_per_prompt", None)
     if per_prompt is None or not isinstance(heldout, HeldoutResult):
         raise TypeError("paired_difference needs a realised result (snis_delta_h / crn_delta_h) and a HeldoutResult "
                         "(delta_h1_heldout) on the same evaluation batch.")
-    if getattr(realised, "per_token", False):
-        raise ValueError("the realised change is per token but δĤ₁(E) is per response: compute ΔĤ per sequence "
-                         "(per_token=False) to pair them.")
+    per_token = bool(getattr(realised, "per_token", False))
+    if per_token and heldout.per_prompt_per_token is None:
+        raise ValueError("the realised change is per token but δĤ₁(E) is per response: compute δĤ₁(E) per token too "
+                         "(delta_h1_heldout(..., per_token=True)), or ΔĤ per sequence (per_token=False), to pair them.")
     if (realised.B, realised.G) != (heldout.B, heldout.G):
         raise ValueError(f"the realised change was measured on a {realised.B}×{realised.G} batch and δĤ₁(E) on a "
                          f"{heldout.B}×{heldout.G} one: pair estimates of the same evaluation batch.")
-    diff = torch.tensor(per_prompt, dtype=torch.float64) - scale * torch.tensor(heldout.per_prompt,
-                                                                                dtype=torch.float64)
+    first = heldout.per_prompt_per_token if per_token else heldout.per_prompt
+    diff = torch.tensor([float(x) for x in per_prompt], dtype=torch.float64) - scale * torch.tensor(
+        first, dtype=torch.float64)
     difference, se = _mean_se(diff)
     z = difference / se if se > 0 else (0.0 if difference == 0 else math.nan)
     reliable = bool(getattr(realised, "reliable", True))
@@ -503,5 +600,8 @@ def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1
         verdict = (f"the step is in its first-order regime: {gap}" if first_order else
                    f"the step is beyond its first-order regime: {gap}; the realised change departs from ∇H·Δθ")
     return PairedDifference(difference=difference, se=se, z=z, first_order=first_order, verdict=verdict,
-                            realised=float(realised.deltaH), predicted=scale * heldout.deltaH1, scale=float(scale),
-                            method=getattr(realised, "method", type(realised).__name__), realised_reliable=reliable)
+                            realised=float(realised.deltaH),
+                            predicted=scale * (heldout.deltaH1_per_token if per_token else heldout.deltaH1),
+                            scale=float(scale),
+                            method=getattr(realised, "method", type(realised).__name__), realised_reliable=reliable,
+                            per_token=per_token)

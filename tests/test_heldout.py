@@ -281,3 +281,146 @@ def test_an_unreliable_realised_change_gets_no_first_order_verdict(policy):
     assert flagged.first_order is None and not flagged.realised_reliable
     assert "unreliable (ESS/G 0.1 < 0.5)" in flagged.verdict and "regime" not in flagged.verdict
     assert flagged.difference == trusted.difference and flagged.se == trusted.se
+
+
+# ------------------------------------------------------------------------------------------------ per token
+def naive_per_token_cotangents(ell, h, response_mask, integrand):
+    """The two columns of the per-token first-order change, by loops: (cotangents of D_n, cotangents of D^len_n,
+    r̂_n, T̄_n). D^len's cotangent on ℓ is (N_k − b^N_k)/G for Rao-Blackwell (N_k the tokens after k, b^N its mean over
+    the other draws at position k) and (T_g − T̄_{−g})/G for the sequence integrand; 0 on h."""
+    B, G, L = ell.shape
+    cot_l, cot_h = naive_cotangents(ell, h, response_mask, integrand)
+    len_l = torch.zeros(B, G, L, dtype=torch.float64)
+    ratio, mean_length = [], []
+    for n in range(B):
+        positions = [response_mask[n, g].nonzero().squeeze(1).tolist() for g in range(G)]
+        lengths = [len(p) for p in positions]
+        if integrand == "sequence":
+            F = [-float((ell[n, g] * response_mask[n, g]).sum()) for g in range(G)]
+        else:
+            F = [sum(float(h[n, g, c]) for c in positions[g]) for g in range(G)]
+        ratio.append(sum(F) / sum(lengths))
+        mean_length.append(sum(lengths) / G)
+        for g in range(G):
+            for k, column in enumerate(positions[g]):
+                if integrand == "sequence":
+                    others = [lengths[j] for j in range(G) if j != g]
+                    len_l[n, g, column] = (lengths[g] - sum(others) / (G - 1)) / G
+                else:
+                    after = lambda j: max(lengths[j] - k - 1, 0)  # noqa: E731 - tokens of draw j after position k
+                    others = [after(j) for j in range(G) if j != g]
+                    len_l[n, g, column] = (after(g) - sum(others) / (G - 1)) / G
+    return (cot_l, cot_h), (len_l, torch.zeros_like(len_l)), ratio, mean_length
+
+
+def naive_directional(policy, params, delta, batch, cot_l, cot_h):
+    """Per prompt ∂/∂Δ of Σ (cot_l ℓ + cot_h h) by autograd through the naive full-logits forward: [B]."""
+    model = policy.module
+    named = dict(model.named_parameters())
+    leaves = [named[n] for n in params]
+    out = []
+    try:
+        with torch.no_grad():
+            for n, t in params.items():
+                named[n].copy_(t)
+        for n in range(batch.B):
+            for leaf in leaves:
+                leaf.requires_grad_(True)
+            ell, h = naive_token_values(model, batch.select_prompts([n]), policy.temperature)
+            grads = torch.autograd.grad((ell[0] * cot_l[n]).sum() + (h[0] * cot_h[n]).sum(), leaves)
+            for leaf in leaves:
+                leaf.requires_grad_(False)
+            out.append(sum(float((g.to(torch.float64) * delta[name].to(torch.float64)).sum())
+                           for g, name in zip(grads, params)))
+    finally:
+        with torch.no_grad():
+            for n, t in policy.params.items():
+                named[n].copy_(t)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("integrand", ["rao_blackwell", "sequence"])
+def test_per_token_equals_the_naive_float64_reference(policy, integrand):
+    """D^tok_n = (D_n − r̂_n D^len_n)/T̄_n, each piece by loops and autograd through full logits, equals
+    delta_h1_heldout(per_token=True)'s per-prompt values (1e-10), whole prompts per forward and a prompt split
+    over forwards (seq_chunk < G) alike, and on the untapped route; the per-sequence values are unchanged."""
+    params = _direction(policy.params, seed=5, scale=0.3)
+    params = {n: policy.params[n] + params[n] for n in params}
+    batch = _batch(B=3, G=4, seed=2)                                 # ragged responses of 1–6 tokens
+    delta = _direction(params, seed=3)
+    model = policy.module
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in params.items():
+            named[n].copy_(t)
+        ell, h = naive_token_values(model, batch, policy.temperature)
+        for n, t in policy.params.items():
+            named[n].copy_(t)
+    (cot_l, cot_h), (len_l, len_h), ratio, mean_length = naive_per_token_cotangents(ell, h, batch.response_mask,
+                                                                                    integrand)
+    D = naive_directional(policy, params, delta, batch, cot_l, cot_h)
+    D_len = naive_directional(policy, params, delta, batch, len_l, len_h)
+    ratio, mean_length = torch.tensor(ratio, dtype=torch.float64), torch.tensor(mean_length, dtype=torch.float64)
+    reference = (D - ratio * D_len) / mean_length
+    assert abs(D_len).max() > 1e-6 and abs(reference - D / mean_length).max() > 1e-6  # r̂ D^len matters
+    for seq_chunk in (8, 3):
+        result = delta_h1_heldout(params, delta, batch, policy=policy, integrand=integrand, seq_chunk=seq_chunk,
+                                  per_token=True)
+        torch.testing.assert_close(torch.tensor(result.per_prompt_per_token, dtype=torch.float64), reference,
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.tensor(result.per_prompt, dtype=torch.float64), D, rtol=1e-10, atol=1e-12)
+        assert math.isclose(result.deltaH1_per_token, float(reference.mean()), rel_tol=1e-10, abs_tol=1e-13)
+        assert math.isclose(result.se_per_token, float(reference.std()) / math.sqrt(3), rel_tol=1e-9)
+    policy._tap_reason = "forced off for this test"
+    try:
+        plain = delta_h1_heldout(params, delta, batch, policy=policy, integrand=integrand, per_token=True)
+    finally:
+        policy._tap_reason = None
+    torch.testing.assert_close(torch.tensor(plain.per_prompt_per_token, dtype=torch.float64), reference, rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_per_token_cotangents_are_the_surrogate_with_h_minus_the_ratio():
+    """heldout_cotangents(per_token=True) = [cotangents of D − r̂·(cotangents of D^len)]/T̄, by loops (1e-12); with
+    equal response lengths D^tok = D/T (D^len = 0); a prompt without response tokens is refused."""
+    generator = torch.Generator().manual_seed(0)
+    batch = _batch(B=4, G=3, seed=7)
+    ell = -torch.rand(batch.input_ids.shape, generator=generator, dtype=torch.float64)
+    h = torch.rand(batch.input_ids.shape, generator=generator, dtype=torch.float64)
+    for integrand in ("rao_blackwell", "sequence"):
+        got = heldout_cotangents(ell, h, batch.response_mask, integrand, per_token=True)
+        (cot_l, cot_h), (len_l, _), ratio, mean_length = naive_per_token_cotangents(ell, h, batch.response_mask,
+                                                                                    integrand)
+        r = torch.tensor(ratio, dtype=torch.float64)[:, None, None]
+        t = torch.tensor(mean_length, dtype=torch.float64)[:, None, None]
+        torch.testing.assert_close(got[0], (cot_l - r * len_l) / t, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got[1], cot_h / t, rtol=1e-12, atol=1e-14)
+    equal = _batch(B=2, G=3, seed=1, response_len=(4, 4))
+    ell = -torch.rand(equal.input_ids.shape, generator=generator, dtype=torch.float64)
+    plain = heldout_cotangents(ell, ell.neg(), equal.response_mask)
+    tok = heldout_cotangents(ell, ell.neg(), equal.response_mask, per_token=True)
+    for a, b in zip(plain, tok):
+        torch.testing.assert_close(b, a / 4, rtol=1e-12, atol=1e-15)
+    empty = equal.response_mask.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match="no response tokens"):
+        heldout_cotangents(ell, ell, empty, per_token=True)
+
+
+def test_per_token_paired_difference(policy):
+    """A per-token realised change pairs with the per-token first-order values (and is refused without them)."""
+    from funcprobe import snis_delta_h
+
+    batch = _batch(B=4, G=3, seed=6)
+    delta = _direction(policy.params, seed=2, scale=3e-2)
+    new = {n: policy.params[n] + delta[n] for n in delta}
+    realised = snis_delta_h(policy.params, new, policy=policy, batch=batch, per_token=True, estimator="rao_blackwell")
+    heldout = delta_h1_heldout(policy.params, delta, batch, policy=policy, per_token=True)
+    paired = paired_difference(realised, heldout)
+    diff = (torch.tensor(realised.deltaH_per_prompt, dtype=torch.float64)
+            - torch.tensor(heldout.per_prompt_per_token, dtype=torch.float64))
+    assert paired.per_token and math.isclose(paired.difference, float(diff.mean()), rel_tol=1e-12)
+    assert math.isclose(paired.se, float(diff.std()) / 2, rel_tol=1e-12)
+    assert math.isclose(paired.predicted, heldout.deltaH1_per_token)
+    with pytest.raises(ValueError, match="per_token=True"):
+        paired_difference(realised, delta_h1_heldout(policy.params, delta, batch, policy=policy))
