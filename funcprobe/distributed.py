@@ -16,6 +16,13 @@ Failures: :func:`init_from_env` sets the process group's timeout; every collecti
 :func:`_collective`, which turns a gloo/NCCL error (a peer that exited, or a timeout) into a
 :class:`DistributedError` naming this rank and — when the failing rank recorded it in the rendezvous store with
 :func:`record_failure` — the rank that failed and its error.
+
+A *checked* world (``World(checked=True)``, the TRL callback's, whose process group also carries the training's own
+collectives) never leaves a rank waiting for a peer that failed and moved on: every collective here is preceded by
+:func:`failure_flag`, an all-reduce of one int per rank, and a rank that fails outside a collective calls
+``failure_flag(world, True)`` exactly once (at the point where its peers will next be in a collective of this module,
+or at the end of the region). The peers' next flag meets that one, they raise :class:`PeerFailure`, and every rank
+leaves the region together, so the process group's sequence of collectives stays the same on every rank.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch import Tensor
 
 __all__ = ["World", "CommCounter", "COMM", "DistributedError", "init_from_env", "shard_prompts", "shard_counts",
            "all_reduce_sum_", "gather_rows", "gather_scalars", "all_gather_objects", "record_failure", "barrier",
-           "shutdown"]
+           "shutdown", "PeerFailure", "failure_flag", "world_of_process_group"]
 
 FAILURE_KEY = "funcprobe/failed_rank"
 DEFAULT_TIMEOUT_S = 300.0
@@ -39,6 +46,10 @@ DEFAULT_TIMEOUT_S = 300.0
 
 class DistributedError(RuntimeError):
     """A collective failed: a peer rank raised/exited, or the collective timed out."""
+
+
+class PeerFailure(DistributedError):
+    """A checked world's failure flag says that another rank failed (see the module docstring)."""
 
 
 @dataclass
@@ -75,6 +86,8 @@ class World:
     backend: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     group: object | None = None
+    #: every collective of this module is preceded by :func:`failure_flag` (module docstring)
+    checked: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -118,6 +131,16 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
     return World(dist.get_rank(), dist.get_world_size(), True, backend, float(timeout_s))
+
+
+def world_of_process_group(checked: bool = True) -> World:
+    """The :class:`World` of the process group someone else initialised (accelerate, torchrun + Trainer): this rank,
+    its size and backend; a single process when there is none."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return SINGLE
+    return World(dist.get_rank(), dist.get_world_size(), True, dist.get_backend(), checked=bool(checked))
 
 
 def shutdown(world: World, wait_s: float = 10.0) -> None:
@@ -195,7 +218,9 @@ def _failure_note() -> str | None:
     return None
 
 
-def _collective(world: World, what: str, fn: Callable[[], None]) -> None:
+def _collective(world: World, what: str, fn: Callable[[], None], *, check: bool = True) -> None:
+    if check and world.checked:
+        failure_flag(world, False, what)
     try:
         fn()
     except Exception as error:  # gloo raises RuntimeError / DistBackendError on a dead peer or a timeout
@@ -204,6 +229,25 @@ def _collective(world: World, what: str, fn: Callable[[], None]) -> None:
             f"a peer rank exited or did not reach it within the timeout ({world.timeout_s:g}s)")
         raise DistributedError(f"rank {world.rank}/{world.size}: {what} failed: {cause}. "
                                f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
+
+
+def failure_flag(world: World, failed: bool, what: str = "failure flag") -> None:
+    """All ranks say whether they failed (an all-reduce of one int per rank). Raises :class:`PeerFailure` on every
+    rank that did not fail when another did (naming it and, where it called :func:`record_failure`, its error); a
+    rank that failed (``failed=True``) returns. A no-op for a single process."""
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    flags = torch.zeros(world.size, dtype=torch.int64, device=world.comm_device)
+    flags[world.rank] = int(bool(failed))
+    COMM.add("failure_flag", flags.numel() * flags.element_size())
+    _collective(world, what, lambda: dist.all_reduce(flags, op=dist.ReduceOp.SUM), check=False)
+    ranks = [r for r, flag in enumerate(flags.cpu().tolist()) if flag]
+    if ranks and not failed:
+        note = _failure_note()
+        raise PeerFailure(f"rank {world.rank}/{world.size}: rank(s) {ranks} failed before {what}"
+                          + (f" — {note}" if note else ""))
 
 
 def barrier(world: World, what: str = "barrier") -> None:

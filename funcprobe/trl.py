@@ -82,6 +82,7 @@ the start of training, the same way).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -96,12 +97,13 @@ import torch
 from torch import Tensor
 
 from .batch import RolloutBatch
+from .distributed import SINGLE, DistributedError, World
 from .heldout import delta_h1_heldout, paired_difference
 from .policy import Policy
-from .realised import importance_weighted_delta_h, weight_diagnostics
+from .realised import importance_weighted_delta_h, sharded_pass, weight_diagnostics
 
 __all__ = ["EntropyChangeCallback", "rollout_batch_from_trl", "TRLRollouts", "reverse_importance_change",
-           "ReverseChange", "trl_entropy_per_token", "PREFIX"]
+           "ReverseChange", "trl_entropy_per_token", "merge_process_rows", "PREFIX"]
 
 logger = logging.getLogger("funcprobe.trl")
 
@@ -174,7 +176,8 @@ def rollout_batch_from_trl(micro_batches: Sequence[Mapping[str, Any]], *, G: int
 
 def trl_entropy_per_token(token_entropy_sums: Tensor, rollouts: TRLRollouts) -> float:
     """TRL's ``entropy`` metric of one optimizer step from funcprobe's summed next-token entropies Σ_k m h [B, G]:
-    per micro-batch Σ m h / Σ m (``global_masked_mean``, one process), then the mean over the micro-batches (TRL
+    per micro-batch Σ m h / Σ m (``global_masked_mean``: with several processes, ``rollouts.rows[i]`` holds the rows
+    of every process's i-th micro-batch, see :func:`merge_process_rows`), then the mean over the micro-batches (TRL
     appends one value per ``training_step``; ``GRPOTrainer.log`` averages them). Nats per token."""
     values = []
     for rows in rollouts.rows:
@@ -183,6 +186,20 @@ def trl_entropy_per_token(token_entropy_sums: Tensor, rollouts: TRLRollouts) -> 
         count = float(rollouts.lengths[index[:, 0], index[:, 1]].sum())
         values.append(total / max(count, 1.0))
     return sum(values) / len(values)
+
+
+def merge_process_rows(rollouts: TRLRollouts, processes: int) -> TRLRollouts:
+    """The rollouts of :func:`rollout_batch_from_trl` on every process's micro-batches (process-major: process 0's M
+    micro-batches, then process 1's, …) with ``rows[i]`` the rows of micro-batch i of every process together: TRL's
+    ``global_masked_mean`` sums each ``training_step``'s Σ m h and Σ m over the processes before it divides."""
+    count = len(rollouts.rows)
+    if processes <= 1:
+        return rollouts
+    if count % processes:
+        raise ValueError(f"{count} micro-batches do not split evenly over {processes} processes")
+    per = count // processes
+    rows = tuple(tuple(row for r in range(processes) for row in rollouts.rows[r * per + i]) for i in range(per))
+    return dataclasses.replace(rollouts, rows=rows)
 
 
 # ------------------------------------------------------------------------------------- the realised change, reversed
@@ -221,7 +238,7 @@ class ReverseChange:
 
 def reverse_importance_change(params_before: Mapping[str, Tensor], params_after: Mapping[str, Tensor],
                               batch: RolloutBatch, *, policy: Policy, seq_chunk: int | None = None,
-                              token_chunk: int | None = None) -> ReverseChange:
+                              token_chunk: int | None = None, world: World | None = None) -> ReverseChange:
     """ΔĤ = Ĥ(θ_b) − Ĥ(θ_a) on ``batch`` drawn from π at ``params_after`` = θ_b, by importance sampling back to
     ``params_before`` = θ_a (Rao-Blackwell integrand; two no-grad forwards): per sequence by ordinary importance
     sampling with a leave-one-out control variate (``normalize="loo"``, unbiased at any step size), per token by the
@@ -230,10 +247,16 @@ def reverse_importance_change(params_before: Mapping[str, Tensor], params_after:
     It is ``funcprobe.realised.importance_weighted_delta_h`` with the roles of θ and θ⁺ exchanged (the samples'
     θ is θ_b), negated: log w = S_{θ_a} − S_{θ_b}, ΔĤ_n = f̄_b − [f̄_a + (1/(G−1)) Σ_g w_g (f_a,g − f̄_a)]. Per-prompt
     values, SE and the weight diagnostics carry over unchanged (the SE of −X is that of X).
+
+    ``world`` (``funcprobe.distributed``): every rank passes the whole batch and forwards its share of the sequence
+    chunks; the values are summed over the ranks (``sharded_pass``), so every rank gets the one-process result.
     """
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk)
-    S_b, E_b = policy.sequence_logprobs_and_entropies(params_after, batch, **chunks)
-    S_a, E_a = policy.sequence_logprobs_and_entropies(params_before, batch, **chunks)
+    forward = sharded_pass(world, batch)
+    S_b, E_b = forward(lambda **k: torch.stack(policy.sequence_logprobs_and_entropies(params_after, batch, **chunks,
+                                                                                      **k)))
+    S_a, E_a = forward(lambda **k: torch.stack(policy.sequence_logprobs_and_entropies(params_before, batch, **chunks,
+                                                                                      **k)))
     # importance_weighted_delta_h(S, S⁺) estimates H(θ⁺) − H(θ) from samples at θ: here θ = θ_b, θ⁺ = θ_a.
     back = importance_weighted_delta_h(S_b, S_a, normalize="loo", values_before=E_b, values_after=E_a)
     lengths = batch.response_lengths.to("cpu", torch.float64)
@@ -303,6 +326,8 @@ class EntropyChangeCallback(_CallbackBase):
         self._pending: _Pending | None = None
         self._last_buffer: Any = None      # the generation (list object) the previous step used; held for identity
         self._reliable_reason: str | None = None
+        self._world: World = SINGLE          # several processes: the process group's, checked (on_train_begin)
+        self._owe_flag = False                # failed outside on_step_end: tell the peers at the next on_step_end
         self._reset_step()
 
     # ------------------------------------------------------------------------------------------------ plumbing
@@ -318,18 +343,35 @@ class EntropyChangeCallback(_CallbackBase):
         return self.error is None
 
     @property
+    def distributed(self) -> bool:
+        return self._world.distributed
+
+    @property
     def model(self):
         model = self.trainer.model
         accelerator = getattr(self.trainer, "accelerator", None)
         return accelerator.unwrap_model(model) if accelerator is not None else model
 
     @contextlib.contextmanager
-    def _guard(self, what: str):
-        """Time the block; a failure is warned about once and switches the callback off (training goes on)."""
+    def _guard(self, what: str, synced: bool = False):
+        """Time the block; a failure is warned about once and switches the callback off (training goes on).
+
+        Several processes: every rank switches off together. A rank whose own code failed (not a collective, not a
+        peer's failure) tells the others through ``funcprobe.distributed.failure_flag``: at once in a ``synced``
+        block (on_train_begin, on_step_end, where the peers are in funcprobe's collectives or its closing flag),
+        else at the start of the next on_step_end (the peers may be in the trainer's own collectives meanwhile)."""
         started = time.perf_counter()
         try:
             yield
         except Exception as error:  # noqa: BLE001 - nothing in here may stop the training run
+            if self.distributed and not isinstance(error, DistributedError):
+                self._owe_flag = True
+                from .distributed import record_failure
+
+                record_failure(self._world, RuntimeError(f"funcprobe callback, {what}: {type(error).__name__}: "
+                                                         f"{error}"))
+                if synced:
+                    self._pay_flag(what)
             self.error = f"{what}: {type(error).__name__}: {error}\n{traceback.format_exc()}"
             message = (f"funcprobe EntropyChangeCallback failed in {what} ({type(error).__name__}: {error}); it is "
                        "off for the rest of this run, training continues. callback.error has the traceback.")
@@ -340,6 +382,18 @@ class EntropyChangeCallback(_CallbackBase):
             self._reset_step()
         finally:
             self._elapsed += time.perf_counter() - started
+
+    def _pay_flag(self, what: str) -> None:
+        """This rank's one ``failure_flag(world, True)`` after its own failure (see :meth:`_guard`)."""
+        if not self._owe_flag:
+            return
+        self._owe_flag = False
+        from .distributed import failure_flag
+
+        try:
+            failure_flag(self._world, True, f"funcprobe callback, {what}")
+        except Exception as error:  # noqa: BLE001 - the process group itself is broken; nothing more to tell
+            logger.warning("funcprobe EntropyChangeCallback could not tell the other ranks that it failed: %s", error)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -386,15 +440,27 @@ class EntropyChangeCallback(_CallbackBase):
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.active:
             return
-        with self._guard("on_train_begin"):
-            trainer = self.trainer
-            accelerator = getattr(trainer, "accelerator", None)
-            if accelerator is not None and accelerator.num_processes > 1:
-                raise NotImplementedError(f"{accelerator.num_processes} processes: each holds a shard of the "
-                                          "rollouts, and gathering them is not implemented yet")
+        accelerator = getattr(self.trainer, "accelerator", None)
+        processes = int(getattr(accelerator, "num_processes", 1) or 1)
+        with self._guard("on_train_begin"):  # the same on every rank: no rank has a world yet if it fails
+            if processes > 1:
+                from .distributed import world_of_process_group
+
+                world = world_of_process_group(checked=True)
+                if world.size != processes:
+                    raise RuntimeError(f"accelerate runs {processes} processes but torch.distributed's default "
+                                       f"process group has {world.size}: the rollouts cannot be gathered")
+                self._world = world
+        if not self.active:
+            return
+        with self._guard("on_train_begin", synced=True):
             with self._eval_mode():
                 self._policy = Policy.from_peft(self.model, temperature=float(args.temperature))
-            self._objective, self.step_match_reason = _trainer_objective(args)
+            self._objective, self.step_match_reason = _trainer_objective(args, processes)
+            if self.distributed:
+                from .distributed import failure_flag
+
+                failure_flag(self._world, False, "the end of funcprobe's on_train_begin")
             if self.step_match_reason is not None:
                 logger.warning("funcprobe EntropyChangeCallback: step_match is null for this run: %s",
                                self.step_match_reason)
@@ -426,13 +492,20 @@ class EntropyChangeCallback(_CallbackBase):
                                                             self._policy.param_names)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._owe_flag:  # this rank failed since the last on_step_end: its peers learn it here, all switch off
+            self._pay_flag("on_step_end")
+            return
         if not self.active or self._theta_begin is None:
             return
         step = state.global_step
         record: dict[str, Any] = {"step": step}
-        with self._guard("on_step_end"):
+        with self._guard("on_step_end", synced=True):
             with self._eval_mode():
                 self._step_end(args, step, record)
+            if self.distributed:  # every rank got here without failing, or all switch off together
+                from .distributed import failure_flag
+
+                failure_flag(self._world, False, "the end of funcprobe's on_step_end")
         if not self.active:
             return
         record["overhead_s"] = self._elapsed
@@ -467,24 +540,29 @@ class EntropyChangeCallback(_CallbackBase):
         self._last_buffer = self._micro[-1][0]
         probed = self._probed(step)
         measure = new_generation is not None and self._pending is not None
+        whole = [buffer[index] for buffer, index in self._micro]     # this step's micro-batches, in order
+        # the evaluation batch is the whole new generation: this step's micro-batches when it serves one step
+        same = measure and len(new_generation) == len(whole) and all(
+            any(mb is entry for mb in whole) for entry in new_generation)
+        generation = list(new_generation) if measure and not same else []
+        if self.distributed:  # every process's rollouts, on every rank (each holds its shard of the prompts' rows)
+            whole, generation = self._gather_rollouts(step, (probed, measure, same), whole, generation)
         if not (probed or measure):
             return
-        whole = [buffer[index] for buffer, index in self._micro]     # this step's micro-batches, in order
-        own = rollout_batch_from_trl(whole, **convert)
+        own = merge_process_rows(rollout_batch_from_trl(whole, **convert), self._world.size)
         theta_b = self._theta_begin
         own_sums = None
         if measure:
-            # the evaluation batch is the whole new generation: this step's micro-batches when it serves one step
-            same = len(new_generation) == len(whole) and all(
-                any(mb is entry for mb in whole) for entry in new_generation)
-            evaluation = own if same else rollout_batch_from_trl(list(new_generation), **convert)
+            evaluation = own if same else rollout_batch_from_trl(generation, **convert)
             change = self._measure(self._pending, theta_b, evaluation.batch, step - 1, record)
             if same:
                 own_sums = change.token_entropy_sums_after
             self._pending = None
         if probed:
             if own_sums is None:
-                own_sums = policy.token_entropies(self._on_device(theta_b), own.batch, **self.chunks)
+                theta_dev = self._on_device(theta_b)
+                own_sums = sharded_pass(self._world, own.batch)(
+                    lambda **k: policy.token_entropies(theta_dev, own.batch, **self.chunks, **k))
             record["entropy_per_token"] = trl_entropy_per_token(own_sums, own)
             record["step_match"] = self._step_match(theta_b, own.batch, record)
             record["update_match"] = self._update_match(theta_b, record)
@@ -494,13 +572,33 @@ class EntropyChangeCallback(_CallbackBase):
             if self._pending is None:
                 self._pending = _Pending(theta=theta_b, first_step=step)
 
+    def _gather_rollouts(self, step: int, decision: tuple[bool, bool, bool], whole: list, generation: list
+                         ) -> tuple[list, list]:
+        """Every process's micro-batches of this step and of the evaluation generation, process-major (the same
+        lists on every rank), from one ``all_gather_object`` of CPU copies; every rank takes part at every step,
+        and all must have decided the same (probed, measured, evaluation = this step's rollouts)."""
+        from .distributed import all_gather_objects
+
+        wanted = decision[0] or decision[1]
+        mine = {"decision": decision, "whole": [_portable(mb) for mb in whole] if wanted else [],
+                "generation": [_portable(mb) for mb in generation]}
+        pieces = all_gather_objects(self._world, mine, f"funcprobe callback: all_gather of step {step}'s rollouts")
+        decisions = {piece["decision"] for piece in pieces}
+        if len(decisions) > 1:  # the same error on every rank (they all hold the same pieces)
+            raise RuntimeError(f"the processes disagree on what step {step} does (probed, measured, evaluation = "
+                               f"this step's rollouts): {sorted(decisions)}")
+        return ([mb for piece in pieces for mb in piece["whole"]],
+                [mb for piece in pieces for mb in piece["generation"]])
+
     def _measure(self, pending: _Pending, theta_b: dict[str, Tensor], batch: RolloutBatch, last_step: int,
                  record: dict[str, Any]) -> ReverseChange:
         policy = self._policy
         theta_a, theta_b_dev = pending.theta, self._on_device(theta_b)
-        change = reverse_importance_change(self._on_device(theta_a), theta_b_dev, batch, policy=policy, **self.chunks)
+        change = reverse_importance_change(self._on_device(theta_a), theta_b_dev, batch, policy=policy, **self.chunks,
+                                           world=self._world)
         delta = {n: theta_b[n].to(torch.float64) - theta_a[n].to(torch.float64) for n in theta_b}
-        first = delta_h1_heldout(theta_b_dev, delta, batch, policy=policy, integrand=self.integrand, **self.chunks)
+        first = delta_h1_heldout(theta_b_dev, delta, batch, policy=policy, integrand=self.integrand, **self.chunks,
+                                 world=self._world)
         paired = paired_difference(change.pairing(), first)
         diag = change.diagnostics
         record.update({
@@ -525,13 +623,27 @@ class EntropyChangeCallback(_CallbackBase):
             record["step_match_reason"] = self.step_match_reason or "the clipped gradient was not captured"
             return math.nan
         from .adam import grad_clip_coef
-        from .update import policy_gradient
+        from .update import policy_gradient, shard_policy_gradient
 
-        try:
-            _, ybar = policy_gradient(self._on_device(theta), batch, policy=self._policy,
-                                      objective=self._objective, **self.chunks)
+        refused = None
+        try:  # several processes: this rank's prompts (the whole batch's weights), then summed over the ranks
+            if self.distributed:
+                _, ybar = shard_policy_gradient(self._on_device(theta), batch, list(self._world.shard(batch.B)),
+                                                policy=self._policy, objective=self._objective, **self.chunks)
+            else:
+                _, ybar = policy_gradient(self._on_device(theta), batch, policy=self._policy,
+                                          objective=self._objective, **self.chunks)
         except ValueError as error:  # a setting the Objective holds but the policy refuses (e.g. DoRA with β > 0)
-            self.step_match_reason = f"funcprobe's gradient of this batch: {error}"
+            refused = f"funcprobe's gradient of this batch: {error}"
+        if self.distributed:  # all ranks learn whether any refused, then all or none sum their parts
+            from .distributed import all_gather_objects, all_reduce_sum_
+
+            refusals = all_gather_objects(self._world, refused, "funcprobe callback: all_gather of step_match refusals")
+            refused = refused or (refusals[0] if refusals else None)
+            if refused is None:
+                all_reduce_sum_(self._world, ybar, "funcprobe callback: all_reduce of the RL gradient")
+        if refused is not None:
+            self.step_match_reason = refused
             record["step_match_reason"] = self.step_match_reason
             return math.nan
         grad = {n: -y for n, y in ybar.items()}
@@ -563,6 +675,8 @@ class EntropyChangeCallback(_CallbackBase):
     def _emit(self, record: dict[str, Any]) -> None:
         """Append the step's values to TRL's metrics, which ``GRPOTrainer.log`` writes into this step's row."""
         self.history.append(record)
+        if not self._world.is_main:  # the values are the same on every rank; TRL logs the main process's
+            return
         metrics = getattr(self.trainer, "_metrics", None)
         if metrics is None or "train" not in metrics:
             return
@@ -573,12 +687,12 @@ class EntropyChangeCallback(_CallbackBase):
             metrics["train"][PREFIX + key].append(value if math.isfinite(value) else math.nan)
 
 
-def _trainer_objective(args) -> tuple[Any, str | None]:
+def _trainer_objective(args, processes: int = 1) -> tuple[Any, str | None]:
     """(the Objective of the trainer's step, None) or (None, why funcprobe cannot model it)."""
     from .trainer_config import trainer_settings
 
     try:
-        settings = trainer_settings(args.to_dict(), source="trainer.args")
+        settings = trainer_settings({**args.to_dict(), "num_processes": int(processes)}, source="trainer.args")
     except ValueError as error:
         return None, str(error)
     return settings.objective, None
@@ -598,6 +712,13 @@ def _optimizer_snapshot(optimizer, model, names: Sequence[str]) -> dict[str, Any
                             for key, v in entry.items()} for k, entry in state_dict["state"].items()},
               "param_groups": [dict(g) for g in state_dict["param_groups"]]}
     return {"state_dict": copied, "names": order}
+
+
+def _portable(micro_batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a TRL micro-batch that :func:`rollout_batch_from_trl` reads, as CPU tensors (to pickle)."""
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "tool_mask")
+    return {k: (micro_batch[k].detach().to("cpu") if isinstance(micro_batch[k], Tensor) else micro_batch[k])
+            for k in keys if k in micro_batch}
 
 
 def _pad_id(trainer) -> int:

@@ -23,7 +23,8 @@ from .batch import RolloutBatch, as_rollout_batch
 from .objective import Objective, resolve_objective
 from .policy import ChunkLogprobs, Policy
 
-__all__ = ["StepCotangent", "step_cotangent", "policy_gradient", "rl_update", "update_direction", "apply_step"]
+__all__ = ["StepCotangent", "step_cotangent", "policy_gradient", "shard_policy_gradient", "rl_update",
+           "update_direction", "apply_step"]
 
 
 @dataclass(frozen=True)
@@ -101,31 +102,46 @@ def policy_gradient(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy
     With a distributed ``world`` (issue 6) every rank passes the whole batch, differentiates its shard of prompts
     with the global weights, and Ȳ is all-reduced (one LoRA-sized float64 vector); S is all-gathered.
     """
-    batch = as_rollout_batch(batch, "policy_gradient: batch")
-    objective = resolve_objective(objective, batch, "policy_gradient")
-    if not isinstance(policy, Policy):
-        raise ValueError(f"the step needs policy=funcprobe.Policy(...) (load_policy(base, adapter) or "
-                         f"load_checkpoint(path).policy); got {type(policy).__name__}.")
     distributed = world is not None and world.distributed
-    mine = list(world.shard(batch.B)) if distributed else list(range(batch.B))
-    chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
-    ybar = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in params.items()}
-    logprobs = torch.zeros((len(mine), batch.G), dtype=torch.float64)
-    if mine:
-        cotangent = step_cotangent(params, batch, policy=policy, objective=objective,
-                                   prompts=mine if distributed else None, **chunks).select_prompts(mine)
-        part = batch.select_prompts(mine) if distributed else batch
-        flat = logprobs.reshape(-1)
-        for item in policy.iter_logprob_vjps(params, part, **chunks):
-            flat[item.chunk.flat_index.cpu()] = item.logprobs.cpu()
-            for name, grad in item.token_vjp(cotangent.for_chunk(item)).items():
-                ybar[name] += grad.to("cpu", torch.float64)
+    batch = as_rollout_batch(batch, "policy_gradient: batch")
+    mine = list(world.shard(batch.B)) if distributed else None
+    logprobs, ybar = shard_policy_gradient(params, batch, mine, policy=policy, objective=objective,
+                                           seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
     if not distributed:
         return logprobs, ybar
     from .distributed import all_reduce_sum_, gather_rows, shard_counts
 
     all_reduce_sum_(world, ybar, "all_reduce of the RL gradient")
     logprobs = gather_rows(world, logprobs, shard_counts(batch.B, world.size), "all_gather of S")
+    return logprobs, ybar
+
+
+def shard_policy_gradient(params: Mapping[str, Tensor], batch: RolloutBatch, prompts: Sequence[int] | None, *,
+                          policy: Policy, objective: Objective | None = None, seq_chunk: int | None = None,
+                          token_chunk: int | None = None,
+                          progress: bool | None = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """The part of :func:`policy_gradient` that the prompts ``prompts`` of ``batch`` contribute, with the whole
+    batch's weights (its normalisers, advantages and batch statistics), and their S [len(prompts), G]; None: every
+    prompt. No collective: summing the parts of disjoint shards that cover the batch gives its Ȳ."""
+    batch = as_rollout_batch(batch, "policy_gradient: batch")
+    objective = resolve_objective(objective, batch, "policy_gradient")
+    if not isinstance(policy, Policy):
+        raise ValueError(f"the step needs policy=funcprobe.Policy(...) (load_policy(base, adapter) or "
+                         f"load_checkpoint(path).policy); got {type(policy).__name__}.")
+    sharded = prompts is not None
+    mine = list(prompts) if sharded else list(range(batch.B))
+    chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
+    ybar = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in params.items()}
+    logprobs = torch.zeros((len(mine), batch.G), dtype=torch.float64)
+    if mine:
+        cotangent = step_cotangent(params, batch, policy=policy, objective=objective,
+                                   prompts=mine if sharded else None, **chunks).select_prompts(mine)
+        part = batch.select_prompts(mine) if sharded else batch
+        flat = logprobs.reshape(-1)
+        for item in policy.iter_logprob_vjps(params, part, **chunks):
+            flat[item.chunk.flat_index.cpu()] = item.logprobs.cpu()
+            for name, grad in item.token_vjp(cotangent.for_chunk(item)).items():
+                ybar[name] += grad.to("cpu", torch.float64)
     return logprobs, ybar
 
 
