@@ -67,16 +67,41 @@ TRL facts relied on (trl 1.16, ``trl/trainer/grpo_trainer.py``): ``_prepare_inpu
 micro-batch (keys ``prompt_ids``, ``prompt_mask``, ``completion_ids``, ``completion_mask``, ``advantages``); the
 ``entropy`` metric is ``global_masked_mean`` of the fused LM head's entropies, one value per ``training_step``;
 ``GRPOTrainer.log`` averages ``_metrics["train"]`` over the logging window (NaN ignored, None when none is left) and
-clears it. Transformers' loop: ``on_step_begin`` → micro-batches (``on_substep_end`` after each but the last) →
-clipping → ``on_pre_optimizer_step`` (clipped gradients in place) → ``optimizer.step()`` → scheduler → ``zero_grad``
-→ ``global_step += 1`` → ``on_step_end`` → the step's log.
+clears it. Several processes: ``RepeatSampler`` + accelerate give each process a contiguous slice of the
+generation's rows; ``_generate_and_score_completions`` gathers the rewards, computes the advantages on all of them
+and keeps the process's slice; ``shuffle_sequence_dict`` / ``split_tensor_dict`` then act per process; the
+``entropy`` metric's ``global_masked_mean`` reduces (sum, count) over the processes per ``training_step``.
+Transformers' loop: ``on_step_begin`` → micro-batches (``on_substep_end`` after each but the last) → clipping →
+``on_pre_optimizer_step`` (clipped gradients in place) → ``optimizer.step()`` → scheduler → ``zero_grad`` →
+``global_step += 1`` → ``on_step_end`` → the step's log.
 
 The callback never changes the training: it reads parameters, gradients and the optimizer state and copies them to
 the CPU, computes with ``torch.func.functional_call`` on its own tensors (no ``.grad`` is written), switches the
 model to eval mode only while it computes and restores its mode, and draws no random numbers. A failure inside it
 is warned about once (``warnings`` and the ``funcprobe.trl`` logger), switches the callback off for the rest of the
-run (``callback.error`` keeps it), and never stops training. Several processes are not supported yet (refused at
-the start of training, the same way).
+run (``callback.error`` keeps it), and never stops training.
+
+**Several processes** (``accelerate launch`` / ``torchrun``, DDP; ``num_processes`` from ``trainer.accelerator``,
+the collectives on the trainer's own default process group, gloo or NCCL). Each process holds its shard of the
+step's rows in ``_buffered_inputs`` (TRL's sampler hands each process a contiguous slice of the generation, so a
+prompt's G completions may sit on two processes; the advantages are computed on the gathered rewards and sliced by
+``process_index``), and the LoRA tensors, the clipped gradient (DDP's all-reduced mean) and the optimizer state are
+the same on every rank. At every ``on_step_end`` every rank ``all_gather_object``s CPU copies of its micro-batches
+(and of the new generation where it is not this step's), so every rank builds the same batch, process-major then
+grouped by prompt; :func:`merge_process_rows` pairs process p's i-th micro-batch with the others' i-th, the group
+TRL's ``global_masked_mean`` reduces for its ``entropy`` (Σ m h and Σ m summed over processes, then divided; then
+the mean over the step's micro-batches). The work is sharded as the torchrun path shards it: each rank forwards its
+share of the sequence chunks for S and Σ h at θ_a and θ_b (``reverse_importance_change(world=)``, values summed over
+ranks) and its contiguous shard of prompts for δĤ₁(E) (``delta_h1_heldout(world=)``, D_n gathered) and for the
+step's RL gradient (its part with the whole batch's weights and TRL's advantages, summed over ranks, against the
+DDP gradient). So every rank ends with the one-process numbers for the gathered batch, at about 1/P of the compute
+each plus one gather of token ids, a few per-prompt rows and one LoRA-sized all-reduce per step. Only the main
+process writes to TRL's metrics (``log_history`` and the reporters are the main process's); ``history`` is kept on
+every rank. Failures switch every rank off together: the callback's world is *checked*
+(``funcprobe.distributed.failure_flag``, an all-reduce of one int per rank, precedes each of its collectives), and a
+rank whose own code fails raises the flag once — at once inside ``on_step_end`` / ``on_train_begin``, else at the
+next ``on_step_end`` (meanwhile its peers are in the trainer's collectives) — so the peers' next flag meets it, they
+switch off with a ``PeerFailure`` naming that rank and its error, and no rank waits in a collective the others left.
 """
 
 from __future__ import annotations
