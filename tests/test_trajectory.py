@@ -78,6 +78,7 @@ def test_one_entry_per_checkpoint_and_one_change_per_pair(result, run_dir):
     assert [(c.from_step, c.to_step, c.steps) for c in result.changes] == [(1, 2, 1), (2, 3, 1)]
     assert [Path(e.path).name for e in result.checkpoints] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert any("checkpoint-5" in note for note in result.notes)
+    assert any("no trainer config" in note for note in result.notes)   # the tiny run saved none: said, not hidden
     for entry in result.checkpoints:
         assert entry.entropy > 0 and entry.entropy_se > 0 and entry.entropy_per_token > 0
         assert len(entry.entropy_per_prompt) == 4 and entry.tokens > 0
