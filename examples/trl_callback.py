@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     if not args.no_trajectory:
         from funcprobe.trajectory import trajectory, plot_trajectory
 
-        found = trajectory(out, reward="funcprobe.demo_real:arithmetic_reward",
-                           trainer_config=out / "trainer_config.json", B=8, G=4, seed=0, progress=False)
+        # OUT/trainer_config.json (written by make_trainer) is read by default: the predicted steps are the run's.
+        found = trajectory(out, reward="funcprobe.demo_real:arithmetic_reward", B=8, G=4, seed=0, progress=False)
         plot = out / "trajectory.png"
         plot_trajectory(found, plot)
         (out / "trajectory.json").write_text(json.dumps(found.to_dict(), indent=1, allow_nan=False) + "\n",

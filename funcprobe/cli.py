@@ -214,7 +214,8 @@ def _add_probe_parser(commands, name: str = "probe", **parser_text) -> argparse.
     step.add_argument("--trainer-config", default=None, metavar="FILE",
                       help="a JSON or YAML file of the run's TRL GRPOConfig fields (loss_type, beta, scale_rewards, "
                       "num_generations, max_completion_length, temperature, max_grad_norm, …); missing fields take "
-                      "TRL's defaults")
+                      "TRL's defaults" + (" (default: RUN_DIR/trainer_config.json when the run folder holds one)"
+                                          if run else ""))
     step.add_argument("--trust-training-args", action="store_true",
                       help="read the checkpoint's training_args.bin (a pickle: loading it runs code from the file)")
     step.add_argument("--lr", type=float, default=None, help="learning rate of the step (default: the optimizer "
@@ -596,10 +597,14 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
 
 def run_trajectory_command(args: argparse.Namespace, *, progress: bool | None, echo=print) -> dict:
     """The ``trajectory`` command: the config from ``args`` (output paths and cheap checks first, as ``probe``),
-    ``trajectory.trajectory`` over the run folder, the tables printed, then ``--out`` (the JSON) and ``--plot``."""
+    ``trajectory.trajectory`` over the run folder (with RUN_DIR/trainer_config.json when no --trainer-config is given,
+    as the library), the tables printed, then ``--out`` (the JSON) and ``--plot``."""
     from .report import save_outputs
-    from .trajectory import trajectory
+    from .trajectory import run_trainer_config, trajectory
 
+    found = run_trainer_config(args.checkpoint)
+    if args.trainer_config is None and not args.trust_training_args and found is not None:
+        args = argparse.Namespace(**{**vars(args), "trainer_config": os.fspath(found)})  # the run's own, as the library
     config = probe_config_from_args(args)
     result = trajectory(config.checkpoint, config=config, progress=progress, echo=echo)
     echo("\n" + str(result))

@@ -77,7 +77,11 @@ from .trainer_log import CALLBACK_PREFIX, TrainerLog
 from .trajectory_plot import plot_trajectory
 
 __all__ = ["trajectory", "trajectory_config", "Trajectory", "CheckpointEntropy", "EntropyChange", "run_checkpoints",
-           "per_token_entropy", "plot_trajectory", "CALLBACK_PREFIX"]
+           "run_trainer_config", "per_token_entropy", "plot_trajectory", "CALLBACK_PREFIX"]
+
+#: The file a run folder's trainer config is read from when none is given (``examples/trl_callback.py`` and
+#: ``examples/train_trl_checkpoint.py`` write the GRPOConfig's fields there).
+TRAINER_CONFIG_FILE = "trainer_config.json"
 
 #: What each unit of the results means, written into the JSON so that a reader of the file needs no other page.
 UNITS = {
@@ -236,6 +240,13 @@ def run_checkpoints(run_dir: str | os.PathLike) -> tuple[list[tuple[int, Path]],
     return usable, notes
 
 
+def run_trainer_config(run_dir: str | os.PathLike) -> Path | None:
+    """``RUN_DIR/trainer_config.json`` when the run folder holds one (the trainer config a trajectory reads when none
+    is given), else None."""
+    candidate = Path(run_dir) / TRAINER_CONFIG_FILE
+    return candidate if candidate.is_file() else None
+
+
 def trajectory_config(run_dir: str | os.PathLike, *, reward: Sequence[str] | str | None = None,
                       trainer_config: str | os.PathLike | None = None, B: int | None = None, G: int | None = None,
                       eval_B: int | None = None, eval_G: int | None = None, seed: int = 0,
@@ -327,7 +338,9 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
             ``run_dir`` is); None: :func:`trajectory_config` of the keywords below, which are ignored otherwise.
         reward: the reward function specs (TRL's signature; "module:function", "path.py:function", or a built-in),
             used to score the update batches (and the evaluation draws, for their mean reward); default "answer".
-        trainer_config: the run's GRPOConfig fields (JSON/YAML): the step's loss, G, the budget, τ.
+        trainer_config: the run's GRPOConfig fields (JSON/YAML): the step's loss, G, the budget, τ (default:
+            ``RUN_DIR/trainer_config.json`` when the run folder holds one, :func:`run_trainer_config`; else none:
+            funcprobe's defaults, which may not be the run's — a note says so).
         B, G: the update batch of each prediction (default: the trainer config's, else 16 × 8). eval_B, eval_G: the
             evaluation set (default: B, G). seed: seeds U's prompts and draws; E's seed is derived from it.
         max_new_tokens: the generation budget (default: the trainer config's, else 100).
@@ -347,6 +360,8 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
     state, or trainer settings funcprobe cannot reproduce, is not an error: its prediction is null with the reason.
     """
     started = time.perf_counter()
+    if config is None and trainer_config is None:
+        trainer_config = run_trainer_config(run_dir)
     config = config if config is not None else trajectory_config(
         run_dir, reward=reward, trainer_config=trainer_config, B=B, G=G, eval_B=eval_B, eval_G=eval_G, seed=seed,
         max_new_tokens=max_new_tokens, prompts=None if prompts is None else os.fspath(prompts))
@@ -355,6 +370,14 @@ def trajectory(run_dir: str | os.PathLike, *, config: ProbeConfig | None = None,
     log = TrainerLog.read([path for _, path in folders])
     echo(f"run: {run_dir}: {len(folders)} checkpoint(s) (steps {', '.join(str(n) for n, _ in folders)}); policy "
          f"{run.policy}")
+    settings = config.step.trainer_settings
+    if settings is None:
+        notes.append("no trainer config (none given, no trainer_config.json in the run folder): the predicted steps "
+                     "use funcprobe's default loss and sizes, which may not be the run's; pass trainer_config= "
+                     "(--trainer-config FILE)")
+    else:
+        files = sorted({v for v in settings.sources.values() if v not in ("TRL default", "flag", "not derivable")})
+        echo(f"trainer config: {', '.join(files) or 'TRL defaults'}")
     steps = (f"none — {run.refused}" if run.refused else
              f"AdamW from each checkpoint's optimizer state; {config.step.objective.describe()}")
     echo(f"predicted next steps: {steps}")

@@ -1,15 +1,17 @@
 """The trajectory's plot: :func:`plot_trajectory` (a ``Trajectory``, or its JSON read back, → a PNG).
 
-Three panels over the training step N (shared x axis):
+Two panels over the training step N (shared x axis):
 
 1. the entropy per token on the evaluation set, Ĥ_tok(θ_N) ± 1.96 SE (a band), on the same axis as TRL's logged
    ``entropy`` (also per token). TRL's row s is drawn at x = s − 1: its rollouts were drawn at θ_{s−1}, before step
    s, so at that x it is an entropy of the same parameters (on the trainer's prompts and draws, not E's);
-2. the entropy per response, Ĥ(θ_N) ± 1.96 SE (the Rao-Blackwell estimate the changes are made of);
-3. the change per optimizer step, nats per response: the paired change between consecutive checkpoints (common
-   random numbers; hollow where its verdict says few draws changed) and the first-order change along the step really
-   taken, both divided by the steps between the checkpoints; the importance-sampling check where its weights are
-   reliable; and each checkpoint's prediction δĤ₁(E) of its next step (one step, at x = N + ½). Error bars ±1.96 SE.
+2. the change per optimizer step, nats per response (spec §6 and §9's unit): the paired change between consecutive
+   checkpoints (common random numbers; hollow where its verdict says few draws changed) and the first-order change
+   along the step really taken, both divided by the steps between the checkpoints; the importance-sampling check
+   where its weights are reliable; each checkpoint's prediction δĤ₁(E) of its next step (one step, at x = N + ½); and
+   the TRL callback's realised change on the trainer's rollouts. Error bars ±1.96 SE.
+
+The entropy per response (and every number drawn) is in the JSON; the plot is for reading the run at a glance.
 """
 
 from __future__ import annotations
@@ -60,40 +62,29 @@ def plot_trajectory(result: Any, path: str | os.PathLike) -> str:
     steps = [p["step"] for p in points]
     gaps = [b - a for a, b in zip(steps, steps[1:])] or [1]
     offset = 0.09 * min(gaps)
-    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9.5, 11), sharex=True,
-                                              gridspec_kw={"height_ratios": [1.1, 0.8, 1.3]})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9.5, 8.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [1.0, 1.2]})
     ev = data["evaluation"]
 
     _entropy_panel(top, steps, [p["entropy_per_token"] for p in points],
                    [p["entropy_per_token_se"] for p in points], color="C0",
-                   label=f"Ĥ per token on the evaluation set (B={ev['B']}×G={ev['G']}), ±{Z} SE")
+                   label=f"Ĥ per token on the evaluation set (B={ev['B']}×G={ev['G']}, the same draws at each "
+                         f"checkpoint), ±{Z} SE")
     trl = (data.get("trl_history") or {}).get("entropy") or []
     trl = [(s - 1, v) for s, v in trl if _finite(v)]
     if trl:
-        top.plot([x for x, _ in trl], [v for _, v in trl], "-", color="C1", lw=1.3, marker=".", ms=5,
-                 label="TRL logged entropy: row s drawn at x = s−1 (its rollouts came from θₛ₋₁)")
+        top.plot([x for x, _ in trl], [v for _, v in trl], "-", color="C1", lw=1.3, marker=".", ms=6,
+                 label="TRL's logged entropy on its own rollouts: row s at x = s−1 (they were drawn at θₛ₋₁)")
     top.set_ylabel("entropy (nats/token)")
-    top.set_title("entropy per token: funcprobe on one fixed evaluation set, beside TRL's log", fontsize=10)
-
-    _entropy_panel(middle, steps, [p["entropy"] for p in points], [p["entropy_se"] for p in points], color="C2",
-                   label=f"Ĥ per response (Rao-Blackwell), ±{Z} SE")
-    callback = (data.get("trl_history") or {}).get("entropy_change/entropy") or []
-    callback = [(s - 1, v) for s, v in callback if _finite(v)]
-    if callback:
-        middle.plot([x for x, _ in callback], [v for _, v in callback], "--", color="C1", lw=1, marker=".",
-                    label="TRL callback entropy_change/entropy (the trainer's rollouts), at x = s−1")
-    middle.set_ylabel("entropy (nats/response)")
-    middle.set_title("entropy per response (the band is the spread over prompts; the changes below are paired per "
-                     "prompt)", fontsize=10)
+    top.set_title("entropy per token (masked mean over completion tokens of the entropy of logits/τ)", fontsize=10)
 
     _change_panel(bottom, points, changes, data, offset)
     bottom.set_xlabel("training step N (checkpoint-N)")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
-    for ax in (top, middle, bottom):
+    for ax in (top, bottom):
         ax.grid(alpha=0.25)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
-    for ax in (top, middle):
-        ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
+    top.legend(fontsize=7.5, loc="best", framealpha=0.85)
     fig.suptitle(f"entropy along the run {os.path.basename(os.path.normpath(data.get('run_dir', '')))} — "
                  f"{len(points)} checkpoints, the same evaluation draws at each (seed {ev['seed']})", fontsize=11)
     fig.tight_layout()
@@ -116,7 +107,7 @@ def _entropy_panel(ax, steps, values, ses, *, color, label) -> None:
 
 
 def _change_panel(ax, points, changes, data, offset) -> None:
-    """Panel 3: per optimizer step, nats per response (module docstring)."""
+    """Panel 2: per optimizer step, nats per response (module docstring)."""
     mids = [(c["from_step"] + c["to_step"]) / 2 for c in changes]
     per = [max(c["steps"], 1) for c in changes]
     for reliable, face in ((True, None), (False, "none")):

@@ -149,5 +149,13 @@ def test_trl_callback(tmp_path, capsys):
     trajectory = results["trajectory"]
     assert [entry["step"] for entry in trajectory["checkpoints"]] == [1, 2, 3]
     assert len(trajectory["changes"]) == 2
+    # The run folder's trainer_config.json read by default: the predicted steps are the run's (TRL's dapo loss).
+    assert trajectory["settings"]["objective"]["loss_type"] == "dapo"
+    assert all(entry["prediction"] is not None for entry in trajectory["checkpoints"])
+    # TRL's entropy of the rollouts drawn at θ_N (row N + 1) beside checkpoint N; the last has none (no row 4).
+    assert [entry["trl_entropy"] for entry in trajectory["checkpoints"]] == [rows[2]["entropy"], rows[3]["entropy"],
+                                                                             None]
+    assert trajectory["changes"][0]["trl_callback"][0]["entropy_change/realised"] == rows[3]["entropy_change/realised"]
+    json.dumps(trajectory, allow_nan=False)
     assert json.loads((out / "trajectory.json").read_text()) == trajectory
     assert (out / "trajectory.png").stat().st_size > 0

@@ -4,7 +4,10 @@ as ``probe`` reports it, the first order along the step really taken, and TRL's 
 
 The run: the shared tiny training run (``tiny_run``: checkpoint-1, checkpoint-2) copied, with checkpoint-3 an exact
 copy of checkpoint-2 saved without optimizer.pt (``save_only_model``), an incomplete checkpoint-5, and a TRL-style
-``log_history`` (``entropy`` and the callback's ``entropy_change/*``) in the last trainer_state.json.
+``log_history`` (``entropy`` and the callback's ``entropy_change/*``) in the last trainer_state.json. And a real TRL
+run (``examples/trl_callback.py --quick``: GRPOTrainer with funcprobe's callback, three checkpoints, the run folder's
+trainer_config.json read by default), its log read beside, a copy without one optimizer.pt and with a repeated
+checkpoint, and the command on it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def test_one_entry_per_checkpoint_and_one_change_per_pair(result, run_dir):
     assert [(c.from_step, c.to_step, c.steps) for c in result.changes] == [(1, 2, 1), (2, 3, 1)]
     assert [Path(e.path).name for e in result.checkpoints] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert any("checkpoint-5" in note for note in result.notes)
+    assert any("no trainer config" in note for note in result.notes)   # the tiny run saved none: said, not hidden
     for entry in result.checkpoints:
         assert entry.entropy > 0 and entry.entropy_se > 0 and entry.entropy_per_token > 0
         assert len(entry.entropy_per_prompt) == 4 and entry.tokens > 0
@@ -242,3 +246,101 @@ def test_the_callback_prefix_is_the_callbacks():
     from funcprobe.trl import PREFIX
 
     assert CALLBACK_PREFIX == PREFIX
+
+
+# ------------------------------------------------------------------------- a real TRL run (examples/trl_callback.py)
+REAL_REWARD = "funcprobe.demo_real:arithmetic_reward"
+
+
+@pytest.fixture(scope="module")
+def trl_callback_run(tmp_path_factory) -> Path:
+    """examples/trl_callback.py --quick: a real GRPOTrainer run (tiny Qwen2, LoRA) with funcprobe's callback —
+    checkpoint-1…3 with optimizer.pt and trainer_state.json, OUT/trainer_config.json, OUT/prompts.jsonl."""
+    pytest.importorskip("trl", minversion="1.16")
+    from conftest import load_example
+
+    out = tmp_path_factory.mktemp("trl_callback_run")
+    load_example("trl_callback").main(["--quick", "--no-trajectory", "--out", str(out)], echo=lambda *args: None)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def real(trl_callback_run) -> Trajectory:
+    """Its trajectory with the run folder's trainer_config.json read by default (no trainer_config= given)."""
+    return trajectory(trl_callback_run, reward=REAL_REWARD, B=4, G=4, seed=0, progress=False, echo=lambda *a: None)
+
+
+def _log(run: Path) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for row in json.loads((run / "log_history.json").read_text()):
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def test_a_real_run_reads_its_trainer_config_by_default(real, trl_callback_run):
+    settings = real.settings["trainer_config"]
+    assert settings is not None and str(trl_callback_run / "trainer_config.json") in settings["sources"].values()
+    assert real.settings["objective"]["loss_type"] == "dapo"   # TRL's default, not funcprobe's (Dr. GRPO)
+    assert real.evaluation["max_new_tokens"] == 8                # the run's max_completion_length
+    assert [e.step for e in real.checkpoints] == [1, 2, 3] and len(real.changes) == 2
+    assert all(e.prediction is not None and e.prediction_reason is None for e in real.checkpoints)
+    assert all(math.isfinite(c.first_order.deltaH1) and math.isfinite(c.realised.deltaH) for c in real.changes)
+    assert not any("no trainer config" in note for note in real.notes)
+
+
+def test_a_real_runs_logged_values_are_read_beside(real, trl_callback_run):
+    """TRL's ``entropy`` of row N + 1 (rollouts drawn at θ_N) beside checkpoint N, row N as logged, and the
+    callback's row 3 (the change of step 2: θ₁ → θ₂) under the change 1 → 2."""
+    log = _log(trl_callback_run)
+    one, two, three = real.checkpoints
+    assert (one.trl_entropy, two.trl_entropy, three.trl_entropy) == (log[2]["entropy"], log[3]["entropy"], None)
+    for entry in real.checkpoints:
+        assert entry.trl_logged["entropy"] == log[entry.step]["entropy"]
+        assert entry.trl_logged[CALLBACK_PREFIX + "entropy_per_token"] == log[entry.step][
+            CALLBACK_PREFIX + "entropy_per_token"]
+    assert real.trl_history["entropy"] == [[s, log[s]["entropy"]] for s in (1, 2, 3)]
+    (row,) = real.changes[0].trl_callback
+    assert row["row"] == 3 and row[CALLBACK_PREFIX + "realised"] == log[3][CALLBACK_PREFIX + "realised"]
+    assert row[CALLBACK_PREFIX + "first_order_se"] == log[3][CALLBACK_PREFIX + "first_order_se"]
+    assert real.changes[1].trl_callback == ()   # step 3's change would be measured on step 4's rollouts
+    # The same unit as TRL's (nats per token, the masked mean of the entropy of logits/τ), at the same θ on other
+    # prompts: within a few SEs on this near-uniform tiny model — per response it would be ~8× larger.
+    for entry in (one, two):
+        assert abs(entry.entropy_per_token - entry.trl_entropy) < 10 * entry.entropy_per_token_se
+        assert entry.entropy > 5 * entry.entropy_per_token
+
+
+def test_a_real_checkpoint_without_optimizer_state_and_a_repeated_one(real, trl_callback_run, tmp_path):
+    """The same run with checkpoint-2 saved without optimizer.pt and a checkpoint-4 identical to checkpoint-3:
+    checkpoint-2's entropy is the same number (E does not depend on the optimizer state) with a null prediction and
+    its reason, and 3 → 4 changes by exactly 0 ± 0 (the same draws at both)."""
+    run = tmp_path / "run"
+    shutil.copytree(trl_callback_run, run, ignore=shutil.ignore_patterns("base"))
+    (run / "checkpoint-2" / "optimizer.pt").unlink()
+    shutil.copytree(run / "checkpoint-3", run / "checkpoint-4")
+    again = trajectory(run, reward=REAL_REWARD, B=4, G=4, seed=0, progress=False, echo=lambda *a: None)
+    assert [e.step for e in again.checkpoints] == [1, 2, 3, 4]
+    two = again.checkpoints[1]
+    assert two.prediction is None and "optimizer.pt" in two.prediction_reason and two.lr is None
+    assert two.entropy_per_prompt == real.checkpoints[1].entropy_per_prompt
+    assert two.entropy_per_token == real.checkpoints[1].entropy_per_token
+    assert again.checkpoints[0].prediction.deltaH1 == real.checkpoints[0].prediction.deltaH1
+    assert again.changes[0].realised.deltaH == real.changes[0].realised.deltaH
+    last = again.changes[2]
+    assert (last.realised.deltaH, last.realised.se, last.realised_per_token, last.realised_per_token_se) == (0, 0, 0, 0)
+    assert last.first_order.deltaH1 == 0.0 and last.step_norm == 0.0
+    data = _strict(json.dumps(again.to_dict(), allow_nan=False))
+    assert data["checkpoints"][1]["prediction"] is None and "optimizer.pt" in data["checkpoints"][1]["prediction_reason"]
+
+
+def test_the_command_on_a_real_run(real, trl_callback_run, tmp_path, capsys):
+    out, plot = tmp_path / "results.json", tmp_path / "trajectory.png"
+    assert main(["trajectory", str(trl_callback_run), "--reward", REAL_REWARD, "-B", "4", "-G", "4", "--seed", "0",
+                 "--quiet", "--out", str(out), "--plot", str(plot)]) == 0
+    data = _strict(out.read_text())
+    assert [e["entropy"] for e in data["checkpoints"]] == [e.entropy for e in real.checkpoints]
+    assert [e["prediction"]["deltaH1"] for e in data["checkpoints"]] == [e.prediction.deltaH1 for e in
+                                                                         real.checkpoints]
+    assert data["settings"]["trainer_config"] is not None and plot.stat().st_size > 10_000
+    assert "entropy along the run" in capsys.readouterr().out
