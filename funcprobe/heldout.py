@@ -71,7 +71,7 @@ from .progress import progress_bar
 
 __all__ = ["INTEGRANDS", "FIRST_ORDER_Z", "HeldoutResult", "delta_h1_heldout", "PairedDifference",
            "paired_difference", "heldout_cotangents", "HeldoutPass", "heldout_pass", "heldout_result",
-           "step_directions"]
+           "step_directions", "heldout_sequence_values"]
 
 ParamsDict = Mapping[str, Tensor]
 
@@ -291,14 +291,14 @@ def _gather(chunk: SequenceChunk, values: Tensor) -> Tensor:
 
 def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions, want_gradient: bool, *,
                 seq_chunk: int, token_chunk: int, counts: _Counts, tap: bool, per_token: bool = False):
-    """(D [m, J] per prompt and direction, Σ_rows ∇F_row (dict) or None, h [m, G, L], D^tok [m, J] or None) for one
-    group of prompts. ``per_token``: D^tok from a second backward of the same forward (its own cotangents)."""
+    """(D [m, J] per prompt and direction, Σ_rows ∇F_row (dict) or None, h [m, G, L], D^tok [m, J] or None,
+    ℓ [m, G, L]) for one group of prompts. ``per_token``: D^tok from a second backward of the same forward (its own cotangents)."""
     G, m = group.G, group.B
     dots = torch.zeros(m, len(directions), dtype=torch.float64)
     dots_tok = torch.zeros(m, len(directions), dtype=torch.float64) if per_token else None
     gradient = None
     single = group.num_sequences <= seq_chunk
-    entropies_tokens = None
+    entropies_tokens = logprobs_tokens = None
     cot_l = cot_h = tok_l = tok_h = None
 
     def cotangents(ell, ent):
@@ -310,7 +310,7 @@ def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions,
     if not single:  # a prompt's draws span chunks: its cotangents need every draw's values first
         ell, ent = _group_values(policy, params, group, seq_chunk, token_chunk, counts)
         cotangents(ell, ent)
-        entropies_tokens = ent
+        entropies_tokens, logprobs_tokens = ent, ell
     for chunk in group.iter_sequence_chunks(seq_chunk):
         prompt_of_row = (chunk.flat_index.cpu() // G)
         if tap:
@@ -328,7 +328,7 @@ def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions,
             _scatter(chunk, entropies, ent)
             ell, ent = ell.reshape(m, G, group.L), ent.reshape(m, G, group.L)
             cotangents(ell, ent)
-            entropies_tokens = ent
+            entropies_tokens, logprobs_tokens = ent, ell
         token_cot_l = _gather(chunk, cot_l.reshape(-1, group.L))
         token_cot_h = _gather(chunk, cot_h.reshape(-1, group.L))
         if per_token:
@@ -364,7 +364,7 @@ def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions,
                     grads = {n: g.detach().to("cpu", torch.float64) for n, g in grads.items()}
                     dots_tok[p] += torch.tensor([_dot(grads, d) for d in directions], dtype=torch.float64)
             del vjp_fn
-    return dots, gradient, entropies_tokens, dots_tok
+    return dots, gradient, entropies_tokens, dots_tok, logprobs_tokens
 
 
 def _accumulate(total: dict[str, Tensor] | None, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -381,7 +381,11 @@ class HeldoutPass:
 
     dots [B_E, J] float64: D_n along each direction; entropy_rows [B_E, 2]: (1/G) Σ_{g,k} m h and Σ m per prompt;
     gradient: ĝ_E (or None); route, forward_passes, backward_passes; B, G; dots_per_token [B_E, J]: D^tok_n, the
-    first-order change of the entropy per token, when asked for (``per_token=True``), else None.
+    first-order change of the entropy per token, when asked for (``per_token=True``), else None;
+    sequence_values [B_E, G, 2]: per response (S, F) = (Σ_k m ℓ_k, Σ_k m h_k) at θ from the pass's own forward,
+    when asked for (``sequence_values=True``), else None — the same numbers, bit for bit, as
+    :func:`heldout_sequence_values` at that θ (same chunks, same arithmetic), so an importance-sampling change
+    between θ and another θ′ can reuse this forward and pay only θ′'s.
     """
 
     dots: Tensor
@@ -393,16 +397,72 @@ class HeldoutPass:
     B: int
     G: int
     dots_per_token: Tensor | None = None
+    sequence_values: Tensor | None = None
+
+
+def _prompt_groups(batch: RolloutBatch, world, seq_chunk: int) -> list[list[int]]:
+    """This rank's prompts of E in the groups one held-out forward takes (whole prompts, ≤ seq_chunk sequences
+    where G allows): the one grouping :func:`heldout_pass` and :func:`heldout_sequence_values` share."""
+    mine = world.shard(batch.B)
+    per_group = max(1, seq_chunk // batch.G)
+    return [list(mine[i:i + per_group]) for i in range(0, len(mine), per_group)]
+
+
+def _response_sums(token_values: Tensor, mask: Tensor) -> Tensor:
+    """Σ_k m v over the response tokens of [m, G, L] values: [m, G] float64."""
+    return (token_values * mask).sum(2)
+
+
+def heldout_sequence_values(params: ParamsDict, eval_batch: Any, *, policy: Policy, seq_chunk: int | None = None,
+                    token_chunk: int | None = None, world=None) -> tuple[Tensor, Tensor]:
+    """(S, F) at θ = ``params`` on E: S_{n,g} = Σ_k m ℓ_k (the response's log-probability at the batch's temperature)
+    and F_{n,g} = Σ_k m h_k (its summed next-token entropies), float64 [B_E, G] each on the CPU; no grad.
+
+    Computed by the chunks and arithmetic of :func:`heldout_pass` (``sequence_values=True``), so the two agree bit
+    for bit at equal θ: an importance-sampling change θ → θ′ built from one of each is exactly 0 at θ′ = θ, with no
+    rounding difference between two code paths to swamp a small step (spec §6). ``world``: every rank passes the
+    whole E and forwards its contiguous shard of prompts; the rows are gathered, so every rank gets the whole [B_E, G].
+    Raises as :func:`heldout_pass`.
+    """
+    from .distributed import SINGLE, gather_rows, shard_counts
+
+    world = SINGLE if world is None else world
+    if not isinstance(policy, Policy):
+        raise TypeError("heldout_sequence_values needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); "
+                        f"got {type(policy).__name__}.")
+    batch = as_rollout_batch(eval_batch, "eval_batch (the evaluation batch E)")
+    policy.check_params(params)
+    policy._check_batch(batch)
+    seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
+    token_chunk = policy.token_chunk if token_chunk is None else token_chunk
+    _check_chunks(seq_chunk, token_chunk)
+    counts = _Counts()
+    local = []
+    for prompts in _prompt_groups(batch, world, seq_chunk):
+        group = batch.select_prompts(prompts)
+        ell, ent = _group_values(policy, params, group, seq_chunk, token_chunk, counts)
+        mask = group.response_mask.to(torch.float64)
+        local.append(torch.cat([_response_sums(ell, mask), _response_sums(ent, mask)], dim=1))
+    G = batch.G
+    mine = torch.cat(local) if local else torch.zeros(0, 2 * G, dtype=torch.float64)
+    rows = gather_rows(world, mine, shard_counts(batch.B, world.size), "all_gather of the sequence values on E")
+    return rows[:, :G].contiguous(), rows[:, G:].contiguous()
+
+
+def _check_chunks(seq_chunk: Any, token_chunk: Any) -> None:
+    for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
 
 
 def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]], eval_batch: Any, *, policy: Policy,
                  integrand: str = "rao_blackwell", seq_chunk: int | None = None, token_chunk: int | None = None,
                  entropy_gradient: bool = False, progress: bool | None = False, world=None,
-                 per_token: bool = False) -> HeldoutPass:
+                 per_token: bool = False, sequence_values: bool = False) -> HeldoutPass:
     """D_n(d_j) of spec §9 for every prompt n of E and every direction d_j (float64 CPU dicts shaped like θ), from
     one forward and one backward per chunk of whole prompts (module docstring); ĝ_E with ``entropy_gradient``;
-    D^tok_n(d_j) too with ``per_token`` (a second backward per chunk). Arguments and errors as
-    :func:`delta_h1_heldout`."""
+    D^tok_n(d_j) too with ``per_token`` (a second backward per chunk); each response's (S, F) from the same forward
+    with ``sequence_values`` (``HeldoutPass.sequence_values``). Arguments and errors as :func:`delta_h1_heldout`."""
     from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
 
     world = SINGLE if world is None else world
@@ -419,35 +479,36 @@ def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]],
                          f"G={batch.G}. Draw more responses per evaluation prompt (--eval-G).")
     seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
     token_chunk = policy.token_chunk if token_chunk is None else token_chunk
-    for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    _check_chunks(seq_chunk, token_chunk)
     tap = unsupported_reason(policy) is None
     counts = _Counts()
     G = batch.G
-    mine = world.shard(batch.B)
-    prompts_per_group = max(1, seq_chunk // G)
-    local_dots = torch.zeros(len(mine), len(directions), dtype=torch.float64)
-    local_entropy = torch.zeros(len(mine), 2, dtype=torch.float64)      # Σ_{g,k} m h / G and Σ m (tokens)
-    local_tok = torch.zeros(len(mine), len(directions) if per_token else 0, dtype=torch.float64)
+    groups = _prompt_groups(batch, world, seq_chunk)
+    rows_here = sum(len(prompts) for prompts in groups)
+    local_dots = torch.zeros(rows_here, len(directions), dtype=torch.float64)
+    local_entropy = torch.zeros(rows_here, 2, dtype=torch.float64)      # Σ_{g,k} m h / G and Σ m (tokens)
+    local_tok = torch.zeros(rows_here, len(directions) if per_token else 0, dtype=torch.float64)
+    local_seq = torch.zeros(rows_here, 2 * G if sequence_values else 0, dtype=torch.float64)   # S [G], F [G]
     gradient = None
-    groups = [list(mine[i:i + prompts_per_group]) for i in range(0, len(mine), prompts_per_group)]
     offset = 0
     for prompts in progress_bar(groups, total=len(groups), desc="δĤ₁(E)", enabled=progress):
         group = batch.select_prompts(prompts)
-        dots, grads, entropies, dots_tok = _group_dots(policy, params, group, integrand, directions,
-                                                       entropy_gradient, seq_chunk=seq_chunk, token_chunk=token_chunk,
-                                                       counts=counts, tap=tap, per_token=per_token)
+        dots, grads, entropies, dots_tok, logprobs = _group_dots(
+            policy, params, group, integrand, directions, entropy_gradient, seq_chunk=seq_chunk,
+            token_chunk=token_chunk, counts=counts, tap=tap, per_token=per_token)
         mask = group.response_mask.to(torch.float64)
-        local_dots[offset:offset + len(prompts)] = dots
+        here = slice(offset, offset + len(prompts))
+        local_dots[here] = dots
         if per_token:
-            local_tok[offset:offset + len(prompts)] = dots_tok
-        local_entropy[offset:offset + len(prompts), 0] = (entropies * mask).sum((1, 2)) / G
-        local_entropy[offset:offset + len(prompts), 1] = mask.sum((1, 2))
+            local_tok[here] = dots_tok
+        if sequence_values:
+            local_seq[here] = torch.cat([_response_sums(logprobs, mask), _response_sums(entropies, mask)], dim=1)
+        local_entropy[here, 0] = (entropies * mask).sum((1, 2)) / G
+        local_entropy[here, 1] = mask.sum((1, 2))
         offset += len(prompts)
         if entropy_gradient and grads is not None:
             gradient = _accumulate(gradient, grads)
-    rows = gather_rows(world, torch.cat([local_dots, local_entropy, local_tok], dim=1),
+    rows = gather_rows(world, torch.cat([local_dots, local_entropy, local_tok, local_seq], dim=1),
                        shard_counts(batch.B, world.size), "δĤ₁(E) all_gather of the per-prompt values")
     if entropy_gradient:
         gradient = gradient if gradient is not None else {n: torch.zeros(t.shape, dtype=torch.float64)
@@ -458,7 +519,9 @@ def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]],
     J = len(directions)
     return HeldoutPass(dots=rows[:, :J], entropy_rows=rows[:, J:J + 2], gradient=gradient,
                        route=route, forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
-                       B=batch.B, G=G, dots_per_token=rows[:, J + 2:] if per_token else None)
+                       B=batch.B, G=G, dots_per_token=rows[:, J + 2:2 * J + 2] if per_token else None,
+                       sequence_values=(rows[:, rows.shape[1] - 2 * G:].reshape(batch.B, 2, G).transpose(1, 2)
+                                        .contiguous() if sequence_values else None))
 
 
 def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: bool, integrand: str,

@@ -16,18 +16,26 @@ independently of it, so they are an evaluation batch E for step t (spec §6, §9
 per token, TRL's ``entropy`` unit). On E, drawn at θ_b (B prompts × G completions, TRL's own):
 
 * ``realised`` = Ĥ(θ_b) − Ĥ(θ_a), the realised change, by importance sampling *back* from θ_b to θ_a: log w_{n,g} =
-  S_{θ_a} − S_{θ_b} (S the completion's log-probability at the trainer's temperature), per-prompt self-normalised
-  w̃, Rao-Blackwell integrand f = Σ_k h_k (h_k the full next-token entropy along the sampled prefix):
-  ΔĤ_n = (1/G) Σ_g f_{θ_b}(y_{n,g}) − Σ_g w̃_{n,g} f_{θ_a}(y_{n,g}), realised = mean_n ΔĤ_n, ``realised_se`` =
-  sd_n(ΔĤ_n)/√B. One extra no-grad forward at θ_a (the LoRA snapshot). Diagnostics of the weights: ``ess_min`` /
-  ``ess_mean`` (Kish ESS/G per prompt, min and mean), ``khat`` (PSIS k̂ over all B·G log-weights; NaN where it is
-  not assessed), ``reliable`` (1/0, ``funcprobe.realised.weight_diagnostics``' verdict). ``realised_per_token``
-  (± ``realised_per_token_se``): the same with the per-prompt token-weighted entropy Σ_g w̃ f / Σ_g w̃ T.
+  S_{θ_a} − S_{θ_b} (S the completion's log-probability at the trainer's temperature), Rao-Blackwell integrand
+  F = Σ_k h_k (h_k the full next-token entropy along the sampled prefix), ordinary importance weights with a
+  leave-one-out control variate (unbiased at any step size): ΔĤ_n = F̄_b − [F̄_a + (1/(G−1)) Σ_g (w_{n,g} − 1)
+  (F_{a,g} − F̄_a)] (F̄ the mean over the prompt's G draws), realised = mean_n ΔĤ_n, ``realised_se`` =
+  sd_n(ΔĤ_n)/√B. Diagnostics of the weights: ``ess_min`` / ``ess_mean`` (Kish ESS/G per prompt, min and mean),
+  ``khat`` (PSIS k̂ over all B·G log-weights; NaN where it is not assessed), ``reliable`` (1/0,
+  ``funcprobe.realised.weight_diagnostics``' verdict). ``realised_per_token`` (± ``realised_per_token_se``): the same
+  per token, each prompt's F̄_b/T̄ minus its self-normalised Σ_g w̃ F_a / Σ_g w̃ T (per-prompt ratios, averaged
+  over prompts; O(1/G) ratio bias).
 * ``first_order`` = δĤ₁(E) = ∇Ĥ(θ_b)·(θ_b − θ_a) of spec §9 along the step really taken (``delta_h1_heldout``,
   Rao-Blackwell integrand by default), ± ``first_order_se``; ``difference`` = realised − first_order with the
   paired SE ``difference_se`` = sd_n(ΔĤ_n − D_n)/√B (``paired_difference``): how far the step is from its
-  first-order regime.
+  first-order regime. ``first_order_per_token`` (± ``first_order_per_token_se``) = mean_n D^tok_n, the first-order
+  change of each prompt's entropy per token, and ``difference_per_token`` (± ``difference_per_token_se``) =
+  mean_n (ΔĤ^tok_n − D^tok_n), the same comparison per token (``per_token=True``, the default).
 * ``entropy`` = Ĥ(θ_b) on E (Rao-Blackwell, nats per response).
+
+Cost per measured step: one held-out pass at θ_b (a forward and, per chunk, one backward — two with ``per_token``)
+whose forward also gives θ_b's S and F, and one no-grad forward at θ_a (``measure_step_change``). Both forwards use
+the held-out pass's chunks and arithmetic, so θ_a = θ_b gives exactly 0.
 
 For each probed step s, on step s's own rollouts at θ_{s−1}:
 
@@ -48,11 +56,14 @@ For each probed step s, on step s's own rollouts at θ_{s−1}:
 
 **Which row holds what.** Everything is appended to TRL's own metrics before the step's log, so it lands in the
 row of ``log_history`` (and wandb / tensorboard) whose ``step`` is s: ``entropy_per_token``, ``step_match``,
-``update_match`` and ``overhead_s`` describe step s itself; ``realised*``, ``first_order*``, ``difference*``,
+``update_match`` (at the steps ``match_every`` selects) and ``overhead_s`` describe step s itself; ``realised*``, ``first_order*``, ``difference*``,
 ``ess_*``, ``khat``, ``reliable`` and ``entropy`` describe the change of steps ``first_step`` … ``last_step``
 (normally the single step s − 1), measured on step s's rollouts (drawn at θ_{s−1} = θ_b, θ_a = θ before
-``first_step``). So a row's entropy_change values are all computed on that row's rollouts, and ``realised_per_token``
-in row s estimates what TRL's ``entropy`` row s minus row s − 1 estimates, on one sample. The last step of a run is
+``first_step``). So a row's entropy_change values are all computed on that row's rollouts. ``realised_per_token`` in
+row s and TRL's ``entropy`` row s minus row s − 1 both estimate the change of the entropy per token, with two
+differences: funcprobe's is paired on one sample (TRL's rows are two independent samples, so their difference has
+the spread of two entropies, not of a change), and it weights prompts equally (the mean of per-prompt ratios) where
+TRL pools the tokens of a micro-batch; the two targets coincide when the prompts' mean response lengths do. The last step of a run is
 never measured (no later rollouts). With ``logging_steps`` > 1 a row holds TRL's average over its window, as for
 TRL's own metrics; :attr:`EntropyChangeCallback.history` keeps every step's values (and their reasons).
 
@@ -90,10 +101,9 @@ the same on every rank. At every ``on_step_end`` every rank ``all_gather_object`
 (and of the new generation where it is not this step's), so every rank builds the same batch, process-major then
 grouped by prompt; :func:`merge_process_rows` pairs process p's i-th micro-batch with the others' i-th, the group
 TRL's ``global_masked_mean`` reduces for its ``entropy`` (Σ m h and Σ m summed over processes, then divided; then
-the mean over the step's micro-batches). The work is sharded as the torchrun path shards it: each rank forwards its
-share of the sequence chunks for S and Σ h at θ_a and θ_b (``reverse_importance_change(world=)``, values summed over
-ranks) and its contiguous shard of prompts for δĤ₁(E) (``delta_h1_heldout(world=)``, D_n gathered) and for the
-step's RL gradient (its part with the whole batch's weights and TRL's advantages, summed over ranks, against the
+the mean over the step's micro-batches). The work is sharded as the torchrun path shards it: each rank takes its
+contiguous shard of prompts for the held-out pass at θ_b and the forward at θ_a (``measure_step_change(world=)``:
+D_n, D^tok_n, S and F gathered) and for the step's RL gradient (its part with the whole batch's weights and TRL's advantages, summed over ranks, against the
 DDP gradient). So every rank ends with the one-process numbers for the gathered batch, at about 1/P of the compute
 each plus one gather of token ids, a few per-prompt rows and one LoRA-sized all-reduce per step. Only the main
 process writes to TRL's metrics (``log_history`` and the reporters are the main process's); ``history`` is kept on
@@ -123,12 +133,13 @@ from torch import Tensor
 
 from .batch import RolloutBatch
 from .distributed import SINGLE, DistributedError, World
-from .heldout import delta_h1_heldout, paired_difference
+from .heldout import paired_difference
 from .policy import Policy
 from .realised import importance_weighted_delta_h, sharded_pass, weight_diagnostics
 
 __all__ = ["EntropyChangeCallback", "rollout_batch_from_trl", "TRLRollouts", "reverse_importance_change",
-           "ReverseChange", "trl_entropy_per_token", "merge_process_rows", "PREFIX"]
+           "ReverseChange", "measure_step_change", "StepChange", "trl_entropy_per_token", "merge_process_rows",
+           "PREFIX"]
 
 logger = logging.getLogger("funcprobe.trl")
 
@@ -233,9 +244,10 @@ class ReverseChange:
     """H(θ_b) − H(θ_a) by importance sampling from samples drawn at θ_b (see the module docstring). Nats per
     response, except the ``*_per_token`` fields (nats per token).
 
-    ``deltaH``, ``se``, ``deltaH_per_prompt`` (ΔĤ_n [B]); ``per_token``, ``per_token_se``; ``H_after`` = Ĥ(θ_b)
-    (Rao-Blackwell mean on E), ``H_before`` = Ĥ(θ_a) (weighted); ``diagnostics``: the
-    :class:`~funcprobe.realised.WeightDiagnostics` of log w = S_{θ_a} − S_{θ_b}; ``B``, ``G``.
+    ``deltaH``, ``se``, ``deltaH_per_prompt`` (ΔĤ_n [B]); ``per_token``, ``per_token_se``, ``per_token_per_prompt``
+    (ΔĤ^tok_n [B], each prompt's change of Σ_g w̃ F / Σ_g w̃ T); ``H_after`` = Ĥ(θ_b) (Rao-Blackwell mean on E),
+    ``H_before`` = Ĥ(θ_a) (weighted); ``diagnostics``: the :class:`~funcprobe.realised.WeightDiagnostics` of
+    log w = S_{θ_a} − S_{θ_b}; ``B``, ``G``; ``token_entropy_sums_after``: F = Σ_k m h at θ_b [B, G].
     """
 
     deltaH: float
@@ -249,21 +261,25 @@ class ReverseChange:
     B: int
     G: int
     token_entropy_sums_after: Tensor = field(repr=False, compare=False)
+    per_token_per_prompt: tuple[float, ...] = ()
 
     @property
     def reliable(self) -> bool:
         return bool(self.diagnostics.reliable)
 
-    def pairing(self) -> Any:
-        """This result in the shape ``funcprobe.heldout.paired_difference`` reads (per sequence)."""
-        return types.SimpleNamespace(deltaH_per_prompt=self.deltaH_per_prompt, deltaH=self.deltaH, B=self.B,
-                                     G=self.G, per_token=False, reliable=self.reliable,
-                                     method="reverse importance sampling")
+    def pairing(self, per_token: bool = False) -> Any:
+        """This result in the shape ``funcprobe.heldout.paired_difference`` reads: per sequence, or per token
+        (against ``delta_h1_heldout(..., per_token=True)``)."""
+        return types.SimpleNamespace(deltaH_per_prompt=self.per_token_per_prompt if per_token else
+                                     self.deltaH_per_prompt, deltaH=self.per_token if per_token else self.deltaH,
+                                     B=self.B, G=self.G, per_token=bool(per_token), reliable=self.reliable,
+                                     reason=self.diagnostics.reason, method="reverse importance sampling")
 
 
 def reverse_importance_change(params_before: Mapping[str, Tensor], params_after: Mapping[str, Tensor],
                               batch: RolloutBatch, *, policy: Policy, seq_chunk: int | None = None,
-                              token_chunk: int | None = None, world: World | None = None) -> ReverseChange:
+                              token_chunk: int | None = None, world: World | None = None,
+                              values_after: tuple[Tensor, Tensor] | None = None) -> ReverseChange:
     """ΔĤ = Ĥ(θ_b) − Ĥ(θ_a) on ``batch`` drawn from π at ``params_after`` = θ_b, by importance sampling back to
     ``params_before`` = θ_a (Rao-Blackwell integrand; two no-grad forwards): per sequence by ordinary importance
     sampling with a leave-one-out control variate (``normalize="loo"``, unbiased at any step size), per token by the
@@ -273,15 +289,23 @@ def reverse_importance_change(params_before: Mapping[str, Tensor], params_after:
     θ is θ_b), negated: log w = S_{θ_a} − S_{θ_b}, ΔĤ_n = f̄_b − [f̄_a + (1/(G−1)) Σ_g w_g (f_a,g − f̄_a)]. Per-prompt
     values, SE and the weight diagnostics carry over unchanged (the SE of −X is that of X).
 
-    ``world`` (``funcprobe.distributed``): every rank passes the whole batch and forwards its share of the sequence
-    chunks; the values are summed over the ranks (``sharded_pass``), so every rank gets the one-process result.
+    Both sides' (S, F = Σ_k m h) come from ``funcprobe.heldout.heldout_sequence_values`` — the chunks and arithmetic
+    of the held-out pass — so θ_a = θ_b gives exactly 0. ``values_after``: θ_b's (S, F) [B, G] already computed by
+    that path (``heldout_pass(..., sequence_values=True)``, as the callback does): then only θ_a's forward runs.
+    ``world`` (``funcprobe.distributed``): every rank passes the whole batch and forwards its shard of prompts; the
+    rows are gathered, so every rank gets the one-process result.
     """
-    chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk)
-    forward = sharded_pass(world, batch)
-    S_b, E_b = forward(lambda **k: torch.stack(policy.sequence_logprobs_and_entropies(params_after, batch, **chunks,
-                                                                                      **k)))
-    S_a, E_a = forward(lambda **k: torch.stack(policy.sequence_logprobs_and_entropies(params_before, batch, **chunks,
-                                                                                      **k)))
+    from .heldout import heldout_sequence_values
+
+    chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, world=world)
+    if values_after is None:
+        S_b, E_b = heldout_sequence_values(params_after, batch, policy=policy, **chunks)
+    else:
+        S_b, E_b = (v.to("cpu", torch.float64) for v in values_after)
+        if S_b.shape != (batch.B, batch.G) or E_b.shape != (batch.B, batch.G):
+            raise ValueError(f"values_after must be θ_b's (S, F), each [B, G] = [{batch.B}, {batch.G}]; got "
+                             f"{tuple(S_b.shape)} and {tuple(E_b.shape)}.")
+    S_a, E_a = heldout_sequence_values(params_before, batch, policy=policy, **chunks)
     # importance_weighted_delta_h(S, S⁺) estimates H(θ⁺) − H(θ) from samples at θ: here θ = θ_b, θ⁺ = θ_a.
     back = importance_weighted_delta_h(S_b, S_a, normalize="loo", values_before=E_b, values_after=E_a)
     lengths = batch.response_lengths.to("cpu", torch.float64)
@@ -292,7 +316,57 @@ def reverse_importance_change(params_before: Mapping[str, Tensor], params_after:
                          deltaH_per_prompt=tuple(float(-x) for x in back.deltaH_per_prompt),
                          per_token=-back_tok.deltaH, per_token_se=back_tok.se, H_before=back.H_after,
                          H_after=back.H_before, diagnostics=diagnostics, B=batch.B, G=batch.G,
-                         token_entropy_sums_after=E_b)
+                         token_entropy_sums_after=E_b,
+                         per_token_per_prompt=tuple(float(-x) for x in back_tok.deltaH_per_prompt))
+
+
+@dataclass(frozen=True)
+class StepChange:
+    """One step's change θ_a → θ_b measured on a batch E drawn at θ_b: the realised change (``realised``, a
+    :class:`ReverseChange`), the first-order change along the step taken (``first_order``, a
+    ``funcprobe.heldout.HeldoutResult`` at θ_b with Δθ = θ_b − θ_a), and their paired differences per response
+    (``paired``) and per token (``paired_per_token``, None without ``per_token``). ``seconds``: wall time."""
+
+    realised: ReverseChange
+    first_order: Any
+    paired: Any
+    paired_per_token: Any
+    seconds: float
+
+
+def measure_step_change(params_before: Mapping[str, Tensor], params_after: Mapping[str, Tensor],
+                        batch: RolloutBatch, *, policy: Policy, integrand: str = "rao_blackwell",
+                        per_token: bool = True, seq_chunk: int | None = None, token_chunk: int | None = None,
+                        world: World | None = None) -> StepChange:
+    """The callback's measurement of the step θ_a = ``params_before`` → θ_b = ``params_after`` on ``batch`` (E,
+    drawn at θ_b independently of the step), from one held-out pass at θ_b and one no-grad forward at θ_a.
+
+    * first order: δĤ₁(E) = mean_n D_n(θ_b − θ_a) at θ_b (spec §9, ``funcprobe.heldout``), per response and, with
+      ``per_token``, per token (D^tok_n; a second backward of the same forward);
+    * realised: :func:`reverse_importance_change`, θ_b's (S, F) taken from that same forward
+      (``heldout_pass(..., sequence_values=True)``), so the realised change costs one forward, not two;
+    * paired: ``funcprobe.heldout.paired_difference`` prompt by prompt, in both units.
+
+    Δθ is formed in float64 from the two dicts. Equal, to rounding, to ``reverse_importance_change`` and
+    ``delta_h1_heldout`` called separately (tests/test_trl_callback.py checks 1e-9 in float64). Raises as they do.
+    """
+    from .heldout import heldout_pass, heldout_result, step_directions
+
+    started = time.perf_counter()
+    delta = {n: params_after[n].detach().to("cpu", torch.float64) - params_before[n].detach().to("cpu", torch.float64)
+             for n in params_after}
+    directions, _ = step_directions(delta, params_after)
+    passed = heldout_pass(params_after, directions, batch, policy=policy, integrand=integrand, seq_chunk=seq_chunk,
+                          token_chunk=token_chunk, world=world, per_token=per_token, sequence_values=True)
+    first = heldout_result(passed, [0], decomposed=False, integrand=integrand)
+    values = passed.sequence_values
+    change = reverse_importance_change(params_before, params_after, batch, policy=policy, seq_chunk=seq_chunk,
+                                       token_chunk=token_chunk, world=world,
+                                       values_after=(values[..., 0], values[..., 1]))
+    paired = paired_difference(change.pairing(), first)
+    paired_tok = paired_difference(change.pairing(per_token=True), first) if per_token else None
+    return StepChange(realised=change, first_order=first, paired=paired, paired_per_token=paired_tok,
+                      seconds=time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------------- the callback
@@ -317,7 +391,14 @@ class EntropyChangeCallback(_CallbackBase):
     Args:
         trainer: the ``GRPOTrainer`` (its model must be a PEFT LoRA model).
         every: probe optimizer steps 1, 1 + every, 1 + 2·every, … (1: every step).
+        match_every: compute ``step_match`` and ``update_match`` (funcprobe's gradient of the batch: about a third
+            of the callback's cost) at every ``match_every``-th probed step only, starting with the first (1: at
+            every probed step). They check the trainer's settings, which do not change during a run; the
+            measurement itself needs only Δθ. Rows of the other steps have no step_match / update_match entry.
         integrand: δĤ₁(E)'s integrand, "rao_blackwell" (default) or "sequence".
+        per_token: also the first-order change per token and its paired difference with ``realised_per_token``
+            (``first_order_per_token``, ``difference_per_token`` and their SEs; a second backward of the held-out
+            pass's forward, about 1.4× that pass).
         keep_tensors: also keep, in :attr:`history`, θ_a, θ_b (CPU LoRA dicts) and the evaluation batch of each
             measurement, and each probed step's own batch (for offline checks; memory grows with the run).
         seq_chunk, token_chunk: funcprobe's chunk sizes (default the policy's: 8 sequences, 512 rows).
@@ -330,15 +411,20 @@ class EntropyChangeCallback(_CallbackBase):
     """
 
     def __init__(self, trainer: Any, every: int = 1, integrand: str = "rao_blackwell", *, keep_tensors: bool = False,
-                 seq_chunk: int | None = None, token_chunk: int | None = None):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer (probe every k-th optimizer step); got {every!r}.")
+                 seq_chunk: int | None = None, token_chunk: int | None = None, match_every: int = 1,
+                 per_token: bool = True):
+        for name, value, what in (("every", every, "probe every k-th optimizer step"),
+                                  ("match_every", match_every, "check the trainer's step at every k-th probed step")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer ({what}); got {value!r}.")
         from .heldout import INTEGRANDS
 
         if integrand not in INTEGRANDS:
             raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
         self.trainer = trainer
         self.every = every
+        self.match_every = match_every
+        self.per_token = bool(per_token)
         self.integrand = integrand
         self.keep_tensors = bool(keep_tensors)
         self.chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk)
@@ -447,6 +533,10 @@ class EntropyChangeCallback(_CallbackBase):
     def _probed(self, step: int) -> bool:
         return (step - 1) % self.every == 0
 
+    def _matched(self, step: int) -> bool:
+        """Whether step_match / update_match are computed at ``step`` (a probed step; see ``match_every``)."""
+        return self._probed(step) and ((step - 1) // self.every) % self.match_every == 0
+
     def _snapshot(self) -> dict[str, Tensor]:
         named = dict(self.model.named_parameters())
         return {n: named[n].detach().to("cpu", copy=True) for n in self._policy.param_names}
@@ -509,7 +599,7 @@ class EntropyChangeCallback(_CallbackBase):
             return
         with self._guard("on_pre_optimizer_step"):
             self._current_micro_batch()
-            if self._probed(state.global_step + 1):
+            if self._matched(state.global_step + 1):
                 named = dict(self.model.named_parameters())
                 self._clipped = {n: (named[n].grad.detach().to("cpu", copy=True) if named[n].grad is not None
                                      else torch.zeros_like(self._theta_begin[n])) for n in self._policy.param_names}
@@ -589,8 +679,9 @@ class EntropyChangeCallback(_CallbackBase):
                 own_sums = sharded_pass(self._world, own.batch)(
                     lambda **k: policy.token_entropies(theta_dev, own.batch, **self.chunks, **k))
             record["entropy_per_token"] = trl_entropy_per_token(own_sums, own)
-            record["step_match"] = self._step_match(theta_b, own.batch, record)
-            record["update_match"] = self._update_match(theta_b, record)
+            if self._matched(step):
+                record["step_match"] = self._step_match(theta_b, own.batch, record)
+                record["update_match"] = self._update_match(theta_b, record)
             if self.keep_tensors:
                 record["own_batch"] = own
                 record["theta_before"] = theta_b
@@ -617,14 +708,11 @@ class EntropyChangeCallback(_CallbackBase):
 
     def _measure(self, pending: _Pending, theta_b: dict[str, Tensor], batch: RolloutBatch, last_step: int,
                  record: dict[str, Any]) -> ReverseChange:
-        policy = self._policy
-        theta_a, theta_b_dev = pending.theta, self._on_device(theta_b)
-        change = reverse_importance_change(self._on_device(theta_a), theta_b_dev, batch, policy=policy, **self.chunks,
-                                           world=self._world)
-        delta = {n: theta_b[n].to(torch.float64) - theta_a[n].to(torch.float64) for n in theta_b}
-        first = delta_h1_heldout(theta_b_dev, delta, batch, policy=policy, integrand=self.integrand, **self.chunks,
-                                 world=self._world)
-        paired = paired_difference(change.pairing(), first)
+        theta_a = pending.theta
+        measured = measure_step_change(self._on_device(theta_a), self._on_device(theta_b), batch, policy=self._policy,
+                                       integrand=self.integrand, per_token=self.per_token, **self.chunks,
+                                       world=self._world)
+        change, first, paired = measured.realised, measured.first_order, measured.paired
         diag = change.diagnostics
         record.update({
             "first_step": float(pending.first_step), "last_step": float(last_step),
@@ -632,6 +720,14 @@ class EntropyChangeCallback(_CallbackBase):
             "realised_per_token": change.per_token, "realised_per_token_se": change.per_token_se,
             "first_order": first.deltaH1, "first_order_se": first.se,
             "difference": paired.difference, "difference_se": paired.se,
+        })
+        if measured.paired_per_token is not None:
+            record.update({
+                "first_order_per_token": first.deltaH1_per_token, "first_order_per_token_se": first.se_per_token,
+                "difference_per_token": measured.paired_per_token.difference,
+                "difference_per_token_se": measured.paired_per_token.se,
+            })
+        record.update({
             "entropy": change.H_after,
             "ess_min": diag.ess_min_fraction, "ess_mean": diag.ess_mean_fraction,
             "khat": diag.khat if diag.khat_assessed else math.nan,

@@ -152,9 +152,10 @@ def independent_batch(buffer):
 
 
 def offline(policy, theta_a, theta_b, batch):
-    """(realised, its SE, first-order, its SE) of the change θ_a → θ_b on a batch drawn at θ_b: the reverse
-    importance-sampling estimate (ordinary IS with a leave-one-out control variate) written out from its formula,
-    and δĤ₁(E)."""
+    """The change θ_a → θ_b on a batch drawn at θ_b, by name: the reverse importance-sampling estimate written out
+    from its formulas (ordinary IS with a leave-one-out control variate per response; per token, each prompt's
+    F̄_b/T̄ minus its self-normalised Σ w F_a / Σ w T) on funcprobe's teacher-forced S and entropies, δĤ₁(E) by
+    ``delta_h1_heldout`` (per response and per token), and both paired differences with their SEs."""
     S_b, E_b = policy.sequence_logprobs_and_entropies(theta_b, batch)
     S_a, E_a = policy.sequence_logprobs_and_entropies(theta_a, batch)
     weights = torch.exp(S_a - S_b)                        # w = π_a / π_b
@@ -162,9 +163,23 @@ def offline(policy, theta_a, theta_b, batch):
     others = (E_a.sum(1, keepdim=True) - E_a) / (G - 1)   # c_g: the other draws' mean
     H_a = (weights * (E_a - others) + others).mean(1)     # Ĥ_n(θ_a), unbiased
     per_prompt = E_b.mean(1) - H_a                        # Ĥ_n(θ_b) − Ĥ_n(θ_a)
+    T = batch.response_lengths.to(torch.float64)
+    per_token = E_b.sum(1) / T.sum(1) - (weights * E_a).sum(1) / (weights * T).sum(1)
     B = per_prompt.numel()
-    first = delta_h1_heldout(theta_b, {n: theta_b[n] - theta_a[n] for n in theta_b}, batch, policy=policy)
-    return (float(per_prompt.mean()), float(per_prompt.std()) / math.sqrt(B), first.deltaH1, first.se)
+    first = delta_h1_heldout(theta_b, {n: theta_b[n] - theta_a[n] for n in theta_b}, batch, policy=policy,
+                             per_token=True)
+
+    def mean_se(x):
+        return float(x.mean()), float(x.std()) / math.sqrt(B)
+
+    D = torch.tensor(first.per_prompt, dtype=torch.float64)
+    D_tok = torch.tensor(first.per_prompt_per_token, dtype=torch.float64)
+    values = {"first_order": first.deltaH1, "first_order_se": first.se,
+              "first_order_per_token": first.deltaH1_per_token, "first_order_per_token_se": first.se_per_token}
+    for name, x in (("realised", per_prompt), ("realised_per_token", per_token), ("difference", per_prompt - D),
+                    ("difference_per_token", per_token - D_tok)):
+        values[name], values[name + "_se"] = mean_se(x)
+    return values
 
 
 def close(a, b, rel):
@@ -178,7 +193,8 @@ def test_every_step_is_logged_and_finite():
     by_step = rows(trainer)
     assert sorted(by_step) == list(range(1, STEPS + 1))
     measured = ("realised", "realised_se", "realised_per_token", "realised_per_token_se", "first_order",
-                "first_order_se", "difference", "difference_se", "entropy", "ess_min", "ess_mean", "reliable")
+                "first_order_se", "difference", "difference_se", "first_order_per_token", "first_order_per_token_se",
+                "difference_per_token", "difference_per_token_se", "entropy", "ess_min", "ess_mean", "reliable")
     own = ("entropy_per_token", "step_match", "update_match", "overhead_s")
     for step, row in by_step.items():
         for name in own:  # every probed step (every=1: all), about the step itself
@@ -232,15 +248,22 @@ def test_logged_change_equals_an_offline_recomputation():
             continue
         theta_a, theta_b = recorder.theta[step - 1], recorder.theta[step]   # before step s − 1, after it
         batch = independent_batch(recorder.buffers[step])                   # step s's rollouts, drawn at θ_b
-        realised, realised_se, first, first_se = offline(policy, theta_a, theta_b, batch)
-        logged = [row[PREFIX + k] for k in ("realised", "realised_se", "first_order", "first_order_se")]
-        for got, want in zip(logged, (realised, realised_se, first, first_se)):
-            assert close(got, want, 1e-9), (step, got, want)
-            worst = max(worst, abs(got - want) / abs(want))
+        want = offline(policy, theta_a, theta_b, batch)
+        assert len(want) == 12
+        for name, value in want.items():  # per response and per token, each with its SE
+            got = row[PREFIX + name]
+            # a difference of two near-equal changes: relative to the changes it is the difference of
+            scale = abs(value)
+            if name.startswith("difference"):
+                unit = name.removeprefix("difference")
+                scale = max(scale, abs(want["realised" + unit]), abs(want["first_order" + unit]))
+            assert abs(got - value) <= 1e-9 * scale, (step, name, got, value)
+            worst = max(worst, abs(got - value) / scale)
         # sharp: the same rollouts with the wrong pair of parameters (the step after) are far off
         if step + 1 in recorder.theta:
-            wrong, *_ = offline(policy, theta_b, recorder.theta[step + 1], batch)
-            assert not close(wrong, realised, 1e-3)
+            wrong = offline(policy, theta_b, recorder.theta[step + 1], batch)
+            assert not close(wrong["realised"], want["realised"], 1e-3)
+            assert not close(wrong["first_order_per_token"], want["first_order_per_token"], 1e-3)
     trainer.model.train(was_training)
     print(f"\nlogged vs offline (float64): max relative difference {worst:.1e}")
 
@@ -285,6 +308,45 @@ def test_every_probes_every_kth_step():
     assert [s for s, r in by_step.items() if PREFIX + "entropy_per_token" in r] == [1, 3]
     assert [s for s, r in by_step.items() if PREFIX + "realised" in r] == [2, 4]
     assert all(by_step[s][PREFIX + "last_step"] == s - 1 for s in (2, 4))
+
+
+def test_match_every_checks_the_step_at_every_kth_probed_step():
+    """match_every=2: step_match and update_match at steps 1 and 3 only (the others' rows have no entry); the
+    measurement is the full run's at every step, and per_token=False drops only the per-token first order."""
+    trainer = make_trainer()
+    cb = EntropyChangeCallback(trainer, match_every=2, per_token=False)
+    trainer.add_callback(cb)
+    by_step = rows(train(trainer))
+    assert cb.error is None
+    assert [s for s, r in by_step.items() if PREFIX + "step_match" in r] == [1, 3]
+    assert [s for s, r in by_step.items() if PREFIX + "update_match" in r] == [1, 3]
+    assert all(by_step[s][PREFIX + "step_match"] <= 1e-5 for s in (1, 3))
+    reference = rows(run()[0])
+    for step in (2, 3, 4):
+        for name in ("realised", "realised_per_token", "first_order", "difference", "difference_se"):
+            assert by_step[step][PREFIX + name] == reference[step][PREFIX + name], (step, name)
+        assert PREFIX + "first_order_per_token" not in by_step[step]
+    with pytest.raises(ValueError, match="match_every must be a positive integer"):
+        EntropyChangeCallback(trainer, match_every=0)
+
+
+def test_a_step_of_zero_changes_nothing_exactly():
+    """measure_step_change(θ, θ): the realised change is exactly 0 per response and per token, as is the first
+    order — θ_b's values come from the held-out pass's forward and θ_a's from a separate no-grad forward, so this
+    holds only if the two are the same arithmetic (float32 model, SDPA, chunks splitting prompts)."""
+    from funcprobe.testing import random_batch, tiny_policy
+    from funcprobe.trl import measure_step_change
+
+    policy = tiny_policy("qwen2", dtype=torch.float32)
+    theta = dict(policy.params)
+    batch = random_batch(5, 4, vocab_size=64, seed=3, response_len=(1, 12))
+    for seq_chunk in (8, 3):  # whole prompts per forward; a prompt's draws over two forwards
+        measured = measure_step_change(theta, {n: t.clone() for n, t in theta.items()}, batch, policy=policy,
+                                       seq_chunk=seq_chunk)
+        assert measured.realised.deltaH == 0.0 and measured.realised.per_token == 0.0
+        assert all(x == 0.0 for x in measured.realised.deltaH_per_prompt + measured.realised.per_token_per_prompt)
+        assert measured.first_order.deltaH1 == 0.0 and measured.paired.difference == 0.0
+        assert measured.paired_per_token.difference == 0.0
 
 
 def test_a_failure_is_logged_once_and_training_goes_on():

@@ -99,7 +99,8 @@ def test_every_step_is_measured_and_finite(outputs):
             continue
         assert row[PREFIX + "first_step"] == row[PREFIX + "last_step"] == step - 1
         for name in ("realised", "realised_se", "realised_per_token", "first_order", "first_order_se", "difference",
-                     "difference_se", "entropy", "ess_min", "ess_mean", "reliable"):
+                     "difference_se", "first_order_per_token", "first_order_per_token_se", "difference_per_token",
+                     "difference_per_token_se", "entropy", "ess_min", "ess_mean", "reliable"):
             assert math.isfinite(row[PREFIX + name]), (step, name)
 
 
@@ -125,10 +126,16 @@ def test_values_equal_a_one_process_recomputation_on_the_gathered_rollouts(outpu
     worst = 0.0
     for step, want in out["offline"].items():
         assert want["B"] == 5
-        got = [rows[step][PREFIX + k] for k in ("realised", "realised_se", "first_order", "first_order_se")]
-        for a, b in zip(got, want["values"]):
-            assert abs(a - b) <= 1e-9 * max(abs(a), abs(b)), (step, a, b)
-            worst = max(worst, abs(a - b) / abs(b))
+        values = want["values"]
+        assert len(values) == 12  # per response and per token: realised, first order, difference, with SEs
+        for name, b in values.items():
+            a = rows[step][PREFIX + name]
+            scale = max(abs(a), abs(b))
+            if name.startswith("difference"):  # relative to the two changes it is the difference of
+                unit = name.removeprefix("difference")
+                scale = max(scale, abs(values["realised" + unit]), abs(values["first_order" + unit]))
+            assert abs(a - b) <= 1e-9 * scale, (step, name, a, b)
+            worst = max(worst, abs(a - b) / scale)
     print(f"\nlogged (2 processes) vs one-process recomputation: max relative difference {worst:.1e}")
 
 
