@@ -20,20 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_trl_overhead_benchmark_quick(tmp_path):
     out = tmp_path / "overhead.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "trl_callback_overhead.py"), "--quick", "--steps", "3",
-                           "-B", "4", "--match-every", "1", "2", "--json", str(out)],
+                           "-B", "4", "--configs", "match_every=1", "match_every=2,per_token=False", "--json",
+                           str(out)],
                           capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
     assert len(result["step_s_without"]) == 3
     runs = result["runs"]
-    assert sorted(runs) == ["match_every=1", "match_every=2"]
+    assert sorted(runs) == ["match_every=1", "match_every=2,per_token=False"]
     for run in runs.values():
         assert run["callback_error"] is None and run["same_losses"]
         share = run["breakdown_share"]
-        assert share["held-out pass at θ_b (forward + 2 backwards; gives θ_b's S, F)"] > 0
+        assert share["held-out pass at θ_b (a forward, a backward per unit; gives θ_b's S, F)"] > 0
         assert share["realised: the no-grad forward at θ_a"] > 0
     gradient = "step_match (funcprobe's gradient)"
     assert runs["match_every=1"]["breakdown_share"][gradient] > 0
-    assert runs["match_every=1"]["calls"][gradient] == 3 and runs["match_every=2"]["calls"][gradient] == 2
+    assert runs["match_every=1"]["calls"][gradient] == 3 and runs["match_every=2,per_token=False"]["calls"][gradient] == 2
     assert all(run["calls"]["realised: the no-grad forward at θ_a"] == 2 for run in runs.values())  # steps 1, 2
     assert "overhead" in done.stdout and "same losses with and without the callback: True" in done.stdout
