@@ -126,7 +126,8 @@ def step_table(log_history: list[dict]) -> str:
 
     steps = {row["step"]: row for row in log_history if "loss" in row}
     lines = [f"{'step':>4}  {'realised ΔĤ (nats/resp.)':>26}  {'first order':>20}  {'paired diff.':>20}  "
-             f"{'ESS/G':>5}  {'ΔĤ/token':>18}  {'TRL Δentropy':>12}  {'step_match':>10}"]
+             f"{'ESS/G':>5}  {'ΔĤ/token':>18}  {'first order/token':>18}  {'TRL Δentropy':>12}  "
+             f"{'step_match':>10}"]
     for step in sorted(steps):
         row = steps[step]
         get = lambda key: row.get(PREFIX + key)  # noqa: E731
@@ -141,6 +142,7 @@ def step_table(log_history: list[dict]) -> str:
             f"{_fmt(take('difference'), take('difference_se')):>20}  "
             f"{(take('ess_min') if take('ess_min') is not None else float('nan')):>5.2f}  "
             f"{_fmt(take('realised_per_token'), take('realised_per_token_se')):>18}  "
+            f"{_fmt(take('first_order_per_token'), take('first_order_per_token_se')):>18}  "
             f"{_fmt(trl_change):>12}  "
             f"{(f'{match:.1e}' if match is not None else 'null'):>10}")
     lines.append("Row s: the change of step s (θ_{s-1} → θ_s), measured on step s + 1's rollouts; the last step has "
