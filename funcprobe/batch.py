@@ -28,11 +28,17 @@ to them, and callers must not either.
 Batches normally live on the CPU and are moved to the compute device chunk by chunk:
 :meth:`RolloutBatch.iter_prompt_chunks` (whole prompts, for per-prompt quantities) and
 :meth:`RolloutBatch.iter_sequence_chunks` (the B·G sequences flattened, with all-padding columns trimmed).
+
+:func:`batch_fingerprint` (``RolloutBatch.fingerprint``, computed once per batch) names the samples of a batch: every
+result funcprobe computes on an evaluation batch E records it (``evaluation_fingerprint``), and the functions that
+pair two such results per prompt refuse two different E's of the same shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import numbers
@@ -42,7 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "AdvantageRecipe", "RolloutBatch", "SequenceChunk", "NotABatchError", "as_rollout_batch"]
+__all__ = ["FORMAT_VERSION", "AdvantageRecipe", "RolloutBatch", "SequenceChunk", "NotABatchError", "as_rollout_batch",
+           "batch_fingerprint", "FINGERPRINT_LENGTH"]
 
 #: Written into every saved batch (safetensors metadata and JSON: ``funcprobe.rollouts_file``) and checked on load.
 FORMAT_VERSION = "funcprobe.batch/2"
@@ -496,6 +503,57 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype | None) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the fingerprint of a batch's samples
+
+#: Hex digits of :func:`batch_fingerprint` (64 bits of SHA-256: two different batches share one by chance with
+#: probability 2⁻⁶⁴).
+FINGERPRINT_LENGTH = 16
+_FINGERPRINT_TAG = b"funcprobe.batch-fingerprint/1"
+
+
+def batch_fingerprint(batch: "RolloutBatch") -> str:
+    """A short stable name of the samples of ``batch``: the first ``FINGERPRINT_LENGTH`` hex digits of SHA-256 over
+
+    * the shape B, G (prompts, responses per prompt) and the temperature τ the responses were drawn at;
+    * for each of the B·G sequences, in row-major order (prompt n, response g): its real tokens (``attention_mask``
+      True) in order and, for each, whether it is a response token (``response_mask``) — the prompt, the response and
+      where one ends and the other begins.
+
+    Two batches have the same fingerprint exactly when they hold the same prompts and responses, in the same order,
+    drawn at the same τ: what every log-probability and entropy of the batch reads (padding is invisible to the model:
+    position ids come from the attention mask). So it is NOT changed by the padding layout (L, left or right padding,
+    ``pad_token_id``) — a batch, its copy through ``funcprobe.rollouts_file`` (``save_batch``/``load_batch``, JSON) and
+    its copy through ``token_lists()``/``from_token_lists(...)`` share it — nor by what scores the samples
+    (``advantages``, ``token_advantages``, ``rewards``, ``length_norm``, ``logprobs``, ``advantage_recipe``,
+    ``prompt_index``): the realised change and the first-order change on an evaluation batch do not read them. One
+    changed token, one token moved between prompt and response, another τ, another order of prompts: another
+    fingerprint. The same on every device and machine (little-endian bytes of the CPU tensors).
+
+    ``RolloutBatch.fingerprint`` caches it on the batch (computed on first use; the batch is immutable)."""
+    flat_attention = batch.attention_mask.reshape(batch.num_sequences, batch.L).to("cpu")
+    tokens = batch.input_ids.reshape(batch.num_sequences, batch.L).to("cpu")[flat_attention]       # row-major
+    response = batch.response_mask.reshape(batch.num_sequences, batch.L).to("cpu")[flat_attention]
+    counts = flat_attention.sum(dim=1, dtype=torch.int64)                                          # delimits rows
+    digest = hashlib.sha256(_FINGERPRINT_TAG)
+    digest.update(f"B={batch.B};G={batch.G};temperature={float(batch.temperature).hex()};".encode())
+    digest.update(counts.numpy().astype("<i8").tobytes())
+    digest.update(tokens.numpy().astype("<i8").tobytes())
+    digest.update(response.numpy().astype("u1").tobytes())
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def check_same_evaluation(first: str | None, second: str | None, what_first: str, what_second: str, fix: str) -> None:
+    """Raise ``ValueError`` when two results that are about to be paired per prompt were computed on different
+    evaluation batches (both fingerprints known and different); None on either side (a result built by hand, or by
+    an older funcprobe) is not checked. The message names both fingerprints and ``fix``."""
+    if first is None or second is None or first == second:
+        return
+    raise ValueError(f"{what_first} was computed on the evaluation batch with fingerprint {first} and {what_second} "
+                     f"on the one with fingerprint {second}: the same shape, other samples, so pairing them prompt by "
+                     f"prompt would give a wrong number. Compute both on the same evaluation batch: {fix}.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -754,6 +812,12 @@ class RolloutBatch:
     def response_lengths(self) -> Tensor:
         """int64 [B, G]: the number of response tokens of each sequence (T_i of spec §6)."""
         return self.response_mask.sum(dim=-1, dtype=torch.int64)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`batch_fingerprint` of this batch (its samples: token ids, masks, B, G and τ; not its scores),
+        computed on first use and kept (the batch never changes; a derived batch computes its own)."""
+        return batch_fingerprint(self)
 
     def __repr__(self) -> str:
         return (
