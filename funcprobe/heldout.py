@@ -101,6 +101,9 @@ class HeldoutResult:
         deltaH1_per_token, se_per_token, per_prompt_per_token: with ``per_token=True`` (else None), the first-order
             change of the entropy per token (nats per token, TRL's ``entropy`` unit): mean_n D^tok_n, sd_n/√B_E, and
             D^tok_n [B_E] (module docstring; a ratio estimator, biased at O(1/G)).
+        evaluation_fingerprint: ``E.fingerprint`` (``funcprobe.batch.batch_fingerprint``: E's token ids, masks, B, G
+            and τ), so that :func:`paired_difference` and ``lr_sweep`` can refuse a realised change of another E;
+            None when unknown (a result built by hand: then nothing is checked).
     """
 
     deltaH1: float
@@ -126,6 +129,7 @@ class HeldoutResult:
     deltaH1_per_token: float | None = None
     se_per_token: float | None = None
     per_prompt_per_token: tuple[float, ...] | None = None
+    evaluation_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "gradient"}
@@ -525,9 +529,11 @@ def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]],
 
 
 def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: bool, integrand: str,
-                   timings: dict[str, float] | None = None) -> HeldoutResult:
+                   timings: dict[str, float] | None = None,
+                   evaluation_fingerprint: str | None = None) -> HeldoutResult:
     """The :class:`HeldoutResult` of the step whose directions are ``columns`` of ``result.dots``: one column (a
-    plain Δθ) or two (its gradient and state parts, ``decomposed``)."""
+    plain Δθ) or two (its gradient and state parts, ``decomposed``). ``evaluation_fingerprint``: the fingerprint of
+    the batch the pass ran on (``batch.fingerprint``); every funcprobe caller passes it."""
     dots = result.dots[:, list(columns)]
     per_prompt = dots.sum(1)
     value, se = _mean_se(per_prompt)
@@ -549,7 +555,7 @@ def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: b
         deltaH1=value, se=se, per_prompt=tuple(float(x) for x in per_prompt), integrand=integrand, **terms,
         entropy=entropy, entropy_se=entropy_se, entropy_per_token=per_token, B=result.B, G=result.G,
         route=result.route, forward_passes=result.forward_passes, backward_passes=result.backward_passes,
-        timings=dict(timings or {}), gradient=result.gradient)
+        timings=dict(timings or {}), gradient=result.gradient, evaluation_fingerprint=evaluation_fingerprint)
 
 
 def step_directions(delta: Any, params: ParamsDict) -> tuple[list[dict[str, Tensor]], bool]:
@@ -591,7 +597,8 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
                           token_chunk=token_chunk, entropy_gradient=entropy_gradient, progress=progress,
                           world=world, per_token=per_token)
     return heldout_result(result, range(len(directions)), decomposed=decomposed, integrand=integrand,
-                          timings={"total_s": time.perf_counter() - started})
+                          timings={"total_s": time.perf_counter() - started},
+                          evaluation_fingerprint=as_rollout_batch(eval_batch, "eval_batch").fingerprint)
 
 
 # ------------------------------------------------------------------------------------------- paired with ΔĤ
@@ -605,6 +612,8 @@ class PairedDifference:
     estimate is unreliable); verdict: the plain sentence. realised, predicted: the
     two means beside it; scale: η/lr when the prediction was scaled to another step size (the sweep); method: the
     realised estimator; realised_reliable: its own verdict (an unreliable ΔĤ makes the comparison unreliable too).
+    evaluation_fingerprint: the fingerprint of the evaluation batch both were computed on (None when neither
+    recorded one).
     """
 
     difference: float
@@ -618,6 +627,7 @@ class PairedDifference:
     method: str
     realised_reliable: bool
     per_token: bool = False
+    evaluation_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -643,6 +653,7 @@ def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1
     if (realised.B, realised.G) != (heldout.B, heldout.G):
         raise ValueError(f"the realised change was measured on a {realised.B}×{realised.G} batch and δĤ₁(E) on a "
                          f"{heldout.B}×{heldout.G} one: pair estimates of the same evaluation batch.")
+    realised_fingerprint = getattr(realised, "evaluation_fingerprint", None)
     first = heldout.per_prompt_per_token if per_token else heldout.per_prompt
     diff = torch.tensor([float(x) for x in per_prompt], dtype=torch.float64) - scale * torch.tensor(
         first, dtype=torch.float64)
@@ -667,4 +678,5 @@ def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1
                             predicted=scale * (heldout.deltaH1_per_token if per_token else heldout.deltaH1),
                             scale=float(scale),
                             method=getattr(realised, "method", type(realised).__name__), realised_reliable=reliable,
-                            per_token=per_token)
+                            per_token=per_token,
+                            evaluation_fingerprint=realised_fingerprint or heldout.evaluation_fingerprint)

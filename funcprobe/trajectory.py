@@ -514,9 +514,11 @@ def _measure(run: _Run, state: RunCheckpoint, following: RunCheckpoint | None, l
         passed = timed("delta_h1_heldout", lambda: heldout_pass(state.params, directions, batch, policy=run.policy,
                                                                 integrand=integrand, **run.passes))
         if prediction is not None:
-            heldout = heldout_result(passed, columns["predicted"], decomposed=decomposed, integrand=integrand)
+            heldout = heldout_result(passed, columns["predicted"], decomposed=decomposed, integrand=integrand,
+                                     evaluation_fingerprint=batch.fingerprint)
         if real is not None:
-            first_order = heldout_result(passed, columns["real"], decomposed=False, integrand=integrand)
+            first_order = heldout_result(passed, columns["real"], decomposed=False, integrand=integrand,
+                                         evaluation_fingerprint=batch.fingerprint)
     if following is not None:
         importance = timed("importance", lambda: snis_delta_h(state.params, following.params, policy=run.policy,
                                                               batch=batch, before=before, **run.passes))

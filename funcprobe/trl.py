@@ -247,7 +247,10 @@ class ReverseChange:
     ``deltaH``, ``se``, ``deltaH_per_prompt`` (ΔĤ_n [B]); ``per_token``, ``per_token_se``, ``per_token_per_prompt``
     (ΔĤ^tok_n [B], each prompt's change of Σ_g w̃ F / Σ_g w̃ T); ``H_after`` = Ĥ(θ_b) (Rao-Blackwell mean on E),
     ``H_before`` = Ĥ(θ_a) (weighted); ``diagnostics``: the :class:`~funcprobe.realised.WeightDiagnostics` of
-    log w = S_{θ_a} − S_{θ_b}; ``B``, ``G``; ``token_entropy_sums_after``: F = Σ_k m h at θ_b [B, G].
+    log w = S_{θ_a} − S_{θ_b}; ``B``, ``G``; ``token_entropy_sums_after``: F = Σ_k m h at θ_b [B, G];
+    ``evaluation_fingerprint``: the fingerprint of E, the batch drawn at θ_b (``funcprobe.batch.batch_fingerprint``:
+    token ids, masks, B, G, τ), or None when unknown — :meth:`pairing` carries it, so ``paired_difference`` refuses
+    a δĤ₁(E) of another batch.
     """
 
     deltaH: float
@@ -262,6 +265,7 @@ class ReverseChange:
     G: int
     token_entropy_sums_after: Tensor = field(repr=False, compare=False)
     per_token_per_prompt: tuple[float, ...] = ()
+    evaluation_fingerprint: str | None = None
 
     @property
     def reliable(self) -> bool:
@@ -269,11 +273,12 @@ class ReverseChange:
 
     def pairing(self, per_token: bool = False) -> Any:
         """This result in the shape ``funcprobe.heldout.paired_difference`` reads: per sequence, or per token
-        (against ``delta_h1_heldout(..., per_token=True)``)."""
+        (against ``delta_h1_heldout(..., per_token=True)``), with E's ``evaluation_fingerprint`` (checked there)."""
         return types.SimpleNamespace(deltaH_per_prompt=self.per_token_per_prompt if per_token else
                                      self.deltaH_per_prompt, deltaH=self.per_token if per_token else self.deltaH,
                                      B=self.B, G=self.G, per_token=bool(per_token), reliable=self.reliable,
-                                     reason=self.diagnostics.reason, method="reverse importance sampling")
+                                     reason=self.diagnostics.reason, method="reverse importance sampling",
+                                     evaluation_fingerprint=self.evaluation_fingerprint)
 
 
 def reverse_importance_change(params_before: Mapping[str, Tensor], params_after: Mapping[str, Tensor],
@@ -317,7 +322,7 @@ def reverse_importance_change(params_before: Mapping[str, Tensor], params_after:
                          per_token=-back_tok.deltaH, per_token_se=back_tok.se, H_before=back.H_after,
                          H_after=back.H_before, diagnostics=diagnostics, B=batch.B, G=batch.G,
                          token_entropy_sums_after=E_b,
-                         per_token_per_prompt=tuple(float(-x) for x in back_tok.deltaH_per_prompt))
+                         per_token_per_prompt=tuple(float(-x) for x in back_tok.deltaH_per_prompt), evaluation_fingerprint=batch.fingerprint)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,12 @@ class CRNResult:
             CRN_MAX_TOP_SHARE of the variance (a heavy tail the SE cannot see).
         integrand: "rao_blackwell" (R = Σ_k H(π(·|y_<k)), default) or "sequence" (−S).
         B, G, forward_passes (entropy or log-prob passes), sampling_passes (1: the draw at θ⁺), timings.
+        evaluation_fingerprint: the fingerprint (``funcprobe.batch.batch_fingerprint``) of the draw y at θ, the
+            evaluation batch E. CRN's ΔĤ_n pairs f_θ⁺(y⁺) − f_θ(y) prompt by prompt, and δĤ₁(E) is computed on the
+            same y (the sample's ``.batch``): y is what "the same E" means. The prompts and the uniforms (the
+            ``DrawSpec``: prompts and seed) would not do — the same spec drawn at another θ is another sample — and
+            y⁺ is no batch of its own but a function of E's prompts, uniforms and θ⁺. ``paired_difference`` and
+            ``lr_sweep`` refuse a δĤ₁(E) of another batch. None when unknown (built by hand: nothing is checked).
     """
 
     deltaH: float
@@ -92,6 +98,7 @@ class CRNResult:
     sampling_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     method: str = "crn"
+    evaluation_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -173,7 +180,8 @@ def crn_from_draws(batch: RolloutBatch, after_batch: RolloutBatch, before: Tenso
 
     ΔĤ = mean_n ΔĤ_n, ΔĤ_n = (1/G) Σ_g [f_θ⁺(y⁺) − f_θ(y)], SE = sd_n(ΔĤ_n)/√B; the changed draws and the
     reliability verdict as :func:`crn_delta_h` (which calls this). Pure; no pass is run (``forward_passes`` and
-    ``sampling_passes`` 0). Raises ValueError for non-finite values or shapes other than the batches' [B, G].
+    ``sampling_passes`` 0). The result records ``batch.fingerprint`` (the draw at θ: E) as its
+    ``evaluation_fingerprint``. Raises ValueError for non-finite values or shapes other than the batches' [B, G].
     """
     if integrand not in INTEGRANDS:
         raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
@@ -195,7 +203,8 @@ def crn_from_draws(batch: RolloutBatch, after_batch: RolloutBatch, before: Tenso
                      H_before_per_prompt=_tuple(before.mean(dim=1)), H_after_per_prompt=_tuple(after.mean(dim=1)),
                      changed_fraction=float(changed.mean()), changed_count=count,
                      changed_per_prompt=_tuple(changed.mean(dim=1)), top_share=top_share, reliable=reliable,
-                     reason=reason, integrand=integrand, B=batch.B, G=batch.G, forward_passes=0, sampling_passes=0)
+                     reason=reason, integrand=integrand, B=batch.B, G=batch.G, forward_passes=0, sampling_passes=0,
+                     evaluation_fingerprint=batch.fingerprint)
 
 
 
@@ -245,7 +254,8 @@ def crn_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy, sampl
             ``draw_responses``) with its ``spec``; y⁺ is ``redraw(policy, update, sample.spec)``: the same uniforms.
         integrand: "rao_blackwell" (R = Σ_k H(π(·|y_<k)), default) or "sequence" (−S, for comparison only).
         before: the integrand on y at θ (:func:`integrand_values`), when several updates share the sample (a
-            sweep); computed here when None.
+            sweep); computed here when None. A bare tensor records no batch: it must be this sample's (only its
+            shape is checked).
         seq_chunk, token_chunk, prompt_chunk, progress: as for the passes they configure.
         world: a ``funcprobe.distributed.World``: the redraw is sharded by prompt (the same streams) and the entropy
             passes by sequence chunk, so every field equals the single-process result.

@@ -284,6 +284,9 @@ class SNISResult:
             the realised change (spec §6).
         recorded_logprobs: the check of the batch's recorded S against the teacher-forced S (:class:`LogprobCheck`).
         timings: seconds per phase. forward_passes: passes over the batch (each a chunked forward of B·G sequences).
+        evaluation_fingerprint: ``batch.fingerprint`` of the batch the weights were computed on (its token ids,
+            masks, B, G and τ; ``funcprobe.batch.batch_fingerprint``): ``paired_difference`` and ``lr_sweep`` refuse
+            to pair this ΔĤ with a δĤ₁(E) of another batch. None when unknown (built by hand: nothing is checked).
     """
 
     deltaH: float
@@ -321,6 +324,7 @@ class SNISResult:
     recorded_logprobs: LogprobCheck | None = None
     timings: dict[str, float] = field(default_factory=dict)
     method: str = "snis"
+    evaluation_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain Python (lists for the per-prompt values and log-weights); notes explain the values
@@ -416,7 +420,8 @@ def _snis(params: ParamsDict, update: ParamsDict, *, policy: Policy, batch: Roll
         khat=diag.khat, khat_threshold=diag.khat_threshold, khat_assessed=diag.khat_assessed,
         reliable=reliable, reason=reason, clip=clip, clipped_fraction=estimate.clipped_fraction,
         normalize=normalize, estimator=estimator, per_token=per_token, B=batch.B, G=batch.G,
-        forward_passes=clock.forward_passes, in_sample=in_sample, recorded_logprobs=before.check, timings=timings)
+        forward_passes=clock.forward_passes, in_sample=in_sample, recorded_logprobs=before.check, timings=timings,
+        evaluation_fingerprint=batch.fingerprint)
 
 
 

@@ -39,11 +39,13 @@ def sharded_pass(world, batch: RolloutBatch) -> Callable[[Callable[..., Tensor]]
 @dataclass(frozen=True)
 class Before:
     """What an estimator needs at θ on a batch, computed once (a sweep reuses it for every η): S, the summed
-    next-token entropies E (or None) and the recorded-S check."""
+    next-token entropies E (or None) and the recorded-S check; ``evaluation_fingerprint``: the batch's
+    ``fingerprint`` (``snis_delta_h(before=...)`` refuses values of another batch; None: unknown, not checked)."""
 
     S: Tensor | None
     E: Tensor | None
     check: LogprobCheck | None
+    evaluation_fingerprint: str | None = None
 
 
 
@@ -57,7 +59,7 @@ def values_before(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, lo
                        clock=clock, phase="before")
     if logprobs:
         check = check_recorded_logprobs(batch, S, dtype=policy.dtype, layers=policy.num_layers)
-    return Before(S, E, check)
+    return Before(S, E, check, evaluation_fingerprint=batch.fingerprint)
 
 
 
