@@ -549,8 +549,8 @@ def check_same_evaluation(first: str | None, second: str | None, what_first: str
     if first is None or second is None or first == second:
         return
     raise ValueError(f"{what_first} was computed on the evaluation batch with fingerprint {first} and {what_second} "
-                     f"on the one with fingerprint {second}: the same shape, other samples, so pairing them prompt by "
-                     f"prompt would give a wrong number. Compute both on the same evaluation batch: {fix}.")
+                     f"on the one with fingerprint {second}: other samples, so pairing them prompt by prompt would give "
+                     f"a wrong number. Compute both on the same evaluation batch: {fix}.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from torch import Tensor
 
 from .adam import UpdateDecomposition
 from .delta_h1 import _dot
-from .batch import RolloutBatch, SequenceChunk, as_rollout_batch, as_rollout_batch
+from .batch import RolloutBatch, SequenceChunk, as_rollout_batch, as_rollout_batch, check_same_evaluation
 from .formatting import fmt
 from .lora_grads import tapped_forward, unsupported_reason
 from .policy import Policy
@@ -640,7 +640,10 @@ def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1
     realised: an ``SNISResult`` or ``CRNResult`` (per-prompt ``deltaH_per_prompt``) on the SAME evaluation batch as
     ``heldout``. Per sequence, or per token (``realised.per_token``) against ``heldout``'s per-token values
     (``delta_h1_heldout(..., per_token=True)``): then ΔĤ^tok_n − D^tok_n, nats per token. Raises ValueError when the
-    two do not share E's shape or units.
+    two do not share E's shape or units, or when both record the fingerprint of their evaluation batch
+    (``evaluation_fingerprint``, ``funcprobe.batch.batch_fingerprint``: E's token ids, masks, B, G and τ) and the
+    two differ — two batches of one shape with other samples, whose per-prompt difference means nothing; the
+    message names both fingerprints. A result without one (None: built by hand) is paired unchecked.
     """
     per_prompt = getattr(realised, "deltaH_per_prompt", None)
     if per_prompt is None or not isinstance(heldout, HeldoutResult):
@@ -654,6 +657,10 @@ def paired_difference(realised: Any, heldout: HeldoutResult, *, scale: float = 1
         raise ValueError(f"the realised change was measured on a {realised.B}×{realised.G} batch and δĤ₁(E) on a "
                          f"{heldout.B}×{heldout.G} one: pair estimates of the same evaluation batch.")
     realised_fingerprint = getattr(realised, "evaluation_fingerprint", None)
+    check_same_evaluation(realised_fingerprint, heldout.evaluation_fingerprint,
+                          f"the realised change ({getattr(realised, 'method', type(realised).__name__)})", "δĤ₁(E)",
+                          "pass the batch (or SampledBatch) the realised change was measured on to delta_h1_heldout, "
+                          "or measure the realised change on the batch δĤ₁(E) was computed on")
     first = heldout.per_prompt_per_token if per_token else heldout.per_prompt
     diff = torch.tensor([float(x) for x in per_prompt], dtype=torch.float64) - scale * torch.tensor(
         first, dtype=torch.float64)

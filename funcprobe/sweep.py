@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .adam import UpdateDecomposition, scaled_update
-from .batch import RolloutBatch, as_rollout_batch
+from .batch import RolloutBatch, as_rollout_batch, check_same_evaluation
 from .formatting import fmt as _fmt
 from .heldout import FIRST_ORDER_Z, HeldoutResult, paired_difference
 from .policy import Policy
@@ -237,14 +237,16 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
             ``heldout``). None: none.
         heldout: δĤ₁(E) of the same step on the same evaluation batch (``delta_h1_heldout``, a ``HeldoutResult``):
             predicted(η) = (η/lr)·δĤ₁(E), SE (η/lr)·SE, and each η's realised change paired with it per prompt.
+            Refused (ValueError naming both fingerprints) when it records another batch's fingerprint
+            (``HeldoutResult.evaluation_fingerprint`` against ``sample``'s batch: token ids, masks, B, G, τ).
         method: "snis", "crn" or "both"; normalize, estimator, per_token, clip: the SNIS options (estimator None:
             ``realised.default_estimator``); integrand: CRN's.
         seq_chunk, token_chunk, prompt_chunk, progress, world: as for ``snis_delta_h`` and ``crn_delta_h``.
 
     Everything at θ (S, entropies, the CRN integrand) is computed once; per η one pass for SNIS (S, and for
     Rao-Blackwell the entropies from the same forward), one redraw and one entropy pass for CRN. Raises ValueError for a bad option, an empty
-    or negative η list, a step with several learning rates or lr = 0, a prediction made at another lr, or a sample
-    without its draw spec for CRN — all before any forward pass.
+    or negative η list, a step with several learning rates or lr = 0, a prediction made at another lr, a ``heldout``
+    of another evaluation batch, or a sample without its draw spec for CRN — all before any forward pass.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
@@ -282,6 +284,9 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
         if (heldout.B, heldout.G) != (batch.B, batch.G):
             raise ValueError(f"heldout was computed on a {heldout.B}×{heldout.G} batch, the sweep's evaluation batch "
                              f"is {batch.B}×{batch.G}: pass δĤ₁(E) of the same evaluation batch.")
+        check_same_evaluation(heldout.evaluation_fingerprint, batch.fingerprint, "heldout (δĤ₁(E))",
+                              "the sweep's evaluation sample", "pass heldout=delta_h1_heldout(params, step, sample, "
+                              "...) of this sample, or sweep the sample heldout was computed on")
 
     started = time.perf_counter()
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)

@@ -303,6 +303,8 @@ def test_interventions_all_ones_and_all_zeros(policies, batch):
     paired = paired_difference(realised, heldout)
     assert ones["paired_difference"] == pytest.approx(paired.difference, rel=1e-9, abs=1e-15)
     assert ones["paired_se"] == pytest.approx(paired.se, rel=1e-9, abs=0)
+    assert result.heldout.evaluation_fingerprint == evaluation.fingerprint == paired.evaluation_fingerprint
+    assert result.paired["evaluation_fingerprint"] == evaluation.fingerprint
     assert ones["realised_reliable"] == realised.reliable
     assert ones["ess_min_fraction"] == pytest.approx(realised.ess_min_fraction, rel=1e-12)
     # The unchanged step's own realised ΔĤ (E's values at θ shared with the interventions).

@@ -143,6 +143,9 @@ def test_the_first_order_along_the_real_step_and_the_check_are_the_librarys(resu
     assert math.isclose(change.importance.deltaH, check.deltaH, rel_tol=1e-9, abs_tol=1e-15)
     assert change.importance_summary()["ess_min_fraction"] == check.ess_min_fraction
     assert math.isclose(change.paired.difference, change.realised.deltaH - heldout.deltaH1, rel_tol=1e-9)
+    # Every result on E names E (issue 19): the same draws, redrawn here, have the same fingerprint.
+    for recorded in (change.first_order, change.realised, change.importance, change.paired, heldout, check):
+        assert recorded.evaluation_fingerprint == evaluation.batch.fingerprint
 
 
 def test_the_prediction_is_the_probe_headline(result, run_dir, tmp_path):

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..batch import RolloutBatch
+from ..batch import RolloutBatch, check_same_evaluation
 from ..formatting import fmt as _fmt
 from ..policy import Policy
 from ._common import (_ADVICE, ParamsDict, _as_matrix, _check_batch, _check_values, _chunks, _Clock, _prompt_ratio,
@@ -445,7 +445,8 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy, batc
             docstring.
         in_sample: say that ``batch`` is the update batch itself: the result is then labelled a biased diagnostic.
         before: S(θ) (and for Rao-Blackwell the entropies at θ) on this batch from :func:`values_before`, when
-            several updates are compared on one batch (a sweep); computed here when None.
+            several updates are compared on one batch (a sweep); computed here when None. Refused (ValueError naming
+            both fingerprints) when it records another batch's fingerprint (``Before.evaluation_fingerprint``).
         seq_chunk, token_chunk: sequences per decoder forward and response rows per vocabulary chunk (default the
             policy's); progress: a progress bar per pass.
         world: a ``funcprobe.distributed.World``: every rank passes the whole batch and forwards a contiguous range
@@ -471,6 +472,10 @@ def snis_delta_h(params: ParamsDict, update: ParamsDict, *, policy: Policy, batc
     if before is not None and (before.S is None or (estimator == "rao_blackwell" and before.E is None)):
         raise ValueError("before= lacks what this estimator needs at θ: compute it with values_before(params, batch, "
                          "logprobs=True, entropies=(estimator == 'rao_blackwell'), ...).")
+    if before is not None:
+        check_same_evaluation(before.evaluation_fingerprint, batch.fingerprint, "before= (the values at θ)",
+                              "snis_delta_h's batch", "compute before= with values_before(params, batch, ...) on "
+                              "this batch")
     return _snis(params, update, policy=policy, batch=batch, normalize=normalize, per_token=per_token,
                  estimator=estimator, clip=clip, chunks=_chunks(seq_chunk, token_chunk, progress), before=before,
                  in_sample=in_sample, world=world)
