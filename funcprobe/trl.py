@@ -363,7 +363,7 @@ def measure_step_change(params_before: Mapping[str, Tensor], params_after: Mappi
     directions, _ = step_directions(delta, params_after)
     passed = heldout_pass(params_after, directions, batch, policy=policy, integrand=integrand, seq_chunk=seq_chunk,
                           token_chunk=token_chunk, world=world, per_token=per_token, sequence_values=True)
-    first = heldout_result(passed, [0], decomposed=False, integrand=integrand)
+    first = heldout_result(passed, [0], decomposed=False, integrand=integrand, evaluation_fingerprint=batch.fingerprint)
     values = passed.sequence_values
     change = reverse_importance_change(params_before, params_after, batch, policy=policy, seq_chunk=seq_chunk,
                                        token_chunk=token_chunk, world=world,

@@ -347,6 +347,8 @@ def test_a_step_of_zero_changes_nothing_exactly():
         assert all(x == 0.0 for x in measured.realised.deltaH_per_prompt + measured.realised.per_token_per_prompt)
         assert measured.first_order.deltaH1 == 0.0 and measured.paired.difference == 0.0
         assert measured.paired_per_token.difference == 0.0
+        for recorded in (measured.first_order, measured.realised, measured.paired, measured.paired_per_token):
+            assert recorded.evaluation_fingerprint == batch.fingerprint
 
 
 def test_a_failure_is_logged_once_and_training_goes_on():
