@@ -702,8 +702,7 @@ def _attribute_heldout(params, batch, *, policy, adam, objective, lr, seq_chunk,
     directions = [d for step in steps.values() for d in step_directions(step, params)[0]]
     measured = heldout_pass(params, directions, evaluation_batch, policy=policy, integrand=integrand,
                             seq_chunk=seq_chunk, token_chunk=token_chunk, entropy_gradient=True, progress=progress)
-    heldout = {name: heldout_result(measured, (2 * i, 2 * i + 1), decomposed=True, integrand=integrand,
-                                    evaluation_fingerprint=evaluation_batch.fingerprint)
+    heldout = {name: heldout_result(measured, (2 * i, 2 * i + 1), decomposed=True, integrand=integrand)
                for i, name in enumerate(steps)}
     timings["heldout_s"] = time.perf_counter() - phase
 

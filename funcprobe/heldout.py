@@ -389,7 +389,8 @@ class HeldoutPass:
     sequence_values [B_E, G, 2]: per response (S, F) = (Σ_k m ℓ_k, Σ_k m h_k) at θ from the pass's own forward,
     when asked for (``sequence_values=True``), else None — the same numbers, bit for bit, as
     :func:`heldout_sequence_values` at that θ (same chunks, same arithmetic), so an importance-sampling change
-    between θ and another θ′ can reuse this forward and pay only θ′'s.
+    between θ and another θ′ can reuse this forward and pay only θ′'s; evaluation_fingerprint: E's
+    (``RolloutBatch.fingerprint``), which :func:`heldout_result` passes on.
     """
 
     dots: Tensor
@@ -402,6 +403,7 @@ class HeldoutPass:
     G: int
     dots_per_token: Tensor | None = None
     sequence_values: Tensor | None = None
+    evaluation_fingerprint: str | None = None
 
 
 def _prompt_groups(batch: RolloutBatch, world, seq_chunk: int) -> list[list[int]]:
@@ -525,7 +527,8 @@ def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]],
                        route=route, forward_passes=counts.forward_passes, backward_passes=counts.backward_passes,
                        B=batch.B, G=G, dots_per_token=rows[:, J + 2:2 * J + 2] if per_token else None,
                        sequence_values=(rows[:, rows.shape[1] - 2 * G:].reshape(batch.B, 2, G).transpose(1, 2)
-                                        .contiguous() if sequence_values else None))
+                                        .contiguous() if sequence_values else None),
+                       evaluation_fingerprint=batch.fingerprint)
 
 
 def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: bool, integrand: str,
@@ -533,7 +536,7 @@ def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: b
                    evaluation_fingerprint: str | None = None) -> HeldoutResult:
     """The :class:`HeldoutResult` of the step whose directions are ``columns`` of ``result.dots``: one column (a
     plain Δθ) or two (its gradient and state parts, ``decomposed``). ``evaluation_fingerprint``: the fingerprint of
-    the batch the pass ran on (``batch.fingerprint``); every funcprobe caller passes it."""
+    the batch the pass ran on; default the one the pass recorded (``HeldoutPass.evaluation_fingerprint``)."""
     dots = result.dots[:, list(columns)]
     per_prompt = dots.sum(1)
     value, se = _mean_se(per_prompt)
@@ -555,7 +558,8 @@ def heldout_result(result: HeldoutPass, columns: Sequence[int], *, decomposed: b
         deltaH1=value, se=se, per_prompt=tuple(float(x) for x in per_prompt), integrand=integrand, **terms,
         entropy=entropy, entropy_se=entropy_se, entropy_per_token=per_token, B=result.B, G=result.G,
         route=result.route, forward_passes=result.forward_passes, backward_passes=result.backward_passes,
-        timings=dict(timings or {}), gradient=result.gradient, evaluation_fingerprint=evaluation_fingerprint)
+        timings=dict(timings or {}), gradient=result.gradient,
+        evaluation_fingerprint=evaluation_fingerprint or result.evaluation_fingerprint)
 
 
 def step_directions(delta: Any, params: ParamsDict) -> tuple[list[dict[str, Tensor]], bool]:
@@ -597,8 +601,7 @@ def delta_h1_heldout(params: ParamsDict, delta: Mapping[str, Tensor] | UpdateDec
                           token_chunk=token_chunk, entropy_gradient=entropy_gradient, progress=progress,
                           world=world, per_token=per_token)
     return heldout_result(result, range(len(directions)), decomposed=decomposed, integrand=integrand,
-                          timings={"total_s": time.perf_counter() - started},
-                          evaluation_fingerprint=as_rollout_batch(eval_batch, "eval_batch").fingerprint)
+                          timings={"total_s": time.perf_counter() - started})
 
 
 # ------------------------------------------------------------------------------------------- paired with ΔĤ

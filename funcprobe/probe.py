@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .adam import AdamState
@@ -161,8 +160,6 @@ class Probe:
 
 
 def _same_samples(a: RolloutBatch, b: RolloutBatch) -> bool:
-    """The same object, or the same token ids and masks (a saved and reloaded or re-drawn copy)."""
-    if a is b:
-        return True
-    return (a.input_ids.shape == b.input_ids.shape and bool(torch.equal(a.input_ids.cpu(), b.input_ids.cpu()))
-            and bool(torch.equal(a.response_mask.cpu(), b.response_mask.cpu())))
+    """The same object, or the same samples (``RolloutBatch.fingerprint``: a saved and reloaded, re-drawn or
+    re-padded copy)."""
+    return a is b or a.fingerprint == b.fingerprint

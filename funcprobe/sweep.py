@@ -236,7 +236,8 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
             ``deltaH1_plugin`` and ``lr``): (η/lr)·δH₁ in ``predicted_ustatistic`` (and in ``predicted`` without
             ``heldout``). None: none.
         heldout: δĤ₁(E) of the same step on the same evaluation batch (``delta_h1_heldout``, a ``HeldoutResult``):
-            predicted(η) = (η/lr)·δĤ₁(E), SE (η/lr)·SE, and each η's realised change paired with it per prompt.
+            predicted(η) = (η/lr)·δĤ₁(E), SE (η/lr)·SE, and each η's realised change paired with it per prompt; with
+            ``per_token`` its per-token values (``delta_h1_heldout(..., per_token=True)``, else ValueError).
             Refused (ValueError naming both fingerprints) when it records another batch's fingerprint
             (``HeldoutResult.evaluation_fingerprint`` against ``sample``'s batch: token ids, masks, B, G, τ).
         method: "snis", "crn" or "both"; normalize, estimator, per_token, clip: the SNIS options (estimator None:
@@ -287,7 +288,13 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
         check_same_evaluation(heldout.evaluation_fingerprint, batch.fingerprint, "heldout (δĤ₁(E))",
                               "the sweep's evaluation sample", "pass heldout=delta_h1_heldout(params, step, sample, "
                               "...) of this sample, or sweep the sample heldout was computed on")
+        if per_token and heldout.deltaH1_per_token is None:
+            raise ValueError("lr_sweep(per_token=True) draws (η/lr)·δĤ₁(E) per token beside the per-token realised "
+                             "change, but heldout holds δĤ₁(E) per response only: compute it with "
+                             "delta_h1_heldout(..., per_token=True), or sweep with per_token=False.")
 
+    heldout_value = None if heldout is None else (
+        (heldout.deltaH1_per_token, heldout.se_per_token) if per_token else (heldout.deltaH1, heldout.se))
     started = time.perf_counter()
     chunks = dict(seq_chunk=seq_chunk, token_chunk=token_chunk, progress=progress)
     timings: dict[str, float] = {}
@@ -328,10 +335,11 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
         predicted = None if h1 is None else factor * h1
         predicted_se = None if h1_se is None else abs(factor) * h1_se
         pair = None
-        if heldout is not None:
-            predicted, predicted_se = factor * heldout.deltaH1, abs(factor) * heldout.se
+        if heldout is not None:  # in the realised change's unit: per response, or per token
+            value, se = heldout_value
+            predicted, predicted_se = factor * value, abs(factor) * se
             primary = snis if snis is not None else crn
-            if not per_token:
+            if bool(getattr(primary, "per_token", False)) == per_token:
                 pair = paired_difference(primary, heldout, scale=factor)
         rows.append(LRSweepRow(
             eta=eta, factor=factor, predicted=predicted, predicted_se=predicted_se,
@@ -352,8 +360,8 @@ def lr_sweep(params: ParamsDict, sample: Any, *, policy: Policy, step: UpdateDec
     return LRSweepResult(lr=lr, rows=tuple(rows), snis=tuple(snis_results), crn=tuple(crn_results), method=method,
                          H_before=H_before,
                          prediction="deltaH1_heldout" if heldout is not None else ("none" if h1 is None else "deltaH1"),
-                         heldout=None if heldout is None else heldout.deltaH1,
-                         heldout_se=None if heldout is None else heldout.se, deltaH1=h1,
+                         heldout=None if heldout is None else heldout_value[0],
+                         heldout_se=None if heldout is None else heldout_value[1], deltaH1=h1,
                          deltaH1_se=h1_se, deltaH1_plugin=h1_plugin, normalize=normalize, estimator=estimator,
                          integrand=integrand, per_token=per_token, B=batch.B, G=batch.G,
                          forward_passes=forward_passes, sampling_passes=len(crn_results), timings=timings)

@@ -514,11 +514,9 @@ def _measure(run: _Run, state: RunCheckpoint, following: RunCheckpoint | None, l
         passed = timed("delta_h1_heldout", lambda: heldout_pass(state.params, directions, batch, policy=run.policy,
                                                                 integrand=integrand, **run.passes))
         if prediction is not None:
-            heldout = heldout_result(passed, columns["predicted"], decomposed=decomposed, integrand=integrand,
-                                     evaluation_fingerprint=batch.fingerprint)
+            heldout = heldout_result(passed, columns["predicted"], decomposed=decomposed, integrand=integrand)
         if real is not None:
-            first_order = heldout_result(passed, columns["real"], decomposed=False, integrand=integrand,
-                                         evaluation_fingerprint=batch.fingerprint)
+            first_order = heldout_result(passed, columns["real"], decomposed=False, integrand=integrand)
     if following is not None:
         importance = timed("importance", lambda: snis_delta_h(state.params, following.params, policy=run.policy,
                                                               batch=batch, before=before, **run.passes))

@@ -322,7 +322,8 @@ def reverse_importance_change(params_before: Mapping[str, Tensor], params_after:
                          per_token=-back_tok.deltaH, per_token_se=back_tok.se, H_before=back.H_after,
                          H_after=back.H_before, diagnostics=diagnostics, B=batch.B, G=batch.G,
                          token_entropy_sums_after=E_b,
-                         per_token_per_prompt=tuple(float(-x) for x in back_tok.deltaH_per_prompt), evaluation_fingerprint=batch.fingerprint)
+                         per_token_per_prompt=tuple(float(-x) for x in back_tok.deltaH_per_prompt),
+                         evaluation_fingerprint=batch.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -363,7 +364,7 @@ def measure_step_change(params_before: Mapping[str, Tensor], params_after: Mappi
     directions, _ = step_directions(delta, params_after)
     passed = heldout_pass(params_after, directions, batch, policy=policy, integrand=integrand, seq_chunk=seq_chunk,
                           token_chunk=token_chunk, world=world, per_token=per_token, sequence_values=True)
-    first = heldout_result(passed, [0], decomposed=False, integrand=integrand, evaluation_fingerprint=batch.fingerprint)
+    first = heldout_result(passed, [0], decomposed=False, integrand=integrand)
     values = passed.sequence_values
     change = reverse_importance_change(params_before, params_after, batch, policy=policy, seq_chunk=seq_chunk,
                                        token_chunk=token_chunk, world=world,

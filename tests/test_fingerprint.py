@@ -264,3 +264,38 @@ def test_crn_delta_h_records_the_samples_it_pairs(policy, step, sweep_setting):
     with pytest.raises(ValueError, match="same evaluation batch"):
         paired_difference(crn, heldout_second)
     assert math.isfinite(paired_difference(crn, heldout_first).difference)
+
+
+def test_lr_sweep_per_token_draws_the_per_token_first_order(policy, sweep_setting):
+    """lr_sweep(per_token=True, heldout=...): the prediction line and the pairing are per token (δĤ₁(E)'s per-token
+    values), and a δĤ₁(E) computed per response only is refused, before any pass, rather than drawn in the wrong
+    unit beside a per-token realised change."""
+    prediction, (first, _), (heldout_first, _), lr = sweep_setting
+    with pytest.raises(ValueError, match="per_token=True.*per response only"):
+        lr_sweep(policy.params, first, policy=policy, step=prediction.step, etas=[lr], heldout=heldout_first,
+                 per_token=True)
+    per_token = delta_h1_heldout(policy.params, prediction.step, first, policy=policy, per_token=True)
+    sweep = lr_sweep(policy.params, first, policy=policy, step=prediction.step, etas=[lr / 2, lr],
+                     heldout=per_token, per_token=True)
+    for row in sweep.rows:
+        assert row.predicted == pytest.approx(row.factor * per_token.deltaH1_per_token, rel=1e-12)
+        assert row.predicted_se == pytest.approx(row.factor * per_token.se_per_token, rel=1e-12)
+        assert row.paired_difference == pytest.approx(
+            paired_difference(sweep.snis[sweep.rows.index(row)], per_token, scale=row.factor).difference, rel=1e-12)
+    assert sweep.heldout == per_token.deltaH1_per_token
+    assert per_token.deltaH1_per_token != pytest.approx(per_token.deltaH1)  # the two units differ here
+
+
+def test_probe_refuses_a_repadded_copy_of_the_update_batch_as_e(policy):
+    """Probe's "the update batch itself" check compares samples (fingerprints), not padded tensors: a copy laid
+    out with other padding is still the update batch."""
+    from funcprobe import AdamState, Probe, RolloutBatch
+
+    update = random_batch(3, 4, vocab_size=V, seed=4, padding_side="left", extra_padding=3)
+    copy = RolloutBatch.from_token_lists(*update.token_lists(), advantages=update.advantages,
+                                         pad_token_id=update.pad_token_id, temperature=update.temperature,
+                                         length_norm=update.length_norm)
+    assert copy.L != update.L
+    probe = Probe(policy, AdamState.zeros(policy.params, lr=1e-2), batch=update)
+    with pytest.raises(ValueError, match="given the update batch itself"):
+        probe.snis_delta_h(policy.params, policy.params, copy)
