@@ -76,7 +76,7 @@ class Probe:
                              "prompts, seed=<another seed>, ...) from prompts drawn independently of the update batch's "
                              "(spec §6).")
         batch = as_rollout_batch(sample, f"{what}: the evaluation sample")
-        if self.batch is not None and _same_samples(batch, self.batch):
+        if self.batch is not None and _same_samples(batch, as_rollout_batch(self.batch, "the update batch")):
             quantity = ("the held-out first-order change takes ∇H from an evaluation batch drawn independently of "
                         "the samples that built the step (spec §9): on those samples ∇H·Δθ carries the same-sample "
                         "term the U-statistic δH₁ removes. Draw an evaluation batch with another seed."

@@ -76,3 +76,22 @@ def test_probe_is_immutable_and_needs_a_batch(setup):
     assert bound.batch is batch and unbound.batch is None
     with pytest.raises(Exception):
         bound.lr = 1.0
+
+
+
+def test_probe_takes_the_update_batch_as_its_sample_too(setup):
+    """Probe(batch=<the SampledBatch>) — the object sample_batch returns, not its .batch — works for every method
+    (the evaluation methods once crashed comparing it with E), and still refuses that sample as E."""
+    policy, _, adam, evaluation = setup
+    update = sample_batch(policy, policy.params, ["3+4=", "5*5=", "8-1=", "9"], G=3, reward_fn=lengths_reward,
+                          max_new_tokens=5, seed=2, tokenizer=TOKENIZER)
+    params = policy.params
+    probe = Probe(policy, adam, batch=update)
+    prediction = probe.delta_h1(params)
+    assert prediction.deltaH1 == Probe(policy, adam, batch=update.batch).delta_h1(params).deltaH1
+    new_params = probe.update(params, prediction)[0]
+    assert math.isfinite(probe.realised(params, new_params, evaluation, method="snis")["snis"].deltaH)
+    assert math.isfinite(probe.delta_h1_heldout(params, prediction, evaluation).deltaH1)
+    for given in (update, update.batch):
+        with pytest.raises(ValueError, match="given the update batch itself"):
+            probe.realised(params, new_params, given, method="snis")
