@@ -414,6 +414,10 @@ class EntropyChangeCallback(_CallbackBase):
             NaN where null) plus ``step_match_reason`` / ``update_match_reason`` where null.
         step_match_reason, update_match_reason: why that value is null, or None.
         error: the first failure's traceback (the callback is off from then on), or None.
+
+    Raises (when made, before any training): TypeError when ``trainer`` is not TRL's GRPOTrainer, ValueError when its
+    model has no LoRA adapter (pass ``peft_config=`` to the trainer) or for a bad ``every`` / ``match_every`` /
+    ``integrand``. Failures during training are never raised (see ``error``).
     """
 
     def __init__(self, trainer: Any, every: int = 1, integrand: str = "rao_blackwell", *, keep_tensors: bool = False,
@@ -427,6 +431,7 @@ class EntropyChangeCallback(_CallbackBase):
 
         if integrand not in INTEGRANDS:
             raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
+        _check_trainer(trainer)
         self.trainer = trainer
         self.every = every
         self.match_every = match_every
@@ -812,6 +817,24 @@ class EntropyChangeCallback(_CallbackBase):
                 continue
             value = float(value)
             metrics["train"][PREFIX + key].append(value if math.isfinite(value) else math.nan)
+
+
+def _check_trainer(trainer: Any) -> None:
+    """Refuse, when the callback is made, a trainer it cannot measure (rather than a warning once training runs):
+    not a TRL GRPOTrainer (no ``_buffered_inputs``, the rollouts it reads), or a model without a LoRA adapter."""
+    if not hasattr(trainer, "_buffered_inputs") or not hasattr(trainer, "args"):
+        raise TypeError(f"EntropyChangeCallback(trainer) needs TRL's GRPOTrainer (it reads the step's rollouts from "
+                        f"trainer._buffered_inputs); got {type(trainer).__name__}. Pass the trainer itself: "
+                        "EntropyChangeCallback(trainer).")
+    model = trainer.model
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    if not hasattr(model, "peft_config"):
+        raise ValueError(f"EntropyChangeCallback needs a LoRA policy, but the trainer's model is a "
+                         f"{type(model).__name__} without a PEFT adapter: funcprobe's policy is the base model plus "
+                         "its LoRA tensors. Give the trainer one: GRPOTrainer(..., peft_config=LoraConfig(r=..., "
+                         "target_modules=[...])).")
 
 
 def _trainer_objective(args, processes: int = 1) -> tuple[Any, str | None]:

@@ -330,6 +330,26 @@ def test_match_every_checks_the_step_at_every_kth_probed_step():
         EntropyChangeCallback(trainer, match_every=0)
 
 
+def test_a_trainer_it_cannot_measure_is_refused_when_the_callback_is_made():
+    """No LoRA adapter (GRPOTrainer without peft_config), or not a GRPOTrainer at all: refused at once with the fix,
+    not a warning once training has started (when the run would go on with nothing logged)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    settings = dict(output_dir=tempfile.mkdtemp(prefix="funcprobe_cb_"), use_cpu=True, bf16=False, report_to="none",
+                    max_steps=1, logging_steps=1, save_strategy="no", disable_tqdm=True, num_generations=G,
+                    per_device_train_batch_size=2 * G, gradient_checkpointing=False, max_completion_length=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = GRPOTrainer(model=tiny_causal_lm("qwen2", vocab_size=96, dtype=torch.float64), reward_funcs=reward_fn,
+                            args=grpo_config(**settings), train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                            processing_class=TOKENIZER)
+    with pytest.raises(ValueError, match="without a PEFT adapter.*peft_config=LoraConfig"):
+        EntropyChangeCallback(plain)
+    with pytest.raises(TypeError, match="needs TRL's GRPOTrainer"):
+        EntropyChangeCallback(plain.model)
+
+
 def test_a_step_of_zero_changes_nothing_exactly():
     """measure_step_change(θ, θ): the realised change is exactly 0 per response and per token, as is the first
     order — θ_b's values come from the held-out pass's forward and θ_a's from a separate no-grad forward, so this
