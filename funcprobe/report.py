@@ -540,10 +540,19 @@ def _readable_ticks(axis) -> None:
 
 
 def _thin_ticks(axis, limit: int) -> None:
-    """Keep every k-th major tick so that at most ``limit`` remain (after the axis limits are known)."""
+    """Keep every k-th major tick so that at most ``limit`` remain (after the axis limits are known). On a
+    symmetric-log axis, ticks inside the linear region other than 0 (|t| < linthresh, where decades are squeezed
+    together next to 0: "10⁻³" on top of "0") are dropped first."""
     from matplotlib import ticker
 
-    ticks = [t for t in axis.get_majorticklocs() if axis.get_view_interval()[0] <= t <= axis.get_view_interval()[1]]
+    low, high = axis.get_view_interval()
+    ticks = [t for t in axis.get_majorticklocs() if low <= t <= high]
+    if axis.get_scale() == "symlog":
+        linthresh = axis.get_transform().linthresh
+        inside = [t for t in ticks if t != 0 and abs(t) < linthresh * (1 - 1e-9)]
+        if inside:
+            ticks = [t for t in ticks if t not in inside]
+            axis.set_major_locator(ticker.FixedLocator(ticks))
     if len(ticks) > limit:
         step = -(-len(ticks) // limit)
         keep = [t for i, t in enumerate(ticks) if (i - ticks.index(min(ticks, key=abs))) % step == 0]

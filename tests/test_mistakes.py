@@ -330,14 +330,21 @@ def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monke
         return [[[rng.gauss(0, spread) * (10 ** rng.uniform(0, 4) if heavy else 1) for _ in range(L)]
                  for _ in range(G)] for _ in range(B)]
 
-    for heavy in (False, True):
+    def near_zero(spread):  # most values just above a decade (the median, symlog's linthresh), a tail far out
+        return [[[rng.choice((-1, 1)) * spread * (rng.uniform(1.5, 3) if rng.random() < 0.6 else
+                                                   10 ** rng.uniform(0.5, 2.3)) for _ in range(L)]
+                 for _ in range(G)] for _ in range(B)]
+
+    cases = [(values(0.3 * scale), values(scale)), (values(0.3 * scale, True), values(scale, True)),
+             (near_zero(1e-3 * scale), near_zero(scale))]
+    for index, (token, covariance) in enumerate(cases):
         results = {"attribution": {
-            "token": values(0.3 * scale, heavy), "covariance": values(scale, heavy),
+            "token": token, "covariance": covariance,
             "entropy": [[[rng.uniform(0.5, 3) for _ in range(L)] for _ in range(G)] for _ in range(B)],
             "response_mask": [[[1] * L for _ in range(G)] for _ in range(B)], "eta_g": 1.7, "deltaH1": -1e-3,
             "grad_term": -1e-3, "summary": {}}}
-        plot_attribution(results, tmp_path / f"a{heavy}.png")
-    assert len(figures) == 2
+        plot_attribution(results, tmp_path / f"a{index}.png")
+    assert len(figures) == 3
     for fig in figures:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
