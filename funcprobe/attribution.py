@@ -286,6 +286,17 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _require_something_to_attribute(batch: RolloutBatch, objective: Objective) -> None:
+    """Every token's cotangent c is 0 when every advantage is 0 and there is no KL term (β = 0): the step's gradient
+    term is 0 and every attribution would be exactly 0 (correlations NaN, interventions no-ops). Refuse that."""
+    advantages = batch.token_advantages if getattr(batch, "token_advantages", None) is not None else batch.advantages
+    if objective.beta == 0 and not bool((advantages != 0).any()):
+        raise ValueError("nothing to attribute: every advantage of the update batch is 0 (each prompt's responses got "
+                         "equal rewards) and β = 0, so the step's gradient term is 0 and every token's attribution "
+                         "is exactly 0. Use a reward that tells the responses apart (--reward), more responses per "
+                         "prompt (-G), or other prompts.")
+
+
 def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: AdamState,
               objective: Objective | None = None, units: str | int = "prompt", lr: float | None = None,
               seq_chunk: int | None = None, token_chunk: int | None = None,
@@ -322,7 +333,8 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     reproduces the plain step; an all-zeros one gives grad_term 0 and δH₁ = the state term at P' (v' = β2 v).
     The forward-mode pass runs under ``Policy.forward_mode_attention`` (eager attention for the jvp), so a model
     loaded with SDPA or flash attention works as loaded.
-    Pure: params, batch, policy and state are untouched. Raises ValueError for a bad units/chunk/intervention.
+    Pure: params, batch, policy and state are untouched. Raises ValueError for a bad units/chunk/intervention, and
+    when there is nothing to attribute (every advantage 0 and β = 0: every attribution would be exactly 0).
     """
     from .delta_h1 import _require_policy
 
@@ -330,6 +342,7 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
     objective = resolve_objective(objective, batch, "attribute")
     _require_policy(policy, "attribute")
     policy.check_params(params)
+    _require_something_to_attribute(batch, objective)
     if evaluation is not None:
         return _attribute_heldout(params, batch, policy=policy, adam=adam, objective=objective, lr=lr,
                                   seq_chunk=seq_chunk, token_chunk=token_chunk, quantiles=quantiles,

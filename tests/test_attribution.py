@@ -352,6 +352,21 @@ def test_bad_inputs(policies, batch):
         attribute(policy.params, batch, policy=policy, adam=adam, seq_chunk=0)
 
 
+def test_nothing_to_attribute_is_refused_and_a_kl_term_is_something(policies, batch):
+    """Every advantage 0 and β = 0: every c = 0, so every attribution would be exactly 0 (NaN correlations, no-op
+    interventions): refused before any pass, on both footings. With β > 0 the KL term moves the step: attributed."""
+    import dataclasses
+
+    policy = policies[False]
+    adam = warm_state(policy.params)
+    flat = dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages), advantage_recipe=None)
+    for evaluation in (None, batch):
+        with pytest.raises(ValueError, match="nothing to attribute: every advantage .* is 0"):
+            attribute(policy.params, flat, policy=policy, adam=adam, evaluation=evaluation)
+    kl = attribute(policy.params, flat, policy=policy, adam=adam, objective=Objective(beta=0.1))
+    assert any(value != 0 for prompt in kl.to_dict()["token"] for row in prompt for value in row)
+
+
 def test_to_dict_is_json_and_inputs_untouched(policies, batch):
     import json
 

@@ -235,7 +235,9 @@ def test_kind2_outputs_are_checked_before_loading_and_never_lost(command, tiny_r
         return real(path, results)
 
     monkeypatch.setattr(report, "write_json", disk_full)
-    assert main([command, checkpoint, *small, "--out", str(out)]) == 2
+    reward = tmp_path / "length_reward.py"  # rewards that differ, so that attribute has something to attribute
+    reward.write_text("def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    assert main([command, checkpoint, *small, "--reward", f"{reward}:length", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "the results are in" in err[0], err
     saved = Path(err[0].split("the results are in ")[1].rstrip("."))
