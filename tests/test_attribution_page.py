@@ -154,8 +154,10 @@ def test_cli_writes_page_and_plot(checkpoint_dir, tmp_path):
     from funcprobe.cli import main
 
     page, plot, out = tmp_path / "page.html", tmp_path / "plot.png", tmp_path / "a.json"
+    reward = tmp_path / "length_reward.py"  # rewards that differ: something to attribute
+    reward.write_text("def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
     assert main(["attribute", str(checkpoint_dir), "-B", "2", "-G", "2", "--max-new-tokens", "4", "--quiet",
-                 "--intervention", "clip_cov:0.2", "--html", str(page), "--plot", str(plot), "--out", str(out)]) == 0
+                 "--reward", f"{reward}:length", "--intervention", "clip_cov:0.2", "--html", str(page), "--plot", str(plot), "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     checker = _check(page.read_text(encoding="utf-8"))
     data = json.loads(checker.scripts[0][1])
