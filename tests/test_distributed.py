@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import ATTEMPTS, free_port, lost_the_port
 
 from funcprobe.distributed import gather_rows, shard_counts, shard_prompts, SINGLE
 
@@ -27,12 +27,6 @@ REL = 1e-12
 #: Per-rank bookkeeping, documented as not equal across world sizes.
 PER_RANK = {"timings", "peak_memory_bytes", "peak_memory_kind", "chunk_peak_bytes", "forward_passes",
             "backward_passes", "sequences_forwarded", "stored_unit_vectors"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -46,7 +40,7 @@ def _launch(world: int, out: Path, *extra: str, timeout_s: float = 20.0) -> list
     if world == 1:
         return [subprocess.Popen([sys.executable, str(WORKER), str(out), *extra], env=_env(), cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -77,6 +71,11 @@ def outputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
     launched = {n: _launch(n, folder / f"w{n}.pt") for n in (1, 2, 3)}
     finished = {n: _wait(procs) for n, procs in launched.items()}
+    for _ in range(ATTEMPTS - 1):  # a world whose port was taken meanwhile: again, on another port
+        clashed = [n for n, results in finished.items() if lost_the_port(results)]
+        if not clashed:
+            break
+        finished.update({n: _wait(_launch(n, folder / f"w{n}.pt")) for n in clashed})
     for n, results in finished.items():
         for rank, (code, err) in enumerate(results):
             assert code == 0, f"world {n} rank {rank} failed:\n{err[-3000:]}"
@@ -209,7 +208,7 @@ def test_torchrun_probe_equals_one_process(tiny_run, tmp_path):
                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "funcprobe", *argv,
+                          "127.0.0.1", "--master_port", str(free_port()), "-m", "funcprobe", *argv,
                           "--out", str(tmp_path / "two.json")],
                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -237,3 +236,13 @@ def _compare_json(got, want, path):
         assert got == pytest.approx(want, rel=1e-10, abs=1e-300), path
     else:
         assert got == want, path
+
+
+def test_ports_are_never_handed_out_twice_and_a_taken_port_is_recognised():
+    """The launch helpers' two guards against EADDRINUSE (tests/ports.py): no port twice in one process, and a world
+    whose rank 0 could not listen is told apart from a real failure (so it is launched again, not reported)."""
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    taken = "torch.distributed.DistNetworkError: The server socket has failed to listen ... EADDRINUSE ..."
+    assert lost_the_port([(0, ""), (1, taken)]) and not lost_the_port([(0, ""), (1, "AssertionError: boom")])
+    assert not lost_the_port([(0, taken)])  # a rank that succeeded despite the text is not a clash
