@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -494,6 +495,46 @@ def _check_paths_and_device(args: argparse.Namespace) -> None:
                          "CUDA build of torch first (see the README), or use --device cpu.")
 
 
+#: Files a run folder (one holding checkpoint-N/) may hold that funcprobe reads: never to be overwritten by an output.
+_RUN_FOLDER_INPUTS = ("prompts.jsonl", "trainer_config.json", "adapter_config.json", "adapter_model.safetensors",
+                      "adapter_model.bin", "optimizer.pt", "trainer_state.json", "training_args.bin")
+
+
+def _run_inputs(args: argparse.Namespace) -> dict:
+    """The files and folders this run reads (``check_output_paths``'s ``inputs`` and ``input_folders``), found
+    cheaply, so that no output overwrites them: the --prompts, --trainer-config, --rollouts, --optimizer and reward
+    files, the checkpoint folder (for a run folder: its checkpoint-N/ and model/ folders and the files funcprobe reads
+    beside them), the default prompts pool, and the base model's folder (--base, or each adapter_config.json's local
+    base_model_name_or_path)."""
+    files = [("the --prompts file", args.prompts), ("the --trainer-config file", args.trainer_config),
+             ("the --rollouts file", getattr(args, "rollouts", None)),
+             ("the --optimizer file", getattr(args, "optimizer", None))]
+    for spec in args.reward or ():
+        source = spec.rpartition(":")[0]
+        if source.endswith(".py") or "/" in source or os.sep in source:
+            files.append((f"the file of --reward {spec}", source))
+    given = Path(args.checkpoint)
+    checkpoints = [p for p in given.glob("checkpoint-*") if p.is_dir()] if given.is_dir() else []
+    if checkpoints:  # a run folder: its checkpoints, and what funcprobe reads beside them
+        folders = [("a checkpoint folder of the run", folder) for folder in [*checkpoints, given / "model"]]
+        files += [("a file of the run folder that funcprobe reads", given / name) for name in _RUN_FOLDER_INPUTS]
+    else:
+        folders = [("the checkpoint folder", given)]
+    files += [("the checkpoint's prompts pool", folder / "prompts.jsonl") for folder in (given, given.parent)]
+    bases = [args.base] if args.base is not None else []
+    for adapter in [given, given / "model", *checkpoints] if args.base is None else ():
+        try:
+            name = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and name:
+            expanded = os.path.expanduser(name)
+            bases += [expanded] if os.path.isabs(expanded) else [adapter / expanded, expanded]
+    folders += [("the base model's folder", base) for base in bases if Path(base).is_dir()]
+    return {"inputs": files, "input_folders": folders}
+
+
 def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     """The ``probe`` (or ``attribute``) command line as a :class:`~funcprobe.probe_config.ProbeConfig`: the trainer
     config read, every default settled (``sources`` records where each came from), every option checked — cheap
@@ -517,7 +558,7 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     from .report import check_output_paths
 
     check_output_paths({"--out": args.out, "--html": getattr(args, "html", None), "--plot": getattr(args, "plot", None)},
-                       examples={"--html": "attribution.html", "--plot": "plot.png"})
+                       examples={"--html": "attribution.html", "--plot": "plot.png"}, **_run_inputs(args))
     _check_plot_format(getattr(args, "plot", None))
     units = parse_units(args.units)
     if getattr(args, "command", "probe") == "probe" and args.plot is not None and etas is None:

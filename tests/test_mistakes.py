@@ -244,6 +244,63 @@ def test_kind2_outputs_are_checked_before_loading_and_never_lost(command, tiny_r
     assert saved.parent == tmp_path and json.loads(saved.read_text())["command"] == command
 
 
+@pytest.mark.parametrize("command", ["probe", "attribute", "trajectory"])
+def test_kind2_outputs_never_overwrite_an_input(command, tiny_run, tmp_path, capsys, monkeypatch):
+    """--out/--html/--plot naming an input (the prompts, trainer-config, rollouts, optimizer or reward file, anything
+    in the checkpoint or base folder; also through a symlink) is refused before loading (review BAD row 47)."""
+    import funcprobe.checkpoints as checkpoints
+    import funcprobe.pipeline as pipeline
+    from conftest import cli_fails
+
+    run = tmp_path / "run"  # a copy: a failing test must not damage the shared tiny run
+    shutil.copytree(tiny_run["out"], run)
+    checkpoint = run / "checkpoint-2"
+    prompts = tmp_path / "p.jsonl"
+    shutil.copy(run / "prompts.jsonl", prompts)
+    config = tmp_path / "tc.json"
+    config.write_text(json.dumps({"num_generations": 4}))
+    reward = tmp_path / "r.py"
+    reward.write_text("def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(prompts)
+    target = str(run if command == "trajectory" else checkpoint)
+    argv = [command, target, "-B", "4", "-G", "4", "--max-new-tokens", "4", "--quiet", "--prompts", str(prompts),
+            "--trainer-config", str(config), "--reward", f"{reward}:length"]
+    before = {p: p.read_bytes() for p in [prompts, config, reward, *run.rglob("*")] if p.is_file()}
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the outputs were checked")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", no_loading)
+    monkeypatch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+    flags = {"probe": ["--out"], "attribute": ["--out", "--html", "--plot"], "trajectory": ["--out", "--plot"]}[command]
+    cases = [(prompts, "the --prompts file"), (config, "the --trainer-config file"), (reward, "--reward"),
+             (link, "the --prompts file"), (checkpoint / "trainer_state.json", "inside"),
+             (run / "checkpoint-1" / "adapter_config.json", "inside" if command == "trajectory" else "the checkpoint"),
+             (Path(tiny_run["out"]) / "base" / "config.json", "the base model's folder"),  # the adapter's, absolute
+             (run / "prompts.jsonl", "prompts")]
+    for flag in flags:
+        for path, fragment in cases:
+            if command != "trajectory" and path.parent.name == "checkpoint-1":
+                continue  # another checkpoint of the run: not this command's input
+            cli_fails(capsys, [*argv, flag, str(path)], flag, fragment, "input of this run")
+    if command != "trajectory":
+        rollouts = tmp_path / "roll.jsonl"
+        rollouts.write_text("{}\n")
+        optimizer = tmp_path / "optimizer.pt"
+        shutil.copy(checkpoint / "optimizer.pt", optimizer)
+        cli_fails(capsys, [*argv, "--rollouts", str(rollouts), "--out", str(rollouts)], "the --rollouts file")
+        cli_fails(capsys, [*argv, "--optimizer", str(optimizer), "--out", str(optimizer)], "the --optimizer file")
+    assert {p: p.read_bytes() for p in before} == before
+    # a new file beside the checkpoints, or a results file written there before, is not an input
+    from funcprobe.cli import _run_inputs, parse_args
+    from funcprobe.report import check_output_paths
+
+    (run / "results.json").write_text("{}")
+    check_output_paths({"--out": run / "results.json", "--plot": run / "new.png"},
+                       **_run_inputs(parse_args([command, str(run), *argv[2:]])))
+
+
 # ---------------------------------------------------------------- kind 5: messages that say nothing untrue, or more
 REWARD_FILE = '''
 def constant(prompts, completions, **kwargs):
