@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -40,8 +41,26 @@ USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
 DTYPES = ("float32", "bfloat16", "float64")
 
 
+#: A number as float() reads it, without its sign: 1, 1.5, .5, 1e-3, inf, nan.
+_UNSIGNED = r"(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a value that starts with '-' and is a number in any form Python's float() reads —
+    scientific notation (-1e-3), -inf, a comma list (--eta-sweep -1e-3,1e-3) — is taken as a value, not as an
+    unknown option: argparse's own negative-number matcher knows only -1 and -0.5, so ``--lr -1e-3`` got "expected one
+    argument" instead of the check's "--lr must be finite and > 0". No option of funcprobe looks like a number, so
+    nothing else changes. Subparsers are made with the parser's own class (add_subparsers' default), so they get it
+    too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(rf"^-{_UNSIGNED}(?:,[+-]?{_UNSIGNED})*$",
+                                                  re.IGNORECASE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="funcprobe", description="First-order (δĤ₁(E), and the U-statistic "
+    parser = _Parser(prog="funcprobe", description="First-order (δĤ₁(E), and the U-statistic "
                                      "δH₁) and realised (ΔH) entropy change of one AdamW step on a LoRA policy.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a few real GRPO steps on SmolLM2-135M-Instruct + LoRA, save the "
