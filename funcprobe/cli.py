@@ -580,6 +580,13 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
                        examples={"--html": "attribution.html", "--plot": "plot.png"}, **_run_inputs(args))
     _check_plot_format(getattr(args, "plot", None))
     units = parse_units(args.units)
+    if args.rollouts is None:  # B is known from the flags (a rollouts file's B is known once it is read)
+        from .delta_h1 import unit_partition
+
+        try:
+            unit_partition(sizes["B"], units)  # M ≤ B and B divisible by M: before anything is sampled
+        except ValueError as error:
+            raise ValueError(f"--units {args.units}: {error}") from None
     if getattr(args, "command", "probe") == "probe" and args.plot is not None and etas is None:
         raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "
                          "1e-6,3e-6,1e-5.")

@@ -386,6 +386,23 @@ def test_kind5_negative_numbers_in_any_form_reach_the_value_checks(tiny_run, cap
         parse_args(["probe", checkpoint, "--lr", "-B"])
 
 
+@pytest.mark.parametrize("command", ["probe", "attribute"])
+def test_kind5_units_that_cannot_partition_b_are_refused_before_loading(command, tiny_run, capsys, monkeypatch):
+    """--units 5 with -B 4 was refused only after both batches were sampled (review WEAK 19)."""
+    import funcprobe.checkpoints as checkpoints
+    import funcprobe.pipeline as pipeline
+    from conftest import cli_fails
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before --units was checked")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", no_loading)
+    monkeypatch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+    argv = [command, str(Path(tiny_run["out"]) / "checkpoint-2"), "-B", "4", "-G", "2", "--quiet"]
+    cli_fails(capsys, [*argv, "--units", "5"], "--units 5: units=M must satisfy 2 ≤ M ≤ B = 4")
+    cli_fails(capsys, [*argv, "--units", "3"], "--units 3: block mode needs equal blocks", "[2, 4]")
+
+
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
 @pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
 def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
