@@ -642,11 +642,14 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     # attention for its own duration (Policy.forward_mode_attention); everything else runs on the model's attention.
     loaded = load_and_sample(config, progress=progress, echo=echo, timed=timed)
     batch, step = loaded.batch, config.step
-    result = timed("attribute", lambda: attribute(
-        loaded.params, batch, policy=loaded.policy, adam=loaded.adam, objective=step.objective, units=step.units,
-        lr=step.lr, seq_chunk=loaded.chunks.seq_chunk, token_chunk=loaded.chunks.token_chunk, quantiles=quantiles,
-        interventions=interventions, evaluation=loaded.evaluation.batch, integrand=config.estimate.integrand,
-        progress=progress))
+    try:
+        result = timed("attribute", lambda: attribute(
+            loaded.params, batch, policy=loaded.policy, adam=loaded.adam, objective=step.objective, units=step.units,
+            lr=step.lr, seq_chunk=loaded.chunks.seq_chunk, token_chunk=loaded.chunks.token_chunk, quantiles=quantiles,
+            interventions=interventions, evaluation=loaded.evaluation.batch, integrand=config.estimate.integrand,
+            progress=progress))
+    except KeyboardInterrupt:
+        raise loaded.interrupted() from None
     echo("\n" + str(result))
     timings["total"] = time.perf_counter() - started
     results = {
@@ -719,6 +722,20 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a Ctrl-C (KeyboardInterrupt) anywhere ends it with one line, "interrupted" and what was kept
+    (``pipeline.Interrupted``: the sampled update batch, saved for --rollouts), and exit status 130, as a shell
+    reports SIGINT."""
+    given = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as error:
+        command = f" {given[0]}" if given and given[0] in ("demo", "probe", "attribute", "trajectory") else ""
+        kept = getattr(error, "message", "")
+        print(f"funcprobe{command}: interrupted" + (f"; {kept}." if kept else "."), file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

@@ -403,6 +403,57 @@ def test_kind5_units_that_cannot_partition_b_are_refused_before_loading(command,
     cli_fails(capsys, [*argv, "--units", "3"], "--units 3: block mode needs equal blocks", "[2, 4]")
 
 
+def test_kind5_ctrl_c_ends_with_one_line_and_keeps_the_sampled_batch(tiny_run, tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt mid-run: one line "interrupted", exit 130, no traceback; once U is sampled it is saved as
+    the failed-reward rescue saves it, and --rollouts of that file rebuilds the same batch (review WEAK 22)."""
+    import funcprobe.attribution as attribution
+    import sys
+
+    import funcprobe.pipeline as pipeline
+    from funcprobe.cli import main
+
+    trajectory = sys.modules["funcprobe.trajectory"]  # the package's name `trajectory` is the function
+    monkeypatch.chdir(tmp_path)
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    reward = tmp_path / "r.py"
+    reward.write_text("def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    argv = [checkpoint, "-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet", "--reward", f"{reward}:length"]
+    seen = []
+
+    def interrupt(*args, **kwargs):
+        seen.append(args[1] if len(args) > 1 else None)
+        raise KeyboardInterrupt
+
+    def one_line(command, *fragments):
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"funcprobe {command}: interrupted"), err
+        for fragment in fragments:
+            assert fragment in err[0], err[0]
+        return err[0]
+
+    with monkeypatch.context() as patch:  # during U's sampling: nothing to keep
+        patch.setattr(pipeline, "sample_prompts", interrupt)
+        assert main(["probe", *argv]) == 130
+        assert "saved" not in one_line("probe") and not list(tmp_path.glob("*rollouts*"))
+    with monkeypatch.context() as patch:  # after U is sampled: kept, beside --out
+        patch.setattr(pipeline, "measure", interrupt)
+        assert main(["probe", *argv, "--out", str(tmp_path / "keep.json")]) == 130
+        rescue = tmp_path / "keep.failed-rollouts.jsonl"
+        one_line("probe", f"saved in {rescue}", f"--rollouts {rescue}")
+        assert main(["probe", *argv, "--rollouts", str(rescue)]) == 130
+        one_line("probe")
+        first, again = seen[-2], seen[-1]
+        for name in ("input_ids", "attention_mask", "response_mask", "rewards", "advantages"):
+            assert torch.equal(getattr(first, name), getattr(again, name)), name
+    with monkeypatch.context() as patch:
+        patch.setattr(attribution, "attribute", interrupt)
+        assert main(["attribute", *argv]) == 130
+        one_line("attribute", "saved in funcprobe-failed-rollouts.jsonl")
+        patch.setattr(trajectory, "trajectory", interrupt)
+        assert main(["trajectory", str(Path(tiny_run["out"])), *argv[1:]]) == 130
+        one_line("trajectory")
+
+
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
 @pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
 def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
