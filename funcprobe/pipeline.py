@@ -416,6 +416,12 @@ def load_and_sample(config: ProbeConfig, *, progress: bool | None = None, echo=p
     sources["lr"] = "flag" if config.step.lr is not None else f"optimizer state ({checkpoint.optimizer_path})"
     _describe_checkpoint(checkpoint, config, echo)
     chosen = _pool(config, checkpoint, chosen, shape)
+    if records is None:  # the columns the reward functions need, on every prompt of U and E: before any sampling
+        from .trl_rewards import TRLRewards
+
+        rows = list(dict.fromkeys([*chosen["indices"], *chosen["eval_indices"]]))
+        TRLRewards.for_pool(rewards, chosen["pool"], rows,
+                            weights=config.step.objective.reward_weights, chat_template=b.chat_template)
     chunks, memory_plan = plan_chunks(config, policy, checkpoint.tokenizer, chosen, shape, echo)
 
     out = config.output.out

@@ -454,6 +454,69 @@ def test_kind5_ctrl_c_ends_with_one_line_and_keeps_the_sampled_batch(tiny_run, t
         one_line("trajectory")
 
 
+def test_kind5_library_mistakes_get_the_fix_not_a_bare_error(policy, sampled, adam):
+    """The reward-weights mismatch suggests the weights' fix (review WEAK 11); a TRL-signature reward_fn is refused
+    before sampling with how to wrap it (WEAK 27); adam=None names what to pass, in every estimator (WEAK 28)."""
+    from funcprobe.update import apply_step
+
+    batch = sampled.batch
+    with pytest.raises(ValueError) as error:
+        policy_gradient(policy.params, batch, policy=policy, objective=Objective(reward_weights=(1.0, 0.5)))
+    assert "objective.replace(reward_weights=None)" in str(error.value), error.value
+    with pytest.raises(ValueError, match=r"objective.replace\(scale_rewards='none', reward_weights=None\)"):
+        delta_h1(policy.params, batch, policy=policy, adam=adam,
+                 objective=Objective(scale_rewards="group", reward_weights=(2.0,)))
+    # TRL's signature, with or without a column argument, is refused before anything is sampled
+    for trl_reward in (lambda prompts, completions, **kw: [1.0] * len(completions),
+                       lambda prompts, completions, answer, **kw: [1.0] * len(completions)):
+        with pytest.raises(TypeError, match=r"reward_fn\(prompts, responses, meta\).*TRL's reward signature.*"
+                                            r"TRLRewards\(\[f\], prompts=prompts"):
+            sample_batch(policy, policy.params, PROMPTS, G=2, reward_fn=trl_reward, max_new_tokens=2, seed=0,
+                         tokenizer=TOKENIZER)
+    # adam=None
+    step = update_direction(policy.params, batch, policy=policy, adam=adam)
+    calls = {"delta_h1": lambda: delta_h1(policy.params, batch, policy=policy, adam=None),
+             "rl_update": lambda: rl_update(policy.params, batch, policy=policy, adam=None),
+             "update_direction": lambda: update_direction(policy.params, batch, policy=policy, adam=None),
+             "apply_step": lambda: apply_step(policy.params, None, step),
+             "update_decomposition": lambda: attribute(policy.params, batch, policy=policy, adam=None)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name}: adam must be a funcprobe.AdamState .*got None.*"
+                                             r"load_checkpoint\(path\).adam.*AdamState.from_torch.*AdamState.zeros"):
+            call()
+
+
+NAN_REWARD = "def nan(prompts, completions, **kwargs):\n    return [float('nan')] * len(completions)\n"
+
+
+def test_kind5_reward_data_mistakes_are_named_for_what_they_are(tiny_run, tmp_path, capsys, monkeypatch):
+    """NaN rewards are "NaN", not "returned None" (review WEAK 16); a prompts line lacking the column a built-in reward
+    needs is refused before sampling, as the data's fault (WEAK 17)."""
+    import funcprobe.pipeline as pipeline
+    from conftest import cli_fails
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    small = ["-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet"]
+    rewards = tmp_path / "nan_reward.py"
+    rewards.write_text(NAN_REWARD)
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--reward", f"{rewards}:nan"],
+                     "returned NaN for 4 of the 4 completions", "the first for completion 0 of",
+                     "rewards must be finite numbers", "--rollouts")
+    assert "None" not in line.split("(return None")[0], line
+    pool = tmp_path / "one_lacks.jsonl"
+    pool.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the prompts' columns were checked")
+
+    monkeypatch.setattr(pipeline, "sample_prompts", no_sampling)
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--prompts", str(pool)],
+                     "needs the column 'answer' on every prompt, but 1 lack it", "one_lacks.jsonl, line 2",
+                     "Add 'answer' to that line")
+    assert "traceback" not in line and "function" not in line.split("Add")[1], line
+
+
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
 @pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
 def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
