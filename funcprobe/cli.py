@@ -565,6 +565,13 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     if not args.top_p == 1.0:
         raise ValueError(f"--top-p must be 1 (no truncation); got {args.top_p}.")
     sizes, sources, settings, objective = _settle(args)
+    if settings is not None and args.G is not None and args.G != settings.G:
+        # A note, not a refusal: flags win over the config by design (a cheaper probe), and the step keeps the
+        # trainer's loss and optimizer state; but each group's baseline (and std) comes from G responses, not the
+        # trainer's number, so the update batch is drawn differently from the trainer's.
+        print(f"funcprobe {getattr(args, 'command', 'probe')}: note: -G {args.G} overrides num_generations="
+              f"{settings.G} of {settings.sources.get('G', 'the trainer config')}: each prompt's advantages come from "
+              f"{args.G} responses, not the trainer's {settings.G}.", file=sys.stderr)
     eval_sizes = {}
     for name, follows in (("eval_B", "B"), ("eval_G", "G")):
         sources[name] = "flag" if getattr(args, name) is not None else f"as {follows}"

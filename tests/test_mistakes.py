@@ -517,6 +517,27 @@ def test_kind5_reward_data_mistakes_are_named_for_what_they_are(tiny_run, tmp_pa
     assert "traceback" not in line and "function" not in line.split("Add")[1], line
 
 
+def test_kind5_a_g_that_overrides_the_trainer_config_is_noted(tiny_run, tmp_path, capsys, monkeypatch):
+    """-G against the config's num_generations: a note on stderr, before loading (review WEAK 20, first half)."""
+    import funcprobe.checkpoints as checkpoints
+    import funcprobe.pipeline as pipeline
+    from funcprobe.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise RuntimeError("stop after the checks")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", no_loading)
+    monkeypatch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+    config = tmp_path / "tc.json"
+    config.write_text(json.dumps({"num_generations": 8}))
+    argv = ["probe", str(Path(tiny_run["out"]) / "checkpoint-2"), "--trainer-config", str(config), "--quiet"]
+    for G, noted in (("4", True), ("8", False)):
+        with pytest.raises(RuntimeError, match="stop after the checks"):
+            main([*argv, "-G", G])
+        err = capsys.readouterr().err
+        assert ("note: -G 4 overrides num_generations=8" in err) == noted, err
+
+
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
 @pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
 def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
