@@ -46,6 +46,7 @@ from torch import Tensor
 __all__ = [
     "AdamHyper",
     "AdamState",
+    "check_adam_state",
     "adamw_update",
     "grad_clip_coef",
     "UpdateDecomposition",
@@ -425,8 +426,23 @@ def _state_from_parts(state: Mapping[Any, Any], groups: list[Mapping[str, Any]],
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_adam_state(adam: Any, where: str) -> AdamState:
+    """``adam`` itself when it is an :class:`AdamState`; else a ValueError saying what to pass (an estimator given
+    ``adam=None`` used to fail with AttributeError 'NoneType' object has no attribute 'exp_avg')."""
+    if isinstance(adam, AdamState):
+        return adam
+    got = "None" if adam is None else type(adam).__name__
+    hint = (" (a torch optimizer itself: convert its state_dict with AdamState.from_torch)"
+            if hasattr(adam, "state_dict") else "")
+    raise ValueError(f"{where}: adam must be a funcprobe.AdamState (the optimizer's moments and hyper-parameters); got "
+                     f"{got}{hint}. Pass load_checkpoint(path).adam for a saved checkpoint, "
+                     "AdamState.from_torch(optimizer.state_dict(), param_names, params) for a live torch AdamW, or "
+                     "AdamState.zeros(params, lr=...) for a first step from a fresh optimizer.")
+
+
 def _check_inputs(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamState,
                   grads_label: str, what: str) -> dict[str, Tensor]:
+    check_adam_state(state, what)
     _check_same_keys(what, params, "params", grads, grads_label)
     _check_same_keys(what, params, "params", state.exp_avg, "state")
     out: dict[str, Tensor] = {}

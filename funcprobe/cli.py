@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -39,8 +41,26 @@ USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
 DTYPES = ("float32", "bfloat16", "float64")
 
 
+#: A number as float() reads it, without its sign: 1, 1.5, .5, 1e-3, inf, nan.
+_UNSIGNED = r"(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a value that starts with '-' and is a number in any form Python's float() reads —
+    scientific notation (-1e-3), -inf, a comma list (--eta-sweep -1e-3,1e-3) — is taken as a value, not as an
+    unknown option: argparse's own negative-number matcher knows only -1 and -0.5, so ``--lr -1e-3`` got "expected one
+    argument" instead of the check's "--lr must be finite and > 0". No option of funcprobe looks like a number, so
+    nothing else changes. Subparsers are made with the parser's own class (add_subparsers' default), so they get it
+    too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(rf"^-{_UNSIGNED}(?:,[+-]?{_UNSIGNED})*$",
+                                                  re.IGNORECASE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="funcprobe", description="First-order (δĤ₁(E), and the U-statistic "
+    parser = _Parser(prog="funcprobe", description="First-order (δĤ₁(E), and the U-statistic "
                                      "δH₁) and realised (ΔH) entropy change of one AdamW step on a LoRA policy.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a few real GRPO steps on SmolLM2-135M-Instruct + LoRA, save the "
@@ -494,6 +514,46 @@ def _check_paths_and_device(args: argparse.Namespace) -> None:
                          "CUDA build of torch first (see the README), or use --device cpu.")
 
 
+#: Files a run folder (one holding checkpoint-N/) may hold that funcprobe reads: never to be overwritten by an output.
+_RUN_FOLDER_INPUTS = ("prompts.jsonl", "trainer_config.json", "adapter_config.json", "adapter_model.safetensors",
+                      "adapter_model.bin", "optimizer.pt", "trainer_state.json", "training_args.bin")
+
+
+def _run_inputs(args: argparse.Namespace) -> dict:
+    """The files and folders this run reads (``check_output_paths``'s ``inputs`` and ``input_folders``), found
+    cheaply, so that no output overwrites them: the --prompts, --trainer-config, --rollouts, --optimizer and reward
+    files, the checkpoint folder (for a run folder: its checkpoint-N/ and model/ folders and the files funcprobe reads
+    beside them), the default prompts pool, and the base model's folder (--base, or each adapter_config.json's local
+    base_model_name_or_path)."""
+    files = [("the --prompts file", args.prompts), ("the --trainer-config file", args.trainer_config),
+             ("the --rollouts file", getattr(args, "rollouts", None)),
+             ("the --optimizer file", getattr(args, "optimizer", None))]
+    for spec in args.reward or ():
+        source = spec.rpartition(":")[0]
+        if source.endswith(".py") or "/" in source or os.sep in source:
+            files.append((f"the file of --reward {spec}", source))
+    given = Path(args.checkpoint)
+    checkpoints = [p for p in given.glob("checkpoint-*") if p.is_dir()] if given.is_dir() else []
+    if checkpoints:  # a run folder: its checkpoints, and what funcprobe reads beside them
+        folders = [("a checkpoint folder of the run", folder) for folder in [*checkpoints, given / "model"]]
+        files += [("a file of the run folder that funcprobe reads", given / name) for name in _RUN_FOLDER_INPUTS]
+    else:
+        folders = [("the checkpoint folder", given)]
+    files += [("the checkpoint's prompts pool", folder / "prompts.jsonl") for folder in (given, given.parent)]
+    bases = [args.base] if args.base is not None else []
+    for adapter in [given, given / "model", *checkpoints] if args.base is None else ():
+        try:
+            name = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and name:
+            expanded = os.path.expanduser(name)
+            bases += [expanded] if os.path.isabs(expanded) else [adapter / expanded, expanded]
+    folders += [("the base model's folder", base) for base in bases if Path(base).is_dir()]
+    return {"inputs": files, "input_folders": folders}
+
+
 def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     """The ``probe`` (or ``attribute``) command line as a :class:`~funcprobe.probe_config.ProbeConfig`: the trainer
     config read, every default settled (``sources`` records where each came from), every option checked — cheap
@@ -505,6 +565,13 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     if not args.top_p == 1.0:
         raise ValueError(f"--top-p must be 1 (no truncation); got {args.top_p}.")
     sizes, sources, settings, objective = _settle(args)
+    if settings is not None and args.G is not None and args.G != settings.G:
+        # A note, not a refusal: flags win over the config by design (a cheaper probe), and the step keeps the
+        # trainer's loss and optimizer state; but each group's baseline (and std) comes from G responses, not the
+        # trainer's number, so the update batch is drawn differently from the trainer's.
+        print(f"funcprobe {getattr(args, 'command', 'probe')}: note: -G {args.G} overrides num_generations="
+              f"{settings.G} of {settings.sources.get('G', 'the trainer config')}: each prompt's advantages come from "
+              f"{args.G} responses, not the trainer's {settings.G}.", file=sys.stderr)
     eval_sizes = {}
     for name, follows in (("eval_B", "B"), ("eval_G", "G")):
         sources[name] = "flag" if getattr(args, name) is not None else f"as {follows}"
@@ -517,9 +584,16 @@ def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig:
     from .report import check_output_paths
 
     check_output_paths({"--out": args.out, "--html": getattr(args, "html", None), "--plot": getattr(args, "plot", None)},
-                       examples={"--html": "attribution.html", "--plot": "plot.png"})
+                       examples={"--html": "attribution.html", "--plot": "plot.png"}, **_run_inputs(args))
     _check_plot_format(getattr(args, "plot", None))
     units = parse_units(args.units)
+    if args.rollouts is None:  # B is known from the flags (a rollouts file's B is known once it is read)
+        from .delta_h1 import unit_partition
+
+        try:
+            unit_partition(sizes["B"], units)  # M ≤ B and B divisible by M: before anything is sampled
+        except ValueError as error:
+            raise ValueError(f"--units {args.units}: {error}") from None
     if getattr(args, "command", "probe") == "probe" and args.plot is not None and etas is None:
         raise ValueError("--plot draws the learning-rate sweep: pass --eta-sweep too, e.g. --eta-sweep "
                          "1e-6,3e-6,1e-5.")
@@ -575,11 +649,14 @@ def run_attribute(args: argparse.Namespace, *, progress: bool | None, echo=print
     # attention for its own duration (Policy.forward_mode_attention); everything else runs on the model's attention.
     loaded = load_and_sample(config, progress=progress, echo=echo, timed=timed)
     batch, step = loaded.batch, config.step
-    result = timed("attribute", lambda: attribute(
-        loaded.params, batch, policy=loaded.policy, adam=loaded.adam, objective=step.objective, units=step.units,
-        lr=step.lr, seq_chunk=loaded.chunks.seq_chunk, token_chunk=loaded.chunks.token_chunk, quantiles=quantiles,
-        interventions=interventions, evaluation=loaded.evaluation.batch, integrand=config.estimate.integrand,
-        progress=progress))
+    try:
+        result = timed("attribute", lambda: attribute(
+            loaded.params, batch, policy=loaded.policy, adam=loaded.adam, objective=step.objective, units=step.units,
+            lr=step.lr, seq_chunk=loaded.chunks.seq_chunk, token_chunk=loaded.chunks.token_chunk, quantiles=quantiles,
+            interventions=interventions, evaluation=loaded.evaluation.batch, integrand=config.estimate.integrand,
+            progress=progress))
+    except KeyboardInterrupt:
+        raise loaded.interrupted() from None
     echo("\n" + str(result))
     timings["total"] = time.perf_counter() - started
     results = {
@@ -652,6 +729,20 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a Ctrl-C (KeyboardInterrupt) anywhere ends it with one line, "interrupted" and what was kept
+    (``pipeline.Interrupted``: the sampled update batch, saved for --rollouts), and exit status 130, as a shell
+    reports SIGINT."""
+    given = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as error:
+        command = f" {given[0]}" if given and given[0] in ("demo", "probe", "attribute", "trajectory") else ""
+        kept = getattr(error, "message", "")
+        print(f"funcprobe{command}: interrupted" + (f"; {kept}." if kept else "."), file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

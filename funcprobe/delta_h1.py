@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from .adam import AdamState, UpdateDecomposition, update_decomposition
+from .adam import AdamState, UpdateDecomposition, check_adam_state, update_decomposition
 from .objective import Objective, resolve_objective
 from .batch import RolloutBatch, as_rollout_batch
 from .formatting import fmt
@@ -555,6 +555,7 @@ def delta_h1(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: A
 
     world = SINGLE if world is None else world
     batch = as_rollout_batch(batch, "delta_h1: batch")
+    adam = check_adam_state(adam, "delta_h1")
     objective = resolve_objective(objective, batch, "delta_h1")
     _require_policy(policy, "delta_h1")
     started = time.perf_counter()

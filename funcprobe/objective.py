@@ -175,24 +175,28 @@ class Objective:
         recipe = getattr(batch, "advantage_recipe", None)
         if recipe is None:
             return
-        problems = []
+        problems, fix = [], []  # fix: the objective.replace(...) arguments that make it the batch's, field by field
         if recipe.scale_rewards != self.scale_rewards:
             problems.append(f"scale_rewards: the batch's advantages were made with scale_rewards="
                             f"{recipe.scale_rewards!r}, the objective says {self.scale_rewards!r}")
+            fix.append(f"scale_rewards={recipe.scale_rewards!r}")
+        weights = "None" if all(w == 1.0 for w in recipe.reward_weights) else str(list(recipe.reward_weights))
         if self.reward_weights is not None and tuple(self.reward_weights) != tuple(recipe.reward_weights):
             problems.append(f"reward_weights: the batch's advantages were made with {list(recipe.reward_weights)}, "
                             f"the objective says {list(self.reward_weights)}")
+            fix.append(f"reward_weights={weights}")
         elif self.reward_weights is None and any(w != 1.0 for w in recipe.reward_weights):
             problems.append(f"reward_weights: the batch's advantages were made with {list(recipe.reward_weights)}, "
                             "the objective says none (1 each)")
+            fix.append(f"reward_weights={weights}")
         if problems:
             raise ValueError(
                 f"{where}: the batch does not match the objective — " + "; ".join(problems) + ". The estimators use "
                 "the batch's advantages as they are, so this would predict a step the trainer never took. Sample "
                 f"the batch as the trainer scores it (sample_batch(..., scale_rewards={self.scale_rewards!r}"
                 + ("" if self.reward_weights is None else f", reward_weights={list(self.reward_weights)}")
-                + ") or rescore(sampled, scale_rewards=...)), or pass the objective the batch was made for "
-                f"(objective.replace({recipe.describe()}))."
+                + ") or rescore(sampled, scale_rewards=..., reward_weights=...)), or pass the objective the batch was "
+                f"made for (objective.replace({', '.join(fix)}))."
             )
 
     def for_batch(self, batch: RolloutBatch) -> "Objective":

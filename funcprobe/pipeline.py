@@ -34,7 +34,7 @@ from .probe_config import (BatchConfig, ComputeConfig, EstimateConfig, OutputCon
 from .sweep import realised_changes
 
 __all__ = ["ProbeConfig", "BatchConfig", "StepConfig", "EstimateConfig", "ComputeConfig", "OutputConfig",
-           "Chunking", "BatchShape", "Loaded", "Measurements", "ProbeRun", "load_and_sample", "measure", "predict",
+           "Chunking", "BatchShape", "Loaded", "Interrupted", "Measurements", "ProbeRun", "load_and_sample", "measure", "predict",
            "open_checkpoint", "sample_prompts", "reward_functions", "choose_prompts", "plan_chunks",
            "check_learning_rate", "first_order_change", "noting",
            "take_step", "in_sample_change", "sweep_changes", "run_probe", "probe_results", "config_section",
@@ -124,9 +124,54 @@ class Loaded:
     shape: BatchShape
     sources: dict[str, str]
 
+    #: Saves U as a rollouts file (``save_update_rollouts``) and returns the path; None when U came from --rollouts.
+    keep_rollouts: Callable[[], Path] | None = None
+
     @property
     def batch(self):
         return self.sampled.batch
+
+    def interrupted(self) -> "Interrupted":
+        """The :class:`Interrupted` to raise on Ctrl-C once U is sampled: U saved where the failed-reward rescue
+        saves it (``keep_rollouts``), and the message says how to rerun without sampling it again."""
+        return Interrupted.keeping(self.keep_rollouts)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C during a run (a KeyboardInterrupt still): ``message`` says what was kept, e.g. the sampled update batch
+    saved as a rollouts file (the failed-reward workflow's rescue) and the ``--rollouts`` rerun."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.message = message
+
+    @classmethod
+    def keeping(cls, keep: Callable[[], Path] | None) -> "Interrupted":
+        if keep is None:
+            return cls()
+        try:
+            path = keep()
+        except Exception as error:  # noqa: BLE001 - an interrupt must end the run; say the batch is lost
+            return cls(f"the sampled update batch could not be saved ({error})")
+        if path is None:
+            return cls()
+        return cls(f"the sampled update batch is saved in {path}: rerun with --rollouts {path} to skip sampling it "
+                   "again")
+
+
+def save_update_rollouts(path, sampled, chosen: dict, config: ProbeConfig, rewards, tokenizer) -> Path:
+    """Write the sampled update batch U (``sampled``, the pool's ``chosen["indices"]``) as a rollouts JSONL — the
+    prompts, columns and completions as TRL passes them to the reward functions, their token ids and rewards — that
+    ``--rollouts`` reads back into the same batch."""
+    from .rollouts_file import save_rollouts
+    from .trl_rewards import TRLRewards
+
+    prompt_ids, completion_ids = sampled.batch.token_lists()
+    view = TRLRewards.for_pool(rewards, chosen["pool"], chosen["indices"], weights=config.step.objective.reward_weights,
+                               chat_template=config.batch.chat_template, tokenizer=tokenizer, prompt_ids=prompt_ids)
+    save_rollouts(path, view.prompts, view.completions(sampled.responses, completion_ids), completion_ids,
+                  rewards=sampled.raw_rewards, prompt_ids=prompt_ids, columns=view.columns)
+    return Path(path)
 
 
 def batch_shape(config: ProbeConfig, records) -> tuple[BatchShape, dict[str, str]]:
@@ -371,6 +416,12 @@ def load_and_sample(config: ProbeConfig, *, progress: bool | None = None, echo=p
     sources["lr"] = "flag" if config.step.lr is not None else f"optimizer state ({checkpoint.optimizer_path})"
     _describe_checkpoint(checkpoint, config, echo)
     chosen = _pool(config, checkpoint, chosen, shape)
+    if records is None:  # the columns the reward functions need, on every prompt of U and E: before any sampling
+        from .trl_rewards import TRLRewards
+
+        rows = list(dict.fromkeys([*chosen["indices"], *chosen["eval_indices"]]))
+        TRLRewards.for_pool(rewards, chosen["pool"], rows,
+                            weights=config.step.objective.reward_weights, chat_template=b.chat_template)
     chunks, memory_plan = plan_chunks(config, policy, checkpoint.tokenizer, chosen, shape, echo)
 
     out = config.output.out
@@ -396,13 +447,20 @@ def load_and_sample(config: ProbeConfig, *, progress: bool | None = None, echo=p
     note = sampled.advantage_info.message(beta=config.step.objective.beta)
     if note:
         echo(f"note: {note}")
-    evaluation = timed("sample_eval", lambda: sample_prompts(world, policy, params, pool, chosen["eval_indices"],
-                                                             seed=b.eval_seed, G=shape.eval_G, **sampling))
+    keep = None
+    if records is None and world.is_main:  # a Ctrl-C from here on keeps U, as a failed reward function keeps it
+        def keep():
+            return save_update_rollouts(rescue, sampled, chosen, config, rewards, checkpoint.tokenizer)
+    try:
+        evaluation = timed("sample_eval", lambda: sample_prompts(world, policy, params, pool, chosen["eval_indices"],
+                                                                 seed=b.eval_seed, G=shape.eval_G, **sampling))
+    except KeyboardInterrupt:
+        raise Interrupted.keeping(keep) from None
     echo(f"evaluation batch: B={evaluation.batch.B} prompts × G={evaluation.batch.G} responses, drawn independently "
          f"(seed {b.eval_seed})")
     return Loaded(checkpoint=checkpoint, policy=policy, adam=adam, params=params, chosen=chosen, records=records,
                   sampled=sampled, source=source, evaluation=evaluation, memory_plan=memory_plan, chunks=chunks,
-                  shape=shape, sources=sources)
+                  shape=shape, sources=sources, keep_rollouts=keep)
 
 
 # ------------------------------------------------------------------------------------------------------ the stages
@@ -557,9 +615,12 @@ def run_probe(config: ProbeConfig, *, progress: bool | None = None, echo=print, 
     timed = timer(timings, log_phases=True)
     reset_peak_memory(config.compute.device)
     loaded = load_and_sample(config, progress=progress, echo=echo, world=world, timed=timed)
-    measured = measure(loaded.params, loaded.batch, loaded.evaluation, policy=loaded.policy, adam=loaded.adam,
-                       step=config.step, estimate=config.estimate, chunks=loaded.chunks, progress=progress,
-                       world=world, echo=echo, timed=timed)
+    try:
+        measured = measure(loaded.params, loaded.batch, loaded.evaluation, policy=loaded.policy, adam=loaded.adam,
+                           step=config.step, estimate=config.estimate, chunks=loaded.chunks, progress=progress,
+                           world=world, echo=echo, timed=timed)
+    except KeyboardInterrupt:
+        raise loaded.interrupted() from None
     echo("\n" + measured.report(details=config.output.verbose))
     timings["total"] = time.perf_counter() - started
     return ProbeRun(results=probe_results(config, loaded, measured, timings=timings, world=world), loaded=loaded,

@@ -13,7 +13,7 @@ import os
 import platform
 import resource
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .formatting import fmt
 
 __all__ = ["summary", "summary_table", "format_report", "plot_lr_sweep", "versions", "peak_memory",
            "reset_peak_memory", "to_jsonable", "write_json", "write_probe_outputs", "check_output_paths",
-           "save_outputs", "OutputError"]
+           "check_not_an_input", "save_outputs", "OutputError"]
 
 
 # ------------------------------------------------------------------------------------------------------ the summary
@@ -363,14 +363,52 @@ def check_output_folder(flag: str, path: Any) -> None:
                          "a writable place.") from None
 
 
-def check_output_paths(paths: Mapping[str, Any], examples: Mapping[str, str] | None = None) -> None:
-    """:func:`check_output_path` for every ``{flag: path}`` given (None: not asked for), and no two naming one file."""
+def _resolved(path: Any) -> Path:
+    return Path(os.path.expanduser(os.fspath(path))).absolute().resolve()
+
+
+def check_not_an_input(flag: str, path: Any, inputs: Iterable[tuple[str, Any]] = (),
+                       input_folders: Iterable[tuple[str, Any]] = (), *, example: str = "results.json") -> None:
+    """Refuse an output path that is one of the run's input files (``inputs``: (what, path) pairs, e.g. ("the
+    --prompts file", "p.jsonl"); a None path is skipped) or lies inside one of its input folders (``input_folders``:
+    the checkpoint, the base model):
+    the results would overwrite the input. Paths are compared resolved (symlinks followed) and, for files that exist,
+    by identity (hard links)."""
+    target = _resolved(path)
+    for what, source in inputs:
+        if source is None:
+            continue
+        same = target == _resolved(source)
+        if not same and target.exists() and Path(os.fspath(source)).exists():
+            try:
+                same = os.path.samefile(target, os.fspath(source))
+            except OSError:
+                same = False
+        if same:
+            raise ValueError(f"{flag} {os.fspath(path)}: is {what} ('{os.fspath(source)}'), an input of this run; the "
+                             f"results would overwrite it. Name another file, e.g. {flag} {example}.")
+    for what, folder in input_folders:
+        if folder is None:
+            continue
+        resolved = _resolved(folder)
+        if target == resolved or resolved in target.parents:
+            raise ValueError(f"{flag} {os.fspath(path)}: lies inside {what} '{os.fspath(folder)}', an input of this "
+                             f"run; writing there would change it. Write outside it, e.g. {flag} {example}.")
+
+
+def check_output_paths(paths: Mapping[str, Any], examples: Mapping[str, str] | None = None, *,
+                       inputs: Iterable[tuple[str, Any]] = (), input_folders: Iterable[tuple[str, Any]] = ()) -> None:
+    """:func:`check_output_path` for every ``{flag: path}`` given (None: not asked for), no two naming one file, and
+    none naming an input of the run (:func:`check_not_an_input`)."""
+    inputs, input_folders = list(inputs), list(input_folders)
     seen: dict[Path, str] = {}
     for flag, path in paths.items():
         if path is None:
             continue
-        check_output_path(flag, path, example=(examples or {}).get(flag, "results.json"))
-        resolved = Path(os.fspath(path)).absolute().resolve()
+        example = (examples or {}).get(flag, "results.json")
+        check_output_path(flag, path, example=example)
+        check_not_an_input(flag, path, inputs, input_folders, example=example)
+        resolved = _resolved(path)
         if resolved in seen:
             raise ValueError(f"{seen[resolved]} and {flag} both name '{path}'; the second would overwrite the first. "
                              "Give each output its own file.")

@@ -540,6 +540,30 @@ def redraw(policy: Policy, params: Mapping[str, Tensor], spec: DrawSpec, *, worl
 
 
 # ---------------------------------------------------------------------------------------------------- public API
+def _check_reward_signature(reward_fn) -> None:
+    """Before sampling: a reward_fn that cannot be called as reward_fn(prompts, responses, meta) — a TRL reward
+    function f(prompts, completions, **kwargs), most often — is refused with the way to wrap it (it used to fail with
+    a bare TypeError after the sampling)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(reward_fn)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    try:
+        signature.bind([], [], {})
+        trl_like = "completions" in signature.parameters
+    except TypeError:
+        trl_like = True
+    if trl_like:
+        name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+        raise TypeError(f"sample_batch calls reward_fn(prompts, responses, meta) (the B prompt texts, responses[n][g] "
+                        f"texts, and a dict with 'response_ids') and expects [B, G] rewards, but {name}{signature} "
+                        "cannot be called so — TRL's reward signature f(prompts, completions, **kwargs)? Wrap a TRL "
+                        "reward function: reward_fn=funcprobe.trl_rewards.TRLRewards([f], prompts=prompts, "
+                        "columns={...}) (or TRLRewards.for_pool([f], pool)), with reward_weights=that.weights.")
+
+
 def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence[str] | Sequence[Sequence[int]], *,
                  G: int, reward_fn: RewardFn | str, max_new_tokens: int, seed: int, tokenizer: Any,
                  temperature: float | None = None, length_norm: str | float = "max_new_tokens",
@@ -601,6 +625,7 @@ def sample_batch(policy: Policy, params: Mapping[str, Tensor], prompts: Sequence
     if not callable(reward_fn):
         raise ValueError(f"reward_fn must be callable as reward_fn(prompts, responses, meta) -> [B, G]; got "
                          f"{type(reward_fn).__name__}.")
+    _check_reward_signature(reward_fn)
     if tokenizer is None:
         raise ValueError("sample_batch needs the tokenizer (to tokenise prompts and decode responses).")
     policy.check_params(params)

@@ -320,6 +320,14 @@ class TRLRewards:
                                  f"{', '.join(repr(c) for c in missing)} in the prompt pool (e.g. "
                                  '{"prompt": "...", "answer": "42"} per line), but the pool has ' + f"{have}. Add "
                                  "it to every line, or choose a reward that does not need it.")
+            labels = list(prompt_labels) if prompt_labels is not None else [f"prompt {n}" for n in range(B)]
+            for column in getattr(function, "required_columns", ()):
+                lacking = [labels[n] for n, value in enumerate(self.columns[column]) if value is None]
+                if lacking:  # the pool has the column, but not on every line: the data's fault, knowable now
+                    shown = "; ".join(lacking[:3]) + ("; …" if len(lacking) > 3 else "")
+                    raise ValueError(f"reward function {name!r} needs the column {column!r} on every prompt, but "
+                                     f"{len(lacking)} lack it: {shown}. Add {column!r} to {'that line' if len(lacking) == 1 else 'those lines'}, or "
+                                     "choose a reward that does not need it.")
         self.prompt_ids = None if prompt_ids is None else [list(map(int, row)) for row in prompt_ids]
         if self.prompt_ids is not None and len(self.prompt_ids) != B:
             raise ValueError(f"prompt_ids has {len(self.prompt_ids)} rows for {B} prompts.")
@@ -458,7 +466,7 @@ class TRLRewards:
             raise ValueError(f"The reward function {name!r} returned {len(values)} rewards, but {B * G} were expected "
                              f"(one per prompt-completion pair: B={B} prompts × G={G}). Make sure the reward function "
                              "returns exactly one reward per completion.")
-        numbers = []
+        numbers, nan = [], []
         for flat, value in enumerate(values):
             if value is None:
                 numbers.append(math.nan)
@@ -478,7 +486,16 @@ class TRLRewards:
                 raise ValueError(f"reward function {name!r} returned {number} for completion {flat % G} of "
                                  f"{self.prompt_labels[flat // G]} ({_short(self.prompts[flat // G], 120)}); rewards "
                                  "must be finite (None marks a completion it does not score).")
+            if math.isnan(number):
+                nan.append(flat)
             numbers.append(number)
+        if nan:
+            # Not "returned None": NaN is the function's own value (0/0, a NaN from a model), not its "not scored".
+            first = nan[0]
+            raise ValueError(f"reward function {name!r} returned NaN for {len(nan)} of the {B * G} completions, the "
+                             f"first for completion {first % G} of {self.prompt_labels[first // G]} "
+                             f"({_short(self.prompts[first // G], 120)}); rewards must be finite numbers (return None "
+                             "for a completion the function does not score).")
         # TRL stores rewards as float32 (GT:1633); compute_advantages works in float32 too.
         return torch.tensor(numbers, dtype=torch.float32).to(torch.float64)
 

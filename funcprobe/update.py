@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .adam import AdamState, UpdateDecomposition, adamw_update, update_decomposition
+from .adam import AdamState, UpdateDecomposition, adamw_update, check_adam_state, update_decomposition
 from .batch import RolloutBatch, as_rollout_batch
 from .objective import Objective, resolve_objective
 from .policy import ChunkLogprobs, Policy
@@ -156,6 +156,7 @@ def rl_update(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy: Poli
     without touching the module. ``lr`` overrides the state's learning rate.
     """
     batch = as_rollout_batch(batch, "rl_update: batch")
+    adam = check_adam_state(adam, "rl_update")
     objective = resolve_objective(objective, batch, "rl_update")
     _, ybar = policy_gradient(params, batch, policy=policy, objective=objective, seq_chunk=seq_chunk,
                               token_chunk=token_chunk, progress=progress, world=world)
@@ -169,6 +170,7 @@ def update_direction(params: Mapping[str, Tensor], batch: RolloutBatch, *, polic
                      world=None) -> UpdateDecomposition:
     """The decomposition θ⁺ − θ = η_g · P ⊙ Ȳ + Δθ_state of this batch's step (spec §4), as δH₁ uses it."""
     batch = as_rollout_batch(batch, "update_direction: batch")
+    adam = check_adam_state(adam, "update_direction")
     objective = resolve_objective(objective, batch, "update_direction")
     _, ybar = policy_gradient(params, batch, policy=policy, objective=objective, seq_chunk=seq_chunk,
                               token_chunk=token_chunk, progress=progress, world=world)
@@ -184,6 +186,7 @@ def apply_step(params: Mapping[str, Tensor], adam: AdamState, step: UpdateDecomp
     the objective's clipping must be those the step was decomposed with (checked: the learning rates and whether it
     clips must agree). Equals ``rl_update`` on the same batch to float64 rounding of Ȳ's summation order.
     """
+    adam = check_adam_state(adam, "apply_step")
     objective = _objective(objective)
     loss_grad = {name: -value for name, value in step.ybar.items()}
     new_params, new_state = adamw_update(params, loss_grad, adam, lr=lr, max_grad_norm=objective.max_grad_norm)

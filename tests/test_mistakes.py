@@ -244,6 +244,63 @@ def test_kind2_outputs_are_checked_before_loading_and_never_lost(command, tiny_r
     assert saved.parent == tmp_path and json.loads(saved.read_text())["command"] == command
 
 
+@pytest.mark.parametrize("command", ["probe", "attribute", "trajectory"])
+def test_kind2_outputs_never_overwrite_an_input(command, tiny_run, tmp_path, capsys, monkeypatch):
+    """--out/--html/--plot naming an input (the prompts, trainer-config, rollouts, optimizer or reward file, anything
+    in the checkpoint or base folder; also through a symlink) is refused before loading (review BAD row 47)."""
+    import funcprobe.checkpoints as checkpoints
+    import funcprobe.pipeline as pipeline
+    from conftest import cli_fails
+
+    run = tmp_path / "run"  # a copy: a failing test must not damage the shared tiny run
+    shutil.copytree(tiny_run["out"], run)
+    checkpoint = run / "checkpoint-2"
+    prompts = tmp_path / "p.jsonl"
+    shutil.copy(run / "prompts.jsonl", prompts)
+    config = tmp_path / "tc.json"
+    config.write_text(json.dumps({"num_generations": 4}))
+    reward = tmp_path / "r.py"
+    reward.write_text("def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(prompts)
+    target = str(run if command == "trajectory" else checkpoint)
+    argv = [command, target, "-B", "4", "-G", "4", "--max-new-tokens", "4", "--quiet", "--prompts", str(prompts),
+            "--trainer-config", str(config), "--reward", f"{reward}:length"]
+    before = {p: p.read_bytes() for p in [prompts, config, reward, *run.rglob("*")] if p.is_file()}
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the outputs were checked")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", no_loading)
+    monkeypatch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+    flags = {"probe": ["--out"], "attribute": ["--out", "--html", "--plot"], "trajectory": ["--out", "--plot"]}[command]
+    cases = [(prompts, "the --prompts file"), (config, "the --trainer-config file"), (reward, "--reward"),
+             (link, "the --prompts file"), (checkpoint / "trainer_state.json", "inside"),
+             (run / "checkpoint-1" / "adapter_config.json", "inside" if command == "trajectory" else "the checkpoint"),
+             (Path(tiny_run["out"]) / "base" / "config.json", "the base model's folder"),  # the adapter's, absolute
+             (run / "prompts.jsonl", "prompts")]
+    for flag in flags:
+        for path, fragment in cases:
+            if command != "trajectory" and path.parent.name == "checkpoint-1":
+                continue  # another checkpoint of the run: not this command's input
+            cli_fails(capsys, [*argv, flag, str(path)], flag, fragment, "input of this run")
+    if command != "trajectory":
+        rollouts = tmp_path / "roll.jsonl"
+        rollouts.write_text("{}\n")
+        optimizer = tmp_path / "optimizer.pt"
+        shutil.copy(checkpoint / "optimizer.pt", optimizer)
+        cli_fails(capsys, [*argv, "--rollouts", str(rollouts), "--out", str(rollouts)], "the --rollouts file")
+        cli_fails(capsys, [*argv, "--optimizer", str(optimizer), "--out", str(optimizer)], "the --optimizer file")
+    assert {p: p.read_bytes() for p in before} == before
+    # a new file beside the checkpoints, or a results file written there before, is not an input
+    from funcprobe.cli import _run_inputs, parse_args
+    from funcprobe.report import check_output_paths
+
+    (run / "results.json").write_text("{}")
+    check_output_paths({"--out": run / "results.json", "--plot": run / "new.png"},
+                       **_run_inputs(parse_args([command, str(run), *argv[2:]])))
+
+
 # ---------------------------------------------------------------- kind 5: messages that say nothing untrue, or more
 REWARD_FILE = '''
 def constant(prompts, completions, **kwargs):
@@ -308,6 +365,177 @@ def test_kind5_messages_are_true_and_say_enough(tiny_run, tmp_path, capsys, monk
     assert time.perf_counter() - started < 15
     monkeypatch.setattr(checkpoints, "_offline", lambda: True)  # HF_HUB_OFFLINE=1
     cli_fails(capsys, ["probe", checkpoint, *small, "--base", "someorg/not-a-cached-model"], "offline")
+
+
+def test_kind5_negative_numbers_in_any_form_reach_the_value_checks(tiny_run, capsys):
+    """-1e-3, -inf or a comma list starting with one is a value, not an unknown option (argparse's own matcher knows
+    only -1 and -0.5: "expected one argument", review WEAK 18), on every subcommand."""
+    from conftest import cli_fails
+    from funcprobe.cli import parse_args
+
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    for command in ("probe", "attribute", "trajectory"):
+        args = parse_args([command, checkpoint, "--lr", "-1e-3", "--beta", "-1E+1", "--temperature", "-inf"])
+        assert (args.lr, args.beta, args.temperature) == (-1e-3, -10.0, -float("inf"))
+    assert parse_args(["probe", checkpoint, "--eta-sweep", "-1e-3,1e-3"]).eta_sweep == "-1e-3,1e-3"
+    small = ["-B", "2", "-G", "2", "--max-new-tokens", "2", "--quiet"]
+    cli_fails(capsys, ["probe", checkpoint, *small, "--lr", "-1e-3"], "--lr must be finite and > 0; got -0.001")
+    cli_fails(capsys, ["attribute", checkpoint, *small, "--beta", "-1e-1"], "beta must be ≥ 0")
+    cli_fails(capsys, ["probe", checkpoint, *small, "--eta-sweep", "-1e-3,1e-3"], "--eta-sweep", "> 0")
+    with pytest.raises(SystemExit):  # options are still options
+        parse_args(["probe", checkpoint, "--lr", "-B"])
+
+
+@pytest.mark.parametrize("command", ["probe", "attribute"])
+def test_kind5_units_that_cannot_partition_b_are_refused_before_loading(command, tiny_run, capsys, monkeypatch):
+    """--units 5 with -B 4 was refused only after both batches were sampled (review WEAK 19)."""
+    import funcprobe.checkpoints as checkpoints
+    import funcprobe.pipeline as pipeline
+    from conftest import cli_fails
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before --units was checked")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", no_loading)
+    monkeypatch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+    argv = [command, str(Path(tiny_run["out"]) / "checkpoint-2"), "-B", "4", "-G", "2", "--quiet"]
+    cli_fails(capsys, [*argv, "--units", "5"], "--units 5: units=M must satisfy 2 ≤ M ≤ B = 4")
+    cli_fails(capsys, [*argv, "--units", "3"], "--units 3: block mode needs equal blocks", "[2, 4]")
+
+
+def test_kind5_ctrl_c_ends_with_one_line_and_keeps_the_sampled_batch(tiny_run, tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt mid-run: one line "interrupted", exit 130, no traceback; once U is sampled it is saved as
+    the failed-reward rescue saves it, and --rollouts of that file rebuilds the same batch (review WEAK 22)."""
+    import funcprobe.attribution as attribution
+    import sys
+
+    import funcprobe.pipeline as pipeline
+    from funcprobe.cli import main
+
+    trajectory = sys.modules["funcprobe.trajectory"]  # the package's name `trajectory` is the function
+    monkeypatch.chdir(tmp_path)
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    reward = tmp_path / "r.py"
+    reward.write_text("def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    argv = [checkpoint, "-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet", "--reward", f"{reward}:length"]
+    seen = []
+
+    def interrupt(*args, **kwargs):
+        seen.append(args[1] if len(args) > 1 else None)
+        raise KeyboardInterrupt
+
+    def one_line(command, *fragments):
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"funcprobe {command}: interrupted"), err
+        for fragment in fragments:
+            assert fragment in err[0], err[0]
+        return err[0]
+
+    with monkeypatch.context() as patch:  # during U's sampling: nothing to keep
+        patch.setattr(pipeline, "sample_prompts", interrupt)
+        assert main(["probe", *argv]) == 130
+        assert "saved" not in one_line("probe") and not list(tmp_path.glob("*rollouts*"))
+    with monkeypatch.context() as patch:  # after U is sampled: kept, beside --out
+        patch.setattr(pipeline, "measure", interrupt)
+        assert main(["probe", *argv, "--out", str(tmp_path / "keep.json")]) == 130
+        rescue = tmp_path / "keep.failed-rollouts.jsonl"
+        one_line("probe", f"saved in {rescue}", f"--rollouts {rescue}")
+        assert main(["probe", *argv, "--rollouts", str(rescue)]) == 130
+        one_line("probe")
+        first, again = seen[-2], seen[-1]
+        for name in ("input_ids", "attention_mask", "response_mask", "rewards", "advantages"):
+            assert torch.equal(getattr(first, name), getattr(again, name)), name
+    with monkeypatch.context() as patch:
+        patch.setattr(attribution, "attribute", interrupt)
+        assert main(["attribute", *argv]) == 130
+        one_line("attribute", "saved in funcprobe-failed-rollouts.jsonl")
+        patch.setattr(trajectory, "trajectory", interrupt)
+        assert main(["trajectory", str(Path(tiny_run["out"])), *argv[1:]]) == 130
+        one_line("trajectory")
+
+
+def test_kind5_library_mistakes_get_the_fix_not_a_bare_error(policy, sampled, adam):
+    """The reward-weights mismatch suggests the weights' fix (review WEAK 11); a TRL-signature reward_fn is refused
+    before sampling with how to wrap it (WEAK 27); adam=None names what to pass, in every estimator (WEAK 28)."""
+    from funcprobe.update import apply_step
+
+    batch = sampled.batch
+    with pytest.raises(ValueError) as error:
+        policy_gradient(policy.params, batch, policy=policy, objective=Objective(reward_weights=(1.0, 0.5)))
+    assert "objective.replace(reward_weights=None)" in str(error.value), error.value
+    with pytest.raises(ValueError, match=r"objective.replace\(scale_rewards='none', reward_weights=None\)"):
+        delta_h1(policy.params, batch, policy=policy, adam=adam,
+                 objective=Objective(scale_rewards="group", reward_weights=(2.0,)))
+    # TRL's signature, with or without a column argument, is refused before anything is sampled
+    for trl_reward in (lambda prompts, completions, **kw: [1.0] * len(completions),
+                       lambda prompts, completions, answer, **kw: [1.0] * len(completions)):
+        with pytest.raises(TypeError, match=r"reward_fn\(prompts, responses, meta\).*TRL's reward signature.*"
+                                            r"TRLRewards\(\[f\], prompts=prompts"):
+            sample_batch(policy, policy.params, PROMPTS, G=2, reward_fn=trl_reward, max_new_tokens=2, seed=0,
+                         tokenizer=TOKENIZER)
+    # adam=None
+    step = update_direction(policy.params, batch, policy=policy, adam=adam)
+    calls = {"delta_h1": lambda: delta_h1(policy.params, batch, policy=policy, adam=None),
+             "rl_update": lambda: rl_update(policy.params, batch, policy=policy, adam=None),
+             "update_direction": lambda: update_direction(policy.params, batch, policy=policy, adam=None),
+             "apply_step": lambda: apply_step(policy.params, None, step),
+             "update_decomposition": lambda: attribute(policy.params, batch, policy=policy, adam=None)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name}: adam must be a funcprobe.AdamState .*got None.*"
+                                             r"load_checkpoint\(path\).adam.*AdamState.from_torch.*AdamState.zeros"):
+            call()
+
+
+NAN_REWARD = "def nan(prompts, completions, **kwargs):\n    return [float('nan')] * len(completions)\n"
+
+
+def test_kind5_reward_data_mistakes_are_named_for_what_they_are(tiny_run, tmp_path, capsys, monkeypatch):
+    """NaN rewards are "NaN", not "returned None" (review WEAK 16); a prompts line lacking the column a built-in reward
+    needs is refused before sampling, as the data's fault (WEAK 17)."""
+    import funcprobe.pipeline as pipeline
+    from conftest import cli_fails
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    small = ["-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet"]
+    rewards = tmp_path / "nan_reward.py"
+    rewards.write_text(NAN_REWARD)
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--reward", f"{rewards}:nan"],
+                     "returned NaN for 4 of the 4 completions", "the first for completion 0 of",
+                     "rewards must be finite numbers", "--rollouts")
+    assert "None" not in line.split("(return None")[0], line
+    pool = tmp_path / "one_lacks.jsonl"
+    pool.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the prompts' columns were checked")
+
+    monkeypatch.setattr(pipeline, "sample_prompts", no_sampling)
+    line = cli_fails(capsys, ["probe", checkpoint, *small, "--prompts", str(pool)],
+                     "needs the column 'answer' on every prompt, but 1 lack it", "one_lacks.jsonl, line 2",
+                     "Add 'answer' to that line")
+    assert "traceback" not in line and "function" not in line.split("Add")[1], line
+
+
+def test_kind5_a_g_that_overrides_the_trainer_config_is_noted(tiny_run, tmp_path, capsys, monkeypatch):
+    """-G against the config's num_generations: a note on stderr, before loading (review WEAK 20, first half)."""
+    import funcprobe.checkpoints as checkpoints
+    import funcprobe.pipeline as pipeline
+    from funcprobe.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise RuntimeError("stop after the checks")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", no_loading)
+    monkeypatch.setattr(pipeline, "load_checkpoint", no_loading, raising=False)
+    config = tmp_path / "tc.json"
+    config.write_text(json.dumps({"num_generations": 8}))
+    argv = ["probe", str(Path(tiny_run["out"]) / "checkpoint-2"), "--trainer-config", str(config), "--quiet"]
+    for G, noted in (("4", True), ("8", False)):
+        with pytest.raises(RuntimeError, match="stop after the checks"):
+            main([*argv, "-G", G])
+        err = capsys.readouterr().err
+        assert ("note: -G 4 overrides num_generations=8" in err) == noted, err
 
 
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
