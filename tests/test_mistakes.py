@@ -310,6 +310,90 @@ def test_kind5_messages_are_true_and_say_enough(tiny_run, tmp_path, capsys, monk
     cli_fails(capsys, ["probe", checkpoint, *small, "--base", "someorg/not-a-cached-model"], "offline")
 
 
+# ------------------------------------------------------- kind 7: a rollouts file that does not belong to this checkpoint
+def _rollouts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_rollouts(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_kind7_rollouts_of_another_model_or_with_texts_not_their_ids_are_refused(policy, sampled, adam, tiny_run,
+                                                                                  tmp_path, capsys, monkeypatch):
+    from conftest import cli_fails
+    from funcprobe.cli import main
+    from funcprobe.rollouts import load_rollouts, rollouts_batch, save_rollouts
+
+    # the library: what funcprobe's sampler writes passes; ids beyond the vocabulary, texts that are not the ids
+    # (another tokenizer's ids, or texts shuffled) are refused, naming the line and the completion
+    prompt_ids, completion_ids = sampled.batch.token_lists()
+    good = tmp_path / "good.jsonl"
+    save_rollouts(good, PROMPTS, sampled.responses, completion_ids, prompt_ids=prompt_ids,
+                  rewards=sampled.raw_rewards)
+    batch, _ = rollouts_batch(load_rollouts(good), TOKENIZER, max_new_tokens=6, vocab_size=policy.vocab_size)
+    assert torch.equal(batch.input_ids, sampled.batch.input_ids)
+    lines = _rollouts(good)
+    big = [dict(line) for line in lines]
+    big[1] = {**big[1], "completion_ids": [[VOCAB + 3] + ids[1:] for ids in big[1]["completion_ids"]]}
+    with pytest.raises(ValueError, match=rf"line 2: completion_ids\[0\] holds token id {VOCAB + 3}, outside this "
+                                         rf"model's vocabulary of {VOCAB}"):
+        rollouts_batch(load_rollouts(_write_rollouts(tmp_path / "big.jsonl", big)), TOKENIZER, max_new_tokens=6,
+                       vocab_size=policy.vocab_size)
+    other = [dict(line) for line in lines]  # "another tokenizer": the same texts, other ids
+    other[0] = {**other[0], "completion_ids": [[(t + 1) % 40 + 3 for t in ids[:-1]] + ids[-1:]
+                                               for ids in other[0]["completion_ids"]]}
+    with pytest.raises(ValueError, match=r"line 1: completion 0 is .* but its completion_ids decode to .* another "
+                                         r"model or tokenizer"):
+        rollouts_batch(load_rollouts(_write_rollouts(tmp_path / "other.jsonl", other)), TOKENIZER, max_new_tokens=6)
+    prompts = [dict(line) for line in lines]  # prompt ids of another prompt
+    prompts[2] = {**prompts[2], "prompt_ids": lines[0]["prompt_ids"]}
+    with pytest.raises(ValueError, match=r"line 3: prompt_ids decode to '1\+1=' .* does not hold the prompt '7'"):
+        rollouts_batch(load_rollouts(_write_rollouts(tmp_path / "prompts.jsonl", prompts)), TOKENIZER,
+                       max_new_tokens=6)
+    # a batch of ids beyond the vocabulary reaching the estimators directly: a ValueError, not an IndexError
+    ids = sampled.batch.input_ids.clone()
+    ids[0, 0, -1] = VOCAB + 3
+    for call in (lambda b: delta_h1(policy.params, b, policy=policy, adam=adam),
+                 lambda b: attribute(policy.params, b, policy=policy, adam=adam)):
+        with pytest.raises(ValueError, match=rf"token id {VOCAB + 3} but the model's vocabulary has {VOCAB}"):
+            call(sampled.batch.replace(input_ids=ids))
+
+    # the command line: a file funcprobe wrote for this checkpoint (a failing reward's rescue) is read back; the same
+    # file broken each way is refused, in one line, before anything is sampled
+    monkeypatch.chdir(tmp_path)
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    small = ["--max-new-tokens", "4", "--quiet"]
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(REWARD_FILE + "\n\ndef length(prompts, completions, **kwargs):\n"
+                       "    return [float(len(c)) for c in completions]\n")
+    cli_fails(capsys, ["probe", checkpoint, "-B", "2", "-G", "2", *small, "--reward", f"{rewards}:as_text",
+                       "--out", str(tmp_path / "r.json")], "returned the string")
+    rescued = tmp_path / "r.failed-rollouts.jsonl"
+    lines = _rollouts(rescued)
+    assert all("completion_ids" in line and "prompt_ids" in line for line in lines)
+    assert main(["probe", checkpoint, "--rollouts", str(rescued), *small, "--reward", f"{rewards}:length"]) == 0
+    capsys.readouterr()
+    import funcprobe.pipeline as pipeline
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the rollouts file was checked")
+
+    monkeypatch.setattr(pipeline, "sample_prompts", no_sampling)
+    swapped = [dict(line) for line in lines]
+    swapped[0] = {**swapped[0], "completions": swapped[0]["completions"][::-1]}
+    if swapped[0]["completions"] == lines[0]["completions"]:
+        swapped[0]["completions"] = [text + "x" for text in swapped[0]["completions"]]
+    big = [dict(line) for line in lines]
+    big[1] = {**big[1], "completion_ids": [[500] + ids[1:] for ids in big[1]["completion_ids"]]}
+    for name, broken, expected in (("swapped", swapped, "line 1: completion"),
+                                   ("big", big, "line 2: completion_ids[0] holds token id 500")):
+        path = str(_write_rollouts(tmp_path / f"{name}.jsonl", broken))
+        cli_fails(capsys, ["probe", checkpoint, "--rollouts", path, *small, "--reward", f"{rewards}:length"],
+                  expected, "Probe the checkpoint the rollouts were logged from")
+
+
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
 @pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
 def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
