@@ -394,6 +394,72 @@ def test_kind7_rollouts_of_another_model_or_with_texts_not_their_ids_are_refused
                   expected, "Probe the checkpoint the rollouts were logged from")
 
 
+# ------------------------------------------------ kind 8: a base model, or an optimizer state, of another run or step
+def _adapter_naming(source: Path, target: Path, base: str) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    return target
+
+
+def test_kind8_a_base_or_optimizer_of_another_run_is_refused_before_loading(tiny_run, tmp_path, capsys):
+    from conftest import cli_fails
+    from safetensors.torch import load_file, save_file
+
+    from funcprobe.checkpoints import load_checkpoint
+
+    out = Path(tiny_run["out"])
+    checkpoint, base = out / "checkpoint-2", out / "base"
+    assert Path(json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]) == base
+    # another base of the same shapes (the LoRA attaches): other weights, or another vocabulary in config.json
+    other = tmp_path / "other_base"
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({name: t + 0.01 for name, t in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"the base model '{other}' .* is not the one the adapter in .* was trained "
+                                         rf"on: its adapter_config.json names '{base}', which exists and differs "
+                                         r"\(tensor '.*' has other values\)\. Leave base= \(--base\) out"):
+        load_checkpoint(checkpoint, base=other)
+    vocab = tmp_path / "vocab_base"
+    shutil.copytree(base, vocab)
+    config = json.loads((vocab / "config.json").read_text())
+    (vocab / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}))
+    small = ["-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet"]
+    cli_fails(capsys, ["probe", str(checkpoint), *small, "--base", str(vocab)],
+              f"vocab_size {config['vocab_size'] + 1} vs {config['vocab_size']}", "Leave base= (--base) out")
+    # the same base elsewhere (a copy, or saved in another dtype) is accepted; a named base that is not here (moved,
+    # a hub id) is not compared: users move base models
+    same = tmp_path / "same_base"
+    shutil.copytree(base, same)
+    save_file({name: t.to(torch.bfloat16) for name, t in load_file(base / "model.safetensors").items()},
+              same / "model.safetensors", metadata={"format": "pt"})
+    assert load_checkpoint(checkpoint, base=same).step == 2
+    moved = _adapter_naming(checkpoint, tmp_path / "moved" / "checkpoint-2", str(tmp_path / "gone"))
+    assert load_checkpoint(moved, base=other).step == 2
+    # a base of another shape: the first mismatching tensor and its shapes, and the flag
+    from funcprobe.testing import tiny_peft_model
+
+    wide = tmp_path / "wide_base"
+    tiny_peft_model("qwen2", vocab_size=config["vocab_size"], hidden_size=96).get_base_model().save_pretrained(wide)
+    capsys.readouterr()  # the loads' and the save's progress bars
+    line = cli_fails(capsys, ["probe", str(moved), *small, "--base", str(wide)], "size mismatch for ",
+                     "lora_A", "torch.Size", "--base PATH")
+    assert "PeftModel:." not in line
+    # a base given as its config.json, a full model given as the checkpoint: what each is, and what to pass
+    cli_fails(capsys, ["probe", str(checkpoint), *small, "--base", str(base / "config.json")],
+              "is a file, not a model folder", f"--base {base}")
+    cli_fails(capsys, ["probe", str(base), *small], "is a full model", "not a LoRA adapter", "adapter_config.json")
+    # without trainer_state.json, the folder name checkpoint-N (HF Trainer's) is the step the optimizer must be at
+    nostate = tmp_path / "nostate" / "checkpoint-2"
+    shutil.copytree(checkpoint, nostate, ignore=shutil.ignore_patterns("trainer_state.json"))
+    assert load_checkpoint(nostate, base=base).adam is not None
+    shutil.copy(out / "checkpoint-1" / "optimizer.pt", nostate / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"after 1 step, but the checkpoint .* is at global_step 2 \(its folder name "
+                                         r"checkpoint-2, HF Trainer's checkpoint-\{global_step\}; no "
+                                         r"trainer_state.json\).*--optimizer PATH"):
+        load_checkpoint(nostate, base=base)
+
+
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
 @pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
 def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
