@@ -33,6 +33,7 @@ shapes) run before the base model is loaded, so a mismatch does not cost a large
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import logging
@@ -157,6 +158,8 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
     _check_adapter_weights(adapter_dir)
 
     base_ref, base_label = _resolve_base(base, adapter_dir)
+    if base is not None and isinstance(base_ref, Path):
+        _check_same_base(base_ref, base_label, adapter_dir)
     if local_files_only is None:
         local_files_only = isinstance(base_ref, Path) or _offline()
     if isinstance(base_ref, str):
@@ -182,9 +185,16 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | nn.Mod
     try:
         policy = load_policy(model, adapter_dir, dtype=dtype, device=device, **policy_options)
     except RuntimeError as error:  # PEFT's load_state_dict: size mismatch between the adapter and the base
+        if base is not None:
+            named = _named_base(adapter_dir)
+            fix = (f"the base given ({base_label}) is not the one the adapter was trained on"
+                   + (f" ({_ADAPTER_CONFIG} names '{named}')" if named else "")
+                   + ": pass the base it was trained on with base=PATH (--base PATH)")
+        else:
+            fix = ("is this the base the adapter was trained on? If not, pass the right one with base=PATH "
+                   "(--base PATH)")
         raise ValueError(f"could not attach the adapter in '{adapter_dir}' to the base model '{base_name}': "
-                         f"{_first_line(error)}. Is this the base the adapter was trained on? If not, pass "
-                         "base=PATH.") from None
+                         f"{_state_dict_error(error)}; {fix}.") from None
 
     try:
         adam = None if optimizer_path is None else load_adam_state(optimizer_path, policy.params)
@@ -350,6 +360,11 @@ def _find_adapter(given: Path, optimizer_given: bool) -> tuple[Path, str, Path]:
                              "pass an earlier checkpoint-N folder explicitly.")
         layout = "hf_trainer" if _has_optimizer(chosen) or (chosen / _TRAINER_STATE).is_file() else "bare_adapter"
         return chosen, layout, chosen
+    if (given / "config.json").is_file() and _model_weight_files(given):
+        raise ValueError(f"'{given}' is a full model (config.json and {_model_weight_files(given)[0].name}, no "
+                         f"{_ADAPTER_CONFIG}): a full fine-tune or a base model, not a LoRA adapter. funcprobe "
+                         "probes LoRA training: pass the checkpoint folder of a LoRA run (peft's LoraConfig, e.g. "
+                         "GRPOTrainer(..., peft_config=LoraConfig(...))), which holds adapter_config.json.")
     raise ValueError(
         f"no LoRA adapter found in '{given}': looked for {given / _ADAPTER_CONFIG} (an HF Trainer checkpoint-N "
         f"folder or a bare adapter), {given / 'model' / _ADAPTER_CONFIG} (adapter in model/ with optimizer.pt "
@@ -418,11 +433,131 @@ def _resolve_base(base, adapter_dir: Path) -> tuple[Path | str | nn.Module, str]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve(), label
+    files = [c for c in candidates if c.is_file()]
+    if files:
+        folder = files[0].parent
+        raise ValueError(f"the base model '{name}' ({label}) is a file, not a model folder; pass the folder that "
+                         f"holds it: base='{folder}' (--base {folder}).")
     if _looks_like_path(name):
         looked = " or ".join(f"'{c}'" for c in candidates)
         raise ValueError(f"the base model '{name}' ({label}) was not found: no folder {looked}. Pass base=PATH (--base PATH) "
                          "(the local folder of the base model the adapter was trained on).")
     return name, label
+
+
+_MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                  "pytorch_model.bin.index.json")
+#: The config.json fields that make two base models different architectures (same LoRA shapes or not).
+_BASE_CONFIG_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def _model_weight_files(folder: Path) -> list[Path]:
+    """A full model's weight files in ``folder`` (not an adapter's)."""
+    found = [folder / name for name in _MODEL_WEIGHTS if (folder / name).is_file()]
+    return found or sorted(p for p in folder.glob("model-*-of-*.safetensors") if p.is_file())
+
+
+def _named_base(adapter_dir: Path) -> str | None:
+    """The adapter config's base_model_name_or_path, or None when unreadable."""
+    try:
+        config = json.loads((adapter_dir / _ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def _named_base_folder(adapter_dir: Path) -> Path | None:
+    """The adapter config's base as a local folder when it is one that exists (None: a hub id, a moved folder)."""
+    name = _named_base(adapter_dir)
+    if name is None:
+        return None
+    expanded = os.path.expanduser(name)
+    for candidate in [Path(expanded)] if os.path.isabs(expanded) else [adapter_dir / expanded, Path(expanded)]:
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def _safetensors_index(folder: Path) -> dict[str, Path]:
+    """{tensor name: file} over the folder's model safetensors files (the adapter's excluded)."""
+    from safetensors import safe_open
+
+    index = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        if file.name.startswith("adapter_model"):
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), file))
+    return index
+
+
+def _base_difference(given: Path, named: Path) -> str | None:
+    """How the two base folders differ (config.json's architecture fields, then the weights: names, shapes, and the
+    first rows of every tensor — cheap), or None when no difference was found (or they cannot be compared)."""
+    configs = []
+    for folder in (given, named):
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        configs.append(config if isinstance(config, dict) else {})
+    for field in _BASE_CONFIG_FIELDS:
+        if configs[0].get(field) != configs[1].get(field):
+            return f"config.json {field} {configs[0].get(field)!r} vs {configs[1].get(field)!r}"
+    try:
+        from safetensors import safe_open
+
+        mine, theirs = _safetensors_index(given), _safetensors_index(named)
+        with contextlib.ExitStack() as stack:
+            handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
+                       for file in {*mine.values(), *theirs.values()}}
+            for key in (key for key in mine if key in theirs):
+                a, b = handles[mine[key]], handles[theirs[key]]
+                sa, sb = a.get_slice(key), b.get_slice(key)
+                shape_a, shape_b = tuple(sa.get_shape()), tuple(sb.get_shape())
+                if shape_a != shape_b:
+                    return f"tensor '{key}' has shape {shape_a} vs {shape_b}"
+                if not shape_a:
+                    x, y = a.get_tensor(key), b.get_tensor(key)
+                else:
+                    x, y = sa[:min(shape_a[0], 2)], sb[:min(shape_b[0], 2)]
+                if x.dtype == y.dtype:
+                    same = torch.equal(x, y)
+                else:  # the same model saved in another dtype: equal to the coarser one's rounding
+                    same = torch.allclose(x.double(), y.double(), rtol=2 ** -7, atol=1e-6)
+                if not same:
+                    return f"tensor '{key}' has other values"
+    except Exception:  # noqa: BLE001 - unreadable weights: nothing to say, loading reports them
+        return None
+    return None
+
+
+def _check_same_base(base_ref: Path, label: str, adapter_dir: Path) -> None:
+    """A base given (``base=``) where the adapter config names a local base folder that exists and differs: the
+    adapter would be attached to a model it was not trained on — silently wrong numbers when the LoRA shapes agree.
+    A named base that is not a local folder (a hub id, a moved folder) is not compared: users move base models."""
+    named = _named_base_folder(adapter_dir)
+    if named is None or named == base_ref.resolve():
+        return
+    difference = _base_difference(base_ref, named)
+    if difference is None:
+        return
+    raise ValueError(f"the base model '{base_ref}' ({label}) is not the one the adapter in '{adapter_dir}' was "
+                     f"trained on: its {_ADAPTER_CONFIG} names '{named}', which exists and differs ({difference}). "
+                     f"Leave base= (--base) out to use '{named}', or, if the adapter was trained on '{base_ref}', "
+                     f"set base_model_name_or_path in {adapter_dir / _ADAPTER_CONFIG} to it.")
+
+
+def _state_dict_error(error: BaseException) -> str:
+    """torch's load_state_dict error cut to its first problem (its first line is only "Error(s) in loading
+    state_dict for PeftModel:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        detail = lines[1].rstrip(".")
+        return detail if len(detail) <= 300 else detail[:299] + "…"
+    return _first_line(error)
 
 
 def _offline() -> bool:
@@ -524,14 +659,20 @@ def _check_step_counts(optimizer_steps: set[int], trainer_state: Mapping[str, An
     state's ``global_step`` (HF Trainer steps the optimizer once per global step). Another checkpoint's optimizer.pt
     gives another t — and other moments — so δH₁ would be of a step this checkpoint never takes."""
     global_step = trainer_state.get("global_step") if isinstance(trainer_state, dict) else None
-    if isinstance(global_step, bool) or not isinstance(global_step, (int, float)) or not optimizer_steps:
+    source = _TRAINER_STATE
+    if isinstance(global_step, bool) or not isinstance(global_step, (int, float)):
+        # No trainer state: HF Trainer names its checkpoint folders checkpoint-{global_step}.
+        match = _CHECKPOINT_DIR.match(folder.name)
+        global_step = int(match.group(1)) if match else None
+        source = f"its folder name {folder.name}, HF Trainer's checkpoint-{{global_step}}; no {_TRAINER_STATE}"
+    if global_step is None or not optimizer_steps:
         return
     global_step = int(global_step)
     if optimizer_steps == {global_step}:
         return
     found = ", ".join(str(t) for t in sorted(optimizer_steps))
     raise ValueError(f"'{optimizer_path}' is the optimizer state after {found} step{'s' if found != '1' else ''}, "
-                     f"but the checkpoint '{folder}' is at global_step {global_step} ({_TRAINER_STATE}): the "
+                     f"but the checkpoint '{folder}' is at global_step {global_step} ({source}): the "
                      "optimizer state belongs to another checkpoint. Pass optimizer=PATH (--optimizer PATH) to the "
                      f"optimizer.pt saved with this checkpoint (e.g. checkpoint-{global_step}/optimizer.pt).")
 

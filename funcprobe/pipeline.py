@@ -308,7 +308,8 @@ def rollouts_sample(records, config: ProbeConfig, tokenizer, policy, rewards):
                                          chat_template=b.chat_template, scale_rewards=objective.scale_rewards,
                                          reward_weights=objective.reward_weights, temperature=policy.temperature,
                                          stop_token_ids=collect_stop_ids(tokenizer, policy, _stop_tokens(config)),
-                                         reward_fn=reward_fn, chat_template_kwargs=_chat_template_kwargs(config))
+                                         reward_fn=reward_fn, chat_template_kwargs=_chat_template_kwargs(config),
+                                         vocab_size=policy.vocab_size)
     except RewardFunctionError as error:
         raise error.with_note(f"{b.rollouts} is unchanged: after fixing the function, rerun with the same "
                               "--rollouts.") from None

@@ -202,12 +202,18 @@ class Policy:
                 raise ValueError(f"{what}['{name}'] is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
                                  f"the policy expects {tuple(shape)} {dtype} on {device}.")
 
+    def _check_token_ids(self, batch: RolloutBatch) -> None:
+        """Raise ValueError when the batch holds a token id outside the model's vocabulary (made for another model),
+        before anything is run on it."""
+        if batch.input_ids.numel() and int(batch.input_ids.max()) >= self.vocab_size:
+            raise ValueError(f"batch.input_ids holds token id {int(batch.input_ids.max())} but the model's "
+                             f"vocabulary has {self.vocab_size} entries: the batch was made with another model's tokenizer; "
+                             "use a batch sampled (or logged) with this model.")
+
     def _check_batch(self, batch: RolloutBatch) -> None:
         if not isinstance(batch, RolloutBatch):
             raise ValueError(f"batch must be a funcprobe.RolloutBatch; got {type(batch).__name__}.")
-        if batch.input_ids.numel() and int(batch.input_ids.max()) >= self.vocab_size:
-            raise ValueError(f"batch.input_ids holds token id {int(batch.input_ids.max())} but the model's "
-                             f"vocabulary has {self.vocab_size} entries. Was the batch made with another tokenizer?")
+        self._check_token_ids(batch)
         if batch.temperature != self.temperature:
             raise ValueError(f"the batch was drawn at temperature τ={batch.temperature:g} but this policy computes "
                              f"log-probabilities and entropies at τ={self.temperature:g}; every estimate must use the "

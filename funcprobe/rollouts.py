@@ -45,7 +45,7 @@ from .rollouts_file import ROLLOUT_KEYS, save_rollouts
 from .trl_rewards import TRLRewards
 
 __all__ = ["RolloutRecord", "load_rollouts", "save_rollouts", "rollouts_batch", "rollout_rewards",
-           "ROLLOUT_KEYS"]
+           "check_rollouts_tokens", "ROLLOUT_KEYS"]
 
 _FORMAT = ('Each line is {"prompt": str or messages, "completions": [G ≥ 2 strings or message lists], "rewards": '
            '[G floats] or [G lists of F floats] (optional), "prompt_ids": [ints] (optional), "completion_ids": '
@@ -198,12 +198,75 @@ def _stop_ids(tokenizer: Any, stop_token_ids: Any) -> tuple[list[int], int | Non
     return [int(s) for s in stops], (int(eos) if eos is not None else (stops[0] if stops else None))
 
 
+def _decodings(tokenizer: Any, ids: list[int], stops: Sequence[int]) -> list[str]:
+    """The texts a writer may have stored for ``ids``: decoded with ``skip_special_tokens=True`` (TRL's
+    ``batch_decode``, funcprobe's sampler), or without skipping; with the final stop token, or without it (the sampler
+    decodes the response before its stop)."""
+    forms = [ids] + ([ids[:-1]] if ids and ids[-1] in stops else [])
+    return [tokenizer.decode(form, skip_special_tokens=skip) for form in forms for skip in (True, False)]
+
+
+def check_rollouts_tokens(records: Sequence[RolloutRecord], tokenizer: Any, *, vocab_size: int | None = None,
+                          stop_token_ids: int | Sequence[int] | None = None) -> None:
+    """Refuse a rollouts file that does not belong to this checkpoint, before anything is run on it.
+
+    * every ``prompt_ids`` / ``completion_ids`` entry must be below ``vocab_size`` (the model's vocabulary; None: not
+      checked);
+    * each completion's stored text must be what its ``completion_ids`` decode to under ``tokenizer``, as the writers
+      decode them (``skip_special_tokens=True`` — TRL's ``batch_decode``, funcprobe's sampler and
+      ``save_rollouts`` — or without skipping, the stop token kept or not; surrounding whitespace aside). Tokenizers
+      with a response parser (TRL's ``parse_response``) store the parsed content: it must appear in the decoded text;
+    * a prompt with ``prompt_ids``: its text (each user message's content) must appear in the decoded ids.
+
+    Raises:
+        ValueError: naming the first mismatching line and completion, what the ids decode to and the fix.
+    """
+    stops, _ = _stop_ids(tokenizer, stop_token_ids)
+    parsed = getattr(tokenizer, "response_template", None) is not None \
+        or getattr(tokenizer, "response_schema", None) is not None
+    made = ("the file was made with another model or tokenizer than this checkpoint's, or its texts and ids were "
+            "mixed up")
+    for record in records:
+        lists = ([("prompt_ids", record.prompt_ids)] if record.prompt_ids is not None else []) + \
+            [(f"completion_ids[{g}]", ids) for g, ids in enumerate(record.completion_ids or [])]
+        if vocab_size is not None:
+            for what, ids in lists:
+                big = [t for t in ids if t >= vocab_size]
+                if big:
+                    raise ValueError(f"{record.where}: {what} holds token id {big[0]}, outside this model's vocabulary "
+                                     f"of {vocab_size} ids: {made}. Probe the checkpoint the rollouts were logged "
+                                     "from, or drop the ids so that the texts are re-tokenised.")
+        if record.prompt_ids is not None:
+            if is_conversational(record.prompt):
+                texts = [m.get("content") for m in record.prompt if m.get("role") == "user"]
+            else:
+                texts = [record.prompt]
+            decoded = tokenizer.decode(record.prompt_ids, skip_special_tokens=False)
+            for text in texts:
+                if isinstance(text, str) and text.strip() not in decoded:
+                    raise ValueError(f"{record.where}: prompt_ids decode to {decoded[:80]!r} under this checkpoint's "
+                                     f"tokenizer, which does not hold the prompt {text[:80]!r}: {made}. Probe the "
+                                     "checkpoint the rollouts were logged from, or drop \"prompt_ids\" so that the "
+                                     "prompt is rendered again.")
+        for g, ids in enumerate(record.completion_ids or []):
+            text = _text(record.completions[g], record.where, g)
+            decodings = _decodings(tokenizer, ids, stops)
+            if any(text == d or text.strip() == d.strip() or (parsed and text.strip() in d) for d in decodings):
+                continue
+            raise ValueError(f"{record.where}: completion {g} is {text[:80]!r} but its completion_ids decode to "
+                             f"{decodings[0][:80]!r} under this checkpoint's tokenizer: {made}, and the rewards would "
+                             "score text that is not the tokens differentiated. Probe the checkpoint the rollouts "
+                             "were logged from, or fix the file (each text must be its ids decoded with "
+                             "skip_special_tokens=True).")
+
+
 def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_tokens: int,
                    chat_template: str = "auto", scale_rewards: str = "none",
                    reward_weights: Sequence[float] | None = None, temperature: float = 1.0,
                    stop_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                    reward_fn: Callable | None = None, missing_finished: str = "budget",
-                   chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[RolloutBatch, dict[str, Any]]:
+                   chat_template_kwargs: Mapping[str, Any] | None = None,
+                   vocab_size: int | None = None) -> tuple[RolloutBatch, dict[str, Any]]:
     """The records as a validated RolloutBatch [B, G, P + T] in :meth:`RolloutBatch.from_token_lists`'s layout
     (prompt right-aligned at column P, completion from P, right-padded), and an info dict.
 
@@ -219,6 +282,9 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
         reward_fn: a funcprobe reward ``(prompts, responses, meta) -> [B, G] | [B, G, F]`` that scores the completions
             instead of the file's rewards (``meta``: ``response_ids`` and the ``answers`` column); None: the file's.
         missing_finished: "budget" or "never" — the EOS rule for text completions without ``finished`` (module doc).
+        vocab_size: the model's vocabulary (``policy.vocab_size``): ids at or above it are refused; None: unchecked.
+        Before any reward is computed, :func:`check_rollouts_tokens` refuses ids that are not this model's (beyond
+        ``vocab_size``) or not this tokenizer's (texts that are not what the ids decode to).
 
     Returns:
         (batch, info): info holds ``prompts`` (texts), ``responses`` [B][G] texts, ``raw_rewards`` [B, G] or
@@ -227,8 +293,9 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
         max_new_tokens, kept as they are), ``notes``.
 
     Raises:
-        ValueError: naming the record's file and line: no rewards and no ``reward_fn``, ids with a stop id before the
-            end, ids longer than ``max_new_tokens``, ``finished`` contradicting the ids; a bad argument.
+        ValueError: naming the record's file and line: ids outside ``vocab_size`` or not this tokenizer's, no rewards
+            and no ``reward_fn``, ids with a stop id before the end, ids longer than ``max_new_tokens``, ``finished``
+            contradicting the ids; a bad argument.
     """
     if not records:
         raise ValueError("rollouts_batch: no records.")
@@ -300,6 +367,8 @@ def rollouts_batch(records: Sequence[RolloutRecord], tokenizer: Any, *, max_new_
                 info["over_budget"] += 1
             group.append(ids)
         completion_ids.append(group)
+    # the ids' shape is sound: now whether they are this model's, and the texts theirs (before any reward or forward)
+    check_rollouts_tokens(records, tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
     if info["over_budget"]:
         info["notes"].append(f"{info['over_budget']} re-tokenised completions are longer than max_new_tokens="
                              f"{max_new_tokens}: the budget is too small, or re-tokenising did not give the sampled "

@@ -79,6 +79,7 @@ def step_cotangent(params: Mapping[str, Tensor], batch: RolloutBatch, *, policy:
     if not isinstance(objective, Objective):
         raise ValueError(f"objective must be a funcprobe.Objective; got {type(objective).__name__}.")
     objective.check_batch(batch)
+    policy._check_token_ids(batch)  # delta_h1 and attribute forward through taps, not through the policy's checks
     weights = objective.token_weights(batch)
     advantages = objective.token_advantages(batch)
     linear = weights * advantages

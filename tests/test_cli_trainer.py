@@ -406,9 +406,9 @@ def _logged(checkpoint, run, path: Path) -> tuple[list, list]:
     tokenizer = tokenizer_of(checkpoint)
     pool = load_prompt_pool(run / "prompts.jsonl")
     eos = tokenizer.eos_token_id
-    texts = [["12", "7", "abc"], ["3", "45", "x"], ["9", "99", "0"]]
+    texts = [["12", "7", "abcdefgh"], ["3", "45", "x"], ["9", "99", "0"]]
     completion_ids = [[tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in group] for group in texts]
-    completion_ids[0][2] = tokenizer("abcdefgh", add_special_tokens=False)["input_ids"]  # cut at the budget
+    completion_ids[0][2] = completion_ids[0][2][:-1]  # cut at the budget (the text is its ids' decoding, as logged)
     rewards = [[1.0, 0.0, 0.5], [0.0, 1.0, 0.25], [1.0, 1.0, 0.0]]
     save_rollouts(path, pool.prompts[:3], [[[{"role": "assistant", "content": t}] for t in g] for g in texts],
                   completion_ids, rewards=rewards, columns={"answer": pool.columns["answer"][:3]})

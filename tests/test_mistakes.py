@@ -538,6 +538,156 @@ def test_kind5_a_g_that_overrides_the_trainer_config_is_noted(tiny_run, tmp_path
         assert ("note: -G 4 overrides num_generations=8" in err) == noted, err
 
 
+# ------------------------------------------------------- kind 7: a rollouts file that does not belong to this checkpoint
+def _rollouts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_rollouts(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_kind7_rollouts_of_another_model_or_with_texts_not_their_ids_are_refused(policy, sampled, adam, tiny_run,
+                                                                                  tmp_path, capsys, monkeypatch):
+    from conftest import cli_fails
+    from funcprobe.cli import main
+    from funcprobe.rollouts import load_rollouts, rollouts_batch, save_rollouts
+
+    # the library: what funcprobe's sampler writes passes; ids beyond the vocabulary, texts that are not the ids
+    # (another tokenizer's ids, or texts shuffled) are refused, naming the line and the completion
+    prompt_ids, completion_ids = sampled.batch.token_lists()
+    good = tmp_path / "good.jsonl"
+    save_rollouts(good, PROMPTS, sampled.responses, completion_ids, prompt_ids=prompt_ids,
+                  rewards=sampled.raw_rewards)
+    batch, _ = rollouts_batch(load_rollouts(good), TOKENIZER, max_new_tokens=6, vocab_size=policy.vocab_size)
+    assert torch.equal(batch.input_ids, sampled.batch.input_ids)
+    lines = _rollouts(good)
+    big = [dict(line) for line in lines]
+    big[1] = {**big[1], "completion_ids": [[VOCAB + 3] + ids[1:] for ids in big[1]["completion_ids"]]}
+    with pytest.raises(ValueError, match=rf"line 2: completion_ids\[0\] holds token id {VOCAB + 3}, outside this "
+                                         rf"model's vocabulary of {VOCAB}"):
+        rollouts_batch(load_rollouts(_write_rollouts(tmp_path / "big.jsonl", big)), TOKENIZER, max_new_tokens=6,
+                       vocab_size=policy.vocab_size)
+    other = [dict(line) for line in lines]  # "another tokenizer": the same texts, other ids
+    other[0] = {**other[0], "completion_ids": [[(t + 1) % 40 + 3 for t in ids[:-1]] + ids[-1:]
+                                               for ids in other[0]["completion_ids"]]}
+    with pytest.raises(ValueError, match=r"line 1: completion 0 is .* but its completion_ids decode to .* another "
+                                         r"model or tokenizer"):
+        rollouts_batch(load_rollouts(_write_rollouts(tmp_path / "other.jsonl", other)), TOKENIZER, max_new_tokens=6)
+    prompts = [dict(line) for line in lines]  # prompt ids of another prompt
+    prompts[2] = {**prompts[2], "prompt_ids": lines[0]["prompt_ids"]}
+    with pytest.raises(ValueError, match=r"line 3: prompt_ids decode to '1\+1=' .* does not hold the prompt '7'"):
+        rollouts_batch(load_rollouts(_write_rollouts(tmp_path / "prompts.jsonl", prompts)), TOKENIZER,
+                       max_new_tokens=6)
+    # a batch of ids beyond the vocabulary reaching the estimators directly: a ValueError, not an IndexError
+    ids = sampled.batch.input_ids.clone()
+    ids[0, 0, -1] = VOCAB + 3
+    for call in (lambda b: delta_h1(policy.params, b, policy=policy, adam=adam),
+                 lambda b: attribute(policy.params, b, policy=policy, adam=adam)):
+        with pytest.raises(ValueError, match=rf"token id {VOCAB + 3} but the model's vocabulary has {VOCAB}"):
+            call(sampled.batch.replace(input_ids=ids))
+
+    # the command line: a file funcprobe wrote for this checkpoint (a failing reward's rescue) is read back; the same
+    # file broken each way is refused, in one line, before anything is sampled
+    monkeypatch.chdir(tmp_path)
+    checkpoint = str(Path(tiny_run["out"]) / "checkpoint-2")
+    small = ["--max-new-tokens", "4", "--quiet"]
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(REWARD_FILE + "\n\ndef length(prompts, completions, **kwargs):\n"
+                       "    return [float(len(c)) for c in completions]\n")
+    cli_fails(capsys, ["probe", checkpoint, "-B", "2", "-G", "2", *small, "--reward", f"{rewards}:as_text",
+                       "--out", str(tmp_path / "r.json")], "returned the string")
+    rescued = tmp_path / "r.failed-rollouts.jsonl"
+    lines = _rollouts(rescued)
+    assert all("completion_ids" in line and "prompt_ids" in line for line in lines)
+    assert main(["probe", checkpoint, "--rollouts", str(rescued), *small, "--reward", f"{rewards}:length"]) == 0
+    capsys.readouterr()
+    import funcprobe.pipeline as pipeline
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the rollouts file was checked")
+
+    monkeypatch.setattr(pipeline, "sample_prompts", no_sampling)
+    swapped = [dict(line) for line in lines]
+    swapped[0] = {**swapped[0], "completions": swapped[0]["completions"][::-1]}
+    if swapped[0]["completions"] == lines[0]["completions"]:
+        swapped[0]["completions"] = [text + "x" for text in swapped[0]["completions"]]
+    big = [dict(line) for line in lines]
+    big[1] = {**big[1], "completion_ids": [[500] + ids[1:] for ids in big[1]["completion_ids"]]}
+    for name, broken, expected in (("swapped", swapped, "line 1: completion"),
+                                   ("big", big, "line 2: completion_ids[0] holds token id 500")):
+        path = str(_write_rollouts(tmp_path / f"{name}.jsonl", broken))
+        cli_fails(capsys, ["probe", checkpoint, "--rollouts", path, *small, "--reward", f"{rewards}:length"],
+                  expected, "Probe the checkpoint the rollouts were logged from")
+
+
+# ------------------------------------------------ kind 8: a base model, or an optimizer state, of another run or step
+def _adapter_naming(source: Path, target: Path, base: str) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    return target
+
+
+def test_kind8_a_base_or_optimizer_of_another_run_is_refused_before_loading(tiny_run, tmp_path, capsys):
+    from conftest import cli_fails
+    from safetensors.torch import load_file, save_file
+
+    from funcprobe.checkpoints import load_checkpoint
+
+    out = Path(tiny_run["out"])
+    checkpoint, base = out / "checkpoint-2", out / "base"
+    assert Path(json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]) == base
+    # another base of the same shapes (the LoRA attaches): other weights, or another vocabulary in config.json
+    other = tmp_path / "other_base"
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({name: t + 0.01 for name, t in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"the base model '{other}' .* is not the one the adapter in .* was trained "
+                                         rf"on: its adapter_config.json names '{base}', which exists and differs "
+                                         r"\(tensor '.*' has other values\)\. Leave base= \(--base\) out"):
+        load_checkpoint(checkpoint, base=other)
+    vocab = tmp_path / "vocab_base"
+    shutil.copytree(base, vocab)
+    config = json.loads((vocab / "config.json").read_text())
+    (vocab / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}))
+    small = ["-B", "2", "-G", "2", "--max-new-tokens", "3", "--quiet"]
+    cli_fails(capsys, ["probe", str(checkpoint), *small, "--base", str(vocab)],
+              f"vocab_size {config['vocab_size'] + 1} vs {config['vocab_size']}", "Leave base= (--base) out")
+    # the same base elsewhere (a copy, or saved in another dtype) is accepted; a named base that is not here (moved,
+    # a hub id) is not compared: users move base models
+    same = tmp_path / "same_base"
+    shutil.copytree(base, same)
+    save_file({name: t.to(torch.bfloat16) for name, t in load_file(base / "model.safetensors").items()},
+              same / "model.safetensors", metadata={"format": "pt"})
+    assert load_checkpoint(checkpoint, base=same).step == 2
+    moved = _adapter_naming(checkpoint, tmp_path / "moved" / "checkpoint-2", str(tmp_path / "gone"))
+    assert load_checkpoint(moved, base=other).step == 2
+    # a base of another shape: the first mismatching tensor and its shapes, and the flag
+    from funcprobe.testing import tiny_peft_model
+
+    wide = tmp_path / "wide_base"
+    tiny_peft_model("qwen2", vocab_size=config["vocab_size"], hidden_size=96).get_base_model().save_pretrained(wide)
+    capsys.readouterr()  # the loads' and the save's progress bars
+    line = cli_fails(capsys, ["probe", str(moved), *small, "--base", str(wide)], "size mismatch for ",
+                     "lora_A", "torch.Size", "--base PATH")
+    assert "PeftModel:." not in line
+    # a base given as its config.json, a full model given as the checkpoint: what each is, and what to pass
+    cli_fails(capsys, ["probe", str(checkpoint), *small, "--base", str(base / "config.json")],
+              "is a file, not a model folder", f"--base {base}")
+    cli_fails(capsys, ["probe", str(base), *small], "is a full model", "not a LoRA adapter", "adapter_config.json")
+    # without trainer_state.json, the folder name checkpoint-N (HF Trainer's) is the step the optimizer must be at
+    nostate = tmp_path / "nostate" / "checkpoint-2"
+    shutil.copytree(checkpoint, nostate, ignore=shutil.ignore_patterns("trainer_state.json"))
+    assert load_checkpoint(nostate, base=base).adam is not None
+    shutil.copy(out / "checkpoint-1" / "optimizer.pt", nostate / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"after 1 step, but the checkpoint .* is at global_step 2 \(its folder name "
+                                         r"checkpoint-2, HF Trainer's checkpoint-\{global_step\}; no "
+                                         r"trainer_state.json\).*--optimizer PATH"):
+        load_checkpoint(nostate, base=base)
+
+
 # ------------------------------------------------------------------------- kind 6: a plot whose ticks can be read
 @pytest.mark.parametrize("scale", [1e-4, 1e-7, 3.0])
 def test_kind6_attribution_plot_tick_labels_never_overlap(scale, tmp_path, monkeypatch):
