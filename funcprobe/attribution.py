@@ -231,15 +231,6 @@ def _unit_jvps(policy, params, batch, cotangent, partition, directions, scales, 
     return tuple(out)
 
 
-def _check_chunks(policy: Policy, seq_chunk, token_chunk) -> tuple[int, int]:
-    seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
-    token_chunk = policy.token_chunk if token_chunk is None else token_chunk
-    for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    return seq_chunk, token_chunk
-
-
 @dataclass(frozen=True)
 class _Pass1:
     x_units: list
@@ -350,7 +341,7 @@ def attribute(params: ParamsDict, batch: RolloutBatch, *, policy: Policy, adam: 
                                   progress=progress)
     batch.require_prompts(2, "attribution (a cross-prompt U-statistic)")
     partition = unit_partition(batch.B, units)
-    seq_chunk, token_chunk = _check_chunks(policy, seq_chunk, token_chunk)
+    seq_chunk, token_chunk = policy.chunk_sizes(seq_chunk, token_chunk)
     U, B, G, L = len(partition), batch.B, batch.G, batch.L
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -689,7 +680,7 @@ def _attribute_heldout(params, batch, *, policy, adam, objective, lr, seq_chunk,
     from .heldout import heldout_pass, heldout_result, paired_difference, step_directions
 
     evaluation_batch = as_rollout_batch(evaluation, "attribute: evaluation (the evaluation batch E)")
-    seq_chunk, token_chunk = _check_chunks(policy, seq_chunk, token_chunk)
+    seq_chunk, token_chunk = policy.chunk_sizes(seq_chunk, token_chunk)
     B, G = batch.B, batch.G
     timings: dict[str, float] = {}
     started = time.perf_counter()

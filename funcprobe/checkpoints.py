@@ -410,6 +410,13 @@ def _looks_like_path(name: str) -> bool:
     return re.fullmatch(r"[\w][\w.\-]*(/[\w][\w.\-]*)?", name) is None
 
 
+def _base_candidates(name: str, adapter_dir: Path) -> list[Path]:
+    """Where a base named ``name`` may be on disk: the path itself when absolute, else relative to the adapter's
+    folder first, then to the working directory (``~`` expanded)."""
+    expanded = os.path.expanduser(name)
+    return [Path(expanded)] if os.path.isabs(expanded) else [adapter_dir / expanded, Path(expanded)]
+
+
 def _resolve_base(base, adapter_dir: Path) -> tuple[Path | str | nn.Module, str]:
     """(a local Path, a hub id, or a module; a label saying where it came from)."""
     if isinstance(base, nn.Module):
@@ -428,8 +435,7 @@ def _resolve_base(base, adapter_dir: Path) -> tuple[Path | str | nn.Module, str]
             raise ValueError(f"{config_path} names no base_model_name_or_path; pass base=PATH (--base PATH; the base model the "
                              "adapter was trained on).")
         label = f"base_model_name_or_path in {config_path}"
-    expanded = os.path.expanduser(name)
-    candidates = [Path(expanded)] if os.path.isabs(expanded) else [adapter_dir / expanded, Path(expanded)]
+    candidates = _base_candidates(name, adapter_dir)
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve(), label
@@ -473,8 +479,7 @@ def _named_base_folder(adapter_dir: Path) -> Path | None:
     name = _named_base(adapter_dir)
     if name is None:
         return None
-    expanded = os.path.expanduser(name)
-    for candidate in [Path(expanded)] if os.path.isabs(expanded) else [adapter_dir / expanded, Path(expanded)]:
+    for candidate in _base_candidates(name, adapter_dir):
         if candidate.is_dir():
             return candidate.resolve()
     return None

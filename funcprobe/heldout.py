@@ -63,7 +63,7 @@ from torch import Tensor
 
 from .adam import UpdateDecomposition
 from .delta_h1 import _dot
-from .batch import RolloutBatch, SequenceChunk, as_rollout_batch, as_rollout_batch, check_same_evaluation
+from .batch import RolloutBatch, SequenceChunk, as_rollout_batch, check_same_evaluation
 from .formatting import fmt
 from .lora_grads import tapped_forward, unsupported_reason
 from .policy import Policy
@@ -296,7 +296,8 @@ def _gather(chunk: SequenceChunk, values: Tensor) -> Tensor:
 def _group_dots(policy, params, group: RolloutBatch, integrand: str, directions, want_gradient: bool, *,
                 seq_chunk: int, token_chunk: int, counts: _Counts, tap: bool, per_token: bool = False):
     """(D [m, J] per prompt and direction, Σ_rows ∇F_row (dict) or None, h [m, G, L], D^tok [m, J] or None,
-    ℓ [m, G, L]) for one group of prompts. ``per_token``: D^tok from a second backward of the same forward (its own cotangents)."""
+    ℓ [m, G, L]) for one group of prompts. ``per_token``: D^tok from a second backward of the same forward (its own
+    cotangents)."""
     G, m = group.G, group.B
     dots = torch.zeros(m, len(directions), dtype=torch.float64)
     dots_tok = torch.zeros(m, len(directions), dtype=torch.float64) if per_token else None
@@ -433,15 +434,8 @@ def heldout_sequence_values(params: ParamsDict, eval_batch: Any, *, policy: Poli
     from .distributed import SINGLE, gather_rows, shard_counts
 
     world = SINGLE if world is None else world
-    if not isinstance(policy, Policy):
-        raise TypeError("heldout_sequence_values needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); "
-                        f"got {type(policy).__name__}.")
-    batch = as_rollout_batch(eval_batch, "eval_batch (the evaluation batch E)")
-    policy.check_params(params)
-    policy._check_batch(batch)
-    seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
-    token_chunk = policy.token_chunk if token_chunk is None else token_chunk
-    _check_chunks(seq_chunk, token_chunk)
+    batch, seq_chunk, token_chunk = _prepare(params, eval_batch, policy, seq_chunk, token_chunk,
+                                             "heldout_sequence_values")
     counts = _Counts()
     local = []
     for prompts in _prompt_groups(batch, world, seq_chunk):
@@ -455,10 +449,16 @@ def heldout_sequence_values(params: ParamsDict, eval_batch: Any, *, policy: Poli
     return rows[:, :G].contiguous(), rows[:, G:].contiguous()
 
 
-def _check_chunks(seq_chunk: Any, token_chunk: Any) -> None:
-    for name, value in (("seq_chunk", seq_chunk), ("token_chunk", token_chunk)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+def _prepare(params: ParamsDict, eval_batch: Any, policy: Policy, seq_chunk: int | None, token_chunk: int | None,
+             what: str) -> tuple[RolloutBatch, int, int]:
+    """The checks every pass over E starts with: (E as a RolloutBatch, seq_chunk, token_chunk)."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"{what} needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); "
+                        f"got {type(policy).__name__}.")
+    batch = as_rollout_batch(eval_batch, "eval_batch (the evaluation batch E)")
+    policy.check_params(params)
+    policy._check_batch(batch)
+    return (batch, *policy.chunk_sizes(seq_chunk, token_chunk))
 
 
 def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]], eval_batch: Any, *, policy: Policy,
@@ -472,20 +472,13 @@ def heldout_pass(params: ParamsDict, directions: Sequence[Mapping[str, Tensor]],
     from .distributed import SINGLE, all_reduce_sum_, gather_rows, shard_counts
 
     world = SINGLE if world is None else world
-    if not isinstance(policy, Policy):
-        raise TypeError(f"the held-out estimate needs policy=funcprobe.Policy(...) (load_checkpoint(path).policy); "
-                        f"got {type(policy).__name__}.")
     if integrand not in INTEGRANDS:
         raise ValueError(f"integrand must be one of {INTEGRANDS}; got {integrand!r}.")
-    batch = as_rollout_batch(eval_batch, "eval_batch (the evaluation batch E)")
-    policy.check_params(params)
-    policy._check_batch(batch)
+    batch, seq_chunk, token_chunk = _prepare(params, eval_batch, policy, seq_chunk, token_chunk,
+                                             "the held-out estimate")
     if batch.G < 2:
         raise ValueError(f"the held-out entropy gradient's baseline needs G ≥ 2 draws per prompt of E; got "
                          f"G={batch.G}. Draw more responses per evaluation prompt (--eval-G).")
-    seq_chunk = policy.seq_chunk if seq_chunk is None else seq_chunk
-    token_chunk = policy.token_chunk if token_chunk is None else token_chunk
-    _check_chunks(seq_chunk, token_chunk)
     tap = unsupported_reason(policy) is None
     counts = _Counts()
     G = batch.G

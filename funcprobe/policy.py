@@ -202,13 +202,22 @@ class Policy:
                 raise ValueError(f"{what}['{name}'] is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
                                  f"the policy expects {tuple(shape)} {dtype} on {device}.")
 
+    def chunk_sizes(self, seq_chunk: int | None = None, token_chunk: int | None = None) -> tuple[int, int]:
+        """(seq_chunk, token_chunk): the sizes given, or the policy's own where None. Raises ValueError for one that
+        is not a positive integer."""
+        seq_chunk = self.seq_chunk if seq_chunk is None else seq_chunk
+        token_chunk = self.token_chunk if token_chunk is None else token_chunk
+        _check_positive("seq_chunk", seq_chunk)
+        _check_positive("token_chunk", token_chunk)
+        return seq_chunk, token_chunk
+
     def _check_token_ids(self, batch: RolloutBatch) -> None:
         """Raise ValueError when the batch holds a token id outside the model's vocabulary (made for another model),
         before anything is run on it."""
         if batch.input_ids.numel() and int(batch.input_ids.max()) >= self.vocab_size:
             raise ValueError(f"batch.input_ids holds token id {int(batch.input_ids.max())} but the model's "
-                             f"vocabulary has {self.vocab_size} entries: the batch was made with another model's tokenizer; "
-                             "use a batch sampled (or logged) with this model.")
+                             f"vocabulary has {self.vocab_size} entries: the batch was made with another model's "
+                             "tokenizer; use a batch sampled (or logged) with this model.")
 
     def _check_batch(self, batch: RolloutBatch) -> None:
         if not isinstance(batch, RolloutBatch):

@@ -56,16 +56,17 @@ For each probed step s, on step s's own rollouts at θ_{s−1}:
 
 **Which row holds what.** Everything is appended to TRL's own metrics before the step's log, so it lands in the
 row of ``log_history`` (and wandb / tensorboard) whose ``step`` is s: ``entropy_per_token``, ``step_match``,
-``update_match`` (at the steps ``match_every`` selects) and ``overhead_s`` describe step s itself; ``realised*``, ``first_order*``, ``difference*``,
-``ess_*``, ``khat``, ``reliable`` and ``entropy`` describe the change of steps ``first_step`` … ``last_step``
+``update_match`` (at the steps ``match_every`` selects) and ``overhead_s`` describe step s itself; ``realised*``,
+``first_order*``, ``difference*``, ``ess_*``, ``khat``, ``reliable`` and ``entropy`` describe the change of steps
+``first_step`` … ``last_step``
 (normally the single step s − 1), measured on step s's rollouts (drawn at θ_{s−1} = θ_b, θ_a = θ before
 ``first_step``). So a row's entropy_change values are all computed on that row's rollouts. ``realised_per_token`` in
 row s and TRL's ``entropy`` row s minus row s − 1 both estimate the change of the entropy per token, with two
 differences: funcprobe's is paired on one sample (TRL's rows are two independent samples, so their difference has
 the spread of two entropies, not of a change), and it weights prompts equally (the mean of per-prompt ratios) where
-TRL pools the tokens of a micro-batch; the two targets coincide when the prompts' mean response lengths do. The last step of a run is
-never measured (no later rollouts). With ``logging_steps`` > 1 a row holds TRL's average over its window, as for
-TRL's own metrics; :attr:`EntropyChangeCallback.history` keeps every step's values (and their reasons).
+TRL pools the tokens of a micro-batch; the two targets coincide when the prompts' mean response lengths do. The last
+step of a run is never measured (no later rollouts). With ``logging_steps`` > 1 a row holds TRL's average over its
+window, as for TRL's own metrics; :attr:`EntropyChangeCallback.history` keeps every step's values (and their reasons).
 
 **Generations that serve several steps** (``num_iterations`` > 1, ``steps_per_generation`` >
 ``gradient_accumulation_steps``): rollouts reused by a later step predate it. A measurement waits for the first
@@ -103,15 +104,16 @@ grouped by prompt; :func:`merge_process_rows` pairs process p's i-th micro-batch
 TRL's ``global_masked_mean`` reduces for its ``entropy`` (Σ m h and Σ m summed over processes, then divided; then
 the mean over the step's micro-batches). The work is sharded as the torchrun path shards it: each rank takes its
 contiguous shard of prompts for the held-out pass at θ_b and the forward at θ_a (``measure_step_change(world=)``:
-D_n, D^tok_n, S and F gathered) and for the step's RL gradient (its part with the whole batch's weights and TRL's advantages, summed over ranks, against the
-DDP gradient). So every rank ends with the one-process numbers for the gathered batch, at about 1/P of the compute
-each plus one gather of token ids, a few per-prompt rows and one LoRA-sized all-reduce per step. Only the main
-process writes to TRL's metrics (``log_history`` and the reporters are the main process's); ``history`` is kept on
-every rank. Failures switch every rank off together: the callback's world is *checked*
-(``funcprobe.distributed.failure_flag``, an all-reduce of one int per rank, precedes each of its collectives), and a
-rank whose own code fails raises the flag once — at once inside ``on_step_end`` / ``on_train_begin``, else at the
-next ``on_step_end`` (meanwhile its peers are in the trainer's collectives) — so the peers' next flag meets it, they
-switch off with a ``PeerFailure`` naming that rank and its error, and no rank waits in a collective the others left.
+D_n, D^tok_n, S and F gathered) and for the step's RL gradient (its part with the whole batch's weights and TRL's
+advantages, summed over ranks, against the DDP gradient). So every rank ends with the one-process numbers for the
+gathered batch, at about 1/P of the compute each plus one gather of token ids, a few per-prompt rows and one
+LoRA-sized all-reduce per step. Only the main process writes to TRL's metrics (``log_history`` and the reporters are
+the main process's); ``history`` is kept on every rank. Failures switch every rank off together: the callback's
+world is *checked* (``funcprobe.distributed.failure_flag``, an all-reduce of one int per rank, precedes each of its
+collectives), and a rank whose own code fails raises the flag once — at once inside ``on_step_end`` /
+``on_train_begin``, else at the next ``on_step_end`` (meanwhile its peers are in the trainer's collectives) — so the
+peers' next flag meets it, they switch off with a ``PeerFailure`` naming that rank and its error, and no rank waits in
+a collective the others left.
 """
 
 from __future__ import annotations
@@ -470,9 +472,7 @@ class EntropyChangeCallback(_CallbackBase):
 
     @property
     def model(self):
-        model = self.trainer.model
-        accelerator = getattr(self.trainer, "accelerator", None)
-        return accelerator.unwrap_model(model) if accelerator is not None else model
+        return _unwrapped_model(self.trainer)
 
     @contextlib.contextmanager
     def _guard(self, what: str, synced: bool = False):
@@ -819,6 +819,12 @@ class EntropyChangeCallback(_CallbackBase):
             metrics["train"][PREFIX + key].append(value if math.isfinite(value) else math.nan)
 
 
+def _unwrapped_model(trainer: Any):
+    """The trainer's model without accelerate's wrappers (DDP, …)."""
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.unwrap_model(trainer.model) if accelerator is not None else trainer.model
+
+
 def _check_trainer(trainer: Any) -> None:
     """Refuse, when the callback is made, a trainer it cannot measure (rather than a warning once training runs):
     not a TRL GRPOTrainer (no ``_buffered_inputs``, the rollouts it reads), or a model without a LoRA adapter."""
@@ -826,10 +832,7 @@ def _check_trainer(trainer: Any) -> None:
         raise TypeError(f"EntropyChangeCallback(trainer) needs TRL's GRPOTrainer (it reads the step's rollouts from "
                         f"trainer._buffered_inputs); got {type(trainer).__name__}. Pass the trainer itself: "
                         "EntropyChangeCallback(trainer).")
-    model = trainer.model
-    accelerator = getattr(trainer, "accelerator", None)
-    if accelerator is not None:
-        model = accelerator.unwrap_model(model)
+    model = _unwrapped_model(trainer)
     if not hasattr(model, "peft_config"):
         raise ValueError(f"EntropyChangeCallback needs a LoRA policy, but the trainer's model is a "
                          f"{type(model).__name__} without a PEFT adapter: funcprobe's policy is the base model plus "

@@ -325,9 +325,10 @@ class TRLRewards:
                 lacking = [labels[n] for n, value in enumerate(self.columns[column]) if value is None]
                 if lacking:  # the pool has the column, but not on every line: the data's fault, knowable now
                     shown = "; ".join(lacking[:3]) + ("; …" if len(lacking) > 3 else "")
+                    lines = "that line" if len(lacking) == 1 else "those lines"
                     raise ValueError(f"reward function {name!r} needs the column {column!r} on every prompt, but "
-                                     f"{len(lacking)} lack it: {shown}. Add {column!r} to {'that line' if len(lacking) == 1 else 'those lines'}, or "
-                                     "choose a reward that does not need it.")
+                                     f"{len(lacking)} lack it: {shown}. Add {column!r} to {lines}, or choose a "
+                                     "reward that does not need it.")
         self.prompt_ids = None if prompt_ids is None else [list(map(int, row)) for row in prompt_ids]
         if self.prompt_ids is not None and len(self.prompt_ids) != B:
             raise ValueError(f"prompt_ids has {len(self.prompt_ids)} rows for {B} prompts.")
